@@ -1,0 +1,126 @@
+"""``lora_experts``: one call for the LoRA experts' compute, behind which the backends sit.
+
+    y[t] = sum_k weights[t, k] * scaling * B[e] @ (A[e] @ x[t]),   e = expert_ids[t, k]
+
+Backends:
+    reference   per-expert loop (the oracle; slow, syncs)
+    dense       all experts, gate matrix, two GEMMs (kernels/dense_gated.py)
+    grouped     sort by expert + grouped GEMMs (kernels/grouped.py)
+    torch       dense or grouped, whichever the cost rule says (the CPU default)
+    triton      fused Triton kernels (kernels/triton/; the CUDA default)
+    megablocks  megablocks permutation + grouped_gemm (CUDA, optional extra)
+    auto        triton on CUDA when usable, torch otherwise
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .dense_gated import lora_experts_dense
+from .grouped import lora_experts_grouped
+from .reference import lora_experts_reference
+
+BACKENDS = ("auto", "torch", "dense", "grouped", "reference", "triton", "megablocks")
+
+#: Dense-gated wins while the wasted arithmetic (E - K) * r is small next to the sort/gather/scatter cost of the
+#: grouped path. Calibrated on CPU at d = 512..1024 (benchmarks/layer.py); see choose_torch_path.
+DENSE_MAX_EXPERT_RANK = 256
+
+
+def choose_torch_path(num_experts: int, slots_per_token: int, rank: int) -> str:
+    """'dense' or 'grouped' for the torch backend.
+
+    Dense computes E*r rank-columns per token, grouped K*r plus a gather of K rows of x, a scatter of K
+    rows of y and the sort. With K = E (variable-k routers) grouped does the same arithmetic and more
+    memory traffic, so dense always wins; otherwise dense wins while E*r <= DENSE_MAX_EXPERT_RANK.
+    """
+    if slots_per_token >= num_experts or num_experts * rank <= DENSE_MAX_EXPERT_RANK:
+        return "dense"
+    return "grouped"
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """Which backends are usable here, and why not."""
+    status = {
+        "reference": (True, "always"),
+        "dense": (True, "always"),
+        "grouped": (True, "torch.nn.functional.grouped_mm" if hasattr(torch.nn.functional, "grouped_mm")
+                    else "per-expert loop (this torch has no grouped_mm)"),
+        "torch": (True, "always (dense or grouped by cost)"),
+    }
+    if importlib.util.find_spec("triton") is None:
+        status["triton"] = (False, "triton is not installed (pip install 'moe-lora[triton]')")
+    else:
+        from .triton import triton_available
+
+        status["triton"] = triton_available()
+    from .megablocks_backend import megablocks_available
+
+    status["megablocks"] = megablocks_available()
+    return status
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if x.is_cuda and importlib.util.find_spec("triton") is not None:
+            from .triton import triton_available
+
+            if triton_available()[0]:
+                return "triton"
+        return "torch"
+    return backend
+
+
+def lora_experts(
+    x_TD: torch.Tensor,
+    lora_A_ERD: torch.Tensor,
+    lora_B_EOR: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    scaling: float,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Delta [T, O] of the LoRA experts, differentiable in x, A, B and weights.
+
+    Args:
+        x_TD: [T, D] token rows.
+        lora_A_ERD: [E, r, D] shrink weights.
+        lora_B_EOR: [E, O, r] expand weights.
+        expert_ids_TK: [T, K] int64 expert per (token, slot).
+        weights_TK: [T, K] routing weights (0 for an unused slot).
+        scaling: s (alpha / r, or alpha / sqrt(r)).
+        backend: see the module docstring.
+    Returns:
+        [T, O] in x's dtype (computed in the adapter weights' dtype).
+    """
+    E, r, D = lora_A_ERD.shape
+    T, K = expert_ids_TK.shape
+    if x_TD.dim() != 2 or x_TD.shape[1] != D:
+        raise ValueError(f"x_TD: shape {tuple(x_TD.shape)} does not match lora_A_ERD {tuple(lora_A_ERD.shape)}")
+    if lora_B_EOR.shape[0] != E or lora_B_EOR.shape[2] != r:
+        raise ValueError(f"lora_B_EOR: shape {tuple(lora_B_EOR.shape)} does not fit lora_A_ERD {tuple(lora_A_ERD.shape)}")
+    if x_TD.shape[0] != T or weights_TK.shape != expert_ids_TK.shape:
+        raise ValueError(
+            f"routing: expert_ids {tuple(expert_ids_TK.shape)} / weights {tuple(weights_TK.shape)} "
+            f"do not fit x_TD {tuple(x_TD.shape)}"
+        )
+    name = resolve_backend(backend, x_TD)
+    if name == "torch":
+        name = choose_torch_path(E, K, r)
+    if name == "dense":
+        return lora_experts_dense(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling)
+    if name == "grouped":
+        return lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling)
+    if name == "reference":
+        return lora_experts_reference(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling)
+    if name == "triton":
+        from .triton import lora_experts_triton
+
+        return lora_experts_triton(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling)
+    from .megablocks_backend import lora_experts_megablocks
+
+    return lora_experts_megablocks(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling)

@@ -1,0 +1,117 @@
+"""Grouped LoRA-expert compute in PyTorch: sort (token, slot) pairs by expert, grouped GEMMs, scatter back.
+
+Forward, with the pairs sorted by expert (kernels/metadata.py)::
+
+    x_SD  = x[tok_S]                                      gather
+    h_Sr  = x_SD @ A_e^T          per expert group        grouped_mm
+    hs_Sr = h_Sr * s * w_S
+    u_SO  = hs_Sr @ B_e^T         per expert group        grouped_mm
+    y[t] += u_SO[s] for s of t                            index_add
+
+Backward (closed form, DESIGN.md section 6), g = dL/dy::
+
+    g_SO  = g[tok_S];  z_Sr = g_SO @ B_e                  (grouped)
+    dw_S  = s * <z, h>;  dh_Sr = s * w_S * z
+    dx[t] = sum over t's pairs of dh_Sr @ A_e            (grouped, then index_add)
+    dA_e  = dh_e^T x_e;  dB_e = g_e^T hs_e               (grouped 2d x 2d, one block per expert)
+
+Only x, the routing and h are saved (x rows are gathered again in backward instead of keeping [S, D]).
+``torch.nn.functional.grouped_mm`` (torch >= 2.9, CPU too) needs 16-byte aligned row strides: D, O and r
+multiples of 4 in fp32 (8 in 16-bit). Other shapes take an exact per-expert loop over the same sorted pairs
+(that loop reads the group sizes on the host: a sync, only on those shapes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .metadata import SortMeta
+
+
+def grouped_mm_usable(dtype: torch.dtype, *dims: int) -> bool:
+    """True when F.grouped_mm exists and every row stride is a multiple of 16 bytes."""
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    size = torch.tensor([], dtype=dtype).element_size()
+    return all((d * size) % 16 == 0 for d in dims)
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, meta: SortMeta, use_gmm: bool) -> torch.Tensor:
+    """Row-grouped a [S, K] @ b[e] [K, N] for the rows of each expert group -> [S, N]."""
+    if use_gmm:
+        return F.grouped_mm(a.contiguous(), b, offs=meta.offs_E)
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    start = 0
+    for e, n in enumerate(meta.counts_E.tolist()):
+        if n:
+            out[start : start + n] = a[start : start + n] @ b[e]
+        start += n
+    return out
+
+
+def _gmm_weight(a_SM: torch.Tensor, b_SN: torch.Tensor, meta: SortMeta, use_gmm: bool) -> torch.Tensor:
+    """Per-expert a_e^T @ b_e over each group's rows -> [E, M, N] (zeros for empty groups)."""
+    E = meta.counts_E.shape[0]
+    if use_gmm:
+        out = F.grouped_mm(a_SM.contiguous().t(), b_SN.contiguous(), offs=meta.offs_E)  # [M, S] column-major
+        # An empty group's block is left uninitialised by some kernels: zero it explicitly.
+        return torch.where((meta.counts_E > 0)[:, None, None], out, out.new_zeros(()))
+    out = a_SM.new_zeros(E, a_SM.shape[1], b_SN.shape[1])
+    start = 0
+    for e, n in enumerate(meta.counts_E.tolist()):
+        if n:
+            out[e] = a_SM[start : start + n].t() @ b_SN[start : start + n]
+        start += n
+    return out
+
+
+class GroupedLoRAExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling):
+        E, r, D = lora_A_ERD.shape
+        O = lora_B_EOR.shape[1]
+        T, K = expert_ids_TK.shape
+        dtype = lora_A_ERD.dtype
+        meta = SortMeta.build(expert_ids_TK, E)
+        use_gmm = grouped_mm_usable(dtype, D, O, r)
+        x_SD = x_TD.to(dtype)[meta.tok_S]
+        w_S = weights_TK.reshape(-1)[meta.order_S]
+        h_Sr = _gmm(x_SD, lora_A_ERD.transpose(1, 2), meta, use_gmm)
+        hs_Sr = h_Sr * (scaling * w_S).to(dtype)[:, None]
+        u_SO = _gmm(hs_Sr, lora_B_EOR.transpose(1, 2), meta, use_gmm)
+        y_TO = u_SO.new_zeros(T, O).index_add_(0, meta.tok_S, u_SO)
+        ctx.save_for_backward(x_TD, lora_A_ERD, lora_B_EOR, h_Sr, w_S, meta.order_S, meta.tok_S, meta.counts_E,
+                              meta.offs_E)
+        ctx.scaling, ctx.use_gmm, ctx.K, ctx.w_dtype = scaling, use_gmm, K, weights_TK.dtype
+        return y_TO.to(x_TD.dtype)
+
+    @staticmethod
+    def backward(ctx, g_TO):
+        x_TD, lora_A_ERD, lora_B_EOR, h_Sr, w_S, order_S, tok_S, counts_E, offs_E = ctx.saved_tensors
+        meta = SortMeta(order_S=order_S, tok_S=tok_S, counts_E=counts_E, offs_E=offs_E)
+        s, use_gmm = ctx.scaling, ctx.use_gmm
+        dtype = lora_A_ERD.dtype
+        T, D = x_TD.shape
+        g_SO = g_TO.to(dtype)[tok_S]
+        z_Sr = _gmm(g_SO, lora_B_EOR, meta, use_gmm)
+        sw_S = (s * w_S).to(dtype)
+        dx = dA = dB = dw = None
+        if ctx.needs_input_grad[4]:
+            dw_S = s * (z_Sr.float() * h_Sr.float()).sum(-1)
+            dw = torch.zeros(order_S.shape[0], dtype=ctx.w_dtype, device=g_TO.device)
+            dw[order_S] = dw_S.to(ctx.w_dtype)
+            dw = dw.view(T, ctx.K)
+        dh_Sr = z_Sr * sw_S[:, None]
+        if ctx.needs_input_grad[0]:
+            dx_SD = _gmm(dh_Sr, lora_A_ERD, meta, use_gmm)
+            dx = dx_SD.new_zeros(T, D).index_add_(0, tok_S, dx_SD).to(x_TD.dtype)
+        if ctx.needs_input_grad[1]:
+            dA = _gmm_weight(dh_Sr, x_TD.to(dtype)[tok_S], meta, use_gmm)
+        if ctx.needs_input_grad[2]:
+            dB = _gmm_weight(g_SO, h_Sr * sw_S[:, None], meta, use_gmm)
+        return dx, dA, dB, None, dw, None
+
+
+def lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling):
+    return GroupedLoRAExperts.apply(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling))

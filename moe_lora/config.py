@@ -1,0 +1,257 @@
+"""MoELoRAConfig: what to convert and how to route, as one validated dataclass with a YAML/JSON round trip.
+
+Every field carries a help string (``dataclasses.fields(MoELoRAConfig)[i].metadata["help"]``);
+``__post_init__`` checks every field and raises one ConfigError that lists every problem at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .allocation import SHAPES
+from .errors import ConfigError, suggest
+
+ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive")
+ROUTER_SCOPES = ("linear", "block")
+from .kernels.api import BACKENDS
+INITS = ("kaiming", "gaussian")
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class MoELoRAConfig:
+    target_modules: list[str] | str = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Modules to adapt. A list matches exact module names or name suffixes ('q_proj' matches "
+        "'model.layers.0.self_attn.q_proj'); a string is a regular expression that must match the whole name.",
+    )
+    layers_to_transform: list[int] | None = _f(
+        None, "Only adapt modules whose layer index (the number after 'layers.'/'h.'/'layer.') is in this list."
+    )
+    num_experts: int | list[int] | str = _f(
+        8,
+        "Experts per adapted module: an int, a list with one entry per layer, a list of G entries for G groups "
+        f"of consecutive layers, or a MoLA shape name ({', '.join(SHAPES)}) spread over `allocation_groups` "
+        "groups with `expert_budget` experts in total.",
+    )
+    top_k: int | list[int] = _f(2, "Experts per token (top-k and contrastive routers): an int or a list like num_experts.")
+    expert_budget: int = _f(20, "Sum of experts over the groups when num_experts is a shape name (MoLA: 20 or 16).")
+    allocation_groups: int = _f(4, "Number of groups of consecutive layers for shapes and per-group lists.")
+    rank: int = _f(8, "LoRA rank r of every expert.")
+    alpha: float = _f(16.0, "LoRA alpha; the expert output is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
+    dropout: float = _f(0.0, "Dropout on the expert input (shared by the experts of a module), as PEFT's lora_dropout.")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
+    init_lora_weights: str = _f(
+        "kaiming", "Init of lora_A: 'kaiming' (uniform, a=sqrt(5), as PEFT) or 'gaussian' (N(0, 1/r)); lora_B is zero."
+    )
+    init_seed: int = _f(0, "Seed of the expert and router initialisation (per module and global expert id).")
+    router: str = _f(
+        "topk",
+        "Routing method: 'topk' (MixLoRA/MoLA), 'soft' (dense softmax: MoLoRA/LoRAMoE), 'threshold' "
+        "(AdaMoLE), 'expert_choice' (Zhou et al. 2022), 'contrastive' (top-k + MoELoRA contrastive loss).",
+    )
+    router_scope: str = _f(
+        "linear", "'linear': one router per adapted linear (MoLA, AdaMoLE); 'block': one router per MLP block "
+        "shared by its projections (MixLoRA)."
+    )
+    ffn_experts: bool = _f(
+        False, "MixLoRA feed-forward mode: an expert is the whole FFN with LoRA on each projection "
+        "(needs router_scope='block')."
+    )
+    router_temperature: float = _f(1.0, "Softmax temperature of the router: p = softmax(W_r x / temperature).")
+    router_init_std: float = _f(0.02, "Std of the normal init of the router weight W_r [E, d_in].")
+    jitter_noise: float = _f(0.0, "Multiplicative jitter x * U(1-eps, 1+eps) on the router input in training.")
+    soft_top_k: int | None = _f(None, "Soft router only: keep the top-k probabilities and renormalise (X-LoRA).")
+    threshold_max: float | None = _f(
+        None, "Threshold router: tau(x) = threshold_max * sigmoid(w.x + b); default 1/E (at least one expert fires)."
+    )
+    capacity_factor: float = _f(2.0, "Expert-choice router: each expert takes ceil(capacity_factor * T / E) tokens.")
+    load_balance_coef: float = _f(1e-3, "Coefficient of the Switch load-balancing loss (balanced value 1).")
+    z_loss_coef: float = _f(0.0, "Coefficient of the ST-MoE router z-loss (1e-3 when on).")
+    cv_coef: float = _f(0.0, "Coefficient of the importance CV^2 loss (LoRAMoE).")
+    contrastive_coef: float = _f(1e-3, "Coefficient of the contrastive expert loss (router='contrastive' only).")
+    contrastive_temperature: float = _f(0.1, "Temperature tau of the contrastive loss.")
+    backend: str = _f(
+        "auto", "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
+        "cost), 'dense', 'grouped', 'reference', 'triton', 'megablocks'."
+    )
+    modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (e.g. a classifier).")
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    # ---- validation -------------------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every invalid setting, as 'field: value ... (allowed ...)'. Empty when valid."""
+        p: list[str] = []
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        tm = self.target_modules
+        if isinstance(tm, str):
+            import re
+
+            try:
+                re.compile(tm)
+            except re.error as e:
+                p.append(f"target_modules: {tm!r} is not a valid regular expression ({e})")
+        elif not (isinstance(tm, list | tuple) and tm and all(isinstance(t, str) and t for t in tm)):
+            p.append(f"target_modules: {tm!r} must be a non-empty list of names or a regex string")
+        if self.layers_to_transform is not None and not (
+            isinstance(self.layers_to_transform, list | tuple)
+            and all(is_int(i) and i >= 0 for i in self.layers_to_transform)
+        ):
+            p.append(f"layers_to_transform: {self.layers_to_transform!r} must be a list of layer indices >= 0")
+
+        ne = self.num_experts
+        if isinstance(ne, str):
+            if ne not in SHAPES:
+                p.append(f"num_experts: unknown shape {ne!r}{suggest(ne, SHAPES)}; allowed: {', '.join(SHAPES)}")
+        elif is_int(ne):
+            if ne < 1:
+                p.append(f"num_experts: {ne} must be >= 1")
+        elif isinstance(ne, list | tuple) and ne and all(is_int(e) for e in ne):
+            if min(ne) < 1:
+                p.append(f"num_experts: {list(ne)} has an entry < 1")
+        else:
+            p.append(f"num_experts: {ne!r} must be an int >= 1, a non-empty list of ints, or a shape name")
+        if not (is_int(self.expert_budget) and self.expert_budget >= 1):
+            p.append(f"expert_budget: {self.expert_budget!r} must be an int >= 1")
+        if not (is_int(self.allocation_groups) and self.allocation_groups >= 1):
+            p.append(f"allocation_groups: {self.allocation_groups!r} must be an int >= 1")
+        elif isinstance(ne, str) and is_int(self.expert_budget) and self.expert_budget < self.allocation_groups:
+            p.append(
+                f"expert_budget: {self.expert_budget} is smaller than allocation_groups={self.allocation_groups}"
+            )
+
+        tk = self.top_k
+        if is_int(tk):
+            if tk < 1:
+                p.append(f"top_k: {tk} must be >= 1")
+            elif is_int(ne) and tk > ne and self.router in ("topk", "contrastive"):
+                p.append(f"top_k: {tk} is larger than num_experts={ne} (k <= E)")
+            elif isinstance(ne, list | tuple) and ne and all(is_int(e) for e in ne) and tk > min(ne):
+                p.append(f"top_k: {tk} is larger than the smallest num_experts entry {min(ne)} (k <= E)")
+        elif isinstance(tk, list | tuple) and tk and all(is_int(k) for k in tk):
+            if min(tk) < 1:
+                p.append(f"top_k: {list(tk)} has an entry < 1")
+            if isinstance(ne, list | tuple) and len(ne) == len(tk):
+                for i, (e, k) in enumerate(zip(ne, tk)):
+                    if is_int(e) and k > e:
+                        p.append(f"top_k: entry {i} is {k}, larger than num_experts entry {e} (k <= E)")
+        else:
+            p.append(f"top_k: {tk!r} must be an int >= 1 or a non-empty list of ints")
+
+        if not (is_int(self.rank) and self.rank >= 1):
+            p.append(f"rank: {self.rank!r} must be an int >= 1")
+        if not (is_num(self.alpha) and self.alpha > 0):
+            p.append(f"alpha: {self.alpha!r} must be a number > 0")
+        if not (is_num(self.dropout) and 0.0 <= self.dropout < 1.0):
+            p.append(f"dropout: {self.dropout!r} must be in [0, 1)")
+        if not isinstance(self.use_rslora, bool):
+            p.append(f"use_rslora: {self.use_rslora!r} must be true or false")
+        if self.init_lora_weights not in INITS:
+            p.append(
+                f"init_lora_weights: {self.init_lora_weights!r}{suggest(self.init_lora_weights, INITS)}; "
+                f"allowed: {', '.join(INITS)}"
+            )
+        if not is_int(self.init_seed):
+            p.append(f"init_seed: {self.init_seed!r} must be an int")
+        if self.router not in ROUTERS:
+            p.append(f"router: unknown router {self.router!r}{suggest(self.router, ROUTERS)}; allowed: {', '.join(ROUTERS)}")
+        if self.router_scope not in ROUTER_SCOPES:
+            p.append(f"router_scope: {self.router_scope!r}; allowed: {', '.join(ROUTER_SCOPES)}")
+        if not isinstance(self.ffn_experts, bool):
+            p.append(f"ffn_experts: {self.ffn_experts!r} must be true or false")
+        elif self.ffn_experts and self.router_scope != "block":
+            p.append(f"ffn_experts: true needs router_scope='block', got router_scope={self.router_scope!r}")
+        if not (is_num(self.router_temperature) and self.router_temperature > 0):
+            p.append(f"router_temperature: {self.router_temperature!r} must be a number > 0")
+        if not (is_num(self.router_init_std) and self.router_init_std >= 0):
+            p.append(f"router_init_std: {self.router_init_std!r} must be a number >= 0")
+        if not (is_num(self.jitter_noise) and 0.0 <= self.jitter_noise < 1.0):
+            p.append(f"jitter_noise: {self.jitter_noise!r} must be in [0, 1)")
+        if self.soft_top_k is not None and not (is_int(self.soft_top_k) and self.soft_top_k >= 1):
+            p.append(f"soft_top_k: {self.soft_top_k!r} must be null or an int >= 1")
+        elif self.soft_top_k is not None and is_int(ne) and self.soft_top_k > ne:
+            p.append(f"soft_top_k: {self.soft_top_k} is larger than num_experts={ne}")
+        if self.threshold_max is not None and not (is_num(self.threshold_max) and 0 < self.threshold_max <= 1):
+            p.append(f"threshold_max: {self.threshold_max!r} must be null or in (0, 1]")
+        if not (is_num(self.capacity_factor) and self.capacity_factor > 0):
+            p.append(f"capacity_factor: {self.capacity_factor!r} must be a number > 0")
+        for name in ("load_balance_coef", "z_loss_coef", "cv_coef", "contrastive_coef"):
+            v = getattr(self, name)
+            if not (is_num(v) and v >= 0):
+                p.append(f"{name}: {v!r} must be a number >= 0")
+        if not (is_num(self.contrastive_temperature) and self.contrastive_temperature > 0):
+            p.append(f"contrastive_temperature: {self.contrastive_temperature!r} must be a number > 0")
+        if self.backend not in BACKENDS:
+            p.append(f"backend: unknown backend {self.backend!r}{suggest(self.backend, BACKENDS)}; allowed: {', '.join(BACKENDS)}")
+        if not (isinstance(self.modules_to_save, list | tuple) and all(isinstance(m, str) for m in self.modules_to_save)):
+            p.append(f"modules_to_save: {self.modules_to_save!r} must be a list of module names")
+        return p
+
+    # ---- serialisation ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], what: str = "MoELoRAConfig") -> MoELoRAConfig:
+        """Build from a mapping; unknown keys are errors with a close-match suggestion."""
+        if not isinstance(data, dict):
+            raise ConfigError([f"expected a mapping of fields, got {type(data).__name__}"], what)
+        known = [f.name for f in fields(cls)]
+        unknown = [f"{k}: unknown field{suggest(k, known)}" for k in data if k not in known]
+        if unknown:
+            raise ConfigError(unknown, what)
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> MoELoRAConfig:
+        p = Path(path_or_text)
+        text = p.read_text() if p.suffix == ".json" or p.exists() else str(path_or_text)
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> MoELoRAConfig:
+        p = Path(path_or_text)
+        text = p.read_text() if p.suffix in (".yaml", ".yml") or p.exists() else str(path_or_text)
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    @classmethod
+    def help(cls) -> str:
+        """One line per field: name, default, help."""
+        out = []
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            out.append(f"{f.name} (default {default!r}): {f.metadata['help']}")
+        return "\n".join(out)

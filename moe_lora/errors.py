@@ -1,0 +1,20 @@
+"""Error types. All are ValueError subclasses so that callers can catch bad input in one place."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class ConfigError(ValueError):
+    """One or more invalid settings. ``problems`` lists each as 'field: value ... (allowed ...)'."""
+
+    def __init__(self, problems: list[str], what: str = "MoELoRAConfig"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {what} ({len(self.problems)} problem{'s' if len(problems) != 1 else ''}):\n{lines}")
+
+
+def suggest(name: str, choices) -> str:
+    """' (did you mean 'x'?)' when a close match exists, else ''."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

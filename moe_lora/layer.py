@@ -1,0 +1,237 @@
+"""MoELoRALinear: a frozen linear plus a router that sends each token to a few low-rank experts.
+
+    y = W0 x + sum_{e in S(x)} g_e(x) * s * B_e A_e x         s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+Shapes::
+
+    base_layer   nn.Linear(D -> O) or a transformers Conv1D (weight [D, O]), frozen and untouched
+    lora_A       [E, r, D]   kaiming-uniform (as PEFT) or N(0, 1/r)
+    lora_B       [E, O, r]   zero at init, so a fresh layer equals its base exactly
+    router       Router with weight [E, D] (fp32)
+
+After every forward the layer keeps ``last_routing`` (a detached Routing) and, in training with grad enabled,
+``last_aux_terms`` (unweighted losses by name) and ``last_aux_loss`` (their coefficient-weighted sum). They are
+overwritten, never accumulated, so activation checkpointing's recomputation cannot count a loss twice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import losses
+from .config import BACKENDS, INITS
+from .errors import ConfigError, suggest
+from .kernels import lora_experts
+from .routers import ROUTER_CLASSES, Router, build_router
+from .routing import Routing
+
+ROUTER_OPTIONS = ("router_temperature", "jitter_noise", "router_init_std", "soft_top_k", "threshold_max",
+                  "capacity_factor")
+
+
+def base_dims(base_layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D (weight stored [in, out])."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    if type(base_layer).__name__ == "Conv1D" and hasattr(base_layer, "nf"):
+        return base_layer.weight.shape[0], base_layer.weight.shape[1]
+    raise TypeError(
+        f"base_layer: {type(base_layer).__name__} is not supported (nn.Linear or transformers Conv1D)"
+    )
+
+
+def expert_generator(init_seed: int, expert: int) -> torch.Generator:
+    """CPU generator for global expert ``expert`` of a module whose seed is ``init_seed``: any sharding of the
+    experts across ranks reproduces the same initial weights."""
+    return torch.Generator().manual_seed((int(init_seed) * 1_000_003 + 7919 * (expert + 1)) % (2**63 - 1))
+
+
+class MoELoRALinear(nn.Module):
+    """Mixture of LoRA experts on top of a frozen linear layer.
+
+    Args:
+        base_layer: the frozen linear (kept as ``base_layer``; its parameters get requires_grad=False).
+        num_experts: E.
+        top_k: k (top-k and contrastive routers; ignored by soft, threshold and expert-choice).
+        rank: r of every expert.
+        alpha: LoRA alpha.
+        dropout: dropout on the expert input.
+        router: a router name (see ``moe_lora.routers.ROUTER_CLASSES``) or a Router instance.
+        use_rslora: scaling alpha / sqrt(r) instead of alpha / r.
+        backend: expert compute backend (``moe_lora.kernels.BACKENDS``).
+        init_lora_weights: 'kaiming' or 'gaussian' init of lora_A.
+        init_seed: seed of the per-expert init; None uses the global RNG.
+        load_balance_coef, z_loss_coef, cv_coef, contrastive_coef, contrastive_temperature: auxiliary losses.
+        **router_options: router_temperature, jitter_noise, router_init_std, soft_top_k, threshold_max,
+            capacity_factor.
+    """
+
+    is_routing_source = True
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        num_experts: int,
+        top_k: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        router: str | Router = "topk",
+        use_rslora: bool = False,
+        backend: str = "auto",
+        init_lora_weights: str = "kaiming",
+        init_seed: int | None = None,
+        load_balance_coef: float = 1e-3,
+        z_loss_coef: float = 0.0,
+        cv_coef: float = 0.0,
+        contrastive_coef: float = 1e-3,
+        contrastive_temperature: float = 0.1,
+        **router_options,
+    ):
+        super().__init__()
+        problems = []
+        try:
+            in_features, out_features = base_dims(base_layer)
+        except TypeError as e:
+            raise ConfigError([str(e)], "MoELoRALinear") from None
+
+        def bad_int(v, lo):
+            return not isinstance(v, int) or isinstance(v, bool) or v < lo
+
+        if bad_int(num_experts, 1):
+            problems.append(f"num_experts: {num_experts!r} must be an int >= 1")
+        uses_k = isinstance(router, str) and router in ("topk", "contrastive")
+        if bad_int(top_k, 1) or (uses_k and not bad_int(num_experts, 1) and top_k > num_experts):
+            problems.append(f"top_k: {top_k!r} must be an int in [1, num_experts={num_experts!r}]")
+        if bad_int(rank, 1):
+            problems.append(f"rank: {rank!r} must be an int >= 1")
+        if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not alpha > 0:
+            problems.append(f"alpha: {alpha!r} must be a number > 0")
+        if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+            problems.append(f"dropout: {dropout!r} must be in [0, 1)")
+        if isinstance(router, str) and router not in ROUTER_CLASSES:
+            problems.append(f"router: unknown router {router!r}{suggest(router, ROUTER_CLASSES)}; "
+                            f"allowed: {', '.join(ROUTER_CLASSES)}")
+        if backend not in BACKENDS:
+            problems.append(f"backend: unknown backend {backend!r}{suggest(backend, BACKENDS)}; "
+                            f"allowed: {', '.join(BACKENDS)}")
+        if init_lora_weights not in INITS:
+            problems.append(f"init_lora_weights: {init_lora_weights!r}; allowed: {', '.join(INITS)}")
+        for name in router_options:
+            if name not in ROUTER_OPTIONS:
+                problems.append(f"{name}: unknown router option{suggest(name, ROUTER_OPTIONS)}; "
+                                f"allowed: {', '.join(ROUTER_OPTIONS)}")
+        if problems:
+            raise ConfigError(problems, "MoELoRALinear")
+
+        self.base_layer = base_layer
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.rank, self.alpha = num_experts, rank, float(alpha)
+        self.use_rslora = use_rslora
+        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.backend = backend
+        self.init_lora_weights = init_lora_weights
+        self.coefs = {
+            "load_balance": float(load_balance_coef),
+            "z_loss": float(z_loss_coef),
+            "cv": float(cv_coef),
+            "contrastive": float(contrastive_coef),
+        }
+        self.contrastive_temperature = float(contrastive_temperature)
+
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, device=device))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if isinstance(router, Router):
+            self.router = router
+        else:
+            self.router = build_router(
+                router, in_features, num_experts, top_k=top_k,
+                temperature=router_options.get("router_temperature", 1.0),
+                jitter_noise=router_options.get("jitter_noise", 0.0),
+                init_std=router_options.get("router_init_std", 0.02),
+                soft_top_k=router_options.get("soft_top_k"),
+                threshold_max=router_options.get("threshold_max"),
+                capacity_factor=router_options.get("capacity_factor", 2.0),
+            ).to(device)
+        self.reset_parameters(init_seed)
+
+        self.token_mask: torch.Tensor | None = None  # [T] bool, set per forward by the converted model
+        self.last_routing: Routing | None = None
+        self.last_aux_terms: dict[str, torch.Tensor] | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+
+    # ---- init ---------------------------------------------------------------------------------------------
+    def reset_parameters(self, init_seed: int | None = None) -> None:
+        """lora_A per global expert (kaiming-uniform a=sqrt(5) like PEFT, or N(0, 1/r)); lora_B = 0; router."""
+        with torch.no_grad():
+            for e in range(self.num_experts):
+                gen = None if init_seed is None else expert_generator(init_seed, e)
+                a = torch.empty(self.rank, self.in_features)
+                if self.init_lora_weights == "gaussian":
+                    a.normal_(0.0, 1.0 / self.rank, generator=gen)
+                else:
+                    bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on fan_in
+                    a.uniform_(-bound, bound, generator=gen)
+                self.lora_A[e].copy_(a)
+            self.lora_B.zero_()
+            gen = None if init_seed is None else expert_generator(init_seed, -1)
+            self.router.to("cpu")
+            self.router.reset_parameters(gen)
+            self.router.to(self.lora_A.device)
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def route(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None) -> Routing:
+        return self.router(x_TD, token_mask_T)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        x_TD = x.reshape(-1, self.in_features)
+        T = x_TD.shape[0]
+        mask_T = self.token_mask if self.token_mask is not None and self.token_mask.numel() == T else None
+        routing = self.route(x_TD, mask_T)
+        xd_TD = self.lora_dropout(x_TD)
+        delta_TO = lora_experts(
+            xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK, self.scaling, self.backend
+        )
+        self.last_routing = routing.detach()
+        if self.training and torch.is_grad_enabled():
+            self.last_aux_terms = self.aux_terms(routing, xd_TD)
+            self.last_aux_loss = sum(self.coefs[k] * v for k, v in self.last_aux_terms.items())
+        else:
+            self.last_aux_terms = self.last_aux_loss = None
+        return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def aux_terms(self, routing: Routing, x_TD: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unweighted auxiliary losses of this forward (see moe_lora.losses for the formulas)."""
+        terms = {
+            "load_balance": losses.load_balance_loss(routing),
+            "z_loss": losses.z_loss(routing),
+            "cv": losses.importance_cv2_loss(routing),
+        }
+        if getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0:
+            terms["contrastive"] = self.contrastive_term(routing, x_TD)
+        return terms
+
+    def contrastive_term(self, routing: Routing, x_TD: torch.Tensor) -> torch.Tensor:
+        """Per-pair expert outputs u = s B_e A_e x for the routed pairs, then losses.contrastive_loss."""
+        T, K = routing.expert_ids_TK.shape
+        ids_S = routing.expert_ids_TK.reshape(-1)
+        x_SD = x_TD.repeat_interleave(K, dim=0)
+        ones_S1 = routing.weights_TK.new_ones(T * K, 1)
+        u_SO = lora_experts(x_SD, self.lora_A, self.lora_B, ids_S[:, None], ones_S1, self.scaling, self.backend)
+        keep_S = (routing.weights_TK > 0).reshape(-1)
+        if routing.token_mask_T is not None:
+            keep_S = keep_S & routing.token_mask_T.repeat_interleave(K)
+        return losses.contrastive_loss(u_SO, ids_S, self.num_experts, self.contrastive_temperature, keep_S)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+                f"rank={self.rank}, scaling={self.scaling:.4g}, backend={self.backend!r}")

@@ -1,0 +1,119 @@
+"""Auxiliary router losses. Each takes one layer's Routing; padding tokens (token_mask False) are excluded.
+
+Losses are per layer; the model averages them over its MoE layers (DESIGN.md section 5). Papers differ here:
+MoLA sums its balance loss over 32 layers, AdaMoLE over 128 modules and MixLoRA pools logits over layers, so
+their coefficients are not comparable with ours (a mean): MoLA's 1e-3 summed over 32 layers is 3.2e-2 here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .routing import Routing
+
+
+def _mask(routing: Routing) -> torch.Tensor:
+    """[T] fp32 weights of real tokens (1) and padding (0)."""
+    if routing.token_mask_T is None:
+        return routing.probs_TE.new_ones(routing.num_tokens)
+    return routing.token_mask_T.to(routing.probs_TE.dtype)
+
+
+def load_balance_loss(routing: Routing) -> torch.Tensor:
+    """Switch Transformer load balance (Fedus et al. 2021, Eq. 4), generalised to k slots.
+
+        L = E * sum_i f_i * P_i
+        f_i = (# routed (token, slot) pairs with non-zero weight that go to i) / (# such pairs)   (sum f = 1)
+        P_i = mean over real tokens of p_i(x)
+
+    Balanced value: 1 (f_i = P_i = 1/E). f carries no gradient (a count); P does. Unlike HF Mixtral's
+    top-k form, whose balanced value is k, f is normalised over all k slots.
+    """
+    m_T = _mask(routing)
+    E = routing.num_experts
+    used_TK = (routing.weights_TK > 0).to(m_T.dtype) * m_T[:, None]
+    counts_E = torch.zeros(E, dtype=m_T.dtype, device=m_T.device).index_add_(
+        0, routing.expert_ids_TK.reshape(-1), used_TK.reshape(-1)
+    )
+    f_E = counts_E / counts_E.sum().clamp_min(1.0)
+    P_E = (routing.probs_TE * m_T[:, None]).sum(0) / m_T.sum().clamp_min(1.0)
+    return E * (f_E.detach() * P_E).sum()
+
+
+def z_loss(routing: Routing) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, Eq. 5): mean over real tokens of logsumexp(logits)^2."""
+    m_T = _mask(routing)
+    lse_T = torch.logsumexp(routing.logits_TE.float(), dim=-1)
+    return (lse_T.square() * m_T).sum() / m_T.sum().clamp_min(1.0)
+
+
+def importance_cv2_loss(routing: Routing, eps: float = 1e-10) -> torch.Tensor:
+    """Importance CV^2 (Shazeer et al. 2017; LoRAMoE's balance term with its task weighting off).
+
+        I_e = sum over real tokens of p_e(x)          (the expert's importance)
+        L   = Var(I) / Mean(I)^2                      (population variance over the E experts)
+
+    Balanced value 0. LoRAMoE's code uses torch's unbiased variance, larger by a factor E/(E-1); we use the
+    population variance of Shazeer et al. so that E = 1 is defined (0).
+    """
+    m_T = _mask(routing)
+    imp_E = (routing.probs_TE * m_T[:, None]).sum(0)
+    return imp_E.var(correction=0) / (imp_E.mean().square() + eps)
+
+
+def contrastive_loss(
+    u_SO: torch.Tensor,
+    expert_ids_S: torch.Tensor,
+    num_experts: int,
+    temperature: float = 0.1,
+    pair_weight_S: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Contrastive expert loss (after MoELoRA, Luo et al. 2024, arXiv 2402.12851).
+
+    For every routed pair s = (t, e) with output u_s = B_e A_e x_t (any positive scale: it is normalised):
+
+        u^_s = u_s / ||u_s||
+        c_e  = mean of u^_s over the pairs routed to e         (expert e's prototype, this batch)
+        L    = mean over pairs of  -log softmax_{e' present}( cos(u^_s, c_e') / tau )[e_s]
+
+    Experts that got no pair this batch have no prototype and drop out of the softmax. The loss pulls each
+    output towards its own expert's prototype and away from the others: experts learn different features.
+    Where this follows or differs from the paper: the paper treats outputs of the same expert as positives and
+    of other experts as negatives in an InfoNCE loss; it does not fix whether the other side is another sample
+    or a mean. Prototypes make the cost O(S E O) instead of O(S^2 O) and the loss well defined for a
+    single token; with one pair per expert this reduces to the paper's pairwise form.
+    Returns 0 (with a graph) when fewer than two experts were used.
+
+    Args:
+        u_SO: [S, O] per-pair expert outputs (S routed pairs with non-zero weight, real tokens only).
+        expert_ids_S: [S] int64 expert of each pair.
+        pair_weight_S: [S] 1 for pairs that count, 0 for pairs to ignore (padding, zero routing weight);
+            used as weights so that no boolean indexing (a host sync) is needed. None: all count.
+    """
+    S = u_SO.shape[0]
+    if S == 0:
+        return u_SO.sum() * 0.0
+    u_hat = F.normalize(u_SO.float(), dim=-1, eps=1e-12)
+    m_S = u_hat.new_ones(S) if pair_weight_S is None else pair_weight_S.to(u_hat.dtype)
+    sums_EO = u_hat.new_zeros(num_experts, u_hat.shape[1]).index_add_(0, expert_ids_S, u_hat * m_S[:, None])
+    counts_E = u_hat.new_zeros(num_experts).index_add_(0, expert_ids_S, m_S)
+    present_E = counts_E > 0
+    protos_EO = F.normalize(sums_EO / counts_E.clamp_min(1.0)[:, None], dim=-1, eps=1e-12)
+    logits_SE = (u_hat @ protos_EO.t()) / temperature
+    logits_SE = logits_SE.masked_fill(~present_E[None, :], float("-inf"))
+    ce_S = F.cross_entropy(logits_SE, expert_ids_S, reduction="none")
+    ce_S = torch.where(m_S > 0, ce_S, ce_S.new_zeros(()))  # an ignored pair of an absent expert is inf
+    loss = (ce_S * m_S).sum() / m_S.sum().clamp_min(1.0)
+    return torch.where(present_E.sum() >= 2, loss, loss * 0.0)
+
+
+def entropy_nats(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Shannon entropy in nats, 0 log 0 = 0."""
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim)
+
+
+def max_entropy(num_experts: int) -> float:
+    return math.log(num_experts) if num_experts > 1 else 1.0

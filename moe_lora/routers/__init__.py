@@ -1,0 +1,56 @@
+"""Routers: map token rows x [T, d_in] to a Routing (weights, expert ids, probabilities, logits)."""
+
+from __future__ import annotations
+
+from ..errors import suggest
+from .base import Router
+from .expert_choice import ExpertChoiceRouter
+from .soft import SoftRouter
+from .threshold import ThresholdRouter
+from .topk import ContrastiveRouter, TopKRouter
+
+ROUTER_CLASSES: dict[str, type[Router]] = {
+    "topk": TopKRouter,
+    "soft": SoftRouter,
+    "threshold": ThresholdRouter,
+    "expert_choice": ExpertChoiceRouter,
+    "contrastive": ContrastiveRouter,
+}
+
+
+def build_router(
+    name: str,
+    in_features: int,
+    num_experts: int,
+    *,
+    top_k: int = 2,
+    temperature: float = 1.0,
+    jitter_noise: float = 0.0,
+    init_std: float = 0.02,
+    soft_top_k: int | None = None,
+    threshold_max: float | None = None,
+    capacity_factor: float = 2.0,
+) -> Router:
+    """Build the router called ``name`` with the options that method uses (others are ignored)."""
+    if name not in ROUTER_CLASSES:
+        raise ValueError(f"router: unknown router {name!r}{suggest(name, ROUTER_CLASSES)}; allowed: {', '.join(ROUTER_CLASSES)}")
+    common = dict(temperature=temperature, jitter_noise=jitter_noise, init_std=init_std)
+    if name in ("topk", "contrastive"):
+        return ROUTER_CLASSES[name](in_features, num_experts, top_k=top_k, **common)
+    if name == "soft":
+        return SoftRouter(in_features, num_experts, top_k=soft_top_k, **common)
+    if name == "threshold":
+        return ThresholdRouter(in_features, num_experts, threshold_max=threshold_max, **common)
+    return ExpertChoiceRouter(in_features, num_experts, capacity_factor=capacity_factor, **common)
+
+
+__all__ = [
+    "ROUTER_CLASSES",
+    "ContrastiveRouter",
+    "ExpertChoiceRouter",
+    "Router",
+    "SoftRouter",
+    "ThresholdRouter",
+    "TopKRouter",
+    "build_router",
+]

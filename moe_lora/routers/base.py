@@ -1,0 +1,95 @@
+"""Router base: the fp32 gate W_r [E, d_in] and the softmax every router of this package starts from.
+
+    logits = W_r x                      (fp32, whatever the activation dtype)
+    p      = softmax(logits / temperature)
+
+Optional multiplicative jitter (Switch/MixLoRA) in training: x <- x * U(1 - eps, 1 + eps).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..routing import Routing
+
+
+class Router(nn.Module):
+    """Base class. Subclasses implement ``select(probs_TE, x_TD, token_mask_T)``.
+
+    Args:
+        in_features: d_in of the router input.
+        num_experts: E.
+        temperature: softmax temperature.
+        jitter_noise: eps of the multiplicative input jitter (training only).
+        init_std: std of the N(0, std) init of ``weight``.
+    """
+
+    #: K = E slots per token with zero weights for unused experts (soft, threshold, expert choice).
+    variable_k: bool = False
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        *,
+        temperature: float = 1.0,
+        jitter_noise: float = 0.0,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.temperature = temperature
+        self.jitter_noise = jitter_noise
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        with torch.no_grad():
+            self.weight.normal_(0.0, self.init_std, generator=generator)
+
+    @property
+    def top_k(self) -> int:
+        """Slots per token in the Routing this router returns."""
+        return self.num_experts
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32 logits W_r x (with jitter in training)."""
+        x = x_TD.float()
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        return x @ self.weight.float().t()
+
+    def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = self.logits(x_TD)
+            probs_TE = torch.softmax(logits_TE / self.temperature, dim=-1)
+            weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
+        return Routing(
+            weights_TK=weights_TK,
+            expert_ids_TK=ids_TK,
+            probs_TE=probs_TE,
+            logits_TE=logits_TE,
+            token_mask_T=token_mask_T,
+            thresholds_T=thresholds_T,
+        )
+
+    def select(
+        self, probs_TE: torch.Tensor, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return (weights_TK fp32, expert_ids_TK int64, thresholds_T or None)."""
+        raise NotImplementedError
+
+    def _set_ep_group(self, group) -> None:
+        """DeepSpeed's MoE layer hands its expert-parallel group to the gate; routers need none."""
+        self.ep_group = group
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_experts={self.num_experts}, temperature={self.temperature}"
+
+
+def all_expert_ids(T: int, E: int, device) -> torch.Tensor:
+    """[T, E] int64 with row t = 0..E-1: the slot layout of variable-k routers."""
+    return torch.arange(E, device=device).expand(T, E)

@@ -1,0 +1,38 @@
+"""Top-k router (MixLoRA arXiv 2404.15159 Eq. 7, MoLA arXiv 2402.08562 Eq. 3, LLaVA-MoLE with k = 1).
+
+    p = softmax(W_r x / temperature)
+    S = indices of the k largest p
+    w_i = p_i / sum_{j in S} p_j   for i in S      (renormalised: the k weights sum to 1)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Router
+
+
+class TopKRouter(Router):
+    def __init__(self, in_features: int, num_experts: int, *, top_k: int = 2, **kw):
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: {top_k} must be in [1, num_experts={num_experts}]")
+        super().__init__(in_features, num_experts, **kw)
+        self.k = top_k
+
+    @property
+    def top_k(self) -> int:
+        return self.k
+
+    def select(self, probs_TE, x_TD, token_mask_T):
+        top_p_TK, ids_TK = torch.topk(probs_TE, self.k, dim=-1)
+        weights_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)
+        return weights_TK, ids_TK, None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", top_k={self.k}"
+
+
+class ContrastiveRouter(TopKRouter):
+    """Top-k routing whose layer adds the MoELoRA contrastive loss (arXiv 2402.12851; see losses.py)."""
+
+    needs_expert_outputs = True
