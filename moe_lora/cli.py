@@ -1,44 +1,20 @@
-"""The ``moe-lora`` command: one subcommand per job, each with --help."""
+"""The ``moe-lora`` command. Each subcommand lives in ``moe_lora/commands/<name>.py`` and provides
+
+    HELP: str                                   one line for the command list
+    def add_arguments(parser) -> None           its options (every option with a help string)
+    def run(args: argparse.Namespace) -> int    the job; returns the exit code
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import platform
+import importlib
+import importlib.util
 import sys
 
 from . import __version__
 
-
-def _version_of(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    """Versions of the stack and which compute backends are usable here."""
-    import torch
-
-    from .kernels import backend_status
-
-    print(f"moe-lora      {__version__}")
-    print(f"python        {platform.python_version()}")
-    for dist in ("torch", "transformers", "safetensors", "triton", "deepspeed", "peft", "megablocks"):
-        print(f"{dist:<13} {_version_of(dist)}")
-    cuda = torch.cuda.is_available()
-    print(f"cuda          {'available: ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")
-    print("backends:")
-    for name, (ok, why) in backend_status().items():
-        print(f"  {name:<11} {'yes' if ok else 'no '}  {why}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(out_dir=args.out, steps=args.steps, seed=args.seed)
+COMMANDS = ("info", "convert", "train", "analyze", "bench", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,17 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"moe-lora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("info", help="print versions and usable compute backends",
-                       description=cmd_info.__doc__)
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("demo", help="run the built-in demo (what `make demo` runs)",
-                       description="Convert a tiny model, train it briefly, write a router report.")
-    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.set_defaults(func=cmd_demo)
+    for name in COMMANDS:
+        if importlib.util.find_spec(f"moe_lora.commands.{name}") is None:
+            continue
+        module = importlib.import_module(f"moe_lora.commands.{name}")
+        p = sub.add_parser(name, help=module.HELP, description=(module.__doc__ or module.HELP).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 
@@ -68,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one clear message, no traceback
+        print(f"moe-lora {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
