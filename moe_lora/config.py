@@ -18,6 +18,8 @@ from .allocation import SHAPES
 from .errors import ConfigError, suggest
 
 ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive")
+#: Routers that choose how many experts a token gets (top_k is not used by them).
+VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice")
 ROUTER_SCOPES = ("linear", "block")
 from .kernels.api import BACKENDS
 INITS = ("kaiming", "gaussian")
@@ -27,6 +29,15 @@ def _f(default, help: str, **kw):
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+def _read_or_text(path_or_text: str | Path) -> str:
+    """The file's text for a Path or a one-line string naming an existing file; otherwise the string itself."""
+    if isinstance(path_or_text, Path):
+        return path_or_text.read_text()
+    if "\n" not in path_or_text and Path(path_or_text).is_file():
+        return Path(path_or_text).read_text()
+    return path_or_text
 
 
 @dataclass
@@ -145,9 +156,10 @@ class MoELoRAConfig:
         if is_int(tk):
             if tk < 1:
                 p.append(f"top_k: {tk} must be >= 1")
-            elif is_int(ne) and tk > ne and self.router in ("topk", "contrastive"):
+            elif is_int(ne) and tk > ne and self.router not in VARIABLE_K_ROUTERS:
                 p.append(f"top_k: {tk} is larger than num_experts={ne} (k <= E)")
-            elif isinstance(ne, list | tuple) and ne and all(is_int(e) for e in ne) and tk > min(ne):
+            elif (isinstance(ne, list | tuple) and ne and all(is_int(e) for e in ne) and tk > min(ne)
+                  and self.router not in VARIABLE_K_ROUTERS):
                 p.append(f"top_k: {tk} is larger than the smallest num_experts entry {min(ne)} (k <= E)")
         elif isinstance(tk, list | tuple) and tk and all(is_int(k) for k in tk):
             if min(tk) < 1:
@@ -231,9 +243,7 @@ class MoELoRAConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> MoELoRAConfig:
-        p = Path(path_or_text)
-        text = p.read_text() if p.suffix == ".json" or p.exists() else str(path_or_text)
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(json.loads(_read_or_text(path_or_text)))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -243,9 +253,7 @@ class MoELoRAConfig:
 
     @classmethod
     def from_yaml(cls, path_or_text: str | Path) -> MoELoRAConfig:
-        p = Path(path_or_text)
-        text = p.read_text() if p.suffix in (".yaml", ".yml") or p.exists() else str(path_or_text)
-        return cls.from_dict(yaml.safe_load(text) or {})
+        return cls.from_dict(yaml.safe_load(_read_or_text(path_or_text)) or {})
 
     @classmethod
     def help(cls) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import losses
-from .config import BACKENDS, INITS
+from .config import BACKENDS, INITS, VARIABLE_K_ROUTERS
 from .errors import ConfigError, suggest
 from .kernels import lora_experts
 from .routers import ROUTER_CLASSES, Router, build_router
@@ -104,7 +104,7 @@ class MoELoRALinear(nn.Module):
 
         if bad_int(num_experts, 1):
             problems.append(f"num_experts: {num_experts!r} must be an int >= 1")
-        uses_k = isinstance(router, str) and router in ("topk", "contrastive")
+        uses_k = not (isinstance(router, str) and router in VARIABLE_K_ROUTERS)
         if bad_int(top_k, 1) or (uses_k and not bad_int(num_experts, 1) and top_k > num_experts):
             problems.append(f"top_k: {top_k!r} must be an int in [1, num_experts={num_experts!r}]")
         if bad_int(rank, 1):

@@ -1,0 +1,41 @@
+# Everything a fresh machine needs: `make test` and `make demo` create .venv and install on first use.
+# torch 2.13.0 is installed first (pip finds the CPU build on this machine's disk); the package's torch range
+# admits it, so nothing pulls a multi-GB CUDA build. DeepSpeed builds from source with its CUDA ops off.
+
+PY     ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+EXTRAS ?= dev,triton,train
+
+.PHONY: install test test-fast demo lint bench bench-quick clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with all CPU extras
+
+test: $(STAMP)  ## the whole suite (GPU tests skip without CUDA)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## the suite without the slow tests
+	$(BIN)/python -m pytest -m "not slow"
+
+demo: $(STAMP)  ## convert a tiny model, train it briefly, write a router report (runs/demo)
+	$(BIN)/moe-lora demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)  ## layer benchmark against a frozen Linear and PEFT LoRA (README table)
+	$(BIN)/python benchmarks/layer.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/layer.py --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,115 @@
+"""Every torch backend == the reference loop (fp64 oracle): forward and the gradients of x, A, B and weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_lora.kernels import choose_torch_path, lora_experts, lora_experts_reference
+from moe_lora.kernels.dense_gated import lora_experts_dense
+from moe_lora.kernels.grouped import grouped_mm_usable
+from tolerances import assert_close
+
+BACKENDS = ["dense", "grouped", "torch", "reference"]
+# (T, D, O, E, r, K): odd sizes (loop fallback), aligned sizes (grouped_mm), T=1, k=1, k=E
+SHAPES = [
+    (29, 32, 48, 5, 8, 2),
+    (7, 33, 17, 3, 4, 3),
+    (1, 16, 16, 4, 4, 1),
+    (37, 64, 40, 8, 12, 1),
+    (16, 48, 24, 6, 8, 6),
+]
+
+
+def make_inputs(T, D, O, E, r, K, dtype, seed=0, empty_expert=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    A = torch.randn(E, r, D, generator=g, dtype=torch.float64) / D**0.5
+    B = torch.randn(E, O, r, generator=g, dtype=torch.float64) / r**0.5
+    pool = E - 1 if (empty_expert and E > K) else E  # the last expert gets no token
+    ids = torch.stack([torch.randperm(pool, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (x, A, B)] + [ids, w.to(torch.float32 if dtype != torch.float64 else dtype)]
+
+
+def run(fn, x, A, B, ids, w, g_TO):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, w)]
+    y = fn(leaves[0], leaves[1], leaves[2], ids, leaves[3])
+    (y.float() * g_TO.float()).sum().backward()
+    return y, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_D{}_O{}_E{}_r{}_K{}".format(*s))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_reference_fp32(backend, shape):
+    T, D, O, E, r, K = shape
+    x, A, B, ids, w = make_inputs(*shape, torch.float32)
+    g_TO = torch.randn(T, O, generator=torch.Generator().manual_seed(1))
+    y, grads = run(lambda *a: lora_experts(*a, 0.7, backend=backend), x, A, B, ids, w, g_TO)
+    x64, A64, B64, w64 = (t.double() for t in (x, A, B, w))
+    y_ref, grads_ref = run(
+        lambda *a: lora_experts_reference(*a, 0.7, compute_dtype=torch.float64), x64, A64, B64, ids, w64,
+        g_TO.double(),
+    )
+    assert y.dtype == torch.float32 and y.shape == (T, O)
+    assert_close(y, y_ref, torch.float32, f"{backend} forward")
+    for name, a, b in zip(("x", "A", "B", "weights"), grads, grads_ref):
+        assert_close(a, b, torch.float32, f"{backend} d{name}")
+    if E > K:  # the last expert got no token: its gradients are exactly zero
+        assert torch.count_nonzero(grads[1][E - 1]) == 0 and torch.count_nonzero(grads[2][E - 1]) == 0
+
+
+@pytest.mark.parametrize("backend", ["dense", "grouped"])
+def test_backend_bf16_close_to_fp32_reference(backend):
+    shape = (33, 64, 48, 8, 8, 2)  # grouped_mm needs 16-byte rows in bf16: D, O, r multiples of 8
+    x, A, B, ids, w = make_inputs(*shape, torch.bfloat16)
+    assert backend != "grouped" or grouped_mm_usable(torch.bfloat16, 64, 48, 8)
+    g_TO = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(1))
+    y, grads = run(lambda *a: lora_experts(*a, 0.7, backend=backend), x, A, B, ids, w, g_TO)
+    y_ref, grads_ref = run(
+        lambda *a: lora_experts_reference(*a, 0.7, compute_dtype=torch.float64),
+        *(t.double() for t in (x, A, B)), ids, w.double(), g_TO.double(),
+    )
+    assert y.dtype == torch.bfloat16
+    assert_close(y, y_ref, torch.bfloat16, f"{backend} bf16 forward")
+    for name, a, b in zip(("x", "A", "B", "weights"), grads, grads_ref):
+        assert_close(a, b, torch.bfloat16, f"{backend} bf16 d{name}")
+
+
+def test_dense_and_grouped_agree_with_zero_weight_slots():
+    """Variable-k layout (K = E slots, zeros for unused experts): sparse and dense-gated paths agree."""
+    T, D, O, E, r = 23, 32, 32, 6, 4
+    x, A, B, _, _ = make_inputs(T, D, O, E, r, 1, torch.float32)
+    ids = torch.arange(E).expand(T, E)
+    w = torch.rand(T, E) * (torch.rand(T, E) > 0.5)
+    g_TO = torch.randn(T, O)
+    y_d, gd = run(lambda *a: lora_experts_dense(*a, 2.0), x, A, B, ids, w, g_TO)
+    y_g, gg = run(lambda *a: lora_experts(*a, 2.0, backend="grouped"), x, A, B, ids, w, g_TO)
+    assert_close(y_g, y_d, torch.float32, "grouped vs dense forward")
+    for a, b in zip(gg, gd):
+        assert_close(a, b, torch.float32, "grouped vs dense grads")
+
+
+def test_all_tokens_on_one_expert_and_zero_weights():
+    x, A, B, ids, w = make_inputs(9, 16, 8, 4, 4, 2, torch.float32)
+    ids = torch.zeros_like(ids)
+    w = torch.zeros_like(w)
+    for backend in ("dense", "grouped"):
+        y = lora_experts(x, A, B, ids, w, 1.0, backend=backend)
+        assert torch.count_nonzero(y) == 0
+
+
+def test_cost_rule():
+    assert choose_torch_path(8, 2, 8) == "dense"  # E*r = 64
+    assert choose_torch_path(64, 2, 16) == "grouped"  # E*r = 1024
+    assert choose_torch_path(64, 64, 16) == "dense"  # K = E: grouped does the same arithmetic
+
+
+def test_bad_shapes_name_the_argument():
+    x, A, B, ids, w = make_inputs(4, 16, 8, 3, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match="x_TD"):
+        lora_experts(x[:, :5], A, B, ids, w, 1.0)
+    with pytest.raises(ValueError, match="lora_B_EOR"):
+        lora_experts(x, A, B[:2], ids, w, 1.0)
+    with pytest.raises(ValueError, match="backend"):
+        lora_experts(x, A, B, ids, w, 1.0, backend="cuda-magic")

@@ -1,0 +1,177 @@
+"""MoELoRALinear: degeneracies (fresh == base, E=1 == LoRA), shapes, routing/aux exposure, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from moe_lora import ConfigError, MoELoRALinear
+
+ROUTERS = ["topk", "soft", "threshold", "expert_choice", "contrastive"]
+
+
+def base(d_in=40, d_out=24, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("backend", ["torch", "dense", "grouped", "reference"])
+def test_fresh_layer_equals_base_exactly(router, backend):
+    lin = base()
+    layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, router=router, backend=backend)
+    x = torch.randn(2, 7, 40)
+    assert torch.equal(layer(x), lin(x))
+
+
+def test_base_layer_frozen_and_untouched():
+    lin = base()
+    w = lin.weight.detach().clone()
+    layer = MoELoRALinear(lin, num_experts=3, top_k=1, rank=2, alpha=4)
+    assert layer.base_layer is lin and not lin.weight.requires_grad and not lin.bias.requires_grad
+    assert torch.equal(lin.weight, w)
+    trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "router.weight"}
+    assert layer.lora_A.shape == (3, 2, 40) and layer.lora_B.shape == (3, 24, 2)
+    assert layer.router.weight.shape == (3, 40) and layer.router.weight.dtype == torch.float32
+    assert torch.count_nonzero(layer.lora_B) == 0
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_single_expert_equals_plain_lora(use_rslora):
+    lin = base()
+    layer = MoELoRALinear(lin, num_experts=1, top_k=1, rank=4, alpha=8, use_rslora=use_rslora)
+    torch.manual_seed(1)
+    layer.lora_B.data.normal_()
+    A, B = layer.lora_A[0].detach(), layer.lora_B[0].detach()
+    s = 8 / (2.0 if use_rslora else 4)
+    assert layer.scaling == s
+    x = torch.randn(5, 3, 40)
+    expect = lin(x) + s * (x @ A.t()) @ B.t()
+    torch.testing.assert_close(layer(x), expect, atol=1e-6, rtol=1e-6)
+
+
+def test_single_expert_matches_peft_lora():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    ref = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=True))
+    lora_layer = ref.base_model.model[0]
+    with torch.no_grad():
+        lora_layer.lora_B["default"].weight.normal_()
+    ours = MoELoRALinear(nn.Linear(16, 16), num_experts=1, top_k=1, rank=4, alpha=8)
+    with torch.no_grad():
+        ours.base_layer.load_state_dict(lora_layer.base_layer.state_dict())
+        ours.lora_A[0].copy_(lora_layer.lora_A["default"].weight)
+        ours.lora_B[0].copy_(lora_layer.lora_B["default"].weight)
+    x = torch.randn(6, 16)
+    torch.testing.assert_close(ours(x), lora_layer(x), atol=1e-6, rtol=1e-6)
+
+
+def test_sparse_and_dense_paths_agree_in_the_layer():
+    lin = base()
+    layers = {b: MoELoRALinear(lin, num_experts=6, top_k=2, rank=4, alpha=8, backend=b, init_seed=3)
+              for b in ("dense", "grouped")}
+    for layer in layers.values():
+        torch.manual_seed(2)
+        layer.lora_B.data.normal_()
+    x = torch.randn(3, 11, 40)
+    torch.testing.assert_close(layers["dense"](x), layers["grouped"](x), atol=1e-5, rtol=1e-5)
+
+
+def test_init_seed_reproduces_experts_by_global_id():
+    a = MoELoRALinear(base(), num_experts=4, top_k=2, rank=3, alpha=6, init_seed=11)
+    b = MoELoRALinear(base(), num_experts=8, top_k=2, rank=3, alpha=6, init_seed=11)
+    assert torch.equal(a.lora_A, b.lora_A[:4])  # expert e's init depends only on (seed, e)
+    c = MoELoRALinear(base(), num_experts=4, top_k=2, rank=3, alpha=6, init_seed=12)
+    assert not torch.equal(a.lora_A, c.lora_A)
+
+
+def test_routing_and_aux_exposed_without_global_state():
+    layer = MoELoRALinear(base(), num_experts=4, top_k=2, rank=4, alpha=8, z_loss_coef=1e-3, cv_coef=0.5)
+    x = torch.randn(2, 5, 40)
+    layer.train()
+    layer(x)
+    r = layer.last_routing
+    assert r.weights_TK.shape == (10, 2) and r.probs_TE.shape == (10, 4) and not r.probs_TE.requires_grad
+    terms = layer.last_aux_terms
+    assert set(terms) == {"load_balance", "z_loss", "cv"}
+    expect = 1e-3 * terms["load_balance"] + 1e-3 * terms["z_loss"] + 0.5 * terms["cv"]
+    torch.testing.assert_close(layer.last_aux_loss, expect)
+    assert layer.last_aux_loss.requires_grad
+    first = layer.last_aux_loss.item()
+    layer(x)  # a second forward overwrites, never accumulates
+    assert layer.last_aux_loss.item() == pytest.approx(first, rel=1e-6)
+    layer.eval()
+    layer(x)
+    assert layer.last_aux_loss is None and layer.last_routing is not None
+    with torch.no_grad():
+        layer.train()(x)
+    assert layer.last_aux_loss is None
+
+
+def test_contrastive_layer_adds_contrastive_term_and_trains():
+    torch.manual_seed(0)
+    layer = MoELoRALinear(base(), num_experts=4, top_k=2, rank=4, alpha=8, router="contrastive",
+                          contrastive_coef=1.0, load_balance_coef=0.0)
+    layer.lora_B.data.normal_()
+    layer.train()
+    layer(torch.randn(20, 40))
+    assert "contrastive" in layer.last_aux_terms
+    layer.last_aux_loss.backward()
+    assert layer.lora_B.grad.abs().sum() > 0 and layer.lora_A.grad.abs().sum() > 0
+
+
+def test_token_mask_used_only_when_it_fits():
+    layer = MoELoRALinear(base(), num_experts=4, top_k=1, rank=4, alpha=8)
+    layer.train()
+    layer.token_mask = torch.tensor([True, True, False, False, False])
+    layer(torch.randn(5, 40))
+    assert torch.equal(layer.last_routing.token_mask_T, layer.token_mask)
+    layer(torch.randn(3, 40))  # e.g. decoding with a KV cache: the mask covers other tokens
+    assert layer.last_routing.token_mask_T is None
+
+
+def test_gradients_reach_experts_and_router():
+    layer = MoELoRALinear(base(), num_experts=4, top_k=2, rank=4, alpha=8)
+    layer.lora_B.data.normal_()
+    layer.train()
+    out = layer(torch.randn(9, 40))
+    (out.square().mean() + layer.last_aux_loss).backward()
+    for name in ("lora_A", "lora_B"):
+        assert getattr(layer, name).grad.abs().sum() > 0
+    assert layer.router.weight.grad.abs().sum() > 0
+    assert layer.base_layer.weight.grad is None
+
+
+def test_bf16_base_with_fp32_adapters():
+    lin = base().to(torch.bfloat16)
+    layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=8, alpha=8)
+    layer.lora_B.data.normal_()
+    x = torch.randn(4, 40, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+
+
+def test_gpt2_conv1d_base():
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(24, 40)  # nf=out, nx=in; weight [in, out]
+    layer = MoELoRALinear(conv, num_experts=3, top_k=2, rank=4, alpha=8)
+    assert (layer.in_features, layer.out_features) == (40, 24)
+    x = torch.randn(2, 3, 40)
+    assert torch.equal(layer(x), conv(x))
+
+
+def test_invalid_arguments_name_every_field():
+    with pytest.raises(ConfigError) as e:
+        MoELoRALinear(base(), num_experts=2, top_k=3, rank=0, alpha=-1, router="topp", backend="cuda")
+    msg = str(e.value)
+    for needle in ("top_k: 3", "rank: 0", "alpha: -1", "router: unknown router 'topp'", "backend: unknown backend"):
+        assert needle in msg
+    assert len(e.value.problems) == 5
+    with pytest.raises(ValueError, match="base_layer: Conv2d"):
+        MoELoRALinear(nn.Conv2d(3, 3, 1), num_experts=2, top_k=1, rank=2, alpha=2)
+    with pytest.raises(ValueError, match="capacity_factr: unknown router option"):
+        MoELoRALinear(base(), num_experts=2, top_k=1, rank=2, alpha=2, capacity_factr=2.0)

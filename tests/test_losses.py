@@ -1,0 +1,104 @@
+"""Auxiliary losses: hand-computed values and the known balanced values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_lora.losses import contrastive_loss, importance_cv2_loss, load_balance_loss, z_loss
+from moe_lora.routing import Routing
+
+
+def routing(weights, ids, probs, logits=None, mask=None):
+    probs = torch.as_tensor(probs, dtype=torch.float32)
+    return Routing(
+        weights_TK=torch.as_tensor(weights, dtype=torch.float32),
+        expert_ids_TK=torch.as_tensor(ids),
+        probs_TE=probs,
+        logits_TE=probs.log() if logits is None else torch.as_tensor(logits, dtype=torch.float32),
+        token_mask_T=None if mask is None else torch.as_tensor(mask),
+    )
+
+
+@pytest.mark.parametrize("E,k", [(2, 1), (4, 2), (8, 2), (5, 5)])
+def test_load_balance_is_one_when_balanced(E, k):
+    T = E * 3
+    ids = torch.stack([(torch.arange(k) + t) % E for t in range(T)])
+    r = routing(torch.full((T, k), 1.0 / k), ids, torch.full((T, E), 1.0 / E))
+    assert load_balance_loss(r).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_load_balance_hand_example():
+    # 2 tokens, E = 2, top-1: both to expert 0; P = mean([.9,.1],[.7,.3]) = [.8,.2]; f = [1, 0] -> 2 * .8
+    r = routing([[1.0], [1.0]], [[0], [0]], [[0.9, 0.1], [0.7, 0.3]])
+    assert load_balance_loss(r).item() == pytest.approx(1.6)
+
+
+def test_load_balance_masks_padding_and_zero_weight_slots():
+    # third token is padding and routed to expert 1; a zero-weight slot must not count either
+    r = routing([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], [[0, 1], [0, 1], [1, 0]],
+                [[0.9, 0.1], [0.7, 0.3], [0.0, 1.0]], mask=[True, True, False])
+    assert load_balance_loss(r).item() == pytest.approx(1.6)
+
+
+def test_load_balance_gradient_flows_to_probs_only():
+    probs = torch.tensor([[0.6, 0.4], [0.3, 0.7]], requires_grad=True)
+    r = Routing(torch.ones(2, 1), torch.tensor([[0], [1]]), probs, probs.log())
+    load_balance_loss(r).backward()
+    # L = E * sum_i f_i P_i, f = [.5, .5], P_i = mean_t p_ti -> dL/dp_ti = E * f_i / T = 0.5
+    assert torch.allclose(probs.grad, torch.full((2, 2), 0.5))
+
+
+def test_z_loss_hand_example():
+    logits = [[0.0, 0.0], [1.0, 2.0]]
+    r = routing([[1.0], [1.0]], [[0], [1]], torch.softmax(torch.tensor(logits), -1), logits=logits)
+    lse = [math.log(2.0), math.log(math.e + math.e**2)]
+    assert z_loss(r).item() == pytest.approx((lse[0] ** 2 + lse[1] ** 2) / 2, rel=1e-6)
+    rm = routing([[1.0], [1.0]], [[0], [1]], torch.softmax(torch.tensor(logits), -1), logits=logits,
+                 mask=[True, False])
+    assert z_loss(rm).item() == pytest.approx(lse[0] ** 2, rel=1e-6)
+
+
+def test_cv2_balanced_zero_and_hand_example():
+    E = 4
+    r = routing(torch.ones(6, 1), torch.zeros(6, 1, dtype=torch.long), torch.full((6, E), 0.25))
+    assert importance_cv2_loss(r).item() == pytest.approx(0.0, abs=1e-9)
+    # importance = [1.5, .5] -> mean 1, population var .25 -> .25
+    r2 = routing(torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.long), [[0.75, 0.25], [0.75, 0.25]])
+    assert importance_cv2_loss(r2).item() == pytest.approx(0.25, rel=1e-6)
+
+
+def test_contrastive_hand_example():
+    # Two experts with orthogonal outputs: cos to own prototype 1, to the other 0.
+    u = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    ids = torch.tensor([0, 0, 1])
+    tau = 0.1
+    expect = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + 1.0))
+    assert contrastive_loss(u, ids, 2, tau).item() == pytest.approx(expect, abs=1e-6)  # fp32 log-softmax
+    # Same outputs for every expert: the loss is log(#present experts) (nothing separates them)
+    same = torch.ones(4, 3)
+    assert contrastive_loss(same, torch.tensor([0, 1, 2, 2]), 4, tau).item() == pytest.approx(math.log(3), rel=1e-5)
+
+
+def test_contrastive_ignores_masked_pairs_and_single_expert():
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    ids = torch.tensor([0, 1, 1])
+    full = contrastive_loss(u[:2], ids[:2], 2, 0.1)
+    masked = contrastive_loss(u, ids, 2, 0.1, pair_weight_S=torch.tensor([1.0, 1.0, 0.0]))
+    assert masked.item() == pytest.approx(full.item(), rel=1e-6)
+    only_one = contrastive_loss(u, torch.tensor([1, 1, 1]), 2, 0.1)
+    assert only_one.item() == 0.0
+
+
+def test_contrastive_gradient_separates_experts():
+    """One gradient step on the outputs lowers the loss (the loss is a usable training signal)."""
+    torch.manual_seed(0)
+    u = torch.randn(12, 6, requires_grad=True)
+    ids = torch.arange(12) % 3
+    loss = contrastive_loss(u, ids, 3, 0.1)
+    loss.backward()
+    with torch.no_grad():
+        u2 = u - 0.5 * u.grad
+    assert contrastive_loss(u2, ids, 3, 0.1) < loss
