@@ -16,9 +16,12 @@ Backward (closed form, DESIGN.md section 6), g = dL/dy::
     dA_e  = dh_e^T x_e;  dB_e = g_e^T hs_e               (grouped 2d x 2d, one block per expert)
 
 Only x, the routing and h are saved (x rows are gathered again in backward instead of keeping [S, D]).
-``torch.nn.functional.grouped_mm`` (torch >= 2.9, CPU too) needs 16-byte aligned row strides: D, O and r
-multiples of 4 in fp32 (8 in 16-bit). Other shapes take an exact per-expert loop over the same sorted pairs
-(that loop reads the group sizes on the host: a sync, only on those shapes).
+Which GEMM runs the groups:
+* CUDA: ``torch.nn.functional.grouped_mm`` (torch >= 2.9), one launch per product and no host sync. It needs
+  16-byte aligned row strides (D, O and r multiples of 4 in fp32, 8 in 16-bit); other shapes use the loop.
+* CPU: a loop of BLAS matmuls over the expert groups. torch 2.13's CPU grouped_mm is a generic kernel, 5-10x
+  slower than the loop at E = 64, d = 1024, r = 16 (measured with /tmp-style microbenchmarks recorded in
+  benchmarks/README.md), and reading the group sizes costs nothing on a CPU (there is no device to wait for).
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ import torch.nn.functional as F
 from .metadata import SortMeta
 
 
-def grouped_mm_usable(dtype: torch.dtype, *dims: int) -> bool:
-    """True when F.grouped_mm exists and every row stride is a multiple of 16 bytes."""
+def grouped_mm_usable(dtype: torch.dtype, *dims: int, device: torch.device | None = None) -> bool:
+    """True when F.grouped_mm exists, is the faster choice on ``device`` (CUDA; see the module docstring) and
+    every row stride is a multiple of 16 bytes. ``device=None`` checks only availability and alignment."""
+    if device is not None and device.type != "cuda":
+        return False
     if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     size = torch.tensor([], dtype=dtype).element_size()
@@ -68,13 +74,16 @@ def _gmm_weight(a_SM: torch.Tensor, b_SN: torch.Tensor, meta: SortMeta, use_gmm:
 
 class GroupedLoRAExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling):
+    def forward(ctx, x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, use_grouped_mm):
         E, r, D = lora_A_ERD.shape
         O = lora_B_EOR.shape[1]
         T, K = expert_ids_TK.shape
         dtype = lora_A_ERD.dtype
         meta = SortMeta.build(expert_ids_TK, E)
-        use_gmm = grouped_mm_usable(dtype, D, O, r)
+        if use_grouped_mm is None:
+            use_gmm = grouped_mm_usable(dtype, D, O, r, device=x_TD.device)
+        else:
+            use_gmm = bool(use_grouped_mm) and grouped_mm_usable(dtype, D, O, r)
         x_SD = x_TD.to(dtype)[meta.tok_S]
         w_S = weights_TK.reshape(-1)[meta.order_S]
         h_Sr = _gmm(x_SD, lora_A_ERD.transpose(1, 2), meta, use_gmm)
@@ -110,8 +119,12 @@ class GroupedLoRAExperts(torch.autograd.Function):
             dA = _gmm_weight(dh_Sr, x_TD.to(dtype)[tok_S], meta, use_gmm)
         if ctx.needs_input_grad[2]:
             dB = _gmm_weight(g_SO, h_Sr * sw_S[:, None], meta, use_gmm)
-        return dx, dA, dB, None, dw, None
+        return dx, dA, dB, None, dw, None, None
 
 
-def lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling):
-    return GroupedLoRAExperts.apply(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling))
+def lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, use_grouped_mm=None):
+    """Grouped compute. ``use_grouped_mm``: None picks per device (module docstring); True forces
+    F.grouped_mm where the shapes allow it (tests use this to cover the CUDA path on a CPU); False the loop."""
+    return GroupedLoRAExperts.apply(
+        x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling), use_grouped_mm
+    )

@@ -7,10 +7,17 @@ import torch
 
 from moe_lora.kernels import choose_torch_path, lora_experts, lora_experts_reference
 from moe_lora.kernels.dense_gated import lora_experts_dense
-from moe_lora.kernels.grouped import grouped_mm_usable
+from moe_lora.kernels.grouped import grouped_mm_usable, lora_experts_grouped
+
+
+def call(backend, *args):
+    """'grouped_mm' = the grouped backend forced onto F.grouped_mm (its CUDA path), where shapes allow."""
+    if backend == "grouped_mm":
+        return lora_experts_grouped(*args, use_grouped_mm=True)
+    return lora_experts(*args, backend=backend)
 from tolerances import assert_close
 
-BACKENDS = ["dense", "grouped", "torch", "reference"]
+BACKENDS = ["dense", "grouped", "grouped_mm", "torch", "reference"]
 # (T, D, O, E, r, K): odd sizes (loop fallback), aligned sizes (grouped_mm), T=1, k=1, k=E
 SHAPES = [
     (29, 32, 48, 5, 8, 2),
@@ -45,7 +52,7 @@ def test_backend_matches_reference_fp32(backend, shape):
     T, D, O, E, r, K = shape
     x, A, B, ids, w = make_inputs(*shape, torch.float32)
     g_TO = torch.randn(T, O, generator=torch.Generator().manual_seed(1))
-    y, grads = run(lambda *a: lora_experts(*a, 0.7, backend=backend), x, A, B, ids, w, g_TO)
+    y, grads = run(lambda *a: call(backend, *a, 0.7), x, A, B, ids, w, g_TO)
     x64, A64, B64, w64 = (t.double() for t in (x, A, B, w))
     y_ref, grads_ref = run(
         lambda *a: lora_experts_reference(*a, 0.7, compute_dtype=torch.float64), x64, A64, B64, ids, w64,
@@ -59,13 +66,13 @@ def test_backend_matches_reference_fp32(backend, shape):
         assert torch.count_nonzero(grads[1][E - 1]) == 0 and torch.count_nonzero(grads[2][E - 1]) == 0
 
 
-@pytest.mark.parametrize("backend", ["dense", "grouped"])
+@pytest.mark.parametrize("backend", ["dense", "grouped", "grouped_mm"])
 def test_backend_bf16_close_to_fp32_reference(backend):
     shape = (33, 64, 48, 8, 8, 2)  # grouped_mm needs 16-byte rows in bf16: D, O, r multiples of 8
     x, A, B, ids, w = make_inputs(*shape, torch.bfloat16)
-    assert backend != "grouped" or grouped_mm_usable(torch.bfloat16, 64, 48, 8)
+    assert grouped_mm_usable(torch.bfloat16, 64, 48, 8)
     g_TO = torch.randn(shape[0], shape[2], generator=torch.Generator().manual_seed(1))
-    y, grads = run(lambda *a: lora_experts(*a, 0.7, backend=backend), x, A, B, ids, w, g_TO)
+    y, grads = run(lambda *a: call(backend, *a, 0.7), x, A, B, ids, w, g_TO)
     y_ref, grads_ref = run(
         lambda *a: lora_experts_reference(*a, 0.7, compute_dtype=torch.float64),
         *(t.double() for t in (x, A, B)), ids, w.double(), g_TO.double(),
@@ -84,18 +91,19 @@ def test_dense_and_grouped_agree_with_zero_weight_slots():
     w = torch.rand(T, E) * (torch.rand(T, E) > 0.5)
     g_TO = torch.randn(T, O)
     y_d, gd = run(lambda *a: lora_experts_dense(*a, 2.0), x, A, B, ids, w, g_TO)
-    y_g, gg = run(lambda *a: lora_experts(*a, 2.0, backend="grouped"), x, A, B, ids, w, g_TO)
-    assert_close(y_g, y_d, torch.float32, "grouped vs dense forward")
-    for a, b in zip(gg, gd):
-        assert_close(a, b, torch.float32, "grouped vs dense grads")
+    for backend in ("grouped", "grouped_mm"):
+        y_g, gg = run(lambda *a, b=backend: call(b, *a, 2.0), x, A, B, ids, w, g_TO)
+        assert_close(y_g, y_d, torch.float32, f"{backend} vs dense forward")
+        for a, b in zip(gg, gd):
+            assert_close(a, b, torch.float32, f"{backend} vs dense grads")
 
 
 def test_all_tokens_on_one_expert_and_zero_weights():
     x, A, B, ids, w = make_inputs(9, 16, 8, 4, 4, 2, torch.float32)
     ids = torch.zeros_like(ids)
     w = torch.zeros_like(w)
-    for backend in ("dense", "grouped"):
-        y = lora_experts(x, A, B, ids, w, 1.0, backend=backend)
+    for backend in ("dense", "grouped", "grouped_mm"):
+        y = call(backend, x, A, B, ids, w, 1.0)
         assert torch.count_nonzero(y) == 0
 
 
