@@ -102,7 +102,9 @@ def lora_experts(
     if x_TD.dim() != 2 or x_TD.shape[1] != D:
         raise ValueError(f"x_TD: shape {tuple(x_TD.shape)} does not match lora_A_ERD {tuple(lora_A_ERD.shape)}")
     if lora_B_EOR.shape[0] != E or lora_B_EOR.shape[2] != r:
-        raise ValueError(f"lora_B_EOR: shape {tuple(lora_B_EOR.shape)} does not fit lora_A_ERD {tuple(lora_A_ERD.shape)}")
+        raise ValueError(
+            f"lora_B_EOR: shape {tuple(lora_B_EOR.shape)} does not fit lora_A_ERD {tuple(lora_A_ERD.shape)}"
+        )
     if x_TD.shape[0] != T or weights_TK.shape != expert_ids_TK.shape:
         raise ValueError(
             f"routing: expert_ids {tuple(expert_ids_TK.shape)} / weights {tuple(weights_TK.shape)} "

@@ -12,8 +12,6 @@ the torch backend picks it by a cost rule).
 
 from __future__ import annotations
 
-import torch
-
 
 def lora_experts_dense(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling):
     E, r, D = lora_A_ERD.shape

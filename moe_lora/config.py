@@ -16,12 +16,13 @@ import yaml
 
 from .allocation import SHAPES
 from .errors import ConfigError, suggest
+from .kernels.api import BACKENDS
 
 ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive")
 #: Routers that choose how many experts a token gets (top_k is not used by them).
 VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice")
 ROUTER_SCOPES = ("linear", "block")
-from .kernels.api import BACKENDS
+
 INITS = ("kaiming", "gaussian")
 
 
@@ -56,12 +57,14 @@ class MoELoRAConfig:
         f"of consecutive layers, or a MoLA shape name ({', '.join(SHAPES)}) spread over `allocation_groups` "
         "groups with `expert_budget` experts in total.",
     )
-    top_k: int | list[int] = _f(2, "Experts per token (top-k and contrastive routers): an int or a list like num_experts.")
+    top_k: int | list[int] = _f(
+        2, "Experts per token (top-k and contrastive routers): an int or a list like num_experts."
+    )
     expert_budget: int = _f(20, "Sum of experts over the groups when num_experts is a shape name (MoLA: 20 or 16).")
     allocation_groups: int = _f(4, "Number of groups of consecutive layers for shapes and per-group lists.")
     rank: int = _f(8, "LoRA rank r of every expert.")
     alpha: float = _f(16.0, "LoRA alpha; the expert output is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
-    dropout: float = _f(0.0, "Dropout on the expert input (shared by the experts of a module), as PEFT's lora_dropout.")
+    dropout: float = _f(0.0, "Dropout on the expert input (shared by the experts of a module), like lora_dropout.")
     use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
     init_lora_weights: str = _f(
         "kaiming", "Init of lora_A: 'kaiming' (uniform, a=sqrt(5), as PEFT) or 'gaussian' (N(0, 1/r)); lora_B is zero."
@@ -97,7 +100,7 @@ class MoELoRAConfig:
         "auto", "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
         "cost), 'dense', 'grouped', 'reference', 'triton', 'megablocks'."
     )
-    modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (e.g. a classifier).")
+    modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (a classifier).")
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -187,7 +190,9 @@ class MoELoRAConfig:
         if not is_int(self.init_seed):
             p.append(f"init_seed: {self.init_seed!r} must be an int")
         if self.router not in ROUTERS:
-            p.append(f"router: unknown router {self.router!r}{suggest(self.router, ROUTERS)}; allowed: {', '.join(ROUTERS)}")
+            p.append(
+                f"router: unknown router {self.router!r}{suggest(self.router, ROUTERS)}; allowed: {', '.join(ROUTERS)}"
+            )
         if self.router_scope not in ROUTER_SCOPES:
             p.append(f"router_scope: {self.router_scope!r}; allowed: {', '.join(ROUTER_SCOPES)}")
         if not isinstance(self.ffn_experts, bool):
@@ -215,8 +220,12 @@ class MoELoRAConfig:
         if not (is_num(self.contrastive_temperature) and self.contrastive_temperature > 0):
             p.append(f"contrastive_temperature: {self.contrastive_temperature!r} must be a number > 0")
         if self.backend not in BACKENDS:
-            p.append(f"backend: unknown backend {self.backend!r}{suggest(self.backend, BACKENDS)}; allowed: {', '.join(BACKENDS)}")
-        if not (isinstance(self.modules_to_save, list | tuple) and all(isinstance(m, str) for m in self.modules_to_save)):
+            p.append(
+                f"backend: unknown backend {self.backend!r}{suggest(self.backend, BACKENDS)}; "
+                f"allowed: {', '.join(BACKENDS)}"
+            )
+        mts = self.modules_to_save
+        if not (isinstance(mts, list | tuple) and all(isinstance(m, str) for m in mts)):
             p.append(f"modules_to_save: {self.modules_to_save!r} must be a list of module names")
         return p
 

@@ -33,7 +33,9 @@ def build_router(
 ) -> Router:
     """Build the router called ``name`` with the options that method uses (others are ignored)."""
     if name not in ROUTER_CLASSES:
-        raise ValueError(f"router: unknown router {name!r}{suggest(name, ROUTER_CLASSES)}; allowed: {', '.join(ROUTER_CLASSES)}")
+        raise ValueError(
+            f"router: unknown router {name!r}{suggest(name, ROUTER_CLASSES)}; allowed: {', '.join(ROUTER_CLASSES)}"
+        )
     common = dict(temperature=temperature, jitter_noise=jitter_noise, init_std=init_std)
     if name in ("topk", "contrastive"):
         return ROUTER_CLASSES[name](in_features, num_experts, top_k=top_k, **common)

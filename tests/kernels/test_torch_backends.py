@@ -9,13 +9,15 @@ from moe_lora.kernels import choose_torch_path, lora_experts, lora_experts_refer
 from moe_lora.kernels.dense_gated import lora_experts_dense
 from moe_lora.kernels.grouped import grouped_mm_usable, lora_experts_grouped
 
+from tolerances import assert_close
+
 
 def call(backend, *args):
     """'grouped_mm' = the grouped backend forced onto F.grouped_mm (its CUDA path), where shapes allow."""
     if backend == "grouped_mm":
         return lora_experts_grouped(*args, use_grouped_mm=True)
     return lora_experts(*args, backend=backend)
-from tolerances import assert_close
+
 
 BACKENDS = ["dense", "grouped", "grouped_mm", "torch", "reference"]
 # (T, D, O, E, r, K): odd sizes (loop fallback), aligned sizes (grouped_mm), T=1, k=1, k=E
@@ -49,7 +51,7 @@ def run(fn, x, A, B, ids, w, g_TO):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}_D{}_O{}_E{}_r{}_K{}".format(*s))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_matches_reference_fp32(backend, shape):
-    T, D, O, E, r, K = shape
+    T, _, O, E, _, K = shape
     x, A, B, ids, w = make_inputs(*shape, torch.float32)
     g_TO = torch.randn(T, O, generator=torch.Generator().manual_seed(1))
     y, grads = run(lambda *a: call(backend, *a, 0.7), x, A, B, ids, w, g_TO)

@@ -1,0 +1,166 @@
+"""End-to-end training-step benchmark: a tiny Llama with adapters on q,k,v,o,gate,up,down (DESIGN.md section 10).
+
+    python benchmarks/e2e.py            # all contenders, 10 timed rounds (several minutes on 2 cores)
+    python benchmarks/e2e.py --quick    # 2 layers, 128 tokens, 2 rounds: a CI smoke run
+    python benchmarks/e2e.py --only topk,peft
+
+Model: LlamaForCausalLM, 4 layers, hidden 512, FFN 1376, 8 heads, vocab 8000; batch 4 x 256 random tokens;
+AdamW on the trainable parameters. Every contender is built in this one process and their steps alternate
+(A B C ... A B C ...), warm-up excluded; the table reports the median per-round ratio to the frozen base and to
+PEFT LoRA r=16, median step time, tokens/s, forward-only (no grad) ratio to PEFT, and memory:
+
+* ``saved MB``: bytes of the tensors autograd saves for backward in one step (activation memory; exact and
+  repeatable, unlike process RSS on a shared CPU machine), measured with saved_tensors_hooks;
+* ``state MB``: trainable parameters + gradients + AdamW's two moments (4 x 4 bytes per trainable parameter).
+
+"frozen base" runs forward and backward through the base model with no trainable parameter (the embedding
+output requires grad, so the backward computes the same activation gradients a LoRA needs) and no optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_lora import MoELoRAConfig
+from moe_lora.convert import convert
+from moe_lora.zoo import load_model
+
+from timing import alternate, median_ms, median_ratio
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MOE = dict(target_modules=TARGETS, num_experts=8, top_k=2, rank=8, alpha=16.0)
+CONTENDERS = {
+    "topk": MoELoRAConfig(**MOE),
+    "soft": MoELoRAConfig(**MOE, router="soft"),
+    "threshold": MoELoRAConfig(**MOE, router="threshold"),
+    "contrastive": MoELoRAConfig(**MOE, router="contrastive"),
+    "block": MoELoRAConfig(**MOE, router_scope="block"),
+    "mixlora": MoELoRAConfig(**MOE, router_scope="block", ffn_experts=True),
+    "mola_inv_tri": MoELoRAConfig(**{**MOE, "num_experts": "inverted_triangle", "expert_budget": 20}),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("--only", default="", help="comma-separated subset of: base,peft," + ",".join(CONTENDERS))
+    p.add_argument("--backend", default="auto", help="expert compute backend for ours (default auto)")
+    p.add_argument("--quick", action="store_true", help="2 layers, batch 2 x 64, 2 rounds: a smoke run")
+    p.add_argument("--out", default="benchmarks/results/e2e.json", help="where to write the JSON table")
+    return p.parse_args(argv)
+
+
+def build(name: str, args) -> torch.nn.Module:
+    model = load_model("tiny-llama", vocab_size=8000, num_layers=args.layers, seed=0).train()
+    if name == "base":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
+    if name == "peft":
+        import peft
+
+        return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    cfg = CONTENDERS[name]
+    cfg.backend = args.backend
+    return convert(model, cfg)
+
+
+def saved_bytes(step) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(backward=False)
+    return total
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.rounds, args.batch, args.seq, args.layers = 2, 2, 64, 2
+    names = ["base", "peft", *CONTENDERS]
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise SystemExit(f"--only: unknown contender(s) {unknown}; allowed: {', '.join(names)}")
+        names = [n for n in names if n in wanted or n in ("base", "peft")]
+    torch.manual_seed(0)
+    ids = torch.randint(0, 8000, (args.batch, args.seq))
+    models = {n: build(n, args) for n in names}
+    optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+              for n, m in models.items() if n != "base"}
+
+    def train_step(name):
+        model, opt = models[name], optims.get(name)
+
+        def run(backward=True):
+            out = model(input_ids=ids, labels=ids)
+            if backward:
+                out.loss.backward()
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+        return run
+
+    def infer_step(name):
+        model = models[name]
+
+        def run():
+            with torch.no_grad():
+                model(input_ids=ids)
+        return run
+
+    t0 = time.perf_counter()
+    times = alternate({n: train_step(n) for n in names}, rounds=args.rounds)
+    infer = alternate({n: infer_step(n) for n in names}, rounds=args.rounds)
+    tokens = args.batch * args.seq
+    rows = []
+    print(f"tiny Llama {args.layers} layers, hidden 512, batch {args.batch} x {args.seq}, {args.rounds} rounds "
+          f"alternated; {torch.get_num_threads()} threads")
+    print(f"{'contender':<14} {'x base':>7} {'x PEFT':>7} {'ms/step':>8} {'tok/s':>7} {'infer x PEFT':>12} "
+          f"{'saved MB':>9} {'state MB':>9} {'trainable':>10}")
+    for n in names:
+        model = models[n]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        row = {
+            "name": n,
+            "ratio_to_base": median_ratio(times, n, "base"),
+            "ratio_to_peft": median_ratio(times, n, "peft"),
+            "median_ms": median_ms(times, n),
+            "tokens_per_s": tokens / (median_ms(times, n) / 1e3),
+            "infer_ratio_to_peft": median_ratio(infer, n, "peft"),
+            "saved_MB": saved_bytes(train_step(n)) / 2**20,
+            "state_MB": 16 * trainable / 2**20,
+            "trainable_params": trainable,
+        }
+        rows.append(row)
+        print(f"{n:<14} {row['ratio_to_base']:>7.2f} {row['ratio_to_peft']:>7.2f} {row['median_ms']:>8.0f} "
+              f"{row['tokens_per_s']:>7.0f} {row['infer_ratio_to_peft']:>12.2f} {row['saved_MB']:>9.1f} "
+              f"{row['state_MB']:>9.1f} {trainable:>10,}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "machine": platform.machine(),
+                               "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
+                               "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Tile configurations for the Triton LoRA-expert kernels: a fixed-config heuristic plus CUDA-only autotune lists.
+
+Legend (used in every file of this package)::
+
+    T tokens, K slots per token, S = T*K slots, E experts, r rank, D = d_in, O = d_out
+    BLOCK_M   slots per tile (forward and backward slot kernels; also sizes the tile map)
+    BLOCK_K   d_in columns per step (shrink x @ A_e^T in the forward, dx = dh @ A_e in the backward)
+    BLOCK_N   d_out columns per step (expand h @ B_e^T in the forward, z = g @ B_e in the backward)
+    BLOCK_R   rank padded to max(16, next_pow2(r)); loads are masked, so padding costs registers only
+    BLOCK_MW  slots per step of the weight-gradient loop (dA, dB)
+    BLOCK_W   d_in / d_out columns owned by one weight-gradient program
+
+Pure Python: importing this file needs neither triton nor a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+MAX_RANK = 128
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division that also works on torch SymInts (no float round trip)."""
+    return (a + b - 1) // b
+
+
+def rank_block(r: int) -> int:
+    """BLOCK_R = max(16, next_pow2(r)): a 16-bit tl.dot needs its reduction dim >= 16 on NVIDIA, and the expand's
+    reduction dim is the rank."""
+    return max(16, next_power_of_2(r))
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Fixed launch parameters of the three kernels (forward, backward slots, backward weights)."""
+
+    block_m: int = 64
+    block_k: int = 64
+    block_n: int = 64
+    block_r: int = 16
+    block_mw: int = 32
+    block_w: int = 64
+    split_fwd: int = 1
+    split_bwd: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in _FIELD_NAMES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{name}={value!r} must be a positive int")
+        for name in ("block_m", "block_k", "block_n", "block_r", "block_mw", "block_w"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value >= 1 and (value & (value - 1) or value < 16):
+                problems.append(f"{name}={value} must be a power of two >= 16 (tl.arange and tl.dot shapes)")
+        if problems:
+            raise ValueError("TileConfig: " + "; ".join(problems))
+
+    def as_list(self) -> list[int]:
+        """Flat int list, the form the torch.library custom ops take (their schema has no dataclasses)."""
+        return [getattr(self, name) for name in _FIELD_NAMES]
+
+    @classmethod
+    def from_list(cls, values: list[int]) -> TileConfig:
+        if len(values) != len(_FIELD_NAMES):
+            raise ValueError(f"TileConfig.from_list: expected {len(_FIELD_NAMES)} ints {_FIELD_NAMES}, got {values}")
+        return cls(**dict(zip(_FIELD_NAMES, (int(v) for v in values))))
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
+
+
+# Field order of TileConfig, computed once (an immutable tuple). The methods use it instead of dataclasses.fields,
+# which torch.compile cannot trace.
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(TileConfig))
+
+
+def block_m_of(tile_config: list[int]) -> int:
+    """BLOCK_M of a ``TileConfig.as_list()`` list, without rebuilding the dataclass."""
+    return int(tile_config[_FIELD_NAMES.index("block_m")])
+
+
+def choose_tile_config(
+    num_slots: int,
+    num_experts: int,
+    rank: int,
+    d_in: int,
+    d_out: int,
+    *,
+    num_sms: int | None = None,
+) -> TileConfig:
+    """Heuristic tile config from host-side shapes only (no device data, so no sync).
+
+    Args:
+        num_slots: S = T*K.
+        num_experts: E.
+        rank: r (1..128).
+        d_in: D.
+        d_out: O.
+        num_sms: streaming multiprocessors of the CUDA device; None (CPU / interpreter) disables N/D splitting,
+            whose only purpose is to fill an under-occupied GPU.
+
+    Rules: BLOCK_M follows the mean rows per expert S/E (16 for decode-like batches, 128 only when experts get
+    >= 512 rows and the rank is small enough that the fp32 h tile [BLOCK_M, BLOCK_R] stays <= 32 KB); BLOCK_R is the
+    padded rank; when the tiles alone leave SMs idle (decode-like batches), the forward splits O to reach about 2
+    programs per SM and the backward splits D to reach about 1 (its splits repeat the z = g B_e product).
+    """
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"rank={rank} is outside 1..{MAX_RANK}")
+    block_r = rank_block(rank)
+    rows_per_expert = num_slots / max(1, num_experts)
+    if rows_per_expert <= 16:
+        block_m = 16
+    elif rows_per_expert <= 32:
+        block_m = 32
+    elif rows_per_expert >= 512 and block_r <= 64:
+        block_m = 128
+    else:
+        block_m = 64
+    # Keep the per-program register footprint of the fp32 h tile and the streamed operand tiles bounded.
+    block_k = 64 if block_r <= 64 else 32
+    block_n = 64 if block_r <= 64 else 32
+    num_warps = 4 if block_m * block_r <= 64 * 64 else 8
+    split_fwd = split_bwd = 1
+    if num_sms is not None:
+        tiles = max(1, cdiv(num_slots, block_m))
+        if tiles < num_sms:  # each forward split re-reads the tile's x rows (D wide): only to fill idle SMs
+            split_fwd = max(1, min(cdiv(2 * num_sms, tiles), cdiv(d_out, block_n)))
+        if tiles < num_sms // 2:  # each backward split re-reads g rows (O wide) to recompute z: split less
+            split_bwd = max(1, min(cdiv(num_sms, tiles), cdiv(d_in, block_k)))
+    return TileConfig(
+        block_m=block_m,
+        block_k=block_k,
+        block_n=block_n,
+        block_r=block_r,
+        block_mw=64 if rows_per_expert >= 64 else 32,
+        block_w=64,
+        split_fwd=split_fwd,
+        split_bwd=split_bwd,
+        num_warps=num_warps,
+        num_stages=3 if num_sms is not None else 1,
+    )
+
+
+def autotune_space_slots(block_r: int) -> list[dict[str, int]]:
+    """Candidate (BLOCK_K, BLOCK_N, num_warps, num_stages) for the forward and backward-slot kernels (CUDA only).
+
+    BLOCK_M is not tuned: it sizes the tile map built before the launch.
+    """
+    space = []
+    for block_k, block_n in ((32, 32), (64, 64), (64, 128), (128, 64)):
+        if block_r >= 128 and max(block_k, block_n) > 64:
+            continue
+        for num_warps, num_stages in ((4, 2), (4, 3), (8, 3)):
+            space.append({"BLOCK_K": block_k, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages})
+    return space
+
+
+def autotune_space_weights(block_r: int) -> list[dict[str, int]]:
+    """Candidate (BLOCK_MW, BLOCK_W, num_warps, num_stages) for the weight-gradient kernel (CUDA only)."""
+    space = []
+    for block_mw, block_w in ((32, 64), (64, 64), (64, 128), (128, 64)):
+        if block_r >= 128 and block_w > 64:
+            continue
+        for num_warps, num_stages in ((4, 2), (4, 3), (8, 3)):
+            space.append({"BLOCK_MW": block_mw, "BLOCK_W": block_w, "num_warps": num_warps, "num_stages": num_stages})
+    return space
