@@ -1,0 +1,170 @@
+"""PNG plots of a report (matplotlib's object API with the Agg canvas: no pyplot, no global backend switch).
+
+    load_heatmap.png     layer x expert load f_e (layers with fewer experts padded blank)
+    cv_entropy.png       per-layer CV of f, and H(P)/log E, mean H(p)/log E, H(f)/log E
+    coactivation.png     grid of per-layer co-activation matrices (share of tokens using both i and j)
+    load_by_task.png     one layer x expert load heatmap per task (only when the data is labelled)
+    compare.png          CV and entropies of two reports per layer (``--compare``)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+DPI = 80
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Drop the dotted prefix every name shares ('model.layers.0.mlp.up_proj' -> '0.mlp.up_proj')."""
+    if len(names) < 2:
+        return [n.rsplit(".", 1)[-1] if n else n for n in names]
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return [".".join(p[common:]) for p in parts]
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _load_matrix(layers: list[dict], key: str = "load", task: str | None = None) -> np.ndarray:
+    """[layers, max E] with NaN where a layer has fewer experts (or no tokens of ``task``)."""
+    E = max(layer["num_experts"] for layer in layers)
+    M = np.full((len(layers), E), np.nan)
+    for i, layer in enumerate(layers):
+        row = layer[key] if task is None else layer["load_by_task"].get(task)
+        if row is not None:
+            M[i, : len(row)] = row
+    return M
+
+
+def _heatmap(ax, M: np.ndarray, ylabels: list[str], title: str, fig: Figure, vmax: float | None = None):
+    im = ax.imshow(M, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+    ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
+    ax.set_xlabel("expert")
+    if M.shape[1] <= 32:
+        ax.set_xticks(range(M.shape[1]))
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="load fraction")
+
+
+def plot_load_heatmap(layers: list[dict], path: Path) -> None:
+    M = _load_matrix(layers)
+    fig = _figure(max(6.0, 0.35 * M.shape[1] + 3), max(3.0, 0.22 * len(layers) + 1.5))
+    _heatmap(fig.add_subplot(), M, short_names([x["name"] for x in layers]),
+             "Expert load f_e per layer (uniform = 1/E)", fig)
+    fig.savefig(path)
+
+
+def plot_cv_entropy(layers: list[dict], path: Path) -> None:
+    names = short_names([x["name"] for x in layers])
+    x = np.arange(len(layers))
+    fig = _figure(max(7.0, 0.28 * len(layers) + 3), 6.0)
+    ax_cv, ax_h = fig.subplots(2, 1, sharex=True)
+    ax_cv.plot(x, [layer["cv"] for layer in layers], marker="o", label="CV of load")
+    ax_cv.plot(x, [math.sqrt(layer["num_experts"] - 1) for layer in layers], ls=":", color="grey",
+               label="collapse (one expert): sqrt(E-1)")
+    ax_cv.set_ylabel("CV = std(f) / mean(f)")
+    ax_cv.set_ylim(bottom=0)
+    ax_cv.legend(fontsize=8)
+    ax_cv.set_title("Load imbalance and routing entropy per layer", fontsize=10)
+    for key, label in (("entropy_mean_dist_norm", "H(mean p) / log E"), ("token_entropy_norm", "mean H(p) / log E"),
+                       ("load_entropy_norm", "H(f) / log E")):
+        ax_h.plot(x, [layer[key] for layer in layers], marker=".", label=label)
+    ax_h.set_ylim(-0.02, 1.02)
+    ax_h.set_ylabel("entropy / log E")
+    ax_h.legend(fontsize=8)
+    ax_h.set_xticks(x, names, rotation=90, fontsize=7)
+    fig.savefig(path)
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = max(1, math.ceil(math.sqrt(n)))
+    return math.ceil(n / cols), cols
+
+
+def plot_coactivation(layers: list[dict], path: Path) -> None:
+    names = short_names([x["name"] for x in layers])
+    rows, cols = _grid(len(layers))
+    fig = _figure(2.4 * cols + 1.2, 2.4 * rows + 0.6)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+    vmax = max(max(max(r) for r in layer["coactivation"]) for layer in layers) or 1.0
+    im = None
+    for ax, layer, name in zip(axes, layers, names):
+        im = ax.imshow(np.array(layer["coactivation"]), cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_title(name, fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in axes[len(layers):]:
+        ax.set_axis_off()
+    fig.suptitle("Co-activation: share of tokens routed to both expert i (row) and j (column)", fontsize=10)
+    fig.colorbar(im, ax=list(axes[: len(layers)]), shrink=0.6, label="share of tokens")
+    fig.savefig(path)
+
+
+def plot_load_by_task(layers: list[dict], tasks: list[str], path: Path) -> None:
+    names = short_names([x["name"] for x in layers])
+    rows, cols = _grid(len(tasks))
+    E = max(layer["num_experts"] for layer in layers)
+    fig = _figure(cols * max(4.0, 0.3 * E + 2.5), rows * max(3.0, 0.2 * len(layers) + 1.5))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).reshape(-1)
+    mats = [_load_matrix(layers, task=task) for task in tasks]
+    vmax = max(float(np.nanmax(M)) if np.isfinite(M).any() else 0.0 for M in mats) or 1.0
+    for ax, task, M in zip(axes, tasks, mats):
+        _heatmap(ax, M, names, f"load on task {task!r}", fig, vmax=vmax)
+    for ax in axes[len(tasks):]:
+        ax.set_axis_off()
+    fig.savefig(path)
+
+
+def plot_comparison(a: dict, b: dict, path: Path, label_a: str = "A", label_b: str = "B") -> None:
+    """CV and normalised entropies per layer for two reports (layers matched by name)."""
+    from .report import compare_rows
+
+    rows = compare_rows(a, b)
+    names = short_names([r["name"] for r in rows])
+    x = np.arange(len(rows))
+    fig = _figure(max(7.0, 0.28 * len(rows) + 3), 6.0)
+    ax_cv, ax_h = fig.subplots(2, 1, sharex=True)
+    for side, label, color in (("a", label_a, "C0"), ("b", label_b, "C1")):
+        def col(key, side=side):
+            return [np.nan if r[side] is None else r[side][key] for r in rows]
+
+        ax_cv.plot(x, col("cv"), marker="o", color=color, label=label)
+        ax_h.plot(x, col("entropy_mean_dist_norm"), marker="o", color=color, label=f"{label}: H(mean p)/log E")
+        ax_h.plot(x, col("token_entropy_norm"), marker="x", ls="--", color=color, label=f"{label}: mean H(p)/log E")
+    ax_cv.set_ylabel("CV of load")
+    ax_cv.set_ylim(bottom=0)
+    ax_cv.legend(fontsize=8)
+    ax_cv.set_title(f"{label_a} vs {label_b}", fontsize=10)
+    ax_h.set_ylabel("entropy / log E")
+    ax_h.set_ylim(-0.02, 1.02)
+    ax_h.legend(fontsize=7)
+    ax_h.set_xticks(x, names, rotation=90, fontsize=7)
+    fig.savefig(path)
+
+
+def write_plots(report: dict, out_dir: Path) -> dict[str, str]:
+    """Write every plot of the report into ``out_dir``; returns {plot key: file name}."""
+    out_dir = Path(out_dir)
+    layers = report["layers"]
+    files = {"load_heatmap": "load_heatmap.png", "cv_entropy": "cv_entropy.png", "coactivation": "coactivation.png"}
+    plot_load_heatmap(layers, out_dir / files["load_heatmap"])
+    plot_cv_entropy(layers, out_dir / files["cv_entropy"])
+    plot_coactivation(layers, out_dir / files["coactivation"])
+    tasks = [t for t in report["labels"] if any(t in layer["load_by_task"] for layer in layers)]
+    if tasks:
+        files["load_by_task"] = "load_by_task.png"
+        plot_load_by_task(layers, tasks, out_dir / files["load_by_task"])
+    return files

@@ -1,0 +1,234 @@
+"""Analyse how the routers of an MoE-LoRA model spread the load over a dataset.
+
+    moe-lora analyze --model tiny-llama --adapter runs/a/adapter --data data.jsonl --out runs/a/analysis
+    moe-lora analyze --model minilm --config configs/method.yaml --data data.jsonl --out out/   (fresh conversion)
+    moe-lora analyze --compare runs/a/analysis/report.json runs/b/analysis/report.json --out runs/compare
+
+The data is JSONL, one object per line with "text" (or "prompt" and "response", joined by a newline) and an
+optional "task" or "label" field for per-task load. Writes report.json (schema: moe_lora/analysis/SCHEMA.md),
+PNG plots and index.html into --out. --compare prints a per-layer table of two reports and, with --out, writes
+compare.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+
+HELP = "router load statistics, plots and an HTML report over a dataset (or --compare two reports)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="built-in model name (tiny-llama, minilm, ...) or a local model directory")
+    parser.add_argument("--adapter", help="saved MoE-LoRA adapter directory (moe_lora.save_adapter output)")
+    parser.add_argument("--config", help="MoELoRAConfig YAML/JSON to convert the model freshly (without --adapter)")
+    parser.add_argument("--data", help="JSONL file: 'text' (or 'prompt' + 'response'), optional 'task'/'label'")
+    parser.add_argument("--out", help="output directory (report.json, *.png, index.html; compare.png)")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="compare two report.json files (or their directories) instead of analysing")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    parser.add_argument("--max-length", type=int, default=256, help="truncate sequences to this many tokens")
+    parser.add_argument("--max-samples", type=int, default=None, help="use only the first N records")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="model dtype (routers always compute in fp32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the built-in tiny models' random weights")
+    parser.add_argument("--no-plots", action="store_true", help="write report.json and index.html only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+def read_jsonl(path: str | Path, max_samples: int | None = None) -> tuple[list[str], list[str | None]]:
+    """(texts, labels) of a JSONL file; labels are None for records without 'task'/'label'."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--data: {path} does not exist")
+    texts: list[str] = []
+    labels: list[str | None] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--data: {path}:{lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"--data: {path}:{lineno} is not a JSON object")
+            if isinstance(obj.get("text"), str):
+                text = obj["text"]
+            elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+                text = obj["prompt"] + "\n" + obj["response"]
+            else:
+                raise ValueError(f"--data: {path}:{lineno} has no string 'text' (nor 'prompt' and 'response')")
+            label = obj.get("task", obj.get("label"))
+            texts.append(text)
+            labels.append(None if label is None else str(label))
+            if max_samples is not None and len(texts) >= max_samples:
+                break
+    if not texts:
+        raise ValueError(f"--data: {path} holds no record")
+    return texts, labels
+
+
+def make_batches(tokenizer, texts: list[str], labels: list[str | None], batch_size: int, max_length: int):
+    """Batches of {"input_ids" [B, S], "attention_mask" [B, S], "labels": B labels}, by decreasing length
+    (less padding; statistics do not depend on the order)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("tokenizer: has neither a pad nor an eos token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+        yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+               "labels": [labels[i] for i in idx]}
+
+
+# ---- model ----------------------------------------------------------------------------------------------------
+def package_function(name: str):
+    """``moe_lora.<name>`` as a function (also when only the submodule ``moe_lora.<name>`` defines it); None if
+    this install has none."""
+    import importlib
+    import types
+
+    import moe_lora
+
+    fn = getattr(moe_lora, name, None)
+    if fn is None:
+        try:
+            fn = importlib.import_module(f"moe_lora.{name}")
+        except ImportError:
+            return None
+    if isinstance(fn, types.ModuleType):
+        fn = getattr(fn, name, None)
+    return fn if callable(fn) else None
+
+
+def read_config(path: str | Path):
+    """MoELoRAConfig from YAML or JSON; a training recipe's ``moe_lora:`` section is used when present."""
+    import yaml
+
+    from moe_lora import MoELoRAConfig
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--config: {path} does not exist")
+    data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    if isinstance(data, dict) and "moe_lora" in data:
+        data = data["moe_lora"]
+    return MoELoRAConfig.from_dict(data or {}, f"MoELoRAConfig in {path}")
+
+
+def load_moe_model(args: argparse.Namespace):
+    """The base model with the adapter loaded (--adapter) or freshly converted (--config)."""
+    import torch
+    from torch import nn
+
+    from moe_lora import zoo
+
+    if not args.adapter and not args.config:
+        raise ValueError("give --adapter DIR (a saved adapter) or --config FILE (convert the model freshly)")
+    if args.adapter and not Path(args.adapter).is_dir():
+        raise FileNotFoundError(f"--adapter: {args.adapter} is not a directory")
+    config = None if args.adapter else read_config(args.config)
+    fn = package_function("load_adapter" if args.adapter else "convert")
+    if fn is None:
+        raise ValueError(f"{'--adapter' if args.adapter else '--config'}: this moe_lora has no "
+                         f"{'load_adapter' if args.adapter else 'convert'}")
+    model = zoo.load_model(args.model, seed=args.seed, dtype=getattr(torch, args.dtype))
+    out = fn(model, args.adapter) if args.adapter else fn(model, config)
+    return out if isinstance(out, nn.Module) else model
+
+
+def forward_kwargs(model) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+# ---- commands -------------------------------------------------------------------------------------------------
+def run_analysis(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from moe_lora import zoo
+    from moe_lora.analysis import RoutingRecorder, build_report, write_report_dir
+
+    for flag in ("model", "data", "out"):
+        if not getattr(args, flag):
+            raise ValueError(f"--{flag} is required (or use --compare A B)")
+    if args.batch_size < 1 or args.max_length < 1:
+        raise ValueError("--batch-size and --max-length must be >= 1")
+    texts, labels = read_jsonl(args.data, args.max_samples)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    model = load_moe_model(args).to(device).eval()
+    tokenizer = zoo.load_tokenizer(args.model)
+    accepted = forward_kwargs(model)
+    extra = {"use_cache": False} if "use_cache" in accepted else {}
+    if "logits_to_keep" in accepted:  # causal LMs: the vocabulary projection of every token is not needed
+        extra["logits_to_keep"] = 1
+    labelled = any(x is not None for x in labels)
+    num_batches = -(-len(texts) // args.batch_size)
+    num_tokens = 0
+    recorder = RoutingRecorder(model)
+    recorder.register_labels(list(dict.fromkeys(x for x in labels if x is not None)))  # data order
+    with torch.no_grad(), recorder:
+        for batch in tqdm(make_batches(tokenizer, texts, labels, args.batch_size, args.max_length),
+                          total=num_batches, desc="analyze", unit="batch", disable=args.no_progress):
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            recorder.set_labels(batch["labels"] if labelled else None)
+            recorder.set_attention_mask(attention_mask)
+            model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            num_tokens += int(batch["attention_mask"].sum())
+    metrics = recorder.metrics()
+    if not metrics:
+        raise ValueError("no routed layer saw a token: does the model run its MoE-LoRA layers on this input?")
+    report = build_report(
+        list(metrics.values()), model=args.model, adapter=args.adapter, data=str(args.data),
+        num_sequences=len(texts), num_tokens=num_tokens, labels=recorder.label_names,
+        layers_without_tokens=[n for n in recorder.modules if n not in metrics],
+    )
+    paths = write_report_dir(report, args.out, plots=not args.no_plots)
+    s = report["summary"]
+    print(f"analysed {len(texts)} sequences, {num_tokens} tokens, {s['num_layers']} routed layers")
+    print(f"mean load CV {s['mean_cv']:.4f} (max {s['max_cv']:.4f} in {s['max_cv_layer']}), "
+          f"dead experts {s['total_dead_experts']} in {s['layers_with_dead_experts']} layers, "
+          f"mean H(P)/log E {s['mean_entropy_mean_dist_norm']:.4f}")
+    print(f"report: {paths['report']}\npage:   {paths['index']}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from moe_lora.analysis import compare_rows, format_comparison, read_report
+    from moe_lora.analysis.plots import plot_comparison
+
+    path_a, path_b = args.compare
+    a, b = read_report(path_a), read_report(path_b)
+    print(f"A: {path_a} (model {a['model']}, adapter {a['adapter']}, {a['num_tokens']} tokens)")
+    print(f"B: {path_b} (model {b['model']}, adapter {b['adapter']}, {b['num_tokens']} tokens)")
+    print(format_comparison(compare_rows(a, b)))
+    for key, title in (("mean_cv", "mean CV"), ("total_dead_experts", "dead experts"),
+                       ("mean_entropy_mean_dist_norm", "mean H(P)/log E"),
+                       ("mean_token_entropy_norm", "mean H(p)/log E")):
+        va, vb = a["summary"][key], b["summary"][key]
+        fmt = (lambda v: str(v)) if isinstance(va, int) and isinstance(vb, int) else (lambda v: f"{v:.4f}")
+        print(f"{title:<18} A {fmt(va):>10}   B {fmt(vb):>10}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_comparison(a, b, out / "compare.png")
+        print(f"plot: {out / 'compare.png'}")
+    else:
+        print("(pass --out DIR to also write the comparison plot compare.png)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.compare:
+        return run_compare(args)
+    return run_analysis(args)
