@@ -2,8 +2,11 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .adapter_io import MoELoRAModel, load_adapter, save_adapter
 from .config import MoELoRAConfig
+from .convert import convert, load_config, plan
 from .errors import ConfigError
+from .interop import experts_from_peft, fixed_routing, merge_fixed_routing, upcycle_lora
 from .layer import MoELoRALinear
 from .routing import Routing, iter_routed_modules
 
@@ -12,4 +15,21 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["ConfigError", "MoELoRAConfig", "MoELoRALinear", "Routing", "__version__", "iter_routed_modules"]
+__all__ = [
+    "ConfigError",
+    "MoELoRAConfig",
+    "MoELoRALinear",
+    "MoELoRAModel",
+    "Routing",
+    "__version__",
+    "convert",
+    "experts_from_peft",
+    "fixed_routing",
+    "iter_routed_modules",
+    "load_adapter",
+    "load_config",
+    "merge_fixed_routing",
+    "plan",
+    "save_adapter",
+    "upcycle_lora",
+]

@@ -49,6 +49,23 @@ def expert_generator(init_seed: int, expert: int) -> torch.Generator:
     return torch.Generator().manual_seed((int(init_seed) * 1_000_003 + 7919 * (expert + 1)) % (2**63 - 1))
 
 
+def init_lora_A_(lora_A_ERD: torch.Tensor, init_lora_weights: str, init_seed: int | None) -> None:
+    """Per-global-expert init of lora_A [E, r, D] in place: kaiming-uniform with a=sqrt(5) on fan_in D (PEFT's
+    default, i.e. U(-1/sqrt(D), 1/sqrt(D))) or N(0, 1/r); expert e draws from expert_generator(init_seed, e), so
+    any sharding of the experts reproduces the same weights (None: the global RNG)."""
+    E, r, D = lora_A_ERD.shape
+    with torch.no_grad():
+        for e in range(E):
+            gen = None if init_seed is None else expert_generator(init_seed, e)
+            a_RD = torch.empty(r, D)
+            if init_lora_weights == "gaussian":
+                a_RD.normal_(0.0, 1.0 / r, generator=gen)
+            else:
+                bound = 1.0 / math.sqrt(D)
+                a_RD.uniform_(-bound, bound, generator=gen)
+            lora_A_ERD[e].copy_(a_RD)
+
+
 class MoELoRALinear(nn.Module):
     """Mixture of LoRA experts on top of a frozen linear layer.
 
@@ -170,17 +187,9 @@ class MoELoRALinear(nn.Module):
 
     # ---- init ---------------------------------------------------------------------------------------------
     def reset_parameters(self, init_seed: int | None = None) -> None:
-        """lora_A per global expert (kaiming-uniform a=sqrt(5) like PEFT, or N(0, 1/r)); lora_B = 0; router."""
+        """lora_A per global expert (init_lora_A_); lora_B = 0; the router from its own seeded generator."""
+        init_lora_A_(self.lora_A, self.init_lora_weights, init_seed)
         with torch.no_grad():
-            for e in range(self.num_experts):
-                gen = None if init_seed is None else expert_generator(init_seed, e)
-                a = torch.empty(self.rank, self.in_features)
-                if self.init_lora_weights == "gaussian":
-                    a.normal_(0.0, 1.0 / self.rank, generator=gen)
-                else:
-                    bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on fan_in
-                    a.uniform_(-bound, bound, generator=gen)
-                self.lora_A[e].copy_(a)
             self.lora_B.zero_()
             gen = None if init_seed is None else expert_generator(init_seed, -1)
             self.router.to("cpu")
@@ -203,34 +212,27 @@ class MoELoRALinear(nn.Module):
         )
         self.last_routing = routing.detach()
         if self.training and torch.is_grad_enabled():
-            self.last_aux_terms = self.aux_terms(routing, xd_TD)
-            self.last_aux_loss = sum(self.coefs[k] * v for k, v in self.last_aux_terms.items())
+            outputs = self.expert_outputs(routing, xd_TD) if self.wants_expert_outputs() else None
+            self.last_aux_terms = losses.aux_terms(
+                routing, expert_outputs=outputs, contrastive_temperature=self.contrastive_temperature
+            )
+            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
         else:
             self.last_aux_terms = self.last_aux_loss = None
         return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
-    def aux_terms(self, routing: Routing, x_TD: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Unweighted auxiliary losses of this forward (see moe_lora.losses for the formulas)."""
-        terms = {
-            "load_balance": losses.load_balance_loss(routing),
-            "z_loss": losses.z_loss(routing),
-            "cv": losses.importance_cv2_loss(routing),
-        }
-        if getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0:
-            terms["contrastive"] = self.contrastive_term(routing, x_TD)
-        return terms
+    def wants_expert_outputs(self) -> bool:
+        """The contrastive loss needs every routed pair's expert output (and only when it is switched on)."""
+        return getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0
 
-    def contrastive_term(self, routing: Routing, x_TD: torch.Tensor) -> torch.Tensor:
-        """Per-pair expert outputs u = s B_e A_e x for the routed pairs, then losses.contrastive_loss."""
+    def expert_outputs(self, routing: Routing, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u_SO, ids_S): u = s B_e A_e x for every (token, slot) pair, as the contrastive loss takes them."""
         T, K = routing.expert_ids_TK.shape
         ids_S = routing.expert_ids_TK.reshape(-1)
         x_SD = x_TD.repeat_interleave(K, dim=0)
         ones_S1 = routing.weights_TK.new_ones(T * K, 1)
         u_SO = lora_experts(x_SD, self.lora_A, self.lora_B, ids_S[:, None], ones_S1, self.scaling, self.backend)
-        keep_S = (routing.weights_TK > 0).reshape(-1)
-        if routing.token_mask_T is not None:
-            keep_S = keep_S & routing.token_mask_T.repeat_interleave(K)
-        return losses.contrastive_loss(u_SO, ids_S, self.num_experts, self.contrastive_temperature, keep_S)
+        return u_SO, ids_S
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "

@@ -79,6 +79,8 @@ def contrastive_loss(
         c_e  = mean of u^_s over the pairs routed to e         (expert e's prototype, this batch)
         L    = mean over pairs of  -log softmax_{e' present}( cos(u^_s, c_e') / tau )[e_s]
 
+    Pairs whose output is exactly zero (an expert whose lora_B is still zero) carry no direction: they get zero
+    weight, so their expert drops out instead of receiving the 1/eps gradient of normalising a zero vector.
     Experts that got no pair this batch have no prototype and drop out of the softmax. The loss pulls each
     output towards its own expert's prototype and away from the others: experts learn different features.
     Where this follows or differs from the paper: the paper treats outputs of the same expert as positives and
@@ -96,8 +98,11 @@ def contrastive_loss(
     S = u_SO.shape[0]
     if S == 0:
         return u_SO.sum() * 0.0
-    u_hat = F.normalize(u_SO.float(), dim=-1, eps=1e-12)
-    m_S = u_hat.new_ones(S) if pair_weight_S is None else pair_weight_S.to(u_hat.dtype)
+    u = u_SO.float()
+    sq_S = u.square().sum(-1)
+    m_S = u.new_ones(S) if pair_weight_S is None else pair_weight_S.to(u.dtype)
+    m_S = m_S * (sq_S > 0)
+    u_hat = u * torch.rsqrt(torch.where(sq_S > 0, sq_S, torch.ones_like(sq_S)))[:, None]
     sums_EO = u_hat.new_zeros(num_experts, u_hat.shape[1]).index_add_(0, expert_ids_S, u_hat * m_S[:, None])
     counts_E = u_hat.new_zeros(num_experts).index_add_(0, expert_ids_S, m_S)
     present_E = counts_E > 0
@@ -108,6 +113,35 @@ def contrastive_loss(
     ce_S = torch.where(m_S > 0, ce_S, ce_S.new_zeros(()))  # an ignored pair of an absent expert is inf
     loss = (ce_S * m_S).sum() / m_S.sum().clamp_min(1.0)
     return torch.where(present_E.sum() >= 2, loss, loss * 0.0)
+
+
+def aux_terms(
+    routing: Routing,
+    *,
+    expert_outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    contrastive_temperature: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """The unweighted auxiliary losses of one routed module's forward, by name: load_balance, z_loss, cv, and
+    contrastive when ``expert_outputs`` = (u_SO [T*K, O], expert_ids_S [T*K]) of every (token, slot) pair is
+    given. Pairs with zero routing weight and padding tokens are left out of the contrastive loss."""
+    terms = {
+        "load_balance": load_balance_loss(routing),
+        "z_loss": z_loss(routing),
+        "cv": importance_cv2_loss(routing),
+    }
+    if expert_outputs is not None:
+        u_SO, ids_S = expert_outputs
+        K = routing.expert_ids_TK.shape[1]
+        keep_S = (routing.weights_TK > 0).reshape(-1)
+        if routing.token_mask_T is not None:
+            keep_S = keep_S & routing.token_mask_T.repeat_interleave(K)
+        terms["contrastive"] = contrastive_loss(u_SO, ids_S, routing.num_experts, contrastive_temperature, keep_S)
+    return terms
+
+
+def weighted_sum(terms: dict[str, torch.Tensor], coefs: dict[str, float]) -> torch.Tensor:
+    """sum_name coefs[name] * terms[name] (a missing coefficient counts as 0)."""
+    return sum(coefs.get(name, 0.0) * value for name, value in terms.items())
 
 
 def entropy_nats(p: torch.Tensor, dim: int = -1) -> torch.Tensor:

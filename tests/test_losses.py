@@ -102,3 +102,14 @@ def test_contrastive_gradient_separates_experts():
     with torch.no_grad():
         u2 = u - 0.5 * u.grad
     assert contrastive_loss(u2, ids, 3, 0.1) < loss
+
+
+def test_contrastive_zero_outputs_get_zero_weight_and_finite_gradients():
+    """An expert whose lora_B is still zero outputs exactly 0: it must drop out, not get a 1/eps gradient."""
+    u = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0], [0.0, 0.0], [0.1, 1.0]], requires_grad=True)
+    ids = torch.tensor([0, 0, 1, 1, 2])
+    loss = contrastive_loss(u, ids, 3, 0.1)
+    loss.backward()
+    assert torch.isfinite(u.grad).all() and u.grad[2:4].abs().sum() == 0
+    expect = contrastive_loss(u[[0, 1, 4]].detach(), torch.tensor([0, 0, 2]), 3, 0.1)
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-6)

@@ -151,3 +151,11 @@ def test_bad_router_arguments():
         ThresholdRouter(4, 3, threshold_max=1.5)
     with pytest.raises(ValueError, match="capacity_factor"):
         ExpertChoiceRouter(4, 3, capacity_factor=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_routers_compute_in_fp32_after_a_dtype_cast(dtype):
+    for name in ("topk", "threshold"):
+        r = build_router(name, 8, 4, top_k=2).to(dtype)
+        out = r(torch.randn(5, 8, dtype=dtype))
+        assert out.probs_TE.dtype == torch.float32 and torch.isfinite(out.weights_TK).all()

@@ -13,6 +13,7 @@ sigmoid < 1, the largest p is strictly above tau, so at least one expert always 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Router, all_expert_ids
@@ -41,7 +42,8 @@ class ThresholdRouter(Router):
 
     def select(self, probs_TE, x_TD, token_mask_T):
         T, E = probs_TE.shape
-        tau_T1 = self.threshold_max * torch.sigmoid(self.threshold(x_TD.float()))
+        w_1D, b_1 = self.threshold.weight.float(), self.threshold.bias.float()  # fp32 even after model.to(bf16)
+        tau_T1 = self.threshold_max * torch.sigmoid(F.linear(x_TD.float(), w_1D, b_1))
         shifted_TE = probs_TE - tau_T1
         active_TE = shifted_TE >= 0
         kept_TE = shifted_TE * active_TE

@@ -1,0 +1,146 @@
+"""Model-level plumbing of a converted model: padding-aware routing in, auxiliary loss out.
+
+Two hooks on the top-level model (never a patched ``forward``, never module-global state):
+
+* forward pre-hook: reads ``attention_mask`` (keyword or positional) and sets every routed module's
+  ``token_mask`` to the mask of the tokens of this forward, [T] bool with T = batch * new tokens. With a KV
+  cache the mask covers past + new positions, so the last L columns (L = input length) are used. Routed
+  modules ignore a mask whose numel differs from their token count. It also clears each module's
+  ``last_aux_loss`` so that a module that does not run cannot contribute a stale value.
+* forward hook (always called, also on error): clears the masks and sets
+
+      aux_loss = mean over routed modules m that recorded one of m.last_aux_loss      (0 when none)
+
+  on the output (``output.aux_loss``; ``output.moe_lora_aux_loss`` instead when the base model already returns
+  its own aux_loss, e.g. Mixtral) and, when the output has a loss (labels given), ``loss <- loss + aux_loss``,
+  as Mixtral does in transformers. ``last_aux_loss`` is already coefficient-weighted by each layer.
+
+Layers overwrite their ``last_aux_loss`` in every forward and the hook reads it once per model forward, so the
+recomputation of activation checkpointing (which happens during backward, after the hook) cannot count a loss
+twice. Reentrant checkpointing runs the forward under no_grad, where layers record no loss: the hook warns.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from functools import partial
+
+import torch
+from torch import nn
+
+from .routing import iter_routed_modules
+
+ROUTED_ATTR = "_moe_lora_routed_modules"
+
+
+def _argument(names: tuple[str, ...], args: tuple, kwargs: dict, key: str):
+    """The value of forward argument ``key``, given by keyword or by position; None when absent."""
+    if key in kwargs:
+        return kwargs[key]
+    if key in names:
+        i = names.index(key)
+        if i < len(args):
+            return args[i]
+    return None
+
+
+def token_mask_from_inputs(names: tuple[str, ...], args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """[T] bool mask of the real tokens of this forward from a 2-D attention_mask [B, past + L]; None if unknown."""
+    mask = _argument(names, args, kwargs, "attention_mask")
+    ids = _argument(names, args, kwargs, "input_ids")
+    if ids is None:
+        ids = _argument(names, args, kwargs, "inputs_embeds")
+    if not (torch.is_tensor(mask) and mask.dim() == 2 and torch.is_tensor(ids) and ids.dim() >= 2):
+        return None
+    L = ids.shape[1]
+    if mask.shape[0] != ids.shape[0] or mask.shape[1] < L:
+        return None
+    return mask[:, mask.shape[1] - L:].reshape(-1).bool()
+
+
+def routed_modules(model: nn.Module) -> tuple[nn.Module, ...]:
+    return getattr(model, ROUTED_ATTR, ())
+
+
+def _pre_hook(names: tuple[str, ...], model: nn.Module, args: tuple, kwargs: dict):
+    mask_T = token_mask_from_inputs(names, args, kwargs)
+    for m in routed_modules(model):
+        m.token_mask = mask_T
+        m.last_aux_loss = None
+        m.last_aux_terms = None
+    return None
+
+
+def aux_loss_of(model: nn.Module, device: torch.device | None = None) -> torch.Tensor:
+    """Mean of the routed modules' last_aux_loss (those that recorded one); a zero scalar when none did."""
+    values = [m.last_aux_loss for m in routed_modules(model) if m.last_aux_loss is not None]
+    if not values:
+        return torch.zeros((), device=device)
+    device = values[0].device if device is None else device
+    return torch.stack([v.float().to(device) for v in values]).mean()
+
+
+def _first_device(output) -> torch.device | None:
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else (output,)
+    for v in values:
+        if torch.is_tensor(v):
+            return v.device
+    return None
+
+
+def _post_hook(names: tuple[str, ...], model: nn.Module, args: tuple, kwargs: dict, output):
+    routed = routed_modules(model)
+    for m in routed:
+        m.token_mask = None
+    aux = aux_loss_of(model, _first_device(output))
+    if routed and model.training and torch.is_grad_enabled() and all(m.last_aux_loss is None for m in routed):
+        warnings.warn(
+            "moe-lora: the model is training but no MoE layer recorded an auxiliary loss; with gradient "
+            "checkpointing use use_reentrant=False (reentrant checkpointing runs the forward under no_grad)",
+            stacklevel=2,
+        )
+    if isinstance(output, dict):  # transformers ModelOutput
+        key = "moe_lora_aux_loss" if output.get("aux_loss") is not None else "aux_loss"
+        output[key] = aux
+        loss = output.get("loss")
+        if loss is not None:
+            output["loss"] = loss + aux.to(loss.dtype)
+        return output
+    labels = _argument(names, args, kwargs, "labels")
+    if isinstance(output, tuple) and labels is not None and output and torch.is_tensor(output[0]) \
+            and output[0].dim() == 0:
+        return (output[0] + aux.to(output[0].dtype), *output[1:])
+    return output
+
+
+def attach_model_hooks(model: nn.Module) -> None:
+    """Register the two hooks on ``model`` (replacing earlier ones) and remember its routed modules."""
+    detach_model_hooks(model)
+    names = tuple(inspect.signature(model.forward).parameters)
+    setattr(model, ROUTED_ATTR, tuple(m for _, m in iter_routed_modules(model)))
+    model.register_forward_pre_hook(partial(_pre_hook, names), with_kwargs=True)
+    model.register_forward_hook(partial(_post_hook, names), with_kwargs=True, always_call=True)
+
+
+def has_model_hooks(model: nn.Module) -> bool:
+    return any(_is_ours(h) for h in (*model._forward_pre_hooks.values(), *model._forward_hooks.values()))
+
+
+def _is_ours(hook) -> bool:
+    return isinstance(hook, partial) and hook.func in (_pre_hook, _post_hook)
+
+
+def detach_model_hooks(model: nn.Module) -> None:
+    """Remove the hooks (no-op when none) and forget the routed modules.
+
+    Hooks are found by identity in the model's own hook dicts rather than through saved handles: a deep copy
+    of the model copies the dicts but its handles would still point at the original's."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, h in hooks.items() if _is_ours(h)]:
+            del hooks[key]
+            for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_with_kwargs,
+                          model._forward_hooks_always_called):
+                extra.pop(key, None)
+    if ROUTED_ATTR in model.__dict__:
+        delattr(model, ROUTED_ATTR)
