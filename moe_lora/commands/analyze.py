@@ -150,12 +150,61 @@ def forward_kwargs(model) -> set[str]:
 
 
 # ---- commands -------------------------------------------------------------------------------------------------
-def run_analysis(args: argparse.Namespace) -> int:
+def analyse(model, tokenizer, texts: list[str], labels: list[str | None], *, batch_size: int = 8,
+            max_length: int = 256, model_name: str = "", adapter: str | None = None, data: str | None = None,
+            progress: bool = True) -> dict:
+    """Run ``model`` (already converted or with its adapter loaded) over ``texts`` with no grad, recording every
+    routed layer, and return the report (schema: moe_lora/analysis/SCHEMA.md). ``labels`` (one per text, or
+    None) give the per-task load."""
     import torch
     from tqdm.auto import tqdm
 
+    from moe_lora.analysis import RoutingRecorder, build_report
+
+    device = next(model.parameters()).device
+    accepted = forward_kwargs(model)
+    extra = {"use_cache": False} if "use_cache" in accepted else {}
+    if "logits_to_keep" in accepted:  # causal LMs: the vocabulary projection of every token is not needed
+        extra["logits_to_keep"] = 1
+    labelled = any(x is not None for x in labels)
+    num_batches = -(-len(texts) // batch_size)
+    num_tokens = 0
+    recorder = RoutingRecorder(model)
+    recorder.register_labels(list(dict.fromkeys(x for x in labels if x is not None)))  # data order
+    with torch.no_grad(), recorder:
+        for batch in tqdm(make_batches(tokenizer, texts, labels, batch_size, max_length),
+                          total=num_batches, desc="analyze", unit="batch", disable=not progress):
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            recorder.set_labels(batch["labels"] if labelled else None)
+            recorder.set_attention_mask(attention_mask)
+            model(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            num_tokens += int(batch["attention_mask"].sum())
+    metrics = recorder.metrics()
+    if not metrics:
+        raise ValueError("no routed layer saw a token: does the model run its MoE-LoRA layers on this input?")
+    return build_report(
+        list(metrics.values()), model=model_name, adapter=adapter, data=data,
+        num_sequences=len(texts), num_tokens=num_tokens, labels=recorder.label_names,
+        layers_without_tokens=[n for n in recorder.modules if n not in metrics],
+    )
+
+
+def print_summary(report: dict, paths: dict) -> None:
+    s = report["summary"]
+    print(f"analysed {report['num_sequences']} sequences, {report['num_tokens']} tokens, "
+          f"{s['num_layers']} routed layers")
+    print(f"mean load CV {s['mean_cv']:.4f} (max {s['max_cv']:.4f} in {s['max_cv_layer']}), "
+          f"dead experts {s['total_dead_experts']} in {s['layers_with_dead_experts']} layers, "
+          f"mean H(P)/log E {s['mean_entropy_mean_dist_norm']:.4f}")
+    print(f"report: {paths['report']}\npage:   {paths['index']}")
+
+
+def run_analysis(args: argparse.Namespace) -> int:
+    import torch
+
     from moe_lora import zoo
-    from moe_lora.analysis import RoutingRecorder, build_report, write_report_dir
+    from moe_lora.analysis import write_report_dir
 
     for flag in ("model", "data", "out"):
         if not getattr(args, flag):
@@ -166,40 +215,11 @@ def run_analysis(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     model = load_moe_model(args).to(device).eval()
-    tokenizer = zoo.load_tokenizer(args.model)
-    accepted = forward_kwargs(model)
-    extra = {"use_cache": False} if "use_cache" in accepted else {}
-    if "logits_to_keep" in accepted:  # causal LMs: the vocabulary projection of every token is not needed
-        extra["logits_to_keep"] = 1
-    labelled = any(x is not None for x in labels)
-    num_batches = -(-len(texts) // args.batch_size)
-    num_tokens = 0
-    recorder = RoutingRecorder(model)
-    recorder.register_labels(list(dict.fromkeys(x for x in labels if x is not None)))  # data order
-    with torch.no_grad(), recorder:
-        for batch in tqdm(make_batches(tokenizer, texts, labels, args.batch_size, args.max_length),
-                          total=num_batches, desc="analyze", unit="batch", disable=args.no_progress):
-            input_ids = batch["input_ids"].to(device)
-            attention_mask = batch["attention_mask"].to(device)
-            recorder.set_labels(batch["labels"] if labelled else None)
-            recorder.set_attention_mask(attention_mask)
-            model(input_ids=input_ids, attention_mask=attention_mask, **extra)
-            num_tokens += int(batch["attention_mask"].sum())
-    metrics = recorder.metrics()
-    if not metrics:
-        raise ValueError("no routed layer saw a token: does the model run its MoE-LoRA layers on this input?")
-    report = build_report(
-        list(metrics.values()), model=args.model, adapter=args.adapter, data=str(args.data),
-        num_sequences=len(texts), num_tokens=num_tokens, labels=recorder.label_names,
-        layers_without_tokens=[n for n in recorder.modules if n not in metrics],
-    )
+    report = analyse(model, zoo.load_tokenizer(args.model), texts, labels, batch_size=args.batch_size,
+                     max_length=args.max_length, model_name=args.model, adapter=args.adapter,
+                     data=str(args.data), progress=not args.no_progress)
     paths = write_report_dir(report, args.out, plots=not args.no_plots)
-    s = report["summary"]
-    print(f"analysed {len(texts)} sequences, {num_tokens} tokens, {s['num_layers']} routed layers")
-    print(f"mean load CV {s['mean_cv']:.4f} (max {s['max_cv']:.4f} in {s['max_cv_layer']}), "
-          f"dead experts {s['total_dead_experts']} in {s['layers_with_dead_experts']} layers, "
-          f"mean H(P)/log E {s['mean_entropy_mean_dist_norm']:.4f}")
-    print(f"report: {paths['report']}\npage:   {paths['index']}")
+    print_summary(report, paths)
     return 0
 
 
