@@ -130,13 +130,18 @@ def aux_terms(
         "cv": importance_cv2_loss(routing),
     }
     if expert_outputs is not None:
-        u_SO, ids_S = expert_outputs
-        K = routing.expert_ids_TK.shape[1]
-        keep_S = (routing.weights_TK > 0).reshape(-1)
-        if routing.token_mask_T is not None:
-            keep_S = keep_S & routing.token_mask_T.repeat_interleave(K)
-        terms["contrastive"] = contrastive_loss(u_SO, ids_S, routing.num_experts, contrastive_temperature, keep_S)
+        terms["contrastive"] = slot_contrastive_loss(routing, *expert_outputs, contrastive_temperature)
     return terms
+
+
+def slot_contrastive_loss(routing: Routing, u_SO: torch.Tensor, ids_S: torch.Tensor, temperature: float):
+    """contrastive_loss over the T*K (token, slot) pairs of ``routing`` (u_SO, ids_S in slot order), leaving out
+    slots with zero routing weight and padding tokens."""
+    K = routing.expert_ids_TK.shape[1]
+    keep_S = (routing.weights_TK > 0).reshape(-1)
+    if routing.token_mask_T is not None:
+        keep_S = keep_S & routing.token_mask_T.repeat_interleave(K)
+    return contrastive_loss(u_SO, ids_S, routing.num_experts, temperature, keep_S)
 
 
 def weighted_sum(terms: dict[str, torch.Tensor], coefs: dict[str, float]) -> torch.Tensor:

@@ -1,0 +1,67 @@
+"""The commit protocol's reading side: only complete tags count, whatever a killed run left behind."""
+
+from __future__ import annotations
+
+import json
+
+from moe_lora.training.checkpoint import MANIFEST, complete_tags, is_complete, newest_complete, prune, tag_name
+
+
+def make_tag(root, step, *, manifest=True, files=None):
+    d = root / tag_name(step)
+    d.mkdir(parents=True)
+    files = files or {"mp_rank_00_model_states.pt": b"x" * 10, "layer_0_expert_0_mp_rank_00_model_states.pt": b"y"}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    if manifest:
+        (d / MANIFEST).write_text(json.dumps({"step": step, "files": {k: len(v) for k, v in files.items()}}))
+    return d
+
+
+def test_incomplete_checkpoints_are_never_taken(tmp_path):
+    make_tag(tmp_path, 4)
+    assert newest_complete(tmp_path).name == "step00000004"
+    make_tag(tmp_path, 8, manifest=False)  # killed before the manifest
+    truncated = make_tag(tmp_path, 12)
+    (truncated / "mp_rank_00_model_states.pt").write_bytes(b"x")  # a file cut short after the manifest
+    missing = make_tag(tmp_path, 16)
+    (missing / "layer_0_expert_0_mp_rank_00_model_states.pt").unlink()  # a deletion cut short
+    (tmp_path / ".tmp-step00000020").mkdir()  # an interrupted save
+    (tmp_path / "latest").write_text("step00000016")  # a pointer to something incomplete is not trusted
+    assert not any(is_complete(tmp_path / tag_name(s)) for s in (8, 12, 16))
+    assert [s for s, _ in complete_tags(tmp_path)] == [4]
+    assert newest_complete(tmp_path).name == "step00000004"
+
+
+def test_newest_complete_tag_wins_over_a_stale_latest(tmp_path):
+    make_tag(tmp_path, 4)
+    make_tag(tmp_path, 8)  # committed (renamed) but the run died before it replaced 'latest'
+    (tmp_path / "latest").write_text("step00000004")
+    assert newest_complete(tmp_path).name == "step00000008"
+    assert newest_complete(tmp_path / "nothing") is None
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for s in (4, 8, 12):
+        make_tag(tmp_path, s)
+    prune(tmp_path, keep=2)
+    assert [s for s, _ in complete_tags(tmp_path)] == [8, 12]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000008", "step00000012"]
+
+
+def test_resume_reports_what_changed_since_the_checkpoint(tmp_path):
+    import torch
+    from training_testutils import tiny_recipe
+
+    from moe_lora.training.distributed import DistInfo
+    from moe_lora.training.recipe import load_recipe
+    from moe_lora.training.trainer import Trainer
+
+    saved = load_recipe(tiny_recipe(tmp_path)).to_dict()
+    now = load_recipe(tiny_recipe(tmp_path, optimizer={"lr": 3e-3, "max_grad_norm": 0.0},
+                                  logging={"log_every": 5}))
+    trainer = Trainer(now, DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")))
+    assert trainer.resume_differences({"num_sequences": 400, "recipe": saved}, 400) == [
+        "optimizer.lr: 0.01 in the checkpoint, 0.003 now (this run's value is used)"]
+    assert trainer.resume_differences({"num_sequences": 300, "recipe": saved}, 400)[0].startswith(
+        "data: 300 sequences when the checkpoint was written, 400 now")

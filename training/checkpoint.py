@@ -1,0 +1,233 @@
+"""Crash-safe checkpoints: a DeepSpeed checkpoint per tag, committed atomically, verified on resume.
+
+Layout of ``<output_dir>/checkpoints``::
+
+    step00000040/                        one complete checkpoint (a DeepSpeed tag directory)
+        mp_rank_00_model_states.pt       dense trainable state (routers, modules_to_save) + DeepSpeed metadata
+        layer_{L}_expert_{e}_mp_rank_00_model_states.pt   one file per global expert e of MoE layer L
+        zero_pp_rank_{r}_mp_rank_00_optim_states.pt       (ZeRO 1/2) or expp_rank_{r}_... (stage 0): optimizer
+        rng_rank{r}.pt                   torch / python / numpy RNG states of rank r
+        trainer_state.json               step, topology, recipe, last metrics
+        adapter/                         all experts in moe_lora.save_adapter format (no DeepSpeed needed)
+        COMPLETE.json                    manifest: every file above with its size; written last
+    latest                               name of the newest committed tag (DeepSpeed's pointer file)
+
+Commit protocol (``save``): every rank writes into ``.tmp-step00000040``; a barrier; rank 0 fsyncs every file,
+writes the manifest, renames the directory to ``step00000040`` and replaces ``latest`` (write + rename); a
+barrier. A process killed at any point leaves either a ``.tmp-*`` directory, which is never read and is removed
+at the next start, or a complete tag. ``newest_complete`` takes the newest tag whose manifest lists files that
+all exist with their recorded sizes, so a partly written or partly deleted checkpoint is never resumed from.
+The frozen base weights are not saved (``exclude_frozen_parameters``): they come from the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+MANIFEST = "COMPLETE.json"
+STATE = "trainer_state.json"
+LATEST = "latest"
+TAG_RE = re.compile(r"^step(\d{8})$")
+
+
+def tag_name(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+# ---- RNG ----------------------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- verification -------------------------------------------------------------------------------------------
+def is_complete(tag_dir: Path) -> bool:
+    """True when ``tag_dir`` has a manifest and every file it lists exists with its recorded size."""
+    try:
+        manifest = json.loads((tag_dir / MANIFEST).read_text())
+        files = manifest["files"]
+        return bool(files) and all((tag_dir / rel).stat().st_size == size for rel, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def complete_tags(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete tag under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = TAG_RE.match(d.name)
+        if m and d.is_dir() and is_complete(d):
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def newest_complete(root: Path) -> Path | None:
+    """The newest complete tag, or None. It is never older than the one ``latest`` names (``latest`` is replaced
+    after the rename that commits a tag), and newer when a run died between the rename and that replacement."""
+    tags = complete_tags(root)
+    return tags[-1][1] if tags else None
+
+
+def resolve_init_from(path: Path) -> Path:
+    """A tag directory given directly, or the newest complete tag of a checkpoints directory."""
+    if (path / MANIFEST).exists():
+        if not is_complete(path):
+            raise ValueError(f"checkpoint.init_from: {path} is an incomplete checkpoint (files missing or truncated)")
+        return path
+    tag = newest_complete(path)
+    if tag is None:
+        raise ValueError(f"checkpoint.init_from: {path} holds no complete checkpoint")
+    return tag
+
+
+def read_state(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / STATE).read_text())
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+def clean_stale(root: Path, rank: int) -> None:
+    """Rank 0 removes temporary directories of interrupted saves and deletions; all ranks wait."""
+    if rank == 0 and root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and (d.name.startswith(".tmp-") or d.name.startswith(".del-")):
+                shutil.rmtree(d, ignore_errors=True)
+    dist.barrier()
+
+
+def save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, export_fn=None) -> Path:
+    """Write and commit checkpoint ``step`` (collective: every rank calls it). Returns the committed tag dir.
+
+    ``export_fn(dir)`` (collective) writes extra content into the temporary directory before the commit,
+    e.g. the gathered adapter.
+    """
+    name = tag_name(step)
+    tmp_name = f".tmp-{name}"
+    tmp = root / tmp_name
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp_name, client_state={"trainer_state": state}, save_latest=False,
+                           exclude_frozen_parameters=True)
+    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+    if export_fn is not None:
+        export_fn(tmp / "adapter")
+    dist.barrier()
+    final = root / name
+    if rank == 0:
+        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        files = {}
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                _fsync(f)
+                files[str(f.relative_to(tmp))] = f.stat().st_size
+        for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}):
+            _fsync(d)
+        _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "tag": name, "files": files}, indent=2) + "\n")
+        if final.exists():  # a tag of the same step from a run that was resumed from an older checkpoint
+            aside = root / f".del-{name}"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(root)
+        _write_atomic(root / LATEST, name)
+        prune(root, keep)
+    dist.barrier()
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete tags (renamed to ``.del-*`` first, so a deletion cut short
+    never leaves a tag directory that looks like a checkpoint)."""
+    for _, d in complete_tags(root)[:-keep]:
+        aside = root / f".del-{d.name}"
+        os.replace(d, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---- loading into the DeepSpeed engine ----------------------------------------------------------------------
+def strict_trainable_loader(src: dict, dst: torch.nn.Module) -> None:
+    """custom_load_fn for DeepSpeed: load a state dict saved without frozen parameters. Every trainable
+    parameter must be present with its shape; any key the module does not have is an error."""
+    own = dst.state_dict()
+    trainable = {n for n, p in dst.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - src.keys())
+    unexpected = sorted(k for k in src if k not in own)
+    misshaped = sorted(f"{k}: {tuple(src[k].shape)} saved, {tuple(own[k].shape)} here" for k in src
+                       if k in own and tuple(src[k].shape) != tuple(own[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing trainable keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    if misshaped:
+        problems.append(f"mis-shaped keys {misshaped[:8]}")
+    if problems:
+        raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
+    dst.load_state_dict(src, strict=False)
+
+
+def load(engine, tag_dir: Path, *, rank: int, module_only: bool) -> None:
+    """Load a committed tag into the engine: everything (resume) or the module weights only (init_from, any
+    ep_size). Resuming also restores this rank's RNG state."""
+    load_path, _ = engine.load_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False, load_optimizer_states=not module_only,
+        load_lr_scheduler_states=not module_only, load_module_only=module_only,
+        custom_load_fn=strict_trainable_loader,
+    )
+    if load_path is None:
+        raise ValueError(f"checkpoint: DeepSpeed could not load {tag_dir}")
+    if not module_only:
+        rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))

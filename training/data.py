@@ -1,0 +1,153 @@
+"""Training data: JSONL or the synthetic corpus, tokenised with the model's tokenizer, packed or padded.
+
+    data = build_dataset(recipe.data, tokenizer, resolve)       # TokenizedData, identical on every rank
+    batch = collate([data[i] for i in indices], data.pad_id)    # input_ids / attention_mask / labels [B, S]
+
+Example -> token sequence (labels = -100 where no loss is taken)::
+
+    text             ids = [bos] + tok(text) + [eos]                  labels = ids (bos excluded)
+    prompt/response  ids = [bos] + tok(prompt) + tok(" " + response) + [eos]
+                     labels = -100 on bos and the prompt, the response and eos otherwise
+
+The loss at position t predicts ids[t+1] from ids[<=t] (labels shift inside the loss), so ``label_counts[i]``
+counts the positions 1..S-1 of item i whose label is not -100: the number of predicted tokens.
+
+Packing concatenates the sequences of all examples (in file order) and cuts the stream into blocks of exactly
+``seq_len`` tokens (a last partial block is dropped); attention is not masked between examples inside a block.
+Without packing each sequence is truncated to ``seq_len`` and ``collate`` pads a batch to its longest sequence
+(right padding, attention_mask 0, labels -100).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .synthetic import generate_corpus
+
+IGNORE = -100
+
+
+@dataclass
+class TokenizedData:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    pad_id: int
+    label_counts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.label_counts:
+            self.label_counts = [sum(1 for y in lab[1:] if y != IGNORE) for lab in self.labels]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        return self.input_ids[i], self.labels[i]
+
+
+def read_jsonl(path: Path, fmt: str) -> tuple[list[dict], str]:
+    """Rows of a JSONL file and the resolved format; errors name the file, line and key."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data.path: {path} line {n} is not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"data.path: {path} line {n} must be a JSON object, got {type(row).__name__}")
+            rows.append((n, row))
+    if not rows:
+        raise ValueError(f"data.path: {path} has no examples")
+    if fmt == "auto":
+        first = rows[0][1]
+        fmt = "prompt_response" if "prompt" in first and "response" in first else "text"
+    keys = ("prompt", "response") if fmt == "prompt_response" else ("text",)
+    for n, row in rows:
+        for k in keys:
+            if not isinstance(row.get(k), str):
+                raise ValueError(f"data.path: {path} line {n} has no string {k!r} (data.format is {fmt!r})")
+    return [row for _, row in rows], fmt
+
+
+def special_ids(tokenizer) -> tuple[int | None, int | None, int]:
+    """(bos, eos, pad) of a tokenizer; BERT-style tokenizers use [CLS] / [SEP] as bos / eos."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    return bos, eos, pad
+
+
+def tokenize_examples(rows: list[dict], fmt: str, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids and labels of every example (see the module docstring)."""
+    bos, eos, _ = special_ids(tokenizer)
+    head = [] if bos is None else [bos]
+    tail = [] if eos is None else [eos]
+
+    def tok(texts):
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    ids_out, labels_out = [], []
+    if fmt == "prompt_response":
+        prompts = tok([r["prompt"] for r in rows])
+        responses = tok([" " + r["response"] for r in rows])
+        for p, r in zip(prompts, responses):
+            ids_out.append(head + p + r + tail)
+            labels_out.append([IGNORE] * (len(head) + len(p)) + r + tail)
+    else:
+        for t in tok([r["text"] for r in rows]):
+            ids = head + t + tail
+            ids_out.append(ids)
+            labels_out.append([IGNORE] * len(head) + t + tail)
+    return ids_out, labels_out
+
+
+def pack(ids: list[list[int]], labels: list[list[int]], seq_len: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Concatenate and cut into full blocks of seq_len tokens (the last partial block is dropped)."""
+    flat_ids = [t for seq in ids for t in seq]
+    flat_labels = [t for seq in labels for t in seq]
+    n = len(flat_ids) // seq_len
+    return ([flat_ids[i * seq_len:(i + 1) * seq_len] for i in range(n)],
+            [flat_labels[i * seq_len:(i + 1) * seq_len] for i in range(n)])
+
+
+def build_dataset(section, tokenizer, resolve) -> TokenizedData:
+    """The tokenised training set of a recipe's ``data`` section."""
+    if section.source == "synthetic":
+        s = section.synthetic
+        rows = generate_corpus(s.num_examples, s.seed, s.tasks)
+        fmt = "prompt_response" if section.format == "auto" else section.format
+        if fmt == "text":
+            rows = [{"text": f"{r['prompt']} {r['response']}"} for r in rows]
+    else:
+        rows, fmt = read_jsonl(resolve(section.path), section.format)
+    ids, labels = tokenize_examples(rows, fmt, tokenizer)
+    if section.packing:
+        ids, labels = pack(ids, labels, section.seq_len)
+    else:
+        ids, labels = [s[:section.seq_len] for s in ids], [s[:section.seq_len] for s in labels]
+    data = TokenizedData(ids, labels, special_ids(tokenizer)[2])
+    if len(data) == 0:
+        raise ValueError(f"data: no training sequence of length {section.seq_len} (data.seq_len) could be formed "
+                         f"from {len(rows)} examples; lower data.seq_len or add data")
+    return data
+
+
+def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item: input_ids [B, S] int64, attention_mask [B, S] int64, labels [B, S] int64."""
+    S = max(len(ids) for ids, _ in items)
+    B = len(items)
+    input_ids = torch.full((B, S), pad_id, dtype=torch.long)
+    labels = torch.full((B, S), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((B, S), dtype=torch.long)
+    for b, (ids, lab) in enumerate(items):
+        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[b, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        attention_mask[b, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,115 @@
+"""What a run reports (rank 0 only): tqdm bar, log lines, TensorBoard scalars/histograms, metrics.jsonl.
+
+Per step: ``loss`` (mean cross-entropy over the predicted tokens of the global batch), ``aux_loss`` (the
+model's auxiliary loss, coefficient-weighted, averaged over ranks and micro-batches), ``lr``, ``tokens_per_s``
+(real tokens of the global batch per second of step wall time), ``grad_norm`` when DeepSpeed reports one, and
+every ``logging.router_every`` steps the per-layer router load of moe_lora.analysis.RouterMonitor (measured on
+rank 0's micro-batches). ``metrics.jsonl`` gets one JSON object per step, ``{"step": s, ...}``, and one per
+event (``{"event": "resume", ...}``); a resumed run appends, so a step that ran twice appears twice and the
+later line is the one that counts (``read_metrics``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from torch import nn
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, rank: int, settings, *, max_steps: int, start_step: int, model: nn.Module):
+        self.rank = rank
+        self.settings = settings
+        self.enabled = rank == 0
+        self.bar = self.writer = self.monitor = None
+        self.metrics_path = out_dir / "metrics.jsonl"
+        if not self.enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.metrics_path.exists() and self.metrics_path.stat().st_size:
+            with open(self.metrics_path, "rb") as f:
+                f.seek(-1, 2)
+                cut = f.read(1) != b"\n"
+            if cut:  # a killed run stopped mid-line: end that line so the next record starts on its own
+                with open(self.metrics_path, "a") as f:
+                    f.write("\n")
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not settings.progress_bar, file=sys.stderr)
+        if settings.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events of steps a resumed run is about to redo
+            purge = start_step + 1 if start_step else None
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+        if settings.router_every > 0:
+            from moe_lora.analysis import RouterMonitor
+
+            self.monitor = RouterMonitor(model, log_every=settings.router_every)
+
+    def event(self, **fields) -> None:
+        if self.enabled:
+            self._append(fields)
+            self.write(f"[moe-lora train] {fields.get('event')}: " + ", ".join(
+                f"{k}={v}" for k, v in fields.items() if k != "event"))
+
+    def write(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Record step ``step`` (1-based count of finished optimizer steps); returns the router scalars."""
+        if not self.enabled:
+            return {}
+        router = self.monitor.step(step) if self.monitor is not None else {}
+        self._append({"step": step, **metrics, **router})
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        if step % self.settings.log_every == 0 or step == self.bar.total:
+            extra = f" grad_norm {metrics['grad_norm']:.3f}" if "grad_norm" in metrics else ""
+            cv = router.get("router/all/load_cv_mean")
+            self.write(f"step {step}/{self.bar.total}  loss {metrics['loss']:.4f}  aux {metrics['aux_loss']:.4g}  "
+                       f"lr {metrics['lr']:.3e}  tok/s {metrics['tokens_per_s']:.0f}{extra}"
+                       + (f"  router load CV {cv:.3f}" if cv is not None else ""))
+        if self.writer is not None:
+            from moe_lora.analysis import write_tensorboard
+
+            scalars = {f"train/{k}": v for k, v in metrics.items()}
+            write_tensorboard(self.writer, step, {**scalars, **router},
+                              self.monitor.histograms() if router else None)
+        return router
+
+    def _append(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.monitor is not None:
+            self.monitor.close()
+
+
+def read_metrics(path: str | Path) -> dict[int, dict]:
+    """{step: the last record of that step} from a metrics.jsonl file (events, and a line a killed run left
+    unfinished, skipped)."""
+    out: dict[int, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out[int(rec["step"])] = rec
+    return out

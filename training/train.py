@@ -1,0 +1,49 @@
+"""Launcher entry script: one process per rank.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 training/train.py --config configs/train_tiny.yaml \
+        [--set train.max_steps=20 --set ep_size=2 ...]
+    torchrun --nproc_per_node 2 training/train.py --config ...          (also works)
+
+The launcher runs this file as a script, so it imports the package by its installed name
+(``moe_lora.training``) and first drops its own folder from sys.path: the folder's modules (data, model,
+checkpoint, ...) must not shadow top-level modules of other packages.
+Exit codes: 0 done, 2 invalid recipe or data (one message listing every problem), 1 anything else.
+"""
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train MoE-LoRA adapters with DeepSpeed (one process per rank).")
+    parser.add_argument("--config", required=True, help="training recipe YAML (see configs/train_tiny.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set train.max_steps=20 (value parsed as YAML)")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher (unused: "
+                        "LOCAL_RANK is read from the environment)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from moe_lora.errors import ConfigError
+    from moe_lora.training.recipe import parse_override
+    from moe_lora.training.trainer import run_training
+
+    try:
+        overrides = dict(parse_override(o) for o in args.overrides)
+        run_training(args.config, overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"training/train.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

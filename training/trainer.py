@@ -1,0 +1,266 @@
+"""The training loop: ``run_training(recipe, overrides)`` on one rank of a DeepSpeed run (or the only process).
+
+    deepspeed --num_gpus 2 training/train.py --config configs/train_tiny.yaml      # N ranks (DS_ACCELERATOR=cpu
+    moe-lora train --config configs/train_tiny.yaml                               #  on CPU); one process
+    run_training("configs/train_tiny.yaml", {"train.max_steps": 5})               # from Python
+
+Order of work: validate the recipe (all problems at once), set up the process group, check the world size and
+the checkpoint to resume from, build the data, then load and convert the model, ``deepspeed.initialize``, load
+the checkpoint, train, checkpoint every ``checkpoint.every`` steps and at the end, export the adapter.
+
+Loss. With N_g predicted tokens in the global batch, each rank backpropagates, per micro-batch m,
+
+    loss_m = (sum of token cross-entropies of m) * world_size * grad_accum / N_g  +  aux_m
+
+DeepSpeed averages gradients over the data-parallel world and the accumulation steps (expert gradients too:
+summed over the expert-data-parallel group, divided by the world size), so the update is the gradient of the
+mean cross-entropy over the global batch plus the mean auxiliary loss: the same for every world size and
+ep_size given the same global batch. The logged ``loss`` is that global mean cross-entropy.
+
+Resuming restores the module, optimizer, scheduler (DeepSpeed), each rank's RNG states and the data position
+(the step: see sampler.py), so the following steps compute what an uninterrupted run computes. Resuming needs
+the same world size, ep_size, ZeRO stage and batch settings (optimizer state does not reshard); to change the
+topology, start a new output_dir with ``checkpoint.init_from`` (module weights, any ep_size).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moe_lora.errors import ConfigError
+
+from . import checkpoint as ckpt
+from .data import IGNORE, build_dataset, collate
+from .distributed import DistInfo, init_distributed, set_cpu_threads
+from .ds_config import build_deepspeed_config, precision, zero_stage
+from .progress import RunLog
+from .recipe import Recipe, load_recipe
+from .sampler import StepSampler
+
+
+def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """Sum over positions t < S-1 with labels[t+1] != -100 of -log softmax(logits[t])[labels[t+1]] (fp32)."""
+    V = logits_BSV.shape[-1]
+    return F.cross_entropy(logits_BSV[:, :-1].reshape(-1, V).float(), labels_BS[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError("training needs DeepSpeed: pip install 'moe-lora[train]' (on CPU build it with "
+                          "DS_BUILD_OPS=0 and run with DS_ACCELERATOR=cpu)") from e
+    return deepspeed
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, info: DistInfo):
+        self.recipe, self.info = recipe, info
+        self.out_dir = Path(recipe.output_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.ds_config = build_deepspeed_config(recipe, info.world_size)
+        self.ep_rank = info.rank % recipe.ep_size
+        self.engine = None
+
+    # ---- before the model ---------------------------------------------------------------------------------
+    def plan_start(self) -> tuple[Path | None, Path | None]:
+        """(tag to resume from, tag to initialise module weights from), checked against this run's topology."""
+        r, what = self.recipe, f"training recipe{'' if self.recipe.source is None else ' ' + self.recipe.source}"
+        resume = ckpt.newest_complete(self.ckpt_root)
+        if resume is not None and r.checkpoint.resume == "never":
+            raise ConfigError([f"checkpoint.resume: 'never', but {self.ckpt_root} holds checkpoints ({resume.name}); "
+                               "use another output_dir or checkpoint.resume: auto"], what)
+        if resume is not None:
+            state = ckpt.read_state(resume)
+            ours = self.topology()
+            diff = [f"{k} {state.get(k)!r} there, {v!r} here" for k, v in ours.items() if state.get(k) != v]
+            if diff:
+                raise ConfigError([
+                    f"checkpoint.resume: {resume} was written with a different setup ({'; '.join(diff)}); optimizer "
+                    "state cannot be resharded. Resume with the same setup, or start a new output_dir with "
+                    f"checkpoint.init_from: {resume} (module weights only)"], what)
+            return resume, None
+        init = None
+        if r.checkpoint.init_from is not None:
+            init = ckpt.resolve_init_from(r.resolve(r.checkpoint.init_from))
+        return None, init
+
+    def resume_differences(self, state: dict, num_sequences: int) -> list[str]:
+        """What changed since the checkpoint (besides output, logging and checkpoint settings); this run's
+        values win. A different data set or batch changes which items the following steps read."""
+        out = []
+        if state.get("num_sequences") != num_sequences:
+            out.append(f"data: {state.get('num_sequences')} sequences when the checkpoint was written, "
+                       f"{num_sequences} now; the following steps read different items")
+        saved, now = state.get("recipe") or {}, self.recipe.to_dict()
+        for section in sorted(set(saved) | set(now)):
+            if section in ("output_dir", "logging", "checkpoint") or saved.get(section) == now.get(section):
+                continue
+            a, b = saved.get(section), now.get(section)
+            keys = sorted(set(a) | set(b)) if isinstance(a, dict) and isinstance(b, dict) else [None]
+            for k in keys:
+                va, vb = (a.get(k), b.get(k)) if k is not None else (a, b)
+                if va != vb:
+                    name = section if k is None else f"{section}.{k}"
+                    out.append(f"{name}: {va!r} in the checkpoint, {vb!r} now (this run's value is used)")
+        return out
+
+    def topology(self) -> dict:
+        t = self.recipe.train
+        return {"world_size": self.info.world_size, "ep_size": self.recipe.ep_size,
+                "zero_stage": zero_stage(self.ds_config), "precision": precision(self.ds_config),
+                "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum}
+
+    # ---- the run ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        deepspeed = _import_deepspeed()
+        r, info = self.recipe, self.info
+        t_start = time.perf_counter()
+        accel = deepspeed.get_accelerator()
+        if precision(self.ds_config) == "fp16" and not accel.is_fp16_supported():
+            raise ConfigError([f"deepspeed.fp16: enabled, but the {accel.device_name()} accelerator has no fp16 "
+                               "support; use a bf16 or fp32 DeepSpeed config"], "training recipe")
+        resume, init = self.plan_start()
+        if info.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(self.ckpt_root, info.rank)
+
+        from .model import build_model, build_tokenizer
+
+        tokenizer = build_tokenizer(r)
+        data = build_dataset(r.data, tokenizer, r.resolve)
+        t = r.train
+        sampler = StepSampler(len(data), t.micro_batch_size, t.grad_accum, info.world_size, info.rank,
+                              r.data.shuffle_seed)
+
+        threads = set_cpu_threads(t.cpu_threads, info.world_size) if info.device.type == "cpu" else None
+        torch.manual_seed(t.seed + info.rank)
+        model = build_model(r, self.ep_rank)
+        params = [p for p in model.parameters() if p.requires_grad]
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        self.engine = engine
+        from .expert_parallel import check_expert_parallel_ranks, expert_parallel_layers
+
+        check_expert_parallel_ranks(engine.module)
+        layout = {name: layer.global_expert_ids for name, layer in expert_parallel_layers(engine.module)}
+        start = 0
+        if resume is not None:
+            ckpt.load(engine, resume, rank=info.rank, module_only=False)
+            start = ckpt.read_state(resume)["step"]
+        elif init is not None:
+            ckpt.load(engine, init, rank=info.rank, module_only=True)
+        sched = engine.lr_scheduler
+        if sched is not None:
+            # DeepSpeed steps its scheduler only after an optimizer step, and loading a scheduler state does not
+            # touch the optimizer's lr: apply lr(t) for the next 0-based step t (0 on a fresh start).
+            sched.step(max(sched.last_batch_iteration, 0))
+
+        log = RunLog(self.out_dir, info.rank, r.logging, max_steps=t.max_steps, start_step=start, model=engine.module)
+        if resume is not None:
+            log.event(event="resume", from_step=start, checkpoint=str(resume))
+            for line in self.resume_differences(ckpt.read_state(resume), len(data)):
+                log.event(event="warning", message=line)
+        elif init is not None:
+            log.event(event="init_from", checkpoint=str(init))
+        log.event(event="start", world_size=info.world_size, ep_size=r.ep_size, zero_stage=zero_stage(self.ds_config),
+                  precision=precision(self.ds_config), sequences=len(data), global_batch=sampler.global_batch,
+                  trainable_params=sum(p.numel() for p in params), cpu_threads=threads)
+
+        losses, last, last_tag = {}, {}, None
+        try:
+            for step in range(start, t.max_steps):
+                last = self.train_step(engine, data, sampler, step)
+                losses[step + 1] = last["loss"]
+                log.step(step + 1, last)
+                every = r.checkpoint.every
+                if (every and (step + 1) % every == 0) or step + 1 == t.max_steps:
+                    last_tag = self.save(engine, step + 1, last, len(data))
+        finally:
+            log.close()
+        if last_tag is None and resume is not None:
+            last_tag = resume
+        adapter_dir = None
+        if r.checkpoint.export_adapter:
+            from .export import export_adapter
+
+            adapter_dir = export_adapter(engine.module, self.out_dir / "adapter", info.rank)
+        dist.barrier()
+        return {
+            "output_dir": str(self.out_dir),
+            "adapter_dir": None if adapter_dir is None else str(adapter_dir),
+            "checkpoint_dir": str(self.ckpt_root),
+            "last_checkpoint": None if last_tag is None else str(last_tag),
+            "metrics_file": str(self.out_dir / "metrics.jsonl"),
+            "tensorboard_dir": str(self.out_dir / "tensorboard") if r.logging.tensorboard else None,
+            "start_step": start,
+            "steps": t.max_steps,
+            "losses": losses,
+            "final_metrics": last,
+            "final_loss": last.get("loss"),
+            "resumed_from": None if resume is None else str(resume),
+            "world_size": info.world_size,
+            "ep_size": r.ep_size,
+            "local_experts": layout,
+            "wall_time_s": time.perf_counter() - t_start,
+        }
+
+    def train_step(self, engine, data, sampler: StepSampler, step: int) -> dict[str, float]:
+        info, t = self.info, self.recipe.train
+        t0 = time.perf_counter()
+        n_global = max(1, sum(data.label_counts[i] for i in sampler.global_indices(step)))
+        scale = info.world_size * t.grad_accum / n_global
+        lr = float(engine.get_lr()[0])
+        stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # cross-entropy sum, aux sum, real tokens
+        for m in range(t.grad_accum):
+            batch = collate([data[i] for i in sampler.indices(step, m)], data.pad_id)
+            out = engine(input_ids=batch["input_ids"].to(info.device),
+                         attention_mask=batch["attention_mask"].to(info.device), use_cache=False)
+            ce = token_ce_sum(out.logits, batch["labels"].to(info.device))
+            aux = getattr(out, "aux_loss", None)
+            aux = torch.zeros((), device=ce.device) if aux is None else aux.float()
+            engine.backward(ce * scale + aux)
+            engine.step()
+            stats += torch.stack([ce.detach().double(), aux.detach().double().to(ce.device),
+                                  batch["attention_mask"].sum().double().to(ce.device)])
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+        wall = time.perf_counter() - t0
+        metrics = {"loss": float(stats[0]) / n_global, "aux_loss": float(stats[1]) / (info.world_size * t.grad_accum),
+                   "lr": lr, "tokens_per_s": float(stats[2]) / max(wall, 1e-9), "step_time_s": wall}
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        return metrics
+
+    def save(self, engine, step: int, metrics: dict, num_sequences: int) -> Path:
+        from .export import export_adapter
+
+        r = self.recipe
+        state = {"step": step, **self.topology(), "num_sequences": num_sequences, "metrics": metrics,
+                 "recipe": r.to_dict()}
+        export = None
+        if r.checkpoint.export_adapter:
+            def export(d):
+                return export_adapter(engine.module, d, self.info.rank)
+        return ckpt.save(engine, self.ckpt_root, step, state, rank=self.info.rank, keep=r.checkpoint.keep,
+                         export_fn=export)
+
+
+def run_training(recipe, overrides: dict | None = None) -> dict:
+    """Train with a recipe (a YAML path, a mapping or a Recipe) and dotted-key ``overrides``; returns the output
+    paths (output_dir, adapter_dir, checkpoint_dir, last_checkpoint, metrics_file, tensorboard_dir) and the
+    metrics (losses by step, final_metrics, final_loss). Every rank returns the same dict except
+    ``local_experts`` ({layer: the global expert ids this rank holds})."""
+    r = load_recipe(recipe, overrides)
+    _import_deepspeed()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    info = init_distributed()
+    r.check_world(info.world_size)
+    return Trainer(r, info).run()
