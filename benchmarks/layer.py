@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import alternate, median_ms, median_ratio  # noqa: E402
+from moe_lora import MoELoRALinear
 
-from moe_lora import MoELoRALinear  # noqa: E402
+from timing import alternate, median_ms, median_ratio
 
 
 def parse_args(argv=None):
