@@ -41,6 +41,12 @@ def choose_torch_path(num_experts: int, slots_per_token: int, rank: int) -> str:
     return "grouped"
 
 
+def resolve_path(backend: str, x: torch.Tensor, num_experts: int, slots_per_token: int, rank: int) -> str:
+    """The compute path ``lora_experts`` takes for these sizes: dense, grouped, reference, triton or megablocks."""
+    name = resolve_backend(backend, x)
+    return choose_torch_path(num_experts, slots_per_token, rank) if name == "torch" else name
+
+
 def backend_status() -> dict[str, tuple[bool, str]]:
     """Which backends are usable here, and why not."""
     status = {
@@ -110,9 +116,7 @@ def lora_experts(
             f"routing: expert_ids {tuple(expert_ids_TK.shape)} / weights {tuple(weights_TK.shape)} "
             f"do not fit x_TD {tuple(x_TD.shape)}"
         )
-    name = resolve_backend(backend, x_TD)
-    if name == "torch":
-        name = choose_torch_path(E, K, r)
+    name = resolve_path(backend, x_TD, E, K, r)
     if name == "dense":
         return lora_experts_dense(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling)
     if name == "grouped":

@@ -192,7 +192,7 @@ class MoEBlock(nn.Module):
             if u_SO is not None and self.coefs.get("contrastive", 0.0) > 0:
                 outputs = (u_SO, routing.expert_ids_TK.reshape(-1))
             self.last_aux_terms = losses.aux_terms(
-                routing, expert_outputs=outputs, contrastive_temperature=self.contrastive_temperature
+                routing, self.coefs, expert_outputs=outputs, contrastive_temperature=self.contrastive_temperature
             )
             self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
         else:

@@ -25,6 +25,8 @@ from . import losses
 from .config import BACKENDS, INITS, VARIABLE_K_ROUTERS
 from .errors import ConfigError, suggest
 from .kernels import lora_experts
+from .kernels.api import resolve_path
+from .kernels.dense_gated import dense_gated_expand
 from .routers import ROUTER_CLASSES, Router, build_router
 from .routing import Routing
 
@@ -205,21 +207,47 @@ class MoELoRALinear(nn.Module):
         x_TD = x.reshape(-1, self.in_features)
         T = x_TD.shape[0]
         mask_T = self.token_mask if self.token_mask is not None and self.token_mask.numel() == T else None
-        routing = self.route(x_TD, mask_T)
         xd_TD = self.lora_dropout(x_TD)
-        delta_TO = lora_experts(
-            xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK, self.scaling, self.backend
-        )
+        if self.fuses_router_and_shrink(x_TD):
+            routing, delta_TO = self.fused_dense_forward(x_TD, mask_T)
+        else:
+            routing = self.route(x_TD, mask_T)
+            delta_TO = lora_experts(xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK,
+                                    self.scaling, self.backend)
         self.last_routing = routing.detach()
         if self.training and torch.is_grad_enabled():
             outputs = self.expert_outputs(routing, xd_TD) if self.wants_expert_outputs() else None
             self.last_aux_terms = losses.aux_terms(
-                routing, expert_outputs=outputs, contrastive_temperature=self.contrastive_temperature
+                routing, self.coefs, expert_outputs=outputs, contrastive_temperature=self.contrastive_temperature
             )
             self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
         else:
             self.last_aux_terms = self.last_aux_loss = None
         return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def fuses_router_and_shrink(self, x_TD: torch.Tensor) -> bool:
+        """The dense-gated path with the router's GEMM and the experts' shrink in one: x is read once and dx is
+        one GEMM. Needs the dense path, the same input for both (no dropout), linear fp32 logits (fp32 adapters,
+        no jitter) and this class's own routing (subclasses may route differently)."""
+        E, r = self.num_experts, self.rank
+        return (
+            type(self).route is MoELoRALinear.route
+            and isinstance(self.lora_dropout, nn.Identity)
+            and self.lora_A.dtype == torch.float32
+            and self.router.logits_are_linear
+            and resolve_path(self.backend, x_TD, E, self.router.top_k, r) == "dense"
+        )
+
+    def fused_dense_forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None) -> tuple[Routing, torch.Tensor]:
+        """[logits | h] = x @ [W_r ; A_cat]^T  ([T, E + E*r], one GEMM), route from the logits, expand h."""
+        E, r, D = self.lora_A.shape
+        T = x_TD.shape[0]
+        W_cat = torch.cat([self.router.weight.float(), self.lora_A.reshape(E * r, D)])
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE, h_TEr = torch.split(x_TD.float() @ W_cat.t(), [E, E * r], dim=1)  # one GEMM, one dx
+        routing = self.router(x_TD, mask_T, logits_TE=logits_TE)
+        delta_TO = dense_gated_expand(h_TEr.view(T, E, r), self.lora_B, routing.gates_TE(), self.scaling)
+        return routing, delta_TO
 
     def wants_expert_outputs(self) -> bool:
         """The contrastive loss needs every routed pair's expert output (and only when it is switched on)."""

@@ -32,15 +32,18 @@ def load_balance_loss(routing: Routing) -> torch.Tensor:
     Balanced value: 1 (f_i = P_i = 1/E). f carries no gradient (a count); P does. Unlike HF Mixtral's
     top-k form, whose balanced value is k, f is normalised over all k slots.
     """
-    m_T = _mask(routing)
     E = routing.num_experts
-    used_TK = (routing.weights_TK > 0).to(m_T.dtype) * m_T[:, None]
-    counts_E = torch.zeros(E, dtype=m_T.dtype, device=m_T.device).index_add_(
-        0, routing.expert_ids_TK.reshape(-1), used_TK.reshape(-1)
-    )
-    f_E = counts_E / counts_E.sum().clamp_min(1.0)
-    P_E = (routing.probs_TE * m_T[:, None]).sum(0) / m_T.sum().clamp_min(1.0)
-    return E * (f_E.detach() * P_E).sum()
+    used_S = (routing.weights_TK > 0).reshape(-1).float()
+    if routing.token_mask_T is None:
+        P_E = routing.probs_TE.mean(0)
+    else:
+        m_T = _mask(routing)
+        used_S = used_S * m_T.repeat_interleave(routing.weights_TK.shape[1])
+        P_E = (routing.probs_TE * m_T[:, None]).sum(0) / m_T.sum().clamp_min(1.0)
+    with torch.no_grad():
+        counts_E = torch.bincount(routing.expert_ids_TK.reshape(-1), weights=used_S, minlength=E)
+        f_E = counts_E / counts_E.sum().clamp_min(1.0)
+    return E * (f_E.to(P_E.dtype) * P_E).sum()
 
 
 def z_loss(routing: Routing) -> torch.Tensor:
@@ -117,18 +120,21 @@ def contrastive_loss(
 
 def aux_terms(
     routing: Routing,
+    coefs: dict[str, float],
     *,
     expert_outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     contrastive_temperature: float = 0.1,
 ) -> dict[str, torch.Tensor]:
-    """The unweighted auxiliary losses of one routed module's forward, by name: load_balance, z_loss, cv, and
-    contrastive when ``expert_outputs`` = (u_SO [T*K, O], expert_ids_S [T*K]) of every (token, slot) pair is
-    given. Pairs with zero routing weight and padding tokens are left out of the contrastive loss."""
-    terms = {
-        "load_balance": load_balance_loss(routing),
-        "z_loss": z_loss(routing),
-        "cv": importance_cv2_loss(routing),
-    }
+    """The unweighted auxiliary losses of one routed module's forward, by name: load_balance (always: it is
+    also the layer's balance statistic in the logs), z_loss and cv when their coefficient in ``coefs`` is
+    positive, and contrastive when ``expert_outputs`` = (u_SO [T*K, O], expert_ids_S [T*K]) of every
+    (token, slot) pair is given. Pairs with zero routing weight and padding tokens are left out of the
+    contrastive loss."""
+    terms = {"load_balance": load_balance_loss(routing)}
+    if coefs.get("z_loss", 0.0) > 0:
+        terms["z_loss"] = z_loss(routing)
+    if coefs.get("cv", 0.0) > 0:
+        terms["cv"] = importance_cv2_loss(routing)
     if expert_outputs is not None:
         terms["contrastive"] = slot_contrastive_loss(routing, *expert_outputs, contrastive_temperature)
     return terms

@@ -175,3 +175,33 @@ def test_invalid_arguments_name_every_field():
         MoELoRALinear(nn.Conv2d(3, 3, 1), num_experts=2, top_k=1, rank=2, alpha=2)
     with pytest.raises(ValueError, match="capacity_factr: unknown router option"):
         MoELoRALinear(base(), num_experts=2, top_k=1, rank=2, alpha=2, capacity_factr=2.0)
+
+
+def test_unweighted_terms_are_not_computed():
+    layer = MoELoRALinear(base(), num_experts=4, top_k=2, rank=4, alpha=8, z_loss_coef=0.0, cv_coef=0.0).train()
+    layer(torch.randn(6, 40))
+    assert set(layer.last_aux_terms) == {"load_balance"}
+    torch.testing.assert_close(layer.last_aux_loss, 1e-3 * layer.last_aux_terms["load_balance"])
+
+
+def test_fused_router_and_shrink_equals_the_unfused_path():
+    """The dense path fuses the router GEMM with the shrink; dropout > 0 (different inputs) takes the unfused
+    path. With dropout in eval mode both must give the same outputs and gradients."""
+    torch.manual_seed(0)
+    fused = MoELoRALinear(base(), num_experts=6, top_k=2, rank=4, alpha=8, backend="dense", init_seed=5)
+    plain = MoELoRALinear(base(), num_experts=6, top_k=2, rank=4, alpha=8, backend="dense", init_seed=5,
+                          dropout=0.1)
+    for m in (fused, plain):
+        m.lora_B.data.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(17, 40)
+    assert fused.fuses_router_and_shrink(x) and not plain.fuses_router_and_shrink(x)
+    fused.train()
+    plain.train()
+    plain.lora_dropout.eval()  # identity, but still the unfused code path
+    outs = []
+    for m in (fused, plain):
+        xi = x.clone().requires_grad_()
+        (m(xi).square().sum() + m.last_aux_loss).backward()
+        outs.append((xi.grad, m.lora_A.grad, m.lora_B.grad, m.router.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -216,7 +216,7 @@ class ExpertParallelMoELoRALinear(MoE):
                                                self.scaling, self.backend, self._group(), self.ep_size)
         self.last_routing = routing.detach()
         if self.training and torch.is_grad_enabled():
-            self.last_aux_terms = losses.aux_terms(routing)
+            self.last_aux_terms = losses.aux_terms(routing, self.coefs)
             if getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0:
                 self.last_aux_terms["contrastive"] = self._contrastive(routing, xd_TD, pairs)
             self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)

@@ -62,10 +62,21 @@ class Router(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         return x @ self.weight.float().t()
 
-    def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> Routing:
+    @property
+    def logits_are_linear(self) -> bool:
+        """True when logits == x.float() @ weight.float().t() exactly (no jitter now, ``logits`` not overridden),
+        so a caller may compute them inside a larger GEMM and pass them to forward."""
+        return type(self).logits is Router.logits and not (self.training and self.jitter_noise > 0)
+
+    def forward(
+        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None, logits_TE: torch.Tensor | None = None
+    ) -> Routing:
+        """Route the rows of x_TD. ``logits_TE``: precomputed logits (only when ``logits_are_linear``)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = self.logits(x_TD)
-            probs_TE = torch.softmax(logits_TE / self.temperature, dim=-1)
+            if logits_TE is None:
+                logits_TE = self.logits(x_TD)
+            scaled_TE = logits_TE if self.temperature == 1.0 else logits_TE / self.temperature
+            probs_TE = torch.softmax(scaled_TE, dim=-1)
             weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
         return Routing(
             weights_TK=weights_TK,
