@@ -3,8 +3,9 @@
     y[t] = sum_k w[t,k] * scaling * B_e @ (A_e @ x[t]),   e = expert_ids[t, k]
 
 Layers, bottom up (one concept per file): ``metadata`` (device-side sort and tile map), ``*_kernel`` (the
-``@triton.jit`` kernels), ``launch`` (validation, allocation, grids, K-reduction), ``ops`` (torch.library custom ops
-with fake implementations), ``function`` (autograd.Function and the functional API ``lora_experts_triton``).
+``@triton.jit`` kernels, built from the jit helpers in ``tiles``), ``launch`` (validation, allocation, grids,
+K-reduction), ``ops`` (torch.library custom ops with fake implementations), ``function`` (autograd.Function and the
+functional API ``lora_experts_triton``).
 
 Importing this package needs neither triton nor a GPU: the kernels are imported on first use, and
 ``triton_available()`` says whether they can run and why not. On CPU they run through the Triton interpreter when

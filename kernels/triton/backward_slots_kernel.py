@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .autotune import prune_slot_configs, slot_kernel_configs
+from .tiles import expand, rank_offsets, rank_rows, scale_by_weights, shrink, tile_rows
 
 
 @triton.jit
@@ -65,66 +66,29 @@ def lora_experts_bwd_slots_kernel(
     expert = tl.load(tile_expert_ptr + pid_tile)
     if expert < 0:
         return
-    compute_dtype = g_ptr.dtype.element_ty
     expert64 = expert.to(tl.int64)
-    pos_end = tl.load(ends_ptr + expert)
-    pos_M = tl.load(tile_start_ptr + pid_tile) + tl.arange(0, BLOCK_M)
-    row_ok_M = pos_M < pos_end
-    slot_M = tl.load(order_ptr + pos_M, mask=row_ok_M, other=0)
-    tok_M = (slot_M // TOP_K).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
+    pos_M, row_ok_M, slot_M, tok_M = tile_rows(order_ptr, ends_ptr, tile_start_ptr, pid_tile, expert, TOP_K, BLOCK_M)
+    offs_r, r_ok = rank_offsets(R, BLOCK_R)
 
     # z = g[tok] @ B_e, fp32 accumulate over O.
-    z_MR = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    b_base = b_ptr + expert64 * stride_be
-    for o0 in range(0, O, BLOCK_N):
-        offs_o = o0 + tl.arange(0, BLOCK_N)
-        o_ok = offs_o < O
-        g_MN = tl.load(
-            g_ptr + tok_M[:, None] * stride_gt + offs_o[None, :] * stride_go,
-            mask=row_ok_M[:, None] & o_ok[None, :],
-            other=0.0,
-        )
-        b_NR = tl.load(
-            b_base + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br,
-            mask=o_ok[:, None] & r_ok[None, :],
-            other=0.0,
-        )
-        z_MR = tl.dot(g_MN, b_NR.to(compute_dtype), z_MR, input_precision=DOT_PRECISION)
+    z_MR = shrink(
+        g_ptr, tok_M, row_ok_M, stride_gt, stride_go, b_ptr + expert64 * stride_be, stride_bo, stride_br,
+        offs_r, r_ok, O, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION,
+    )  # fmt: skip
 
-    w_M = tl.load(w_ptr + slot_M, mask=row_ok_M, other=0.0).to(tl.float32)
-    dh_MR = z_MR * (w_M * scaling)[:, None]
+    dh_MR = scale_by_weights(z_MR, w_ptr, slot_M, row_ok_M, scaling)
     if pid_split == 0:
-        rank_ptrs = pos_M.to(tl.int64)[:, None] * R + offs_r[None, :]
-        rank_mask = row_ok_M[:, None] & r_ok[None, :]
-        h_MR = tl.load(h_ptr + rank_ptrs, mask=rank_mask, other=0.0)
+        rank_offs, rank_mask = rank_rows(pos_M, row_ok_M, offs_r, r_ok, R)
+        h_MR = tl.load(h_ptr + rank_offs, mask=rank_mask, other=0.0)
         dw_M = tl.sum(z_MR * h_MR, axis=1) * scaling
         tl.store(dw_ptr + slot_M, dw_M, mask=row_ok_M)
-        tl.store(dh_ptr + rank_ptrs, dh_MR, mask=rank_mask)
+        tl.store(dh_ptr + rank_offs, dh_MR, mask=rank_mask)
 
     if COMPUTE_DX:
-        dh_c_MR = dh_MR.to(compute_dtype)
-        a_base = a_ptr + expert64 * stride_ae
-        if ATOMIC:
-            out_row_M = tok_M
-        else:
-            out_row_M = slot_M.to(tl.int64)
-        for d0 in range(pid_split * BLOCK_K, D, N_SPLIT * BLOCK_K):
-            offs_d = d0 + tl.arange(0, BLOCK_K)
-            d_ok = offs_d < D
-            a_RK = tl.load(
-                a_base + offs_r[:, None] * stride_ar + offs_d[None, :] * stride_ad,
-                mask=r_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            dx_MK = tl.dot(dh_c_MR, a_RK.to(compute_dtype), input_precision=DOT_PRECISION)
-            dx_ptrs = dx_ptr + out_row_M[:, None] * stride_dx + offs_d[None, :]
-            dx_mask = row_ok_M[:, None] & d_ok[None, :]
-            if ATOMIC:
-                tl.atomic_add(dx_ptrs, dx_MK, mask=dx_mask, sem="relaxed")
-            else:
-                tl.store(dx_ptrs, dx_MK.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+        expand(
+            dh_MR.to(g_ptr.dtype.element_ty), a_ptr + expert64 * stride_ae, stride_ad, stride_ar, offs_r, r_ok,
+            dx_ptr, stride_dx, slot_M, tok_M, row_ok_M, D, pid_split, BLOCK_K, N_SPLIT, ATOMIC, DOT_PRECISION,
+        )  # fmt: skip
 
 
 # CUDA only, deterministic path only (see forward_kernel.py). Every trial fully overwrites dw, dh and dx.

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .autotune import prune_weight_configs, weight_kernel_configs
+from .tiles import expert_outer_sum, rank_offsets
 
 
 @triton.jit
@@ -59,8 +60,7 @@ def lora_experts_bwd_weights_kernel(
     expert64 = expert.to(tl.int64)
     pos_start = tl.load(ends_ptr + expert - 1, mask=expert > 0, other=0)
     pos_end = tl.load(ends_ptr + expert)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
+    offs_r, r_ok = rank_offsets(R, BLOCK_R)
     if COMPUTE_DA:
         n_a = tl.cdiv(D, BLOCK_W)
     else:
@@ -70,23 +70,10 @@ def lora_experts_bwd_weights_kernel(
         if COMPUTE_DA:
             offs_d = col_block * BLOCK_W + tl.arange(0, BLOCK_W)
             d_ok = offs_d < D
-            acc_RW = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.float32)
-            for p0 in range(pos_start, pos_end, BLOCK_MW):
-                pos_M = p0 + tl.arange(0, BLOCK_MW)
-                row_ok_M = pos_M < pos_end
-                slot_M = tl.load(order_ptr + pos_M, mask=row_ok_M, other=0)
-                tok_M = (slot_M // TOP_K).to(tl.int64)
-                dh_MR = tl.load(
-                    dh_ptr + pos_M.to(tl.int64)[:, None] * R + offs_r[None, :],
-                    mask=row_ok_M[:, None] & r_ok[None, :],
-                    other=0.0,
-                )
-                x_MW = tl.load(
-                    x_ptr + tok_M[:, None] * stride_xt + offs_d[None, :] * stride_xd,
-                    mask=row_ok_M[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                acc_RW = tl.dot(tl.trans(dh_MR.to(x_MW.dtype)), x_MW, acc_RW, input_precision=DOT_PRECISION)
+            acc_RW = expert_outer_sum(
+                dh_ptr, x_ptr, stride_xt, stride_xd, offs_d, d_ok, order_ptr, pos_start, pos_end, w_ptr, scaling,
+                offs_r, r_ok, R, TOP_K, BLOCK_MW, BLOCK_R, BLOCK_W, False, DOT_PRECISION,
+            )  # fmt: skip
             tl.store(
                 da_ptr + expert64 * stride_dae + offs_r[:, None] * stride_dar + offs_d[None, :] * stride_dad,
                 acc_RW.to(da_ptr.dtype.element_ty),
@@ -96,25 +83,10 @@ def lora_experts_bwd_weights_kernel(
         if COMPUTE_DB:
             offs_o = (col_block - n_a) * BLOCK_W + tl.arange(0, BLOCK_W)
             o_ok = offs_o < O
-            acc_RW = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.float32)
-            for p0 in range(pos_start, pos_end, BLOCK_MW):
-                pos_M = p0 + tl.arange(0, BLOCK_MW)
-                row_ok_M = pos_M < pos_end
-                slot_M = tl.load(order_ptr + pos_M, mask=row_ok_M, other=0)
-                tok_M = (slot_M // TOP_K).to(tl.int64)
-                w_M = tl.load(w_ptr + slot_M, mask=row_ok_M, other=0.0).to(tl.float32)
-                h_MR = tl.load(
-                    h_ptr + pos_M.to(tl.int64)[:, None] * R + offs_r[None, :],
-                    mask=row_ok_M[:, None] & r_ok[None, :],
-                    other=0.0,
-                )
-                g_MW = tl.load(
-                    g_ptr + tok_M[:, None] * stride_gt + offs_o[None, :] * stride_go,
-                    mask=row_ok_M[:, None] & o_ok[None, :],
-                    other=0.0,
-                )
-                hs_MR = (h_MR * (w_M * scaling)[:, None]).to(g_MW.dtype)
-                acc_RW = tl.dot(tl.trans(hs_MR), g_MW, acc_RW, input_precision=DOT_PRECISION)
+            acc_RW = expert_outer_sum(
+                h_ptr, g_ptr, stride_gt, stride_go, offs_o, o_ok, order_ptr, pos_start, pos_end, w_ptr, scaling,
+                offs_r, r_ok, R, TOP_K, BLOCK_MW, BLOCK_R, BLOCK_W, True, DOT_PRECISION,
+            )  # fmt: skip
             tl.store(
                 db_ptr + expert64 * stride_dbe + offs_o[None, :] * stride_dbo + offs_r[:, None] * stride_dbr,
                 acc_RW.to(db_ptr.dtype.element_ty),

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .autotune import prune_slot_configs, slot_kernel_configs
+from .tiles import expand, rank_offsets, rank_rows, scale_by_weights, shrink, tile_rows
 
 
 @triton.jit
@@ -64,66 +65,28 @@ def lora_experts_fwd_kernel(
     expert = tl.load(tile_expert_ptr + pid_tile)
     if expert < 0:
         return
-    compute_dtype = x_ptr.dtype.element_ty
     expert64 = expert.to(tl.int64)
-    pos_end = tl.load(ends_ptr + expert)
-    pos_M = tl.load(tile_start_ptr + pid_tile) + tl.arange(0, BLOCK_M)
-    row_ok_M = pos_M < pos_end
-    slot_M = tl.load(order_ptr + pos_M, mask=row_ok_M, other=0)
-    tok_M = (slot_M // TOP_K).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
+    pos_M, row_ok_M, slot_M, tok_M = tile_rows(order_ptr, ends_ptr, tile_start_ptr, pid_tile, expert, TOP_K, BLOCK_M)
+    offs_r, r_ok = rank_offsets(R, BLOCK_R)
 
     # Shrink: h = x[tok] @ A_e^T, fp32 accumulate.
-    h_MR = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    a_base = a_ptr + expert64 * stride_ae
-    for d0 in range(0, D, BLOCK_K):
-        offs_d = d0 + tl.arange(0, BLOCK_K)
-        d_ok = offs_d < D
-        x_MK = tl.load(
-            x_ptr + tok_M[:, None] * stride_xt + offs_d[None, :] * stride_xd,
-            mask=row_ok_M[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        a_KR = tl.load(
-            a_base + offs_r[None, :] * stride_ar + offs_d[:, None] * stride_ad,
-            mask=r_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        h_MR = tl.dot(x_MK, a_KR.to(compute_dtype), h_MR, input_precision=DOT_PRECISION)
+    h_MR = shrink(
+        x_ptr, tok_M, row_ok_M, stride_xt, stride_xd, a_ptr + expert64 * stride_ae, stride_ad, stride_ar,
+        offs_r, r_ok, D, BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION,
+    )  # fmt: skip
 
     if SAVE_H:  # noqa: SIM102  (a compile-time branch around a runtime one: keep them apart for triton)
         if pid_split == 0:
-            tl.store(
-                h_ptr + pos_M.to(tl.int64)[:, None] * R + offs_r[None, :],
-                h_MR,
-                mask=row_ok_M[:, None] & r_ok[None, :],
-            )
+            rank_offs, rank_mask = rank_rows(pos_M, row_ok_M, offs_r, r_ok, R)
+            tl.store(h_ptr + rank_offs, h_MR, mask=rank_mask)
 
-    w_M = tl.load(w_ptr + slot_M, mask=row_ok_M, other=0.0).to(tl.float32)
-    hs_MR = (h_MR * (w_M * scaling)[:, None]).to(compute_dtype)
+    hs_MR = scale_by_weights(h_MR, w_ptr, slot_M, row_ok_M, scaling).to(x_ptr.dtype.element_ty)
 
     # Expand: u = hs @ B_e^T over this split's column blocks.
-    b_base = b_ptr + expert64 * stride_be
-    if ATOMIC:
-        out_row_M = tok_M
-    else:
-        out_row_M = slot_M.to(tl.int64)
-    for n0 in range(pid_split * BLOCK_N, O, N_SPLIT * BLOCK_N):
-        offs_o = n0 + tl.arange(0, BLOCK_N)
-        o_ok = offs_o < O
-        b_RN = tl.load(
-            b_base + offs_o[None, :] * stride_bo + offs_r[:, None] * stride_br,
-            mask=r_ok[:, None] & o_ok[None, :],
-            other=0.0,
-        )
-        u_MN = tl.dot(hs_MR, b_RN.to(compute_dtype), input_precision=DOT_PRECISION)
-        out_ptrs = out_ptr + out_row_M[:, None] * stride_out + offs_o[None, :]
-        out_mask = row_ok_M[:, None] & o_ok[None, :]
-        if ATOMIC:
-            tl.atomic_add(out_ptrs, u_MN, mask=out_mask, sem="relaxed")
-        else:
-            tl.store(out_ptrs, u_MN.to(out_ptr.dtype.element_ty), mask=out_mask)
+    expand(
+        hs_MR, b_ptr + expert64 * stride_be, stride_bo, stride_br, offs_r, r_ok, out_ptr, stride_out,
+        slot_M, tok_M, row_ok_M, O, pid_split, BLOCK_N, N_SPLIT, ATOMIC, DOT_PRECISION,
+    )  # fmt: skip
 
 
 # CUDA only: the autotuner benchmarks on the device, which the interpreter has not got. Only the deterministic

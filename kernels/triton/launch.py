@@ -38,6 +38,14 @@ def _check_rank_block(cfg: TileConfig, rank: int, dtype: torch.dtype) -> None:
         raise ValueError(f"16-bit tl.dot needs its reduction dim >= 16; block_r={cfg.block_r}")
 
 
+def _launch(kernel, tuned_kernel, grid, args, common: dict, cfg: TileConfig, tuned: bool, **blocks: int) -> None:
+    """Launch ``tuned_kernel`` (autotuned) or ``kernel`` with the config's ``blocks``, warps and stages."""
+    if tuned:
+        tuned_kernel[grid](*args, **common)
+    else:
+        kernel[grid](*args, **common, **blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def launch_forward(
     x_TD: torch.Tensor,
     lora_A_ERD: torch.Tensor,
@@ -101,18 +109,17 @@ def launch_forward(
         "SAVE_H": save_h,
         "DOT_PRECISION": _dot_precision(x_TD.dtype),
     }
-    grid = (n_tiles, cfg.split_fwd)
-    if _use_autotune(autotune, atomic, device):
-        forward_kernel.lora_experts_fwd_kernel_autotuned[grid](*args, **common)
-    else:
-        forward_kernel.lora_experts_fwd_kernel[grid](
-            *args,
-            **common,
-            BLOCK_K=cfg.block_k,
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+    _launch(
+        forward_kernel.lora_experts_fwd_kernel,
+        forward_kernel.lora_experts_fwd_kernel_autotuned,
+        (n_tiles, cfg.split_fwd),
+        args,
+        common,
+        cfg,
+        _use_autotune(autotune, atomic, device),
+        BLOCK_K=cfg.block_k,
+        BLOCK_N=cfg.block_n,
+    )
     if atomic:
         y_TO = out.to(x_TD.dtype)
     elif top_k == 1:
@@ -215,18 +222,17 @@ def launch_backward(
             "ATOMIC": atomic,
             "DOT_PRECISION": precision,
         }
-        grid = (meta.tile_expert_N.numel(), common["N_SPLIT"])
-        if tuned:
-            backward_slots_kernel.lora_experts_bwd_slots_kernel_autotuned[grid](*args, **common)
-        else:
-            backward_slots_kernel.lora_experts_bwd_slots_kernel[grid](
-                *args,
-                **common,
-                BLOCK_K=cfg.block_k,
-                BLOCK_N=cfg.block_n,
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
+        _launch(
+            backward_slots_kernel.lora_experts_bwd_slots_kernel,
+            backward_slots_kernel.lora_experts_bwd_slots_kernel_autotuned,
+            (meta.tile_expert_N.numel(), common["N_SPLIT"]),
+            args,
+            common,
+            cfg,
+            tuned,
+            BLOCK_K=cfg.block_k,
+            BLOCK_N=cfg.block_n,
+        )
         if need_dx:
             if atomic:
                 dx_TD = dx_buf.to(x_TD.dtype)
@@ -265,15 +271,15 @@ def launch_backward(
             block_w = meta_params["BLOCK_W"]
             return (E, (cdiv(D, block_w) if need_dA else 0) + (cdiv(O, block_w) if need_dB else 0))
 
-        if tuned:
-            backward_weights_kernel.lora_experts_bwd_weights_kernel_autotuned[grid](*args, **common)
-        else:
-            backward_weights_kernel.lora_experts_bwd_weights_kernel[grid](
-                *args,
-                **common,
-                BLOCK_MW=cfg.block_mw,
-                BLOCK_W=cfg.block_w,
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
+        _launch(
+            backward_weights_kernel.lora_experts_bwd_weights_kernel,
+            backward_weights_kernel.lora_experts_bwd_weights_kernel_autotuned,
+            grid,
+            args,
+            common,
+            cfg,
+            tuned,
+            BLOCK_MW=cfg.block_mw,
+            BLOCK_W=cfg.block_w,
+        )
     return dx_TD, dA_ERD, dB_EOR, dw_S
