@@ -180,7 +180,7 @@ class MoELoRALinear(nn.Module):
                 threshold_max=router_options.get("threshold_max"),
                 capacity_factor=router_options.get("capacity_factor", 2.0),
             ).to(device)
-        self.reset_parameters(init_seed)
+        self.reset_parameters(init_seed, reset_router=not isinstance(router, Router))  # a given router is kept
 
         self.token_mask: torch.Tensor | None = None  # [T] bool, set per forward by the converted model
         self.last_routing: Routing | None = None
@@ -188,11 +188,13 @@ class MoELoRALinear(nn.Module):
         self.last_aux_loss: torch.Tensor | None = None
 
     # ---- init ---------------------------------------------------------------------------------------------
-    def reset_parameters(self, init_seed: int | None = None) -> None:
+    def reset_parameters(self, init_seed: int | None = None, reset_router: bool = True) -> None:
         """lora_A per global expert (init_lora_A_); lora_B = 0; the router from its own seeded generator."""
         init_lora_A_(self.lora_A, self.init_lora_weights, init_seed)
         with torch.no_grad():
             self.lora_B.zero_()
+            if not reset_router:
+                return
             gen = None if init_seed is None else expert_generator(init_seed, -1)
             self.router.to("cpu")
             self.router.reset_parameters(gen)

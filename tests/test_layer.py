@@ -205,3 +205,13 @@ def test_fused_router_and_shrink_equals_the_unfused_path():
         outs.append((xi.grad, m.lora_A.grad, m.lora_B.grad, m.router.weight.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_given_router_is_used_as_is():
+    from moe_lora.routers import TopKRouter
+
+    router = TopKRouter(40, 3, top_k=1)
+    with torch.no_grad():
+        router.weight.fill_(0.5)
+    layer = MoELoRALinear(base(), num_experts=3, top_k=1, rank=2, alpha=4, router=router)
+    assert layer.router is router and torch.all(router.weight == 0.5)
