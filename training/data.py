@@ -20,11 +20,12 @@ Without packing each sequence is truncated to ``seq_len`` and ``collate`` pads a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from moe_lora.jsonl import iter_json_objects
 
 from .synthetic import generate_corpus
 
@@ -51,18 +52,7 @@ class TokenizedData:
 
 def read_jsonl(path: Path, fmt: str) -> tuple[list[dict], str]:
     """Rows of a JSONL file and the resolved format; errors name the file, line and key."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"data.path: {path} line {n} is not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"data.path: {path} line {n} must be a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
+    rows = list(iter_json_objects(path, "data.path"))
     if not rows:
         raise ValueError(f"data.path: {path} has no examples")
     if fmt == "auto":

@@ -17,6 +17,8 @@ import inspect
 import json
 from pathlib import Path
 
+from moe_lora.jsonl import iter_json_objects
+
 HELP = "router load statistics, plots and an HTML report over a dataset (or --compare two reports)"
 
 
@@ -47,27 +49,18 @@ def read_jsonl(path: str | Path, max_samples: int | None = None) -> tuple[list[s
         raise FileNotFoundError(f"--data: {path} does not exist")
     texts: list[str] = []
     labels: list[str | None] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--data: {path}:{lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"--data: {path}:{lineno} is not a JSON object")
-            if isinstance(obj.get("text"), str):
-                text = obj["text"]
-            elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
-                text = obj["prompt"] + "\n" + obj["response"]
-            else:
-                raise ValueError(f"--data: {path}:{lineno} has no string 'text' (nor 'prompt' and 'response')")
-            label = obj.get("task", obj.get("label"))
-            texts.append(text)
-            labels.append(None if label is None else str(label))
-            if max_samples is not None and len(texts) >= max_samples:
-                break
+    for lineno, obj in iter_json_objects(path, "--data"):
+        if isinstance(obj.get("text"), str):
+            text = obj["text"]
+        elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+            text = obj["prompt"] + "\n" + obj["response"]
+        else:
+            raise ValueError(f"--data: {path}:{lineno} has no string 'text' (nor 'prompt' and 'response')")
+        label = obj.get("task", obj.get("label"))
+        texts.append(text)
+        labels.append(None if label is None else str(label))
+        if max_samples is not None and len(texts) >= max_samples:
+            break
     if not texts:
         raise ValueError(f"--data: {path} holds no record")
     return texts, labels

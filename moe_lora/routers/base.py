@@ -66,7 +66,8 @@ class Router(nn.Module):
     def logits_are_linear(self) -> bool:
         """True when logits == x.float() @ weight.float().t() exactly (no jitter now, ``logits`` not overridden),
         so a caller may compute them inside a larger GEMM and pass them to forward."""
-        return type(self).logits is Router.logits and not (self.training and self.jitter_noise > 0)
+        overridden = type(self).logits is not Router.logits or "logits" in vars(self)  # subclass or instance
+        return not overridden and not (self.training and self.jitter_noise > 0)
 
     def forward(
         self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None, logits_TE: torch.Tensor | None = None
