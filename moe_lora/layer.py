@@ -236,7 +236,7 @@ class MoELoRALinear(nn.Module):
             type(self).route is MoELoRALinear.route
             and isinstance(self.lora_dropout, nn.Identity)
             and self.lora_A.dtype == torch.float32
-            and self.router.logits_are_linear
+            and getattr(self.router, "logits_are_linear", False)
             and resolve_path(self.backend, x_TD, E, self.router.top_k, r) == "dense"
         )
 
