@@ -211,16 +211,20 @@ def specialisation_section(res: dict) -> list[str]:
          "split, divided by log min(E, tasks): 0 = every task uses the experts alike, 1 = disjoint experts per "
          "task. Mean over the 36 routed linears, then over seeds. Undefined for the soft router (every token "
          "uses every expert).", "",
-         _row(["method", "nMI mean ± std", "highest layer nMI (mean over seeds)"]), _row(["---"] * 3)]
+         _row(["method", "nMI mean ± std", "most specialised linear", "by layer 0 .. 5 (mean over seeds)"]),
+         _row(["---"] * 4)]
     for name, e in spec.items():
         if e["mean"] is None:
-            L.append(_row([name, "n/a (dense routing)", "-"]))
+            L.append(_row([name, "n/a (dense routing)", "-", "-"]))
         else:
-            L.append(_row([name, f"{e['mean'][0]:.3f} ± {e['mean'][1]:.3f}", f"{e['max_layer']:.3f}"]))
+            L.append(_row([name, f"{e['mean'][0]:.3f} ± {e['mean'][1]:.3f}", f"{e['max_layer']:.3f}",
+                           " ".join(f"{v:.3f}" for v in e.get("by_depth", {}).values())]))
     a = res.get("analysis")
     if a:
-        L += ["", f"Analysed run (best validation mean among MoE-LoRA runs): **{a['method']}**, seed {a['seed']}; "
-              f"report in [`analysis/`](analysis/index.html) (report.json, load heatmaps per task).", ""]
+        L += ["", f"Analysed run (best validation mean among the sparse-routed MoE-LoRA runs; the soft router's load "
+              f"by task is uniform by construction): **{a['method']}**, seed {a['seed']}; report in "
+              "[`analysis/`](analysis/index.html) (report.json, load heatmaps per task below).", "",
+              "![load by task](analysis/load_by_task.png)", ""]
         if a.get("depth_profile"):
             L += ["nMI by transformer layer (mean over its 6 routed linears) in that run: "
                   + ", ".join(f"layer {k}: {v:.3f}" for k, v in a["depth_profile"].items()) + ".", ""]

@@ -124,10 +124,19 @@ def task_expert_mi(layer: dict) -> float | None:
 
 
 def specialisation(report: dict) -> dict:
-    """{per_layer: [nMI or None], mean: float or None} of a routing report."""
+    """{per_layer: [nMI or None], mean: float or None, by_depth: {transformer layer: mean nMI of its routed
+    linears}} of a routing report."""
+    import re
+
     per = [task_expert_mi(layer) for layer in report["layers"]]
     vals = [v for v in per if v is not None]
-    return {"per_layer": per, "mean": sum(vals) / len(vals) if vals else None}
+    depth: dict[str, list[float]] = {}
+    for layer, nmi in zip(report["layers"], per):
+        m = re.search(r"layer\.(\d+)\.", layer["name"])
+        if m and nmi is not None:
+            depth.setdefault(m.group(1), []).append(nmi)
+    by_depth = {k: sum(v) / len(v) for k, v in sorted(depth.items(), key=lambda kv: int(kv[0]))}
+    return {"per_layer": per, "mean": sum(vals) / len(vals) if vals else None, "by_depth": by_depth}
 
 
 # ---- plots -------------------------------------------------------------------------------------------------------
@@ -148,11 +157,11 @@ def plot_accuracy(summary: dict[str, dict], labels: dict[str, str], path: Path) 
     stds = [100 * summary[n]["test_mean"][1] for n in names]
     bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4878a8")
     for b, m in zip(bars, means):
-        ax.text(b.get_x() + b.get_width() / 2, m + 1, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.text(b.get_x() + b.get_width() / 2 + 0.12, m + 0.3, f"{m:.1f}", ha="left", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), [n for n in names], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("mean test accuracy over tasks (%)")
     lo = max(0.0, min(means) - max([*stds, 0.0]) - 10)
-    ax.set_ylim(lo, 100)
+    ax.set_ylim(lo, max(100.0, max(m + sd for m, sd in zip(means, stds)) + 2))
     ax.set_title("Multi-task test accuracy (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
