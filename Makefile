@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS ?= dev,triton,train
 
-.PHONY: install test test-fast demo lint bench bench-quick clean
+.PHONY: install test test-fast demo lint bench bench-quick quality quality-quick clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,12 @@ bench: $(STAMP)  ## layer benchmark against a frozen Linear and PEFT LoRA (READM
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/layer.py --quick
+
+quality: $(STAMP)  ## offline multi-task quality experiment (~20 min on 2 CPU cores)
+	$(BIN)/python benchmarks/quality/run.py
+
+quality-quick: $(STAMP)
+	$(BIN)/python benchmarks/quality/run.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -209,16 +209,18 @@ def specialisation_section(res: dict) -> list[str]:
     L = ["## Do experts specialise by task?", "",
          "nMI = mutual information between the task of a token and the experts it is routed to, over the test "
          "split, divided by log min(E, tasks): 0 = every task uses the experts alike, 1 = disjoint experts per "
-         "task. Mean over the 36 routed linears, then over seeds. Undefined for the soft router (every token "
-         "uses every expert).", "",
+         "task. Mean over the 36 routed linears, then over seeds. Undefined where every token uses every expert "
+         "(the soft router; the 2-expert top-2 layers 0-1 of the MoLA inverted triangle: n/a).", "",
          _row(["method", "nMI mean ± std", "most specialised linear", "by layer 0 .. 5 (mean over seeds)"]),
          _row(["---"] * 4)]
+    depths = sorted({k for e in spec.values() for k in e.get("by_depth", {})}, key=int)
     for name, e in spec.items():
         if e["mean"] is None:
             L.append(_row([name, "n/a (dense routing)", "-", "-"]))
         else:
+            by = e.get("by_depth", {})
             L.append(_row([name, f"{e['mean'][0]:.3f} ± {e['mean'][1]:.3f}", f"{e['max_layer']:.3f}",
-                           " ".join(f"{v:.3f}" for v in e.get("by_depth", {}).values())]))
+                           " ".join(f"{by[k]:.3f}" if k in by else "n/a" for k in depths)]))
     a = res.get("analysis")
     if a:
         L += ["", f"Analysed run (best validation mean among the sparse-routed MoE-LoRA runs; the soft router's load "

@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plots", choices=("all", "main", "none"), default="all",
                    help="PNGs to draw: all, main (not the router report's; it has one panel per routed linear), none")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two results.json and exit")
+    p.add_argument("--render", metavar="DIR", help="rewrite DIR/RESULTS.md and the main plots from DIR/results.json "
+                                                   "(no training) and exit")
     return p.parse_args(argv)
 
 
@@ -290,16 +292,28 @@ def experiment(args: argparse.Namespace, log=print) -> dict:
         write_report_dir(report, out / "analysis", plots=args.plots == "all")
         res["analysis"] = {"method": best["method"], "seed": best["seed"], "val_mean": best["val_mean"],
                            "depth_profile": specialisation(report)["by_depth"], "layers": analysis_rows(report)}
-    if args.plots != "none":
+    res["wall_seconds"] = time.perf_counter() - t_start
+    write_outputs(res, out, plots=args.plots != "none")
+    log(f"wrote {out}/RESULTS.md, results.json; wall time {res['wall_seconds'] / 60:.1f} min")
+    return res
+
+
+def write_outputs(res: dict, out: Path, plots: bool = True) -> None:
+    """results.json, RESULTS.md and the main plots of ``res`` in ``out``."""
+    tasks = res["settings"]["tasks"]
+    if plots:
         plot_accuracy(res["summary"], res["labels"], out / "accuracy.png")
         plot_per_task(res["summary"], tasks, out / "per_task.png")
         if res["single_vs_multi"]:
             plot_single_vs_multi(res["single_vs_multi"], tasks, out / "single_vs_multi.png")
-    res["wall_seconds"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / "RESULTS.md").write_text(render(res) + "\n")
-    log(f"wrote {out}/RESULTS.md, results.json; wall time {res['wall_seconds'] / 60:.1f} min")
-    return res
+
+
+def render_dir(out: Path) -> None:
+    """Re-render RESULTS.md and the main plots of a finished run from its results.json."""
+    res = json.loads((out / "results.json").read_text())
+    write_outputs(res, out)
 
 
 def stable(obj):
@@ -334,6 +348,9 @@ def compare(a: dict, b: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        render_dir(Path(args.render))
+        return 0
     if args.compare:
         a, b = (json.loads(Path(p).read_text()) for p in args.compare)
         diffs = compare(a, b)
