@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: one clear message, no traceback
         print(f"moe-lora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # moe_lora.numerics.NonFiniteError: NaN/inf, with where it appeared
+        print(f"moe-lora {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

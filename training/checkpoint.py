@@ -64,11 +64,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # ---- RNG ----------------------------------------------------------------------------------------------------
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """The RNG states as tensors, ints and lists only, so that they load with ``torch.load(weights_only=True)``."""
+    version, words, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(words), gauss]}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -78,11 +81,13 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -196,6 +201,36 @@ def prune(root: Path, keep: int) -> None:
 
 
 # ---- loading into the DeepSpeed engine ----------------------------------------------------------------------
+def deepspeed_safe_globals() -> list:
+    """The classes besides tensors and containers that DeepSpeed (ZeRO 1/2) pickles into its checkpoints (none
+    without DeepSpeed: its optimizer files then fail to load, the model files need none of them)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def check_pickles(tag_dir: Path) -> None:
+    """Refuse a checkpoint whose ``.pt`` files hold anything but tensors, containers, numbers and DeepSpeed's
+    checkpoint metadata. DeepSpeed reads its files with ``torch.load(weights_only=False)``, which runs whatever
+    code a crafted pickle names; each file is first read here with the restricted ``weights_only`` unpickler
+    (plus the three DeepSpeed classes above), so a file it rejects is never handed to DeepSpeed."""
+    allowed = deepspeed_safe_globals()
+    for f in sorted(tag_dir.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for a forbidden global; anything else for a damaged file
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+            why = next((x for x in lines if "Unsupported" in x or "WeightsUnpickler" in x), lines[0])
+            raise ValueError(f"checkpoint: {f} is not loaded: it does not read as tensors and DeepSpeed metadata "
+                             f"only ({why[:300]})") from None
+
+
 def strict_trainable_loader(src: dict, dst: torch.nn.Module) -> None:
     """custom_load_fn for DeepSpeed: load a state dict saved without frozen parameters. Every trainable
     parameter must be present with its shape; any key the module does not have is an error."""
@@ -219,7 +254,8 @@ def strict_trainable_loader(src: dict, dst: torch.nn.Module) -> None:
 
 def load(engine, tag_dir: Path, *, rank: int, module_only: bool) -> None:
     """Load a committed tag into the engine: everything (resume) or the module weights only (init_from, any
-    ep_size). Resuming also restores this rank's RNG state."""
+    ep_size). Resuming also restores this rank's RNG state. Every ``.pt`` file passes ``check_pickles`` first."""
+    check_pickles(tag_dir)
     load_path, _ = engine.load_checkpoint(
         str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False, load_optimizer_states=not module_only,
         load_lr_scheduler_states=not module_only, load_module_only=module_only,
@@ -230,4 +266,4 @@ def load(engine, tag_dir: Path, *, rank: int, module_only: bool) -> None:
     if not module_only:
         rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
         if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=True))

@@ -26,6 +26,8 @@ from torch import nn
 from moe_lora import save_adapter
 from moe_lora.layer import MoELoRALinear
 
+from .checkpoint import deepspeed_safe_globals
+
 EXPERT_KEY = re.compile(r"^(?P<path>.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<e>\d+)\.(?P<p>lora_[AB])$")
 GATE = ".deepspeed_moe.gate."
 
@@ -50,8 +52,8 @@ def plain_state_from_checkpoint(tag_dir: Path) -> dict[str, torch.Tensor]:
     main = tag_dir / "mp_rank_00_model_states.pt"
     if not main.is_file():
         raise FileNotFoundError(f"checkpoint: {tag_dir} has no mp_rank_00_model_states.pt")
-    # Our own file; it holds DeepSpeed metadata objects besides tensors, hence weights_only=False.
-    module_state = torch.load(main, map_location="cpu", weights_only=False)["module"]
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        module_state = torch.load(main, map_location="cpu", weights_only=True)["module"]
     out: dict[str, torch.Tensor] = {}
     for k, v in module_state.items():
         out[k.replace(GATE, ".router.")] = v

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from torch import nn
 
+from moe_lora.paths import inside
+
 
 class RunLog:
     def __init__(self, out_dir: Path, rank: int, settings, *, max_steps: int, start_step: int, model: nn.Module):
@@ -24,7 +26,7 @@ class RunLog:
         self.settings = settings
         self.enabled = rank == 0
         self.bar = self.writer = self.monitor = None
-        self.metrics_path = out_dir / "metrics.jsonl"
+        self.metrics_path = inside(out_dir, "metrics.jsonl")
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +46,7 @@ class RunLog:
 
             # purge_step drops events of steps a resumed run is about to redo
             purge = start_step + 1 if start_step else None
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+            self.writer = SummaryWriter(str(inside(out_dir, "tensorboard")), purge_step=purge)
         if settings.router_every > 0:
             from moe_lora.analysis import RouterMonitor
 

@@ -324,6 +324,20 @@ class TrainSection:
             " / LOCAL_WORLD_SIZE from the launcher), so ranks do not oversubscribe the cores."
         )},
     )
+    on_nonfinite: str = field(
+        default="error",
+        metadata={"help": (
+            "What a NaN/inf loss does: 'error' stops the run with a NonFiniteError that names the first layer "
+            "(or parameter) holding NaN/inf; 'skip_step' drops that step (no backward, no optimizer or lr-schedule "
+            "step, logged as a warning) and goes on (needs grad_accum: 1)."
+        )},
+    )
+    max_skipped_steps: int = field(
+        default=5,
+        metadata={"help": (
+            "With on_nonfinite: skip_step, stop with a NonFiniteError after this many consecutive skipped steps."
+        )},
+    )
 
     def problems(self) -> list[str]:
         p = []
@@ -335,6 +349,14 @@ class TrainSection:
             p.append(f"train.seed: {self.seed!r} must be an int")
         if self.cpu_threads is not None and not (_is_int(self.cpu_threads) and self.cpu_threads >= 1):
             p.append(f"train.cpu_threads: {self.cpu_threads!r} must be null or an int >= 1")
+        if self.on_nonfinite not in ("error", "skip_step"):
+            p.append(f"train.on_nonfinite: {self.on_nonfinite!r} is not one of 'error', 'skip_step'"
+                     + suggest(self.on_nonfinite, ("error", "skip_step")))
+        elif self.on_nonfinite == "skip_step" and _is_int(self.grad_accum) and self.grad_accum != 1:
+            p.append(f"train.on_nonfinite: 'skip_step' needs train.grad_accum: 1 (got {self.grad_accum!r}): the "
+                     "micro-batches before a bad one have already added their gradients")
+        if not (_is_int(self.max_skipped_steps) and self.max_skipped_steps >= 1):
+            p.append(f"train.max_skipped_steps: {self.max_skipped_steps!r} must be an int >= 1")
         return p
 
 
@@ -567,6 +589,8 @@ class Recipe:
         p += self.logging.problems()
         if not isinstance(self.output_dir, str) or not self.output_dir:
             p.append(f"output_dir: {self.output_dir!r} must be a directory path")
+        elif Path(self.output_dir).expanduser().exists() and not Path(self.output_dir).expanduser().is_dir():
+            p.append(f"output_dir: {self.output_dir!r} exists and is not a directory")
         if not (_is_int(self.ep_size) and self.ep_size >= 1):
             p.append(f"ep_size: {self.ep_size!r} must be an int >= 1")
         elif isinstance(self.moe_lora, MoELoRAConfig):

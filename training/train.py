@@ -7,7 +7,8 @@
 The launcher runs this file as a script, so it imports the package by its installed name
 (``moe_lora.training``) and first drops its own folder from sys.path: the folder's modules (data, model,
 checkpoint, ...) must not shadow top-level modules of other packages.
-Exit codes: 0 done, 2 invalid recipe or data (one message listing every problem), 1 anything else.
+Exit codes: 0 done, 2 invalid recipe or data (one message listing every problem), 3 NaN/inf loss
+(train.on_nonfinite: error; the message names the layer), 1 anything else.
 """
 
 import os
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"training/train.py: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # moe_lora.numerics.NonFiniteError: NaN/inf, with where it appeared
+        print(f"training/train.py: error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr)
+        return 3
     return 0
 
 

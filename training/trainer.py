@@ -34,6 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_lora.errors import ConfigError
+from moe_lora.numerics import NonFiniteError, locate_nonfinite
+from moe_lora.paths import inside
 
 from . import checkpoint as ckpt
 from .data import IGNORE, build_dataset, collate
@@ -63,8 +65,9 @@ def _import_deepspeed():
 class Trainer:
     def __init__(self, recipe: Recipe, info: DistInfo):
         self.recipe, self.info = recipe, info
-        self.out_dir = Path(recipe.output_dir)
-        self.ckpt_root = self.out_dir / "checkpoints"
+        self.out_dir = Path(recipe.output_dir).expanduser()
+        self.ckpt_root = inside(self.out_dir, "checkpoints")
+        self.skipped_in_a_row = 0
         self.ds_config = build_deepspeed_config(recipe, info.world_size)
         self.ep_rank = info.rank % recipe.ep_size
         self.engine = None
@@ -162,7 +165,8 @@ class Trainer:
             # touch the optimizer's lr: apply lr(t) for the next 0-based step t (0 on a fresh start).
             sched.step(max(sched.last_batch_iteration, 0))
 
-        log = RunLog(self.out_dir, info.rank, r.logging, max_steps=t.max_steps, start_step=start, model=engine.module)
+        self.log = log = RunLog(self.out_dir, info.rank, r.logging, max_steps=t.max_steps, start_step=start,
+                                model=engine.module)
         if resume is not None:
             log.event(event="resume", from_step=start, checkpoint=str(resume))
             for line in self.resume_differences(ckpt.read_state(resume), len(data)):
@@ -190,7 +194,7 @@ class Trainer:
         if r.checkpoint.export_adapter:
             from .export import export_adapter
 
-            adapter_dir = export_adapter(engine.module, self.out_dir / "adapter", info.rank)
+            adapter_dir = export_adapter(engine.module, inside(self.out_dir, "adapter"), info.rank)
         dist.barrier()
         return {
             "output_dir": str(self.out_dir),
@@ -225,10 +229,13 @@ class Trainer:
             ce = token_ce_sum(out.logits, batch["labels"].to(info.device))
             aux = getattr(out, "aux_loss", None)
             aux = torch.zeros((), device=ce.device) if aux is None else aux.float()
+            if self.nonfinite_anywhere(ce, aux):
+                return self.on_nonfinite(engine, batch, step, m, ce, aux)
             engine.backward(ce * scale + aux)
             engine.step()
             stats += torch.stack([ce.detach().double(), aux.detach().double().to(ce.device),
                                   batch["attention_mask"].sum().double().to(ce.device)])
+        self.skipped_in_a_row = 0
         dist.all_reduce(stats)
         stats = stats.cpu()
         wall = time.perf_counter() - t0
@@ -238,6 +245,35 @@ class Trainer:
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         return metrics
+
+    # ---- NaN / inf ----------------------------------------------------------------------------------------
+    def nonfinite_anywhere(self, ce: torch.Tensor, aux: torch.Tensor) -> bool:
+        """Whether the loss of this micro-batch is NaN/inf on any rank (all ranks agree, so they all take the
+        same branch: DeepSpeed's backward and step are collective). One scalar all-reduce per micro-batch."""
+        bad = (~torch.isfinite(ce.detach()) | ~torch.isfinite(aux.detach())).float().reshape(1)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item())
+
+    def on_nonfinite(self, engine, batch: dict, step: int, micro: int, ce: torch.Tensor, aux: torch.Tensor) -> dict:
+        """Name where the NaN/inf came from (a re-run of the micro-batch's forward under hooks, on every rank),
+        then raise NonFiniteError ('error') or skip the step ('skip_step': no backward, no optimizer step)."""
+        t, device = self.recipe.train, self.info.device
+        model = engine.module
+        where = locate_nonfinite(model, lambda: model(input_ids=batch["input_ids"].to(device),
+                                                      attention_mask=batch["attention_mask"].to(device),
+                                                      use_cache=False))
+        what = (f"step {step + 1}, micro-batch {micro}, rank {self.info.rank}: cross-entropy {float(ce):.4g}, "
+                f"aux loss {float(aux):.4g}; {where}")
+        if t.on_nonfinite == "error":
+            raise NonFiniteError(f"non-finite loss at {what}. Lower optimizer.lr, set optimizer.max_grad_norm, or "
+                                 "set train.on_nonfinite: skip_step to skip such steps")
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row > t.max_skipped_steps:
+            raise NonFiniteError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss "
+                                 f"(train.max_skipped_steps: {t.max_skipped_steps}); the last at {what}")
+        self.log.event(event="warning", message=f"skipped step {step + 1}: non-finite loss at {what}")
+        return {"loss": float("nan"), "aux_loss": float("nan"), "lr": float(engine.get_lr()[0]), "skipped": 1.0,
+                "tokens_per_s": 0.0, "step_time_s": 0.0}
 
     def save(self, engine, step: int, metrics: dict, num_sequences: int) -> Path:
         from .export import export_adapter

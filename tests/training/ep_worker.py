@@ -11,6 +11,8 @@ Scenarios:
                kill test).
     ep1        world 1, ep_size 1: the reference (micro batch 8 = the same global batch) and a run that starts
                from the ep_size-2 ZeRO-2 checkpoint (checkpoint.init_from).
+    numerics   world 1: the same recipe twice (losses must match), then with an inf injected into one layer's
+               output at one step, under train.on_nonfinite skip_step and error. Writes numerics.json.
 Each training run writes <name>_rank{r}.pt: the run_training result, this rank's trainable non-expert
 parameters and its local experts (global ids, lora_A, lora_B).
 """
@@ -133,7 +135,58 @@ def scenario_dispatch(out: Path) -> None:
     (out / f"dispatch_rank{rank}.json").write_text(json.dumps(report, indent=2))
 
 
+def poison(layer_name: str, at_forward: int):
+    """Patch the trainer's build_model so that ``layer_name`` overflows (output times inf) on the input it gets
+    in its ``at_forward``-th forward call (1-based; one forward per step here), and on that input only: a batch
+    that overflows a layer, reproducibly, as real overflows do."""
+    import moe_lora.training.model as model_mod
+
+    build = model_mod.build_model
+
+    def build_poisoned(recipe, ep_rank):
+        model = build(recipe, ep_rank)
+        calls, bad = [0], []
+
+        def hook(module, args, out):
+            calls[0] += 1
+            if calls[0] == at_forward:
+                bad.append(args[0].detach().clone())
+            return out * float("inf") if bad and torch.equal(args[0], bad[0]) else out
+
+        model.get_submodule(layer_name).register_forward_hook(hook)
+        return model
+
+    model_mod.build_model = build_poisoned
+    return lambda: setattr(model_mod, "build_model", build)
+
+
+def scenario_numerics(out: Path) -> None:
+    from moe_lora.numerics import NonFiniteError
+
+    result = {}
+    runs = [train(name, out, tiny_recipe(out / name, ep_size=1, micro=8, max_steps=4)) for name in ("a", "b")]
+    result["losses_a"], result["losses_b"] = runs[0]["losses"], runs[1]["losses"]
+    layer = "model.layers.1.mlp.down_proj.base_layer"
+    undo = poison(layer, at_forward=2)
+    try:
+        skip = train("skip", out, tiny_recipe(out / "skip", ep_size=1, micro=8, max_steps=4,
+                                              train__on_nonfinite="skip_step"))
+    finally:
+        undo()
+    result["losses_skip"] = skip["losses"]
+    undo = poison(layer, at_forward=3)
+    try:
+        train("error", out, tiny_recipe(out / "error", ep_size=1, micro=8, max_steps=4))
+        result["error"] = None
+    except NonFiniteError as e:
+        result["error"] = str(e)
+    finally:
+        undo()
+    (out / "numerics.json").write_text(json.dumps(result, indent=1))
+
+
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
-    {"ep2": scenario_ep2, "ep1": scenario_ep1, "dispatch": scenario_dispatch}[scenario](out_dir)
+    {"ep2": scenario_ep2, "ep1": scenario_ep1, "dispatch": scenario_dispatch,
+     "numerics": scenario_numerics}[scenario](out_dir)

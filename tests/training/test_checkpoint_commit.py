@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
+from moe_lora.training import checkpoint as ckpt
 from moe_lora.training.checkpoint import MANIFEST, complete_tags, is_complete, newest_complete, prune, tag_name
 
 
@@ -65,3 +69,42 @@ def test_resume_reports_what_changed_since_the_checkpoint(tmp_path):
         "optimizer.lr: 0.01 in the checkpoint, 0.003 now (this run's value is used)"]
     assert trainer.resume_differences({"num_sequences": 300, "recipe": saved}, 400)[0].startswith(
         "data: 300 sequences when the checkpoint was written, 400 now")
+
+
+class _Payload:
+    """Unpickling this runs os.system: what a crafted checkpoint file would do under weights_only=False."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch PWNED",)
+
+
+def test_a_checkpoint_file_with_code_in_it_is_refused_before_deepspeed_reads_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tag = tmp_path / "step00000001"
+    tag.mkdir()
+    torch.save({"module": {"w": torch.ones(2)}}, tag / "mp_rank_00_model_states.pt")
+    ckpt.check_pickles(tag)  # tensors and containers pass
+    torch.save({"module": {"w": torch.ones(2)}, "x": _Payload()}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError, match=r"zero_pp_rank_0_mp_rank_00_optim_states\.pt is not loaded"):
+        ckpt.check_pickles(tag)
+    assert not (tmp_path / "PWNED").exists()
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(ValueError, match="is not loaded"):
+        ckpt.check_pickles(tag)
+
+
+def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
