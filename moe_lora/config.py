@@ -17,6 +17,7 @@ import yaml
 from .allocation import SHAPES
 from .errors import ConfigError, suggest
 from .kernels.api import BACKENDS
+from .yaml_file import parse_yaml
 
 ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive")
 #: Routers that choose how many experts a token gets (top_k is not used by them).
@@ -262,7 +263,7 @@ class MoELoRAConfig:
 
     @classmethod
     def from_yaml(cls, path_or_text: str | Path) -> MoELoRAConfig:
-        return cls.from_dict(yaml.safe_load(_read_or_text(path_or_text)) or {})
+        return cls.from_dict(parse_yaml(_read_or_text(path_or_text), "MoELoRAConfig YAML") or {})
 
     @classmethod
     def help(cls) -> str:

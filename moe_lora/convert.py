@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from .block import ExpertLinear, MoEBlock
@@ -37,6 +36,7 @@ from .targets import (
     layer_value,
     match_targets,
 )
+from .yaml_file import read_yaml
 
 FIXED_K_ROUTERS = ("topk", "contrastive")
 PLAN_ATTR = "moe_lora_plan"
@@ -48,11 +48,12 @@ def module_seed(init_seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
 
 
-def load_config(source: str | Path | dict) -> MoELoRAConfig:
+def load_config(source: str | Path | dict, field: str = "config") -> MoELoRAConfig:
     """A MoELoRAConfig from a YAML file (or mapping). When the mapping has a top-level ``moe_lora:`` key (training
     recipes), that sub-mapping is the config and the other sections are ignored; otherwise the whole mapping is
-    the config and unknown keys are errors."""
-    data = source if isinstance(source, dict) else yaml.safe_load(Path(source).read_text())
+    the config and unknown keys are errors. ``field`` (the setting or flag that named the file) starts the
+    message of a file that is missing or not YAML."""
+    data = source if isinstance(source, dict) else read_yaml(source, field)
     if data is None:
         data = {}
     if isinstance(data, dict) and "moe_lora" in data:

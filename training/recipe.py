@@ -21,12 +21,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import yaml
-
 from moe_lora.allocation import per_layer
 from moe_lora.config import MoELoRAConfig
 from moe_lora.convert import load_config
 from moe_lora.errors import ConfigError, suggest
+from moe_lora.yaml_file import parse_yaml
 from moe_lora.zoo import BUILTIN, TINY
 
 from .ds_config import deepspeed_problems, load_deepspeed_json
@@ -568,11 +567,11 @@ class Recipe:
                 p.append(f"moe_lora: file {self.moe_lora!r} does not exist")
             else:
                 try:
-                    self.moe_lora = load_config(path)
+                    self.moe_lora = load_config(path, "moe_lora")
                 except ConfigError as e:
                     p += [f"moe_lora ({self.moe_lora}): {x}" for x in e.problems]
-                except yaml.YAMLError as e:
-                    p.append(f"moe_lora: {self.moe_lora!r} is not valid YAML ({e})")
+                except (ValueError, FileNotFoundError) as e:
+                    p.append(str(e))
         elif isinstance(self.moe_lora, dict):
             raw = self.moe_lora
             try:
@@ -765,7 +764,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError([f"--set: {text!r} must look like section.field=value"], "command line")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), parse_yaml(raw, f"--set {text!r}: the value")
+    except ValueError as e:
+        raise ConfigError([str(e)], "command line") from None
 
 
 def load_recipe(recipe: str | Path | dict | Recipe, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -780,7 +782,7 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: dict[str, Any] | 
     if not path.is_file():
         raise ConfigError([f"config: recipe file {str(recipe)!r} does not exist"], "command line")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"config: {str(recipe)!r} is not valid YAML ({e})"], "command line") from None
+        data = parse_yaml(path.read_text(), f"config: {str(recipe)!r}") or {}
+    except ValueError as e:
+        raise ConfigError([str(e)], "command line") from None
     return Recipe.from_dict(apply_overrides(data, overrides), str(path))

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 from pathlib import Path
 
+from moe_lora.commands.argcheck import at_least, need_dir, need_file, raise_problems, writable_dir
 from moe_lora.jsonl import iter_json_objects
+from moe_lora.yaml_file import read_yaml
 
 HELP = "router load statistics, plots and an HTML report over a dataset (or --compare two reports)"
 
@@ -55,7 +56,7 @@ def read_jsonl(path: str | Path, max_samples: int | None = None) -> tuple[list[s
         elif isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
             text = obj["prompt"] + "\n" + obj["response"]
         else:
-            raise ValueError(f"--data: {path}:{lineno} has no string 'text' (nor 'prompt' and 'response')")
+            raise ValueError(f"--data: {path} line {lineno} has no string 'text' (nor 'prompt' and 'response')")
         label = obj.get("task", obj.get("label"))
         texts.append(text)
         labels.append(None if label is None else str(label))
@@ -83,35 +84,13 @@ def make_batches(tokenizer, texts: list[str], labels: list[str | None], batch_si
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
-def package_function(name: str):
-    """``moe_lora.<name>`` as a function (also when only the submodule ``moe_lora.<name>`` defines it); None if
-    this install has none."""
-    import importlib
-    import types
-
-    import moe_lora
-
-    fn = getattr(moe_lora, name, None)
-    if fn is None:
-        try:
-            fn = importlib.import_module(f"moe_lora.{name}")
-        except ImportError:
-            return None
-    if isinstance(fn, types.ModuleType):
-        fn = getattr(fn, name, None)
-    return fn if callable(fn) else None
-
-
 def read_config(path: str | Path):
     """MoELoRAConfig from YAML or JSON; a training recipe's ``moe_lora:`` section is used when present."""
-    import yaml
 
     from moe_lora import MoELoRAConfig
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--config: {path} does not exist")
-    data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    data = read_yaml(path, "--config")  # JSON is YAML
     if isinstance(data, dict) and "moe_lora" in data:
         data = data["moe_lora"]
     return MoELoRAConfig.from_dict(data or {}, f"MoELoRAConfig in {path}")
@@ -120,22 +99,12 @@ def read_config(path: str | Path):
 def load_moe_model(args: argparse.Namespace):
     """The base model with the adapter loaded (--adapter) or freshly converted (--config)."""
     import torch
-    from torch import nn
 
-    from moe_lora import zoo
+    from moe_lora import convert, load_adapter, zoo
 
-    if not args.adapter and not args.config:
-        raise ValueError("give --adapter DIR (a saved adapter) or --config FILE (convert the model freshly)")
-    if args.adapter and not Path(args.adapter).is_dir():
-        raise FileNotFoundError(f"--adapter: {args.adapter} is not a directory")
     config = None if args.adapter else read_config(args.config)
-    fn = package_function("load_adapter" if args.adapter else "convert")
-    if fn is None:
-        raise ValueError(f"{'--adapter' if args.adapter else '--config'}: this moe_lora has no "
-                         f"{'load_adapter' if args.adapter else 'convert'}")
     model = zoo.load_model(args.model, seed=args.seed, dtype=getattr(torch, args.dtype))
-    out = fn(model, args.adapter) if args.adapter else fn(model, config)
-    return out if isinstance(out, nn.Module) else model
+    return load_adapter(model, args.adapter) if args.adapter else convert(model, config)
 
 
 def forward_kwargs(model) -> set[str]:
@@ -193,20 +162,43 @@ def print_summary(report: dict, paths: dict) -> None:
     print(f"report: {paths['report']}\npage:   {paths['index']}")
 
 
-def run_analysis(args: argparse.Namespace) -> int:
+def check_analysis_args(args: argparse.Namespace):
+    """Every problem of the analysis flags at once (ConfigError); returns the torch device to run on."""
     import torch
+
+    problems: list[str] = []
+    if not args.model:
+        problems.append("--model: required (or use --compare A B)")
+    need_file(problems, "--data", args.data)
+    writable_dir(problems, "--out", args.out)
+    if args.adapter and args.config:
+        problems.append("--adapter and --config: give one (a saved adapter, or a config to convert freshly)")
+    elif not args.adapter and not args.config:
+        problems.append("--adapter or --config: required (a saved adapter, or a config to convert freshly)")
+    need_dir(problems, "--adapter", args.adapter)
+    need_file(problems, "--config", args.config, required=False)
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length),
+                        ("--max-samples", args.max_samples)):
+        at_least(problems, flag, value, 1)
+    device = None
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+            else torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            problems.append(f"--device: {args.device!r} but CUDA is not available (use cpu or auto)")
+    except RuntimeError:
+        problems.append(f"--device: {args.device!r} is not a device ('auto', 'cpu', 'cuda', 'cuda:1', ...)")
+    raise_problems(problems)
+    return device
+
+
+def run_analysis(args: argparse.Namespace) -> int:
 
     from moe_lora import zoo
     from moe_lora.analysis import write_report_dir
 
-    for flag in ("model", "data", "out"):
-        if not getattr(args, flag):
-            raise ValueError(f"--{flag} is required (or use --compare A B)")
-    if args.batch_size < 1 or args.max_length < 1:
-        raise ValueError("--batch-size and --max-length must be >= 1")
+    device = check_analysis_args(args)
     texts, labels = read_jsonl(args.data, args.max_samples)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     model = load_moe_model(args).to(device).eval()
     report = analyse(model, zoo.load_tokenizer(args.model), texts, labels, batch_size=args.batch_size,
                      max_length=args.max_length, model_name=args.model, adapter=args.adapter,

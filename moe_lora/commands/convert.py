@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from moe_lora.commands.argcheck import need_file, raise_problems, writable_dir
+
 HELP = "convert a dense model into MoE-LoRA and write its initial adapter (or --dry-run: show the plan)"
 
 
@@ -29,9 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from moe_lora.convert import convert, load_config, plan, trainable_parameters
     from moe_lora.zoo import load_model
 
-    if not args.dry_run and not args.out:
-        raise ValueError("--out: required unless --dry-run")
-    config = load_config(args.config)
+    problems: list[str] = []
+    need_file(problems, "--config", args.config)
+    writable_dir(problems, "--out", args.out, required=not args.dry_run)
+    raise_problems(problems)
+    config = load_config(args.config, "--config")
     model = load_model(args.model)
     p = plan(model, config)
     print(f"model: {args.model} ({type(model).__name__}); config: {args.config}")

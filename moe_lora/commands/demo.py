@@ -16,6 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from moe_lora.commands.argcheck import at_least, need_file, raise_problems, writable_dir
+
 HELP = "convert a tiny model, train it briefly, write a router report (what `make demo` runs)"
 DEFAULT_RECIPE = "configs/train_tiny.yaml"
 
@@ -29,10 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not Path(args.recipe).is_file():
-        raise FileNotFoundError(f"--recipe: {args.recipe} does not exist (run the demo from the repository root)")
-    if args.eval_examples < 1:
-        raise ValueError(f"--eval-examples: {args.eval_examples} must be >= 1")
+    problems: list[str] = []
+    need_file(problems, "--recipe", args.recipe)
+    if problems and args.recipe == DEFAULT_RECIPE:
+        problems[-1] += " (run the demo from the repository root)"
+    writable_dir(problems, "--out", args.out)
+    at_least(problems, "--steps", args.steps, 1)
+    at_least(problems, "--eval-examples", args.eval_examples, 1)
+    raise_problems(problems)
     import torch
 
     # DeepSpeed picks its accelerator when imported; on a machine without CUDA that is the CPU one.

@@ -18,10 +18,10 @@ import pytest
 import torch
 from analysis_testutils import D, Stack, force_logits, one_expert_logits, zero_logits
 
-from moe_lora import MoELoRAConfig, iter_routed_modules, zoo
+from moe_lora import MoELoRAConfig, convert, iter_routed_modules, save_adapter, zoo
 from moe_lora.analysis import RoutingRecorder, build_report, read_report, validate_report, write_report_dir
 from moe_lora.cli import main
-from moe_lora.commands.analyze import package_function, read_jsonl
+from moe_lora.commands.analyze import read_jsonl
 
 RECORDS = (
     [{"text": f"what is {i} plus {i + 3}? the answer is {2 * i + 3}.", "task": "math"} for i in range(5)]
@@ -68,8 +68,6 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def analysis_dir(tmp_path_factory, data_file, model_dir) -> Path:
     """One `moe-lora analyze --config` run (q_proj and up_proj of 2 layers, E=4, top-2)."""
-    if package_function("convert") is None:
-        pytest.skip("moe_lora.convert is not available yet (issue 3)")
     root = tmp_path_factory.mktemp("analyze")
     config = root / "method.yaml"
     MoELoRAConfig(target_modules=TARGETS, num_experts=4, top_k=2, rank=4, router_init_std=1.0).to_yaml(config)
@@ -115,16 +113,13 @@ def test_cli_writes_a_valid_report_with_plots(analysis_dir, data_file, model_dir
 
 def test_cli_with_a_saved_adapter_matches_the_in_process_model(tmp_path, data_file, model_dir):
     """save_adapter -> `analyze --adapter` gives the load an in-process recorder measures on the same model."""
-    convert, save, load = (package_function(n) for n in ("convert", "save_adapter", "load_adapter"))
-    if None in (convert, save, load):
-        pytest.skip("moe_lora.convert / save_adapter / load_adapter are not available yet (issue 3)")
     model = zoo.load_model(str(model_dir))
     model = convert(model, MoELoRAConfig(target_modules=["up_proj"], num_experts=4, top_k=1, rank=4,
                                          router_init_std=1.0, init_seed=5)) or model
     with torch.no_grad():  # routers that a fresh conversion would not reproduce: only loading gives them
         for _, module in iter_routed_modules(model):
             module.router.weight.copy_(module.router.weight.flip(0) * 2.0)
-    save(model, tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     rc, _, stderr = _run_cli(["analyze", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"),
                               "--data", str(data_file), "--out", str(tmp_path / "out"), "--no-progress",
                               "--no-plots"])
@@ -180,12 +175,24 @@ def test_cli_compare(tmp_path):
 
 def test_cli_errors_are_reported_without_traceback(tmp_path, data_file):
     rc, _, err = _run_cli(["analyze", "--model", "tiny-llama", "--data", str(data_file), "--out", str(tmp_path)])
-    assert rc == 2 and "--adapter DIR" in err
+    assert rc == 2 and "--adapter or --config: required" in err
+    rc, _, err = _run_cli(["analyze", "--data", "nope.jsonl", "--config", "x.yaml", "--out", str(data_file),
+                           "--batch-size", "0", "--device", "tpu"])
+    assert rc == 2 and "invalid command line (6 problems)" in err, err  # every problem at once
+    for problem in ("--model: required", "--data: file 'nope.jsonl' does not exist", "--out: ", "is not a directory",
+                    "--config: file 'x.yaml' does not exist", "--batch-size: 0 must be >= 1", "--device: 'tpu'"):
+        assert problem in err, (problem, err)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
-    rc, _, err = _run_cli(["analyze", "--model", "tiny-llama", "--config", "x.yaml", "--data", str(bad),
-                           "--out", str(tmp_path)])
-    assert rc == 2 and "bad.jsonl:2" in err
+    config = tmp_path / "c.yaml"
+    MoELoRAConfig(target_modules=TARGETS).to_yaml(config)
+    rc, _, err = _run_cli(["analyze", "--model", "tiny-llama", "--config", str(config), "--data", str(bad),
+                           "--out", str(tmp_path / "o")])
+    assert rc == 2 and "bad.jsonl line 2 has no string 'text'" in err
+    config.write_text("num_experts: 4\n  top_k: [2\n")
+    rc, _, err = _run_cli(["analyze", "--model", "tiny-llama", "--config", str(config), "--data", str(data_file),
+                           "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--config: " in err and "is not valid YAML at line 2" in err, err
     (tmp_path / "r.json").write_text(json.dumps({"schema_version": 99}))
     rc, _, err = _run_cli(["analyze", "--compare", str(tmp_path / "r.json"), str(tmp_path / "r.json")])
     assert rc == 2 and "schema_version" in err
