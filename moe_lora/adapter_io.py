@@ -7,7 +7,8 @@ Layout of an adapter directory::
                                   base_model_name_or_path, fingerprint (sha256 of the sorted
                                   (targeted module, base in, base out) list), targets (that list, in module
                                   order), num_layers, num_experts_per_layer, top_k_per_layer, and
-                                  modules {name: {scope, part, layer, num_experts, top_k, rank}}
+                                  modules {name: {scope, part, layer, num_experts, top_k, rank}},
+                                  weights_bytes and weights_sha256 (size and sha256 of the weights file)
     adapter_model.safetensors   metadata {"format": "pt"}; keys = base-model module path + parameter name:
                                   <linear>.lora_A [E, r, in], <linear>.lora_B [E, out, r],
                                   <linear>.router.weight [E, in] (+ router.threshold.weight/.bias: AdaMoLE),
@@ -17,28 +18,48 @@ Layout of an adapter directory::
 Key paths are the *base* model's: the ``base_layer`` segments the wrappers insert are removed, so
 ``model.layers.0.mlp.base_layer.gate_proj.lora_A`` is stored as ``model.layers.0.mlp.gate_proj.lora_A``.
 
-Atomic writes: everything goes to a fresh hidden directory ``.<name>.tmp-*`` beside the target, each file and
-the directory are fsynced and the saved tensors re-read and checked, then the directory is renamed onto the
-target (an existing adapter directory is first renamed aside, then removed). An interrupted save leaves either
-the old adapter or no directory at the target; loading refuses the hidden temporary directories.
+Atomic writes (moe_lora/atomic_dir.py): everything goes to a fresh hidden directory ``.<name>.tmp-<pid>-*``
+beside the target, each file is fsynced and the weights read back and compared with their sha256, then the
+directory is swapped onto the target in one step (Linux ``renameat2`` exchange; elsewhere the old adapter is
+renamed aside first). A save killed at any point leaves at the target the complete old adapter, the complete new
+one, or (first save) nothing; the next save removes the leftovers. Loading refuses the hidden directories.
+
+Loading checks (moe_lora/adapter_checks.py), each a ValueError naming the file, the key and the value (a
+FileNotFoundError for a missing file): adapter_type and format_version first, then every missing or ill-typed
+key at once; weights_bytes and weights_sha256 (truncated or corrupted weights; adapters saved before the
+checksum load unverified); pickles (.bin, .pt, a pickle renamed .safetensors) are refused unread; the base
+model's fingerprint and the (E, k, rank) of every module; then missing, unexpected, mis-shaped and non-floating
+tensors. Floating tensors are cast to the dtype of the model's parameter (as transformers does); a cast that
+overflows is an error. Adapter and model with different base_model_name_or_path but the same fingerprint load
+with a warning (a fine-tuned or re-saved copy of the base has another name).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import tempfile
-import uuid
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 from torch import nn
 
+from .adapter_checks import (
+    CHECKSUM_KEYS,
+    REQUIRED_META,
+    TRAINING_ONLY_FIELDS,
+    check_identity,
+    config_from,
+    pickle_files,
+    read_json_object,
+    read_safetensors,
+    sha256_file,
+    short,
+)
+from .atomic_dir import backup_of, commit_dir, is_leftover, new_temp_dir, recover, write_new_file
 from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
 from .convert import Plan, convert, converted_plan, is_converted, plan
@@ -49,14 +70,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
-META_KEYS = ("adapter_type", "format_version", "moe_lora_version", "base_model_name_or_path", "fingerprint",
-             "targets", "num_layers", "num_experts_per_layer", "top_k_per_layer", "modules")
-
-
-#: Config fields that change how a model trains, not what its adapter tensors mean: a converted model may differ
-#: from the adapter's config in these and still load it.
-TRAINING_ONLY_FIELDS = ("init_seed", "init_lora_weights", "router_init_std", "backend", "dropout", "jitter_noise",
-                        "load_balance_coef", "z_loss_coef", "cv_coef", "contrastive_coef", "contrastive_temperature")
+META_KEYS = (*REQUIRED_META, *CHECKSUM_KEYS)
 
 
 def base_path(name: str) -> str:
@@ -87,20 +101,23 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def _base_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+
+
 def adapter_metadata(model: nn.Module) -> dict:
-    """The adapter_config.json mapping of a converted model."""
+    """The adapter_config.json mapping of a converted model (without the weights' size and checksum)."""
     from . import __version__
 
     p = converted_plan(model)
-    config = getattr(model, "config", None)
-    base_name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
     modules = {e.name: {"scope": e.scope, "part": e.part, "layer": e.layer, "num_experts": e.num_experts,
                         "top_k": e.top_k, "rank": e.rank} for e in p.entries if e.scope != "save"}
     meta = {
         "adapter_type": "moe_lora",
         "format_version": FORMAT_VERSION,
         "moe_lora_version": __version__,
-        "base_model_name_or_path": base_name,
+        "base_model_name_or_path": _base_name(model),
         "fingerprint": p.fingerprint(),
         "targets": [list(t) for t in p.targets],
         "num_layers": p.num_layers,
@@ -109,22 +126,6 @@ def adapter_metadata(model: nn.Module) -> dict:
         "modules": modules,
     }
     return {**p.config.to_dict(), **meta}
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows)
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _umask() -> int:
@@ -136,17 +137,6 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
-
-
-def _check_written(file: Path, state: dict[str, torch.Tensor]) -> None:
-    with safe_open(str(file), "pt") as f:
-        keys = set(f.keys())
-        if keys != set(state):
-            raise OSError(f"adapter: {file} was written with keys {sorted(keys ^ set(state))} wrong")
-        for k in keys:
-            shape = tuple(f.get_slice(k).get_shape())
-            if shape != tuple(state[k].shape) or 0 in shape:
-                raise OSError(f"adapter: {file} holds {k!r} with shape {shape}, expected {tuple(state[k].shape)}")
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
@@ -167,68 +157,68 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
                 f"path: {path} exists and holds files that are not part of an adapter ({', '.join(foreign[:5])}); "
                 "save the adapter to a new or empty directory"
             )
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
-    old = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path, (CONFIG_NAME, WEIGHTS_NAME))
+    data = serialize(state, metadata={"format": "pt"})
+    digest = hashlib.sha256(data).hexdigest()
+    meta.update(weights_bytes=len(data), weights_sha256=digest)
+    tmp = new_temp_dir(path)
     try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            _fsync_file(tmp / name)
-        _check_written(tmp / WEIGHTS_NAME, state)
+        weights = tmp / WEIGHTS_NAME
+        write_new_file(weights, data)
+        if sha256_file(weights) != digest:
+            raise OSError(f"adapter: {weights} reads back different from what was written (a failing disk?)")
+        write_new_file(tmp / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         mask = _umask()  # mkdtemp made the directory 0o700; give the files and it the usual modes
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.chmod(tmp / name, 0o666 & ~mask)
         os.chmod(tmp, 0o777 & ~mask)
-        _fsync_dir(tmp)
-        if path.exists():
-            old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(parent)
+        commit_dir(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.replace(old, path)  # put the previous adapter back
+        shutil.rmtree(tmp, ignore_errors=True)  # the unfinished new adapter, or the old one after a swap
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def read_adapter_config(path: str | Path) -> tuple[MoELoRAConfig, dict]:
-    """(config, metadata) of an adapter directory; checks that it is a finished moe-lora adapter."""
-    path = Path(path)
-    if ".tmp-" in path.name and path.name.startswith("."):
-        raise ValueError(f"adapter: {path} is the temporary directory of an unfinished save, not an adapter")
-    if not path.is_dir():
-        raise FileNotFoundError(f"adapter: {path} is not a directory")
+def _adapter_dir(path: Path) -> Path:
+    """The directory to read for adapter ``path``: itself, or, when a save was killed between its two renames
+    (systems without an atomic exchange), the complete previous adapter it left aside."""
+    if is_leftover(path):
+        raise ValueError(f"adapter: {path} is the temporary directory of an unfinished save, not an adapter; "
+                         "load the adapter directory itself")
+    if path.is_dir():
+        return path
+    backup = backup_of(path, (CONFIG_NAME, WEIGHTS_NAME))
+    if backup is not None:
+        warnings.warn(f"adapter: {path} is missing: a save to it was interrupted; loading the previous adapter "
+                      f"it left at {backup} (the next save_adapter to {path} puts it back)", stacklevel=3)
+        return backup
+    raise FileNotFoundError(f"adapter: {path} is not a directory" + ("" if path.exists() else " (it does not exist)"))
+
+
+def _read_config(path: Path) -> tuple[MoELoRAConfig, dict]:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
-            extra = " (pickled .bin adapters are not loaded)" if name == WEIGHTS_NAME and any(
-                path.glob("*.bin")) else ""
+            pickles = pickle_files(path) if name == WEIGHTS_NAME else []
+            extra = f" ({', '.join(pickles)}: pickled weights are never loaded; save with safetensors)" \
+                if pickles else ""
             raise FileNotFoundError(f"adapter: {path} has no {name}{extra}")
-    try:
-        data = json.loads((path / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"adapter: {path / CONFIG_NAME} is not valid JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("adapter_type") != "moe_lora":
-        raise ValueError(f"adapter: {path / CONFIG_NAME} is not a moe-lora adapter config (adapter_type "
-                         f"{data.get('adapter_type') if isinstance(data, dict) else None!r})")
-    version = data.get("format_version")
-    if not isinstance(version, int) or version < 1:
-        raise ValueError(f"adapter: format_version {version!r} in {path / CONFIG_NAME} is not a positive int")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"adapter: {path} has format_version {version}, newer than this moe-lora reads "
-                         f"({FORMAT_VERSION}); upgrade moe-lora")
-    known = {f.name for f in fields(MoELoRAConfig)}
+    file = path / CONFIG_NAME
+    data = read_json_object(file, "adapter")
+    check_identity(data, file, FORMAT_VERSION)
+    config = config_from(data, file)
+    known = set(MoELoRAConfig.__dataclass_fields__)
     unknown = sorted(k for k in data if k not in known and k not in META_KEYS)
     if unknown:
-        warnings.warn(f"adapter: {path / CONFIG_NAME} has keys this moe-lora does not know, ignored: {unknown} "
-                      "(saved by a newer version?)", stacklevel=2)
-    config = MoELoRAConfig.from_dict({k: v for k, v in data.items() if k in known}, f"MoELoRAConfig in {path}")
+        warnings.warn(f"adapter: {file} has keys this moe-lora does not know, ignored: {unknown} "
+                      "(saved by a newer version?)", stacklevel=3)
     return config, {k: data.get(k) for k in META_KEYS}
+
+
+def read_adapter_config(path: str | Path) -> tuple[MoELoRAConfig, dict]:
+    """(config, metadata) of an adapter directory; checks that it is a finished moe-lora adapter whose
+    adapter_config.json is complete and well typed (see moe_lora/adapter_checks.py)."""
+    return _read_config(_adapter_dir(Path(path)))
 
 
 def first_target_mismatch(saved: list, current: list[tuple[str, int, int]]) -> str | None:
@@ -263,11 +253,20 @@ def _saved_targets_vs_model(model: nn.Module, saved: list) -> str | None:
     return None
 
 
-def _check_structure(p: Plan, meta: dict, path: Path) -> None:
-    if p.fingerprint() != meta.get("fingerprint"):
-        why = first_target_mismatch(meta.get("targets") or [], p.targets) or "the target fingerprints differ"
-        raise ValueError(f"adapter: {path} does not fit this model: {why}")
-    saved = meta.get("modules") or {}
+def _wrong_base(path: Path, meta: dict, model: nn.Module, why: str, here: str | None = None) -> ValueError:
+    """The error for an adapter of another base model: both base names, both fingerprints, the first module
+    that differs."""
+    fps = f"fingerprint {meta['fingerprint'][:12]}..." + (f" vs {here[:12]}... here" if here else "")
+    return ValueError(f"adapter: {path} does not fit this model, it was saved for another base model "
+                      f"(base_model_name_or_path {meta.get('base_model_name_or_path')!r} in the adapter, "
+                      f"{_base_name(model)!r} here; {fps}): {why}")
+
+
+def _check_structure(p: Plan, meta: dict, path: Path, model: nn.Module) -> None:
+    if p.fingerprint() != meta["fingerprint"]:
+        why = first_target_mismatch(meta["targets"], p.targets) or "the targeted modules differ"
+        raise _wrong_base(path, meta, model, why, p.fingerprint())
+    saved = meta["modules"]
     for e in p.entries:
         if e.scope == "save":
             continue
@@ -278,6 +277,11 @@ def _check_structure(p: Plan, meta: dict, path: Path) -> None:
                 f"adapter: {path} does not fit this model: module {e.name!r} has (E, k, rank) = "
                 f"{(e.num_experts, e.top_k, e.rank)} here but {there} in the adapter"
             )
+    a, b = meta.get("base_model_name_or_path"), _base_name(model)
+    if a and b and Path(str(a)).name != Path(str(b)).name:
+        warnings.warn(f"adapter: {path} was saved for base model {a!r} and is loaded into {b!r}; their targeted "
+                      f"modules have the same shapes (fingerprint {p.fingerprint()[:12]}...), so it loads",
+                      stacklevel=3)
 
 
 def _list(names: list[str], limit: int = 10) -> str:
@@ -285,44 +289,15 @@ def _list(names: list[str], limit: int = 10) -> str:
     return ", ".join(repr(n) for n in names[:limit]) + more
 
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load an adapter directory into ``model`` and return it.
-
-    A base model is converted first with the adapter's config; a converted model must have the same structure.
-    Raises ValueError naming the first module whose base shape differs, or every missing, unexpected and
-    mis-shaped tensor key. Tensors are read with safetensors only (never pickle).
-    """
-    path = Path(path)
-    config, meta = read_adapter_config(path)
-    if is_converted(model):
-        p = converted_plan(model)
-        mine = p.config.to_dict()
-        diff = [k for k, v in config.to_dict().items() if mine.get(k) != v and k not in TRAINING_ONLY_FIELDS]
-        if diff:
-            raise ValueError(f"adapter: {path} was saved with a different config than this converted model "
-                             f"(fields {diff}); load it into the base model instead")
-    else:
-        why = _saved_targets_vs_model(model, meta.get("targets") or [])
-        if why is not None:
-            raise ValueError(f"adapter: {path} does not fit this model: {why}")
-        try:
-            p = plan(model, config)
-        except ValueError as e:
-            raise ValueError(f"adapter: {path} does not fit this model: {e}") from None
-    _check_structure(p, meta, path)
-    if not is_converted(model):
-        convert(model, config)
-    file = path / WEIGHTS_NAME
-    with safe_open(str(file), "pt") as f:
-        fmt = (f.metadata() or {}).get("format")
-        if fmt != "pt":
-            raise ValueError(f"adapter: {file} has safetensors metadata format {fmt!r}; expected 'pt'")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    live = adapter_parameters(model)
+def _tensor_problems(tensors: dict[str, torch.Tensor], live: dict[str, nn.Parameter]) -> list[str]:
+    """Missing, unexpected, mis-shaped and non-floating tensors of a weights file, each named with its key."""
     missing = sorted(k for k in live if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in live)
-    misshaped = sorted(f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(live[k].shape)} in the model"
-                       for k in live if k in tensors and tuple(tensors[k].shape) != tuple(live[k].shape))
+    common = sorted(k for k in live if k in tensors)
+    misshaped = [f"{k}: saved shape {tuple(tensors[k].shape)}, expected {tuple(live[k].shape)}"
+                 for k in common if tuple(tensors[k].shape) != tuple(live[k].shape)]
+    non_float = [f"{k}: saved dtype {tensors[k].dtype}, expected a floating dtype (the model's is {live[k].dtype})"
+                 for k in common if not tensors[k].is_floating_point()]
     problems = []
     if missing:
         problems.append(f"missing keys: {_list(missing)}")
@@ -330,8 +305,69 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         problems.append(f"unexpected keys: {_list(unexpected)}")
     if misshaped:
         problems.append(f"mis-shaped keys: {'; '.join(misshaped[:10])}")
+    if non_float:
+        problems.append(f"wrong dtypes: {'; '.join(non_float[:10])}")
+    return problems
+
+
+def _cast(tensors: dict[str, torch.Tensor], live: dict[str, nn.Parameter], file: Path) -> dict[str, torch.Tensor]:
+    """The tensors in the dtypes of the model's parameters; ValueError naming the keys whose finite values
+    overflow in the cast (a float32 adapter loaded into a float16 model)."""
+    out, overflow = {}, []
+    for k, t in tensors.items():
+        c = t.to(live[k].dtype)
+        if c.dtype != t.dtype and not torch.isfinite(c).all() and torch.isfinite(t).all():
+            overflow.append(k)
+        out[k] = c
+    if overflow:
+        raise ValueError(f"adapter: {file} holds values that overflow when cast to the model's dtype "
+                         f"({live[overflow[0]].dtype}) in keys {_list(overflow)}; load it into a model of dtype "
+                         f"{tensors[overflow[0]].dtype}")
+    return out
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, verify_checksum: bool = True) -> nn.Module:
+    """Load an adapter directory into ``model`` and return it.
+
+    A base model is converted first with the adapter's config; a converted model must have the same structure.
+    The files are checked before the model is touched (module docstring: each problem is a ValueError naming
+    the file, the key and the value). ``verify_checksum=False`` skips the sha256 of the weights file (the size
+    is still compared). Tensors are read with safetensors only (never pickle) and cast to the dtypes of the
+    model's parameters.
+    """
+    path = Path(path)
+    src = _adapter_dir(path)
+    config, meta = _read_config(src)
+    file = src / WEIGHTS_NAME
+    tensors, file_meta = read_safetensors(file, "adapter", size=meta.get("weights_bytes"),
+                                          sha256=meta.get("weights_sha256") if verify_checksum else None)
+    fmt = file_meta.get("format")
+    if fmt != "pt":
+        raise ValueError(f"adapter: {file} has safetensors metadata format {short(fmt)}; allowed: 'pt'")
+    if is_converted(model):
+        p = converted_plan(model)
+        mine = p.config.to_dict()
+        diff = [k for k, v in config.to_dict().items() if mine.get(k) != v and k not in TRAINING_ONLY_FIELDS]
+        if diff:
+            fields = ", ".join(f"{k}={short(getattr(config, k))} in the adapter, {short(mine[k])} here" for k in diff)
+            raise ValueError(f"adapter: {path} was saved with a different config than this converted model "
+                             f"({fields}); load it into the base model instead")
+    else:
+        why = _saved_targets_vs_model(model, meta["targets"])
+        if why is not None:
+            raise _wrong_base(path, meta, model, why)
+        try:
+            p = plan(model, config)
+        except ValueError as e:
+            raise _wrong_base(path, meta, model, str(e)) from None
+    _check_structure(p, meta, path, model)
+    if not is_converted(model):
+        convert(model, config)
+    live = adapter_parameters(model)
+    problems = _tensor_problems(tensors, live)
     if problems:
         raise ValueError(f"adapter: {file} does not match the converted model: " + "; ".join(problems))
+    tensors = _cast(tensors, live, file)
     with torch.no_grad():
         for k, param in live.items():
             param.copy_(tensors[k])

@@ -22,7 +22,6 @@ Merging (fixed weights w [E] per routed module, the same for every token):
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,13 +30,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from .adapter_checks import pickle_files, read_json_object, read_safetensors
 from .adapter_io import base_path
 from .block import ExpertLinear
 from .config import MoELoRAConfig
 from .convert import PLAN_ATTR, convert, module_seed
+from .errors import ConfigError
 from .layer import MoELoRALinear, expert_generator
 from .model_hooks import detach_model_hooks
 from .routing import Routing, iter_routed_modules
@@ -62,24 +62,66 @@ def _pattern_value(patterns: Mapping, name: str, default):
     return default
 
 
+def _peft_config_problems(cfg: dict) -> list[str]:
+    """Ill-typed keys of a PEFT LoRA adapter_config.json that this reader uses, as 'key: value must be ...'."""
+    p = []
+    alpha = cfg.get("lora_alpha", 8)
+    if not (isinstance(alpha, int | float) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha > 0):
+        p.append(f"lora_alpha: {alpha!r} must be a number > 0")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        p.append(f"use_rslora: {cfg['use_rslora']!r} must be true or false")
+    patterns = cfg.get("alpha_pattern") or {}
+    if not (isinstance(patterns, dict) and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+                                               for v in patterns.values())):
+        p.append(f"alpha_pattern: {patterns!r} must be a mapping {{module pattern: number > 0}}")
+    else:
+        for key in patterns:
+            try:
+                re.compile(key)
+            except re.error as e:
+                p.append(f"alpha_pattern: key {key!r} is not a valid regular expression ({e})")
+    return p
+
+
+def _lora_pair_problem(module: str, ab: dict[str, torch.Tensor]) -> str | None:
+    if set(ab) != {"A", "B"}:
+        return f"module {module!r} has only lora_{next(iter(ab))}.weight (a LoRA needs lora_A and lora_B)"
+    a, b = ab["A"], ab["B"]
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return f"module {module!r} has lora_A dtype {a.dtype}, lora_B dtype {b.dtype}; expected floating dtypes"
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
+        return (f"module {module!r} has lora_A shape {tuple(a.shape)} and lora_B shape {tuple(b.shape)}; expected "
+                "A [r, in] and B [out, r] with the same r >= 1")
+    return None
+
+
 def read_peft_adapter(path: str | Path) -> dict[str, LoRAWeights]:
     """{module path in the base model: LoRAWeights} of a PEFT LoRA adapter directory (safetensors only).
 
     Raises:
         FileNotFoundError: no adapter_config.json / adapter_model.safetensors (pickled .bin files are not read).
-        ValueError: not a LoRA adapter, or it holds tensors a LoRA expert cannot represent (DoRA magnitudes,
-            LoRA biases, embedding LoRA, modules_to_save); the message names them.
+        ValueError: the config is not a JSON object or has ill-typed keys (lora_alpha, use_rslora, alpha_pattern),
+            the weights are a pickle, truncated or corrupted, it is not a LoRA adapter, or it holds tensors a LoRA
+            expert cannot represent (DoRA magnitudes, LoRA biases, embedding LoRA, modules_to_save) or A/B pairs
+            that do not fit together; each message names the file and the key.
     """
     path = Path(path)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"peft adapter: {path} has no {name} (pickled .bin adapters are not read)")
-    cfg = json.loads((path / "adapter_config.json").read_text())
+            pickles = pickle_files(path) if name == "adapter_model.safetensors" else []
+            extra = f"; {', '.join(pickles)}: pickled weights are never loaded" if pickles else ""
+            raise FileNotFoundError(f"peft adapter: {path} has no {name} (pickled .bin adapters are not read{extra})")
+    cfg_file = path / "adapter_config.json"
+    cfg = read_json_object(cfg_file, "peft adapter")
     if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"peft adapter: {path} has peft_type {cfg.get('peft_type')!r}; only 'LORA' is supported")
+        raise ValueError(f"peft adapter: {cfg_file} has peft_type {cfg.get('peft_type')!r}; allowed: 'LORA'")
     if cfg.get("use_dora"):
         raise ValueError(f"peft adapter: {path} uses DoRA (use_dora: true), which a LoRA expert cannot represent")
-    tensors = load_file(str(path / "adapter_model.safetensors"))
+    problems = _peft_config_problems(cfg)
+    if problems:
+        raise ConfigError(problems, f"peft adapter config {cfg_file}")
+    file = path / "adapter_model.safetensors"
+    tensors, _ = read_safetensors(file, "peft adapter")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unsupported = []
     for key, t in tensors.items():
@@ -91,12 +133,13 @@ def read_peft_adapter(path: str | Path) -> dict[str, LoRAWeights]:
         else:
             unsupported.append(key)
     if unsupported:
-        raise ValueError(f"peft adapter: {path} holds tensors that are not LoRA A/B weights: {unsupported[:5]}")
+        raise ValueError(f"peft adapter: {file} holds tensors that are not LoRA A/B weights: {unsupported[:5]}")
     alpha, rslora = float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora", False))
     out: dict[str, LoRAWeights] = {}
     for module, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"peft adapter: {path} has only lora_{next(iter(ab))} for module {module!r}")
+        problem = _lora_pair_problem(module, ab)
+        if problem:
+            raise ValueError(f"peft adapter: {file}: {problem}")
         r = ab["A"].shape[0]
         a = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, alpha))
         out[module] = LoRAWeights(ab["A"].float(), ab["B"].float(), a / (math.sqrt(r) if rslora else r))

@@ -10,11 +10,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from adapter_testutils import edit_meta, rewrite_weights
 from convert_testutils import BERT_ALL, GPT2_ALL, LLAMA_ALL, LLAMA_MLP, perturb_, tiny, tokens
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import moe_lora.adapter_io as adapter_io
+import moe_lora.atomic_dir as atomic_dir
 from moe_lora import MoELoRAConfig, MoELoRAModel, convert, load_adapter, save_adapter
 from moe_lora.zoo import load_model
 
@@ -62,6 +64,8 @@ def test_adapter_directory_format(tmp_path):
     assert meta["router"] == "threshold" and meta["rank"] == 4 and meta["target_modules"] == LLAMA_ALL
     assert meta["num_experts_per_layer"] == [3, 3] and meta["num_layers"] == 2
     assert meta["base_model_name_or_path"] == "tiny-llama" and meta["moe_lora_version"]
+    data = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    assert meta["weights_bytes"] == len(data) and meta["weights_sha256"] == hashlib.sha256(data).hexdigest()
     targets = sorted(tuple(t) for t in meta["targets"])
     canon = "\n".join(f"{n}\t{i}\t{o}" for n, i, o in targets)
     assert meta["fingerprint"] == hashlib.sha256(canon.encode()).hexdigest()
@@ -100,47 +104,57 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     del state["model.layers.1.mlp.up_proj.lora_B"]
     state["model.layers.1.mlp.up_proj.extra"] = torch.zeros(2)
     state["model.layers.0.mlp.down_proj.lora_A"] = torch.zeros(8, 8, 127)
-    save_file(state, str(file), metadata={"format": "pt"})
+    rewrite_weights(tmp_path / "a", state)
     with pytest.raises(ValueError) as info:
         load_adapter(tiny("tiny-llama"), tmp_path / "a")
     msg = str(info.value)
+    assert f"{file} does not match the converted model" in msg
     assert "missing keys: 'model.layers.1.mlp.up_proj.lora_B'" in msg
     assert "unexpected keys: 'model.layers.1.mlp.up_proj.extra'" in msg
-    assert "model.layers.0.mlp.down_proj.lora_A: (8, 8, 127) in the file, (8, 8, 128) in the model" in msg
-    save_file(load_file(str(file)), str(file), metadata={"format": "np"})
-    with pytest.raises(ValueError, match="metadata format 'np'"):
-        load_adapter(tiny("tiny-llama"), tmp_path / "a")
+    assert "model.layers.0.mlp.down_proj.lora_A: saved shape (8, 8, 127), expected (8, 8, 128)" in msg
 
 
 def test_an_interrupted_save_leaves_the_previous_adapter_or_nothing(tmp_path, monkeypatch):
     model = perturb_(convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=["q_proj"])))
     x = tokens()
 
-    def crash(state, filename, metadata=None):  # a partial file, then the process "dies"
-        with open(filename, "wb") as f:
-            f.write(b"\x00" * 10)
+    def crash(file, data):  # a partial file, then the process "dies"
+        file.write_bytes(data[:10])
         raise KeyboardInterrupt("killed during the save")
 
-    monkeypatch.setattr(adapter_io, "save_file", crash)
+    real_write = adapter_io.write_new_file
+    monkeypatch.setattr(adapter_io, "write_new_file", crash)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(model, tmp_path / "new")
     assert os.listdir(tmp_path) == [], "nothing may be left behind, least of all a directory at the target"
 
-    monkeypatch.setattr(adapter_io, "save_file", save_file)
+    monkeypatch.setattr(adapter_io, "write_new_file", real_write)
     save_adapter(model, tmp_path / "a")
     expected = _out(load_adapter(tiny("tiny-llama"), tmp_path / "a"), x)
     perturb_(model, seed=7)
+
+    def fail_exchange(a, b):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(atomic_dir, "exchange", fail_exchange)
+    with pytest.raises(OSError, match="disk gone"):
+        save_adapter(model, tmp_path / "a")
+    assert os.listdir(tmp_path) == ["a"]
+    assert torch.equal(_out(load_adapter(tiny("tiny-llama"), tmp_path / "a"), x), expected), \
+        "the previous adapter must survive a failed overwrite unchanged"
+
     real_replace = os.replace
 
-    def fail_final_rename(src, dst):
+    def fail_final_rename(src, dst):  # without an atomic exchange: the second of the two renames fails
         if str(dst) == str(tmp_path / "a") and ".tmp-" in str(src):
             raise OSError("disk gone")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(adapter_io.os, "replace", fail_final_rename)
+    monkeypatch.setattr(atomic_dir, "exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic_dir.os, "replace", fail_final_rename)
     with pytest.raises(OSError, match="disk gone"):
         save_adapter(model, tmp_path / "a")
-    monkeypatch.setattr(adapter_io.os, "replace", real_replace)
+    monkeypatch.setattr(atomic_dir.os, "replace", real_replace)
     assert os.listdir(tmp_path) == ["a"]
     assert torch.equal(_out(load_adapter(tiny("tiny-llama"), tmp_path / "a"), x), expected), \
         "the previous adapter must survive a failed overwrite unchanged"
@@ -149,9 +163,33 @@ def test_an_interrupted_save_leaves_the_previous_adapter_or_nothing(tmp_path, mo
 def test_leftover_temporary_directories_never_load(tmp_path):
     model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=["q_proj"]))
     save_adapter(model, tmp_path / "a")
-    os.rename(tmp_path / "a", tmp_path / ".a.tmp-abc123")  # what a kill -9 before the final rename leaves
+    os.rename(tmp_path / "a", tmp_path / ".a.tmp-1-abc123")  # what a kill -9 before the final rename leaves
+    with pytest.raises(ValueError, match="unfinished save"):
+        load_adapter(tiny("tiny-llama"), tmp_path / ".a.tmp-1-abc123")
+    os.rename(tmp_path / ".a.tmp-1-abc123", tmp_path / ".a.tmp-abc123")  # the name earlier versions used
     with pytest.raises(ValueError, match="unfinished save"):
         load_adapter(tiny("tiny-llama"), tmp_path / ".a.tmp-abc123")
+
+
+def test_the_next_save_removes_leftovers_of_dead_saves_and_restores_a_set_aside_adapter(tmp_path):
+    model = perturb_(convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=["q_proj"])))
+    save_adapter(model, tmp_path / "a")
+    old = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    dead = 2**22 + 7  # above the default pid_max of 4194304: no such process
+    (tmp_path / f".a.tmp-{dead}-x1").mkdir()
+    (tmp_path / f".a.tmp-{dead}-x1" / "adapter_model.safetensors").write_bytes(b"partial")
+    (tmp_path / f".a.tmp-{os.getpid()}-x2").mkdir()  # this process's own: could be a save in another thread
+    (tmp_path / f".b.tmp-{dead}-x3").mkdir()  # another adapter's
+    # a kill between the two renames of a save without an atomic exchange: the old adapter is aside, none at a
+    os.rename(tmp_path / "a", tmp_path / f".a.old-{dead}-x4")
+    with pytest.warns(UserWarning, match="a save to it was interrupted; loading the previous adapter"):
+        loaded = load_adapter(convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=["q_proj"])), tmp_path / "a")
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.lora_A, old["model.layers.0.self_attn.q_proj.lora_A"])
+    perturb_(model, seed=9)
+    save_adapter(model, tmp_path / "a")
+    assert sorted(os.listdir(tmp_path)) == sorted([f".b.tmp-{dead}-x3", f".a.tmp-{os.getpid()}-x2", "a"])
+    assert not torch.equal(load_file(str(tmp_path / "a" / "adapter_model.safetensors"))[
+        "model.layers.0.self_attn.q_proj.lora_A"], old["model.layers.0.self_attn.q_proj.lora_A"])
 
 
 def test_bad_directories_are_refused_with_reasons(tmp_path):
@@ -163,14 +201,13 @@ def test_bad_directories_are_refused_with_reasons(tmp_path):
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "adapter_config.json").write_text("{}")
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=re.escape("pickled .bin adapters are not loaded")):
+    with pytest.raises(FileNotFoundError, match=re.escape("adapter_model.bin: pickled weights are never loaded")):
         load_adapter(tiny("tiny-llama"), tmp_path / "pickled")
     save_adapter(model, tmp_path / "a")
-    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**meta, "format_version": 99}))
+    edit_meta(tmp_path / "a", format_version=99)
     with pytest.raises(ValueError, match="format_version 99, newer"):
         load_adapter(tiny("tiny-llama"), tmp_path / "a")
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**meta, "future_field": 1}))
+    edit_meta(tmp_path / "a", format_version=1, future_field=1)
     with pytest.warns(UserWarning, match="future_field"):
         load_adapter(tiny("tiny-llama"), tmp_path / "a")
 
@@ -198,5 +235,6 @@ def test_moelora_model_from_pretrained(tmp_path):
     loaded = MoELoRAModel.from_pretrained(None, tmp_path / "adapter")  # base from base_model_name_or_path
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(_out(loaded, x), expected)
-    trainable = MoELoRAModel.from_pretrained(tiny("tiny-llama"), tmp_path / "adapter", is_trainable=True)
+    with pytest.warns(UserWarning, match=r"saved for base model '.*base' and is loaded into 'tiny-llama'"):
+        trainable = MoELoRAModel.from_pretrained(tiny("tiny-llama"), tmp_path / "adapter", is_trainable=True)
     assert any(p.requires_grad for p in trainable.parameters())
