@@ -19,7 +19,8 @@ Only x, the routing and h are saved (x rows are gathered again in backward inste
 Which GEMM runs the groups:
 * CUDA: ``torch.nn.functional.grouped_mm`` (torch >= 2.9), one launch per product and no host sync. It needs
   16-byte aligned row strides (D, O and r multiples of 4 in fp32, 8 in 16-bit); other shapes use the loop.
-* CPU: a loop of BLAS matmuls over the expert groups. torch 2.13's CPU grouped_mm is a generic kernel, 5-10x
+* CPU: batched GEMMs over a padded [E, C] grid (kernels/padded.py) while the routing is near balance, else
+  a loop of BLAS matmuls over the expert groups. torch 2.13's CPU grouped_mm is a generic kernel, 5-10x
   slower than the loop at E = 64, d = 1024, r = 16 (measured with /tmp-style microbenchmarks recorded in
   benchmarks/README.md), and reading the group sizes costs nothing on a CPU (there is no device to wait for).
 """
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .metadata import SortMeta
+from .padded import PAD_LIMIT, lora_experts_padded
 
 
 def grouped_mm_usable(dtype: torch.dtype, *dims: int, device: torch.device | None = None) -> bool:
@@ -41,6 +43,14 @@ def grouped_mm_usable(dtype: torch.dtype, *dims: int, device: torch.device | Non
         return False
     size = torch.tensor([], dtype=dtype).element_size()
     return all((d * size) % 16 == 0 for d in dims)
+
+
+def resolve_grouped_mm(use_grouped_mm: bool | None, dtype: torch.dtype, D: int, O: int, r: int,
+                       device: torch.device) -> bool:
+    """Whether F.grouped_mm runs the groups: per device when None, else as forced (where the shapes allow)."""
+    if use_grouped_mm is None:
+        return grouped_mm_usable(dtype, D, O, r, device=device)
+    return bool(use_grouped_mm) and grouped_mm_usable(dtype, D, O, r)
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, meta: SortMeta, use_gmm: bool) -> torch.Tensor:
@@ -80,10 +90,7 @@ class GroupedLoRAExperts(torch.autograd.Function):
         T, K = expert_ids_TK.shape
         dtype = lora_A_ERD.dtype
         meta = SortMeta.build(expert_ids_TK, E)
-        if use_grouped_mm is None:
-            use_gmm = grouped_mm_usable(dtype, D, O, r, device=x_TD.device)
-        else:
-            use_gmm = bool(use_grouped_mm) and grouped_mm_usable(dtype, D, O, r)
+        use_gmm = resolve_grouped_mm(use_grouped_mm, dtype, D, O, r, x_TD.device)
         x_SD = x_TD.to(dtype)[meta.tok_S]
         w_S = weights_TK.reshape(-1)[meta.order_S]
         h_Sr = _gmm(x_SD, lora_A_ERD.transpose(1, 2), meta, use_gmm)
@@ -122,9 +129,19 @@ class GroupedLoRAExperts(torch.autograd.Function):
         return dx, dA, dB, None, dw, None, None
 
 
-def lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, use_grouped_mm=None):
+def lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, use_grouped_mm=None,
+                         use_padded=None):
     """Grouped compute. ``use_grouped_mm``: None picks per device (module docstring); True forces
-    F.grouped_mm where the shapes allow it (tests use this to cover the CUDA path on a CPU); False the loop."""
+    F.grouped_mm where the shapes allow it (tests use this to cover the CUDA path on a CPU); False the loop.
+    Without grouped_mm, the padded batched GEMMs of kernels/padded.py run while the routing is balanced enough
+    (``use_padded``: None decides so, True / False force it)."""
+    E, r, D = lora_A_ERD.shape
+    use_gmm = resolve_grouped_mm(use_grouped_mm, lora_A_ERD.dtype, D, lora_B_EOR.shape[1], r, x_TD.device)
+    if use_padded is not False and not use_gmm:
+        capacity = int(torch.bincount(expert_ids_TK.reshape(-1), minlength=E).max()) if expert_ids_TK.numel() else 0
+        if use_padded or E * capacity <= PAD_LIMIT * expert_ids_TK.numel():
+            return lora_experts_padded(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling,
+                                       max(capacity, 1))
     return GroupedLoRAExperts.apply(
         x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling), use_grouped_mm
     )

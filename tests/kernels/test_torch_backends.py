@@ -13,13 +13,18 @@ from tolerances import assert_close
 
 
 def call(backend, *args):
-    """'grouped_mm' = the grouped backend forced onto F.grouped_mm (its CUDA path), where shapes allow."""
+    """The grouped backend's three layouts forced one by one: 'grouped_mm' (F.grouped_mm, its CUDA path, where
+    shapes allow), 'grouped_loop' (a GEMM per expert group), 'grouped_padded' (batched GEMMs over [E, C])."""
     if backend == "grouped_mm":
         return lora_experts_grouped(*args, use_grouped_mm=True)
+    if backend == "grouped_loop":
+        return lora_experts_grouped(*args, use_grouped_mm=False, use_padded=False)
+    if backend == "grouped_padded":
+        return lora_experts_grouped(*args, use_grouped_mm=False, use_padded=True)
     return lora_experts(*args, backend=backend)
 
 
-BACKENDS = ["dense", "grouped", "grouped_mm", "torch", "reference"]
+BACKENDS = ["dense", "grouped", "grouped_mm", "grouped_loop", "grouped_padded", "torch", "reference"]
 # (T, D, O, E, r, K): odd sizes (loop fallback), aligned sizes (grouped_mm), T=1, k=1, k=E
 SHAPES = [
     (29, 32, 48, 5, 8, 2),
@@ -68,7 +73,7 @@ def test_backend_matches_reference_fp32(backend, shape):
         assert torch.count_nonzero(grads[1][E - 1]) == 0 and torch.count_nonzero(grads[2][E - 1]) == 0
 
 
-@pytest.mark.parametrize("backend", ["dense", "grouped", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["dense", "grouped", "grouped_mm", "grouped_loop", "grouped_padded"])
 def test_backend_bf16_close_to_fp32_reference(backend):
     shape = (33, 64, 48, 8, 8, 2)  # grouped_mm needs 16-byte rows in bf16: D, O, r multiples of 8
     x, A, B, ids, w = make_inputs(*shape, torch.bfloat16)
@@ -93,7 +98,7 @@ def test_dense_and_grouped_agree_with_zero_weight_slots():
     w = torch.rand(T, E) * (torch.rand(T, E) > 0.5)
     g_TO = torch.randn(T, O)
     y_d, gd = run(lambda *a: lora_experts_dense(*a, 2.0), x, A, B, ids, w, g_TO)
-    for backend in ("grouped", "grouped_mm"):
+    for backend in ("grouped", "grouped_mm", "grouped_loop", "grouped_padded"):
         y_g, gg = run(lambda *a, b=backend: call(b, *a, 2.0), x, A, B, ids, w, g_TO)
         assert_close(y_g, y_d, torch.float32, f"{backend} vs dense forward")
         for a, b in zip(gg, gd):
@@ -104,9 +109,27 @@ def test_all_tokens_on_one_expert_and_zero_weights():
     x, A, B, ids, w = make_inputs(9, 16, 8, 4, 4, 2, torch.float32)
     ids = torch.zeros_like(ids)
     w = torch.zeros_like(w)
-    for backend in ("dense", "grouped", "grouped_mm"):
+    for backend in ("dense", "grouped", "grouped_mm", "grouped_loop", "grouped_padded"):
         y = call(backend, x, A, B, ids, w, 1.0)
         assert torch.count_nonzero(y) == 0
+
+
+def test_grouped_takes_the_padded_grid_only_near_balance(monkeypatch):
+    """E*C <= PAD_LIMIT*S: batched GEMMs; a collapsed routing (C = T) would pad E-fold: the per-group loop."""
+    import moe_lora.kernels.grouped as grouped
+
+    taken = []
+    real = grouped.lora_experts_padded
+    monkeypatch.setattr(grouped, "lora_experts_padded", lambda *a: taken.append(a[-1]) or real(*a))
+    x, A, B, ids, w = make_inputs(64, 16, 8, 8, 4, 2, torch.float32, empty_expert=False)
+    ref = lora_experts(x, A, B, ids, w, 1.0, backend="reference")
+    assert_close(lora_experts(x, A, B, ids, w, 1.0, backend="grouped"), ref, torch.float32, "balanced")
+    assert taken == [int(torch.bincount(ids.reshape(-1)).max())]
+    ids[:, 0] = 0  # every token's first slot on expert 0: C = T = 64, E*C = 512 > 2 * 128
+    ids[:, 1] = torch.randint(1, 8, (64,), generator=torch.Generator().manual_seed(0))
+    ref = lora_experts(x, A, B, ids, w, 1.0, backend="reference")
+    assert_close(lora_experts(x, A, B, ids, w, 1.0, backend="grouped"), ref, torch.float32, "collapsed")
+    assert len(taken) == 1
 
 
 def test_cost_rule():
