@@ -25,6 +25,8 @@ VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice")
 ROUTER_SCOPES = ("linear", "block")
 
 INITS = ("kaiming", "gaussian")
+#: Fields that take a list (or a tuple, stored as a list).
+LIST_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_k", "modules_to_save")
 
 
 def _f(default, help: str, **kw):
@@ -37,9 +39,11 @@ def _read_or_text(path_or_text: str | Path) -> str:
     """The file's text for a Path or a one-line string naming an existing file; otherwise the string itself."""
     if isinstance(path_or_text, Path):
         return path_or_text.read_text()
-    if "\n" not in path_or_text and Path(path_or_text).is_file():
-        return Path(path_or_text).read_text()
-    return path_or_text
+    try:
+        is_file = "\n" not in path_or_text and Path(path_or_text).is_file()
+    except (OSError, ValueError):  # too long for a file name (one-line JSON/YAML text), or a NUL byte: text
+        is_file = False
+    return Path(path_or_text).read_text() if is_file else path_or_text
 
 
 @dataclass
@@ -104,6 +108,11 @@ class MoELoRAConfig:
     modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (a classifier).")
 
     def __post_init__(self) -> None:
+        # Tuples are accepted where a list is, but stored as lists: YAML/JSON give lists back, so a config built
+        # with a tuple would otherwise not equal its own reloaded copy (nor a saved adapter's config).
+        for name in LIST_FIELDS:
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
         problems = self.problems()
         if problems:
             raise ConfigError(problems)
@@ -241,7 +250,11 @@ class MoELoRAConfig:
             raise ConfigError([f"expected a mapping of fields, got {type(data).__name__}"], what)
         known = [f.name for f in fields(cls)]
         unknown = [f"{k}: unknown field{suggest(k, known)}" for k in data if k not in known]
-        if unknown:
+        if unknown:  # also report the problems of the known fields: every problem at once
+            try:
+                cls(**{k: v for k, v in data.items() if k in known})
+            except ConfigError as e:
+                unknown += e.problems
             raise ConfigError(unknown, what)
         return cls(**data)
 

@@ -94,7 +94,10 @@ def recipe_owned_values(recipe, world_size: int | None) -> dict:
 def deepspeed_problems(ds: dict, recipe) -> list[str]:
     """Problems of a DeepSpeed config for this recipe (no world size needed)."""
     p = []
-    stage = zero_stage(ds)
+    try:
+        stage = zero_stage(ds)
+    except (TypeError, ValueError):  # null, a list, a non-numeric string: named below instead of crashing
+        stage = ds["zero_optimization"]["stage"]
     if stage not in (0, 1, 2, 3):
         p.append(f"deepspeed.zero_optimization.stage: {stage!r} must be 0, 1 or 2")
     if stage == 3:
@@ -110,7 +113,7 @@ def deepspeed_problems(ds: dict, recipe) -> list[str]:
                  "be consecutive ranks, DeepSpeed's default)")
     try:
         owned = recipe_owned_values(recipe, None)
-    except (AttributeError, TypeError):  # an invalid section, reported by its own checks
+    except (AttributeError, TypeError, ValueError):  # an invalid section (float('x')), reported by its own checks
         return p
     where = recipe.deepspeed if isinstance(recipe.deepspeed, str) else "the inline deepspeed mapping"
     recipe_field = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",

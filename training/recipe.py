@@ -14,8 +14,10 @@ then next to the recipe file; output_dir is relative to the current directory.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
@@ -545,16 +547,20 @@ class Recipe:
 
     # ---- paths ----------------------------------------------------------------------------------------------
     def resolve(self, path: str | None) -> Path | None:
-        """An input path: as given (relative to the current directory), else next to the recipe; None if absent."""
-        if path is None:
+        """An input path: as given (relative to the current directory), else next to the recipe; None if absent
+        (or not a path at all: a wrong type, a name too long for the file system, a NUL byte)."""
+        if not isinstance(path, str | os.PathLike):
             return None
-        p = Path(path).expanduser()
-        if p.exists():
-            return p
-        if self.source is not None and not p.is_absolute():
-            q = Path(self.source).parent / p
-            if q.exists():
-                return q
+        try:
+            p = Path(path).expanduser()
+            if p.exists():
+                return p
+            if self.source is not None and not p.is_absolute():
+                q = Path(self.source).parent / p
+                if q.exists():
+                    return q
+        except (OSError, ValueError):
+            return None
         return None
 
     # ---- validation -----------------------------------------------------------------------------------------
@@ -588,8 +594,13 @@ class Recipe:
         p += self.logging.problems()
         if not isinstance(self.output_dir, str) or not self.output_dir:
             p.append(f"output_dir: {self.output_dir!r} must be a directory path")
-        elif Path(self.output_dir).expanduser().exists() and not Path(self.output_dir).expanduser().is_dir():
-            p.append(f"output_dir: {self.output_dir!r} exists and is not a directory")
+        else:
+            try:
+                out = Path(self.output_dir).expanduser()
+                if out.exists() and not out.is_dir():
+                    p.append(f"output_dir: {self.output_dir!r} exists and is not a directory")
+            except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+                p.append(f"output_dir: {self.output_dir!r} is not a usable path ({getattr(e, 'strerror', None) or e})")
         if not (_is_int(self.ep_size) and self.ep_size >= 1):
             p.append(f"ep_size: {self.ep_size!r} must be an int >= 1")
         elif isinstance(self.moe_lora, MoELoRAConfig):
@@ -597,7 +608,8 @@ class Recipe:
         elif isinstance(self.moe_lora, dict):  # invalid elsewhere: still check the expert counts it gives
             defaults = {f.name: (f.default if f.default is not MISSING else f.default_factory())
                         for f in fields(MoELoRAConfig)}
-            p += self._expert_problems(SimpleNamespace(**{**defaults, **self.moe_lora}), raw=True)
+            given = {k: v for k, v in self.moe_lora.items() if k in defaults}  # unknown keys: reported already
+            p += self._expert_problems(SimpleNamespace(**{**defaults, **given}), raw=True)
         ds, ds_problems = load_deepspeed_json(self.deepspeed, self.resolve)
         p += ds_problems
         if ds is not None:
@@ -607,7 +619,8 @@ class Recipe:
     def num_layers(self) -> int | None:
         """Transformer layers of the base model, read without loading it (None when unknown)."""
         if self.model.name in TINY:
-            return int(self.model.sizes.get("num_layers", 4))
+            n = self.model.sizes.get("num_layers", 4) if isinstance(self.model.sizes, dict) else 4
+            return n if _is_int(n) and n >= 1 else None  # an invalid size is reported by model.sizes' check
         path = self.resolve(self.model.name)
         if path is None or not (path / "config.json").exists():
             return None
@@ -634,7 +647,8 @@ class Recipe:
             except (ValueError, TypeError) as e:
                 return p if raw else [*p, f"moe_lora.{e}"]
             if isinstance(cfg.layers_to_transform, list):
-                values = [v for i, v in enumerate(values) if i in set(cfg.layers_to_transform)]
+                keep = {i for i in cfg.layers_to_transform if _is_int(i)}  # raw: may hold anything
+                values = [v for i, v in enumerate(values) if i in keep]
         bad = sorted({v for v in values if _is_int(v) and v % self.ep_size})
         if bad:
             p.append(f"ep_size: {self.ep_size} does not divide moe_lora.num_experts={ne!r} (layers with "
@@ -745,9 +759,19 @@ def _build_section(cls, value, prefix: str):
     return cls(**kwargs), problems
 
 
+def _plain_copy(value):
+    """A deep copy of YAML-like data with tuples as lists. Not a JSON round trip: YAML also gives dates, bytes and
+    sets, which must reach validation (it names their field) rather than crash the copy."""
+    if isinstance(value, dict):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_copy(v) for v in value]
+    return copy.deepcopy(value)
+
+
 def apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
     """Set dotted keys (``{"train.max_steps": 5, "moe_lora.rank": 4}``) in a nested mapping (a copy)."""
-    out = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    out = _plain_copy(data)
     for dotted, value in (overrides or {}).items():
         parts = str(dotted).split(".")
         node = out

@@ -115,18 +115,18 @@ def test_all_tokens_on_one_expert_and_zero_weights():
 
 
 def test_grouped_takes_the_padded_grid_only_near_balance(monkeypatch):
-    """E*C <= PAD_LIMIT*S: batched GEMMs; a collapsed routing (C = T) would pad E-fold: the per-group loop."""
+    """E*C <= PAD_LIMIT*S: batched GEMMs; a collapsed routing (C = T) would pad E/K-fold: the per-group loop."""
     import moe_lora.kernels.grouped as grouped
 
     taken = []
     real = grouped.lora_experts_padded
     monkeypatch.setattr(grouped, "lora_experts_padded", lambda *a: taken.append(a[-1]) or real(*a))
-    x, A, B, ids, w = make_inputs(64, 16, 8, 8, 4, 2, torch.float32, empty_expert=False)
+    x, A, B, ids, w = make_inputs(64, 16, 8, 16, 4, 2, torch.float32, empty_expert=False)
     ref = lora_experts(x, A, B, ids, w, 1.0, backend="reference")
     assert_close(lora_experts(x, A, B, ids, w, 1.0, backend="grouped"), ref, torch.float32, "balanced")
     assert taken == [int(torch.bincount(ids.reshape(-1)).max())]
-    ids[:, 0] = 0  # every token's first slot on expert 0: C = T = 64, E*C = 512 > 2 * 128
-    ids[:, 1] = torch.randint(1, 8, (64,), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 0  # every token's first slot on expert 0: C = T = 64, E*C = 1024 > 4 * 128
+    ids[:, 1] = torch.randint(1, 16, (64,), generator=torch.Generator().manual_seed(0))
     ref = lora_experts(x, A, B, ids, w, 1.0, backend="reference")
     assert_close(lora_experts(x, A, B, ids, w, 1.0, backend="grouped"), ref, torch.float32, "collapsed")
     assert len(taken) == 1
