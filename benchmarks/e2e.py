@@ -7,7 +7,9 @@
 Model: LlamaForCausalLM, 4 layers, hidden 512, FFN 1376, 8 heads, vocab 8000; batch 4 x 256 random tokens;
 AdamW on the trainable parameters. Every contender is built in this one process and their steps alternate
 (A B C ... A B C ...), warm-up excluded; the table reports the median per-round ratio to the frozen base and to
-PEFT LoRA r=16, median step time, tokens/s, forward-only (no grad) ratio to PEFT, and memory:
+PEFT LoRA of the same active rank (r=16; r=32 for topk_e64: E=64, k=2, r=16), the same ratio for forward +
+backward alone (the optimizer step, which grows with the trainable parameters, is reported apart in ms),
+median step time, tokens/s, forward-only (no grad) ratio to PEFT, and memory:
 
 * ``saved MB``: bytes of the tensors autograd saves for backward in one step (activation memory; exact and
   repeatable, unlike process RSS on a shared CPU machine), measured with saved_tensors_hooks;
@@ -45,7 +47,10 @@ CONTENDERS = {
     "block": MoELoRAConfig(**MOE, router_scope="block"),
     "mixlora": MoELoRAConfig(**MOE, router_scope="block", ffn_experts=True),
     "mola_inv_tri": MoELoRAConfig(**{**MOE, "num_experts": "inverted_triangle", "expert_budget": 20}),
+    "topk_e64": MoELoRAConfig(**{**MOE, "num_experts": 64, "rank": 16, "alpha": 32.0}),
 }
+#: The PEFT LoRA each contender is held against: the same active rank k*r (topk_e64: 2 x 16 = 32).
+PEFT_OF = {"topk_e64": "peft_r32"}
 
 
 def parse_args(argv=None):
@@ -67,10 +72,11 @@ def build(name: str, args) -> torch.nn.Module:
         model.requires_grad_(False)
         model.enable_input_require_grads()
         return model
-    if name == "peft":
+    if name in ("peft", "peft_r32"):
         import peft
 
-        return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+        r = 16 if name == "peft" else 32
+        return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
     cfg = CONTENDERS[name]
     cfg.backend = args.backend
     return convert(model, cfg)
@@ -100,22 +106,30 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"--only: unknown contender(s) {unknown}; allowed: {', '.join(names)}")
         names = [n for n in names if n in wanted or n in ("base", "peft")]
+    if any(n in PEFT_OF for n in names):
+        names.insert(2, "peft_r32")
     torch.manual_seed(0)
     ids = torch.randint(0, 8000, (args.batch, args.seq))
     models = {n: build(n, args) for n in names}
     optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
               for n, m in models.items() if n != "base"}
 
+    parts = {n: {"fwd_bwd": [], "optimizer": []} for n in names}  # seconds of each call's two parts
+
     def train_step(name):
         model, opt = models[name], optims.get(name)
 
         def run(backward=True):
+            t0 = time.perf_counter()
             out = model(input_ids=ids, labels=ids)
             if backward:
                 out.loss.backward()
+                t1 = time.perf_counter()
                 if opt is not None:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
+                parts[name]["fwd_bwd"].append(t1 - t0)
+                parts[name]["optimizer"].append(time.perf_counter() - t1)
         return run
 
     def infer_step(name):
@@ -128,29 +142,36 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     times = alternate({n: train_step(n) for n in names}, rounds=args.rounds)
+    fwd_bwd = {n: parts[n]["fwd_bwd"][-args.rounds:] for n in names}  # the timed rounds (warm-up dropped)
+    optimizer = {n: parts[n]["optimizer"][-args.rounds:] for n in names}
     infer = alternate({n: infer_step(n) for n in names}, rounds=args.rounds)
     tokens = args.batch * args.seq
     rows = []
     print(f"tiny Llama {args.layers} layers, hidden 512, batch {args.batch} x {args.seq}, {args.rounds} rounds "
           f"alternated; {torch.get_num_threads()} threads")
-    print(f"{'contender':<14} {'x base':>7} {'x PEFT':>7} {'ms/step':>8} {'tok/s':>7} {'infer x PEFT':>12} "
-          f"{'saved MB':>9} {'state MB':>9} {'trainable':>10}")
+    print(f"{'contender':<14} {'x base':>7} {'x PEFT':>7} {'fwd+bwd x':>9} {'ms/step':>8} {'opt ms':>7} "
+          f"{'tok/s':>7} {'infer x PEFT':>12} {'saved MB':>9} {'state MB':>9} {'trainable':>10}")
     for n in names:
         model = models[n]
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        peft_name = PEFT_OF.get(n, "peft")
         row = {
             "name": n,
+            "peft_baseline": peft_name,
             "ratio_to_base": median_ratio(times, n, "base"),
-            "ratio_to_peft": median_ratio(times, n, "peft"),
+            "ratio_to_peft": median_ratio(times, n, peft_name),
+            "fwd_bwd_ratio_to_peft": median_ratio(fwd_bwd, n, peft_name),
+            "optimizer_ms": median_ms(optimizer, n),
             "median_ms": median_ms(times, n),
             "tokens_per_s": tokens / (median_ms(times, n) / 1e3),
-            "infer_ratio_to_peft": median_ratio(infer, n, "peft"),
+            "infer_ratio_to_peft": median_ratio(infer, n, peft_name),
             "saved_MB": saved_bytes(train_step(n)) / 2**20,
             "state_MB": 16 * trainable / 2**20,
             "trainable_params": trainable,
         }
         rows.append(row)
-        print(f"{n:<14} {row['ratio_to_base']:>7.2f} {row['ratio_to_peft']:>7.2f} {row['median_ms']:>8.0f} "
+        print(f"{n:<14} {row['ratio_to_base']:>7.2f} {row['ratio_to_peft']:>7.2f} "
+              f"{row['fwd_bwd_ratio_to_peft']:>9.2f} {row['median_ms']:>8.0f} {row['optimizer_ms']:>7.1f} "
               f"{row['tokens_per_s']:>7.0f} {row['infer_ratio_to_peft']:>12.2f} {row['saved_MB']:>9.1f} "
               f"{row['state_MB']:>9.1f} {trainable:>10,}")
     out = Path(args.out)

@@ -24,19 +24,23 @@ from .reference import lora_experts_reference
 
 BACKENDS = ("auto", "torch", "dense", "grouped", "reference", "triton", "megablocks")
 
-#: Dense-gated wins while the wasted arithmetic (E - K) * r is small next to the sort/gather/scatter cost of the
-#: grouped path. Calibrated on CPU at d = 512..1024 (benchmarks/layer.py); see choose_torch_path.
-DENSE_MAX_EXPERT_RANK = 256
+#: The grouped path's extra memory traffic and per-call work, in rank columns per slot (see choose_torch_path).
+#: Measured: ``python benchmarks/scaling.py`` (d = 512, fp32, 2 CPU cores) times both paths over E 2..64,
+#: k 1..4, r 4..64 and 256..16k tokens and fits the crossover: beta = 76 (benchmarks/results/scaling.json).
+DENSE_BETA = 76
 
 
 def choose_torch_path(num_experts: int, slots_per_token: int, rank: int) -> str:
-    """'dense' or 'grouped' for the torch backend.
+    """'dense' or 'grouped' for the torch backend, from a measured cost model.
 
-    Dense computes E*r rank-columns per token, grouped K*r plus a gather of K rows of x, a scatter of K
-    rows of y and the sort. With K = E (variable-k routers) grouped does the same arithmetic and more
-    memory traffic, so dense always wins; otherwise dense wins while E*r <= DENSE_MAX_EXPERT_RANK.
+    Per token, dense computes E*r rank columns in GEMMs that read x and g once (cost ~ E*r); grouped computes
+    K*r columns but gathers K rows of x and g and scatters K rows of y and dx (cost ~ K*r + beta*K, beta the
+    traffic in rank-column equivalents, DENSE_BETA). Dense wins while (E - K) * r <= beta * K. On a CPU the
+    rank-r GEMMs are memory-bound, so the traffic term is large: dense stays ahead up to E ~ 32 at k=2, r=8
+    (benchmarks/scaling.png). With K = E (variable-k routers) grouped does the same arithmetic and more
+    traffic: dense always.
     """
-    if slots_per_token >= num_experts or num_experts * rank <= DENSE_MAX_EXPERT_RANK:
+    if slots_per_token >= num_experts or (num_experts - slots_per_token) * rank <= DENSE_BETA * slots_per_token:
         return "dense"
     return "grouped"
 
