@@ -27,8 +27,6 @@ from .errors import ConfigError, suggest
 from .kernels import lora_experts
 from .kernels.api import resolve_path
 from .kernels.dense_gated import dense_gated_expand
-from .kernels.metadata import PadMeta
-from .kernels.padded import PAD_LIMIT
 from .routers import ROUTER_CLASSES, Router, build_router
 from .routing import Routing
 
@@ -221,10 +219,13 @@ class MoELoRALinear(nn.Module):
                                     self.scaling, self.backend)
         self.last_routing = routing.detach()
         if self.training and torch.is_grad_enabled():
-            outputs = self.expert_outputs(routing, xd_TD, h_TEr) if self.wants_expert_outputs() else None
-            self.last_aux_terms = losses.aux_terms(
-                routing, self.coefs, expert_outputs=outputs, contrastive_temperature=self.contrastive_temperature
-            )
+            outputs = factors = None
+            if self.wants_expert_outputs() and h_TEr is not None:  # the loss in rank space, from the shrink
+                factors = (pair_rows(h_TEr, routing.expert_ids_TK), self.lora_B, self.scaling)
+            elif self.wants_expert_outputs():
+                outputs = self.expert_outputs(routing, xd_TD)
+            self.last_aux_terms = losses.aux_terms(routing, self.coefs, expert_outputs=outputs, expert_factors=factors,
+                                                   contrastive_temperature=self.contrastive_temperature)
             self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
         else:
             self.last_aux_terms = self.last_aux_loss = None
@@ -260,20 +261,11 @@ class MoELoRALinear(nn.Module):
         """The contrastive loss needs every routed pair's expert output (and only when it is switched on)."""
         return getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0
 
-    def expert_outputs(self, routing: Routing, x_TD: torch.Tensor, h_TEr: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(u_SO, ids_S): u = s B_e A_e x for every (token, slot) pair, as the contrastive loss takes them.
-
-        With the dense path's shrink h = A_e x of every expert at hand (``h_TEr``), only the expand runs: the
-        pairs' h rows [S, r] are laid out on a padded [E, C] grid and multiplied by B in one batched GEMM (no
-        second pass over x). Otherwise, or when the grid would pad too much, x is repeated per slot and the
-        experts run as a K=1 routing."""
+    def expert_outputs(self, routing: Routing, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u_SO, ids_S): u = s B_e A_e x for every (token, slot) pair, as the contrastive loss takes them (the
+        unfused path; the dense path gives the loss the shrink's rows instead, see forward)."""
         T, K = routing.expert_ids_TK.shape
         ids_S = routing.expert_ids_TK.reshape(-1)
-        if h_TEr is not None:
-            u_SO = expand_pairs(h_TEr, self.lora_B, routing.expert_ids_TK, self.scaling)
-            if u_SO is not None:
-                return u_SO, ids_S
         x_SD = x_TD.repeat_interleave(K, dim=0)
         ones_S1 = routing.weights_TK.new_ones(T * K, 1)
         u_SO = lora_experts(x_SD, self.lora_A, self.lora_B, ids_S[:, None], ones_S1, self.scaling, self.backend)
@@ -284,20 +276,9 @@ class MoELoRALinear(nn.Module):
                 f"rank={self.rank}, scaling={self.scaling:.4g}, backend={self.backend!r}")
 
 
-def expand_pairs(h_TEr: torch.Tensor, lora_B_EOR: torch.Tensor, expert_ids_TK: torch.Tensor, scaling: float
-                 ) -> torch.Tensor | None:
-    """u_SO [T*K, O] = s B_e h[t, e] for every (token, slot) pair in slot order, e = expert_ids[t, k], through one
-    batched GEMM over a padded [E, C] grid of the pairs (kernels/metadata.py PadMeta); None when the routing is
-    too far from balance for the grid (E*C > PAD_LIMIT * S)."""
+def pair_rows(h_TEr: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+    """h_Sr [T*K, r]: the shrink row h[t, e] of every (token, slot) pair in slot order, e = expert_ids[t, k]."""
     T, E, r = h_TEr.shape
-    O = lora_B_EOR.shape[1]
-    ids_S = expert_ids_TK.reshape(-1)
-    S = ids_S.numel()
-    C = int(torch.bincount(ids_S, minlength=E).max()) if S else 0
-    if S == 0 or E * C > PAD_LIMIT * S:
-        return None
-    meta = PadMeta.build(ids_S[:, None], h_TEr.new_ones(S, 1), E, C)  # one slot per pair: tok_P indexes pairs
-    h_Sr = h_TEr.reshape(T * E, r)[torch.arange(S, device=ids_S.device) // expert_ids_TK.shape[1] * E + ids_S]
-    h_Pr = h_Sr.index_select(0, meta.tok_P) * meta.sw_P[:, None]  # padding cells: exact zeros
-    u_PO = torch.bmm(h_Pr.view(E, C, r), lora_B_EOR.transpose(1, 2)).view(E * C, O)
-    return u_PO.index_select(0, meta.cell_S) * scaling
+    K = expert_ids_TK.shape[1]
+    tok_S = torch.arange(T * K, device=h_TEr.device) // K
+    return h_TEr.reshape(T * E, r).index_select(0, tok_S * E + expert_ids_TK.reshape(-1))

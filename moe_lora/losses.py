@@ -101,16 +101,58 @@ def contrastive_loss(
     S = u_SO.shape[0]
     if S == 0:
         return u_SO.sum() * 0.0
-    u = u_SO.float()
+    u = u_SO.to(torch.promote_types(u_SO.dtype, torch.float32))  # at least fp32
     sq_S = u.square().sum(-1)
     m_S = u.new_ones(S) if pair_weight_S is None else pair_weight_S.to(u.dtype)
     m_S = m_S * (sq_S > 0)
     u_hat = u * torch.rsqrt(torch.where(sq_S > 0, sq_S, torch.ones_like(sq_S)))[:, None]
     sums_EO = u_hat.new_zeros(num_experts, u_hat.shape[1]).index_add_(0, expert_ids_S, u_hat * m_S[:, None])
     counts_E = u_hat.new_zeros(num_experts).index_add_(0, expert_ids_S, m_S)
-    present_E = counts_E > 0
     protos_EO = F.normalize(sums_EO / counts_E.clamp_min(1.0)[:, None], dim=-1, eps=1e-12)
-    logits_SE = (u_hat @ protos_EO.t()) / temperature
+    return _prototype_cross_entropy((u_hat @ protos_EO.t()) / temperature, expert_ids_S, m_S, counts_E)
+
+
+def contrastive_loss_lowrank(
+    h_Sr: torch.Tensor,
+    expert_ids_S: torch.Tensor,
+    lora_B_EOR: torch.Tensor,
+    scaling: float,
+    temperature: float = 0.1,
+    pair_weight_S: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``contrastive_loss`` of the outputs u_s = scaling * B_e h_s (h_s = A_e x_t, e = expert_ids[s]) computed in
+    the rank space, without forming any [S, O] tensor:
+
+        ||u_s||^2     = scaling^2 h_s^T (B_e^T B_e) h_s                         [E, r, r] Gram matrices
+        sum_e u^_s    = B_e q_e,  q_e = sum over e's pairs of scaling h_s / ||u_s||    (r values per expert)
+        <u^_s, c_e'>  = scaling / ||u_s|| * h_s^T (B_e^T c_e')                  [E, r, E] projections
+
+    O(S E r + E^2 O r) instead of O(S E O) arithmetic and S*O memory: the same value and gradients (up to
+    rounding) as ``contrastive_loss`` on the materialised outputs."""
+    S = h_Sr.shape[0]
+    E = lora_B_EOR.shape[0]
+    if S == 0:
+        return h_Sr.sum() * 0.0
+    dtype = torch.promote_types(h_Sr.dtype, torch.float32)  # at least fp32
+    h, B = h_Sr.to(dtype), lora_B_EOR.to(dtype)
+    gram_Err = B.transpose(1, 2) @ B
+    sq_S = scaling**2 * (torch.bmm(h[:, None, :], gram_Err[expert_ids_S]).squeeze(1) * h).sum(-1)
+    m_S = h.new_ones(S) if pair_weight_S is None else pair_weight_S.to(h.dtype)
+    m_S = m_S * (sq_S > 0)
+    inv_S = torch.rsqrt(torch.where(sq_S > 0, sq_S, torch.ones_like(sq_S)))
+    q_Er = h.new_zeros(E, h.shape[1]).index_add_(0, expert_ids_S, h * (scaling * inv_S * m_S)[:, None])
+    sums_EO = torch.bmm(B, q_Er[:, :, None]).squeeze(-1)
+    counts_E = h.new_zeros(E).index_add_(0, expert_ids_S, m_S)
+    protos_EO = F.normalize(sums_EO / counts_E.clamp_min(1.0)[:, None], dim=-1, eps=1e-12)
+    proj_ErE = B.transpose(1, 2) @ protos_EO.t()
+    cos_SE = (scaling * inv_S)[:, None] * torch.bmm(h[:, None, :], proj_ErE[expert_ids_S]).squeeze(1)
+    return _prototype_cross_entropy(cos_SE / temperature, expert_ids_S, m_S, counts_E)
+
+
+def _prototype_cross_entropy(logits_SE: torch.Tensor, expert_ids_S: torch.Tensor, m_S: torch.Tensor,
+                             counts_E: torch.Tensor) -> torch.Tensor:
+    """mean over counted pairs of -log softmax over present experts (logits [S, E]) at the pair's own expert."""
+    present_E = counts_E > 0
     logits_SE = logits_SE.masked_fill(~present_E[None, :], float("-inf"))
     ce_S = F.cross_entropy(logits_SE, expert_ids_S, reduction="none")
     ce_S = torch.where(m_S > 0, ce_S, ce_S.new_zeros(()))  # an ignored pair of an absent expert is inf
@@ -123,30 +165,38 @@ def aux_terms(
     coefs: dict[str, float],
     *,
     expert_outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    expert_factors: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     contrastive_temperature: float = 0.1,
 ) -> dict[str, torch.Tensor]:
     """The unweighted auxiliary losses of one routed module's forward, by name: load_balance (always: it is
     also the layer's balance statistic in the logs), z_loss and cv when their coefficient in ``coefs`` is
     positive, and contrastive when ``expert_outputs`` = (u_SO [T*K, O], expert_ids_S [T*K]) of every
-    (token, slot) pair is given. Pairs with zero routing weight and padding tokens are left out of the
-    contrastive loss."""
+    (token, slot) pair is given, or ``expert_factors`` = (h_Sr [T*K, r], lora_B_EOR, scaling) with which
+    ``contrastive_loss_lowrank`` computes the same loss without the outputs. Pairs with zero routing weight and
+    padding tokens are left out of the contrastive loss."""
     terms = {"load_balance": load_balance_loss(routing)}
     if coefs.get("z_loss", 0.0) > 0:
         terms["z_loss"] = z_loss(routing)
     if coefs.get("cv", 0.0) > 0:
         terms["cv"] = importance_cv2_loss(routing)
-    if expert_outputs is not None:
-        terms["contrastive"] = slot_contrastive_loss(routing, *expert_outputs, contrastive_temperature)
+    if expert_outputs is not None or expert_factors is not None:
+        terms["contrastive"] = slot_contrastive_loss(routing, expert_outputs, expert_factors, contrastive_temperature)
     return terms
 
 
-def slot_contrastive_loss(routing: Routing, u_SO: torch.Tensor, ids_S: torch.Tensor, temperature: float):
-    """contrastive_loss over the T*K (token, slot) pairs of ``routing`` (u_SO, ids_S in slot order), leaving out
-    slots with zero routing weight and padding tokens."""
+def slot_contrastive_loss(routing: Routing, outputs: tuple | None, factors: tuple | None, temperature: float):
+    """The contrastive loss over the T*K (token, slot) pairs of ``routing``, in slot order: from the outputs
+    (u_SO, ids_S) or from the factors (h_Sr, lora_B_EOR, scaling); slots with zero routing weight and padding
+    tokens are left out."""
     K = routing.expert_ids_TK.shape[1]
     keep_S = (routing.weights_TK > 0).reshape(-1)
     if routing.token_mask_T is not None:
         keep_S = keep_S & routing.token_mask_T.repeat_interleave(K)
+    if factors is not None:
+        h_Sr, lora_B_EOR, scaling = factors
+        return contrastive_loss_lowrank(h_Sr, routing.expert_ids_TK.reshape(-1), lora_B_EOR, scaling, temperature,
+                                        keep_S)
+    u_SO, ids_S = outputs
     return contrastive_loss(u_SO, ids_S, routing.num_experts, temperature, keep_S)
 
 

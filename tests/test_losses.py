@@ -113,3 +113,26 @@ def test_contrastive_zero_outputs_get_zero_weight_and_finite_gradients():
     assert torch.isfinite(u.grad).all() and u.grad[2:4].abs().sum() == 0
     expect = contrastive_loss(u[[0, 1, 4]].detach(), torch.tensor([0, 0, 2]), 3, 0.1)
     assert loss.item() == pytest.approx(expect.item(), rel=1e-6)
+
+
+def test_lowrank_contrastive_equals_the_loss_on_materialised_outputs():
+    """contrastive_loss_lowrank(h, ids, B, s) == contrastive_loss(u = s B_e h): value and the gradients in h and
+    B, with an expert whose B is zero (its pairs drop out), an expert with no pair and ignored pairs."""
+    from moe_lora.losses import contrastive_loss, contrastive_loss_lowrank
+
+    g = torch.Generator().manual_seed(0)
+    S, E, r, O = 40, 6, 4, 24
+    h = torch.randn(S, r, generator=g, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(E, O, r, generator=g, dtype=torch.float64)
+    B[2] = 0.0
+    B.requires_grad_(True)
+    ids = torch.randint(0, E - 1, (S,), generator=g)  # expert E-1 gets no pair
+    keep = torch.rand(S, generator=g) > 0.2
+    a = contrastive_loss_lowrank(h, ids, B, 0.5, 0.1, keep)
+    ga = torch.autograd.grad(a, (h, B))
+    u = 0.5 * torch.einsum("sor,sr->so", B[ids], h)
+    b = contrastive_loss(u, ids, E, 0.1, keep)
+    gb = torch.autograd.grad(b, (h, B))
+    torch.testing.assert_close(a, b)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)

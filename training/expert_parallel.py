@@ -233,7 +233,7 @@ class ExpertParallelMoELoRALinear(MoE):
             ones_S1 = routing.weights_TK.new_ones(T * K, 1)
             u_SO = lora_experts(x_TD.repeat_interleave(K, dim=0), A_LRD, B_LOR, ids_S[:, None], ones_S1,
                                 self.scaling, self.backend)
-            return losses.slot_contrastive_loss(routing, u_SO, ids_S, self.contrastive_temperature)
+            return losses.slot_contrastive_loss(routing, (u_SO, ids_S), None, self.contrastive_temperature)
         y_PO, eid_P, tok_P = pairs
         keep_P = None if routing.token_mask_T is None else routing.token_mask_T.index_select(0, tok_P)
         return losses.contrastive_loss(y_PO, eid_P, self.num_experts, self.contrastive_temperature, keep_P)
