@@ -34,11 +34,15 @@ demo: $(STAMP)  ## convert a tiny model, train it briefly, write a router report
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)  ## layer benchmark against a frozen Linear and PEFT LoRA (README table)
+bench: $(STAMP)  ## the README's performance tables: end-to-end step, scaling sweep and plot, one layer (~10 min)
+	$(BIN)/python benchmarks/e2e.py
+	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/layer.py
 
-bench-quick: $(STAMP)
-	$(BIN)/python benchmarks/layer.py --quick
+bench-quick: $(STAMP)  ## smoke run of the three benchmarks (results in runs/bench-quick, not the README's)
+	$(BIN)/python benchmarks/e2e.py --quick --out runs/bench-quick/e2e.json
+	$(BIN)/python benchmarks/scaling.py --quick --out runs/bench-quick/scaling.json
+	$(BIN)/python benchmarks/layer.py --quick --out runs/bench-quick/layer.json
 
 quality: $(STAMP)  ## offline multi-task quality experiment (~20 min on 2 CPU cores)
 	$(BIN)/python benchmarks/quality/run.py

@@ -21,8 +21,9 @@ Which GEMM runs the groups:
   16-byte aligned row strides (D, O and r multiples of 4 in fp32, 8 in 16-bit); other shapes use the loop.
 * CPU: batched GEMMs over a padded [E, C] grid (kernels/padded.py) while the routing is near balance, else
   a loop of BLAS matmuls over the expert groups. torch 2.13's CPU grouped_mm is a generic kernel, 5-10x
-  slower than the loop at E = 64, d = 1024, r = 16 (measured with /tmp-style microbenchmarks recorded in
-  benchmarks/README.md), and reading the group sizes costs nothing on a CPU (there is no device to wait for).
+  slower than the loop at E = 64, d = 1024, r = 16 (a development microbenchmark, not kept), and reading the
+  group sizes costs nothing on a CPU (there is no device to wait for). benchmarks/scaling.py measures the CPU
+  path against the dense one (benchmarks/README.md).
 """
 
 from __future__ import annotations
