@@ -94,11 +94,9 @@ def recipe_owned_values(recipe, world_size: int | None) -> dict:
 def deepspeed_problems(ds: dict, recipe) -> list[str]:
     """Problems of a DeepSpeed config for this recipe (no world size needed)."""
     p = []
-    try:
-        stage = zero_stage(ds)
-    except (TypeError, ValueError):  # null, a list, a non-numeric string: named below instead of crashing
-        stage = ds["zero_optimization"]["stage"]
-    if stage not in (0, 1, 2, 3):
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):  # not "2", 2.5, true
         p.append(f"deepspeed.zero_optimization.stage: {stage!r} must be 0, 1 or 2")
     if stage == 3:
         p.append(f"deepspeed.zero_optimization.stage: 3 cannot be used: the experts live in DeepSpeed MoE layers "

@@ -48,6 +48,15 @@ def _is_num(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _config_json_problems(path: Path) -> list[str]:
+    """A local model's config.json must be a JSON object (transformers reads it the same way)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [f"model.name: {str(path)!r} is not valid JSON ({e})"]
+    return [] if isinstance(data, dict) else [f"model.name: {str(path)!r} must hold a JSON object"]
+
+
 @dataclass
 class ModelSection:
     name: str = field(
@@ -79,6 +88,8 @@ class ModelSection:
                      "directory")
         elif self.name not in BUILTIN and not (resolve(self.name) / "config.json").exists():
             p.append(f"model.name: directory {self.name!r} has no config.json")
+        elif self.name not in BUILTIN:
+            p += _config_json_problems(resolve(self.name) / "config.json")
         if not isinstance(self.sizes, dict):
             p.append(f"model.sizes: {self.sizes!r} must be a mapping")
         else:
@@ -624,7 +635,12 @@ class Recipe:
         path = self.resolve(self.model.name)
         if path is None or not (path / "config.json").exists():
             return None
-        cfg = json.loads((path / "config.json").read_text())
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, ValueError):  # reported by model.name's check
+            return None
+        if not isinstance(cfg, dict):
+            return None
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if _is_int(cfg.get(key)):
                 return cfg[key]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -124,3 +125,16 @@ def test_cli_reports_a_bad_recipe(tmp_path):
     assert proc.returncode == 2
     assert "ep_size: 3 does not divide moe_lora.num_experts=4" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_zero_stage_must_be_an_int_and_a_model_config_json_an_object(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{not json")
+    for stage in ("2", 2.5, True):
+        recipe = tiny_recipe(tmp_path / "out", deepspeed={"zero_optimization": {"stage": stage}})
+        with pytest.raises(ConfigError, match=re.escape(f"deepspeed.zero_optimization.stage: {stage!r} must be")):
+            load_recipe(recipe)
+    recipe = tiny_recipe(tmp_path / "out", model={"name": str(model_dir)})
+    with pytest.raises(ConfigError, match=r"config\.json' is not valid JSON"):
+        load_recipe(recipe)
