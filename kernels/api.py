@@ -134,3 +134,11 @@ def lora_experts(
     from .megablocks_backend import lora_experts_megablocks
 
     return lora_experts_megablocks(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling)
+
+
+def lora_expert_rows(x_SD: torch.Tensor, lora_A_ERD: torch.Tensor, lora_B_EOR: torch.Tensor, ids_S: torch.Tensor,
+                     scaling: float, backend: str = "auto") -> torch.Tensor:
+    """[S, O] = scaling * B_e A_e x_s with e = ids_S[s]: one expert per row with weight 1 (the per-pair outputs
+    of the contrastive loss and of MixLoRA's FFN experts, the rows an expert-parallel rank receives)."""
+    ones_S1 = torch.ones(ids_S.shape[0], 1, dtype=torch.float32, device=x_SD.device)
+    return lora_experts(x_SD, lora_A_ERD, lora_B_EOR, ids_S[:, None], ones_S1, scaling, backend)

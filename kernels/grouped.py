@@ -85,12 +85,12 @@ def _gmm_weight(a_SM: torch.Tensor, b_SN: torch.Tensor, meta: SortMeta, use_gmm:
 
 class GroupedLoRAExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, use_grouped_mm):
+    def forward(ctx, x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, use_grouped_mm, sort=None):
         E, r, D = lora_A_ERD.shape
         O = lora_B_EOR.shape[1]
         T, K = expert_ids_TK.shape
         dtype = lora_A_ERD.dtype
-        meta = SortMeta.build(expert_ids_TK, E)
+        meta = sort if sort is not None else SortMeta.build(expert_ids_TK, E)
         use_gmm = resolve_grouped_mm(use_grouped_mm, dtype, D, O, r, x_TD.device)
         x_SD = x_TD.to(dtype)[meta.tok_S]
         w_S = weights_TK.reshape(-1)[meta.order_S]
@@ -127,7 +127,7 @@ class GroupedLoRAExperts(torch.autograd.Function):
             dA = _gmm_weight(dh_Sr, x_TD.to(dtype)[tok_S], meta, use_gmm)
         if ctx.needs_input_grad[2]:
             dB = _gmm_weight(g_SO, h_Sr * sw_S[:, None], meta, use_gmm)
-        return dx, dA, dB, None, dw, None, None
+        return dx, dA, dB, None, dw, None, None, None
 
 
 def lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, use_grouped_mm=None,
@@ -138,11 +138,13 @@ def lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK
     (``use_padded``: None decides so, True / False force it)."""
     E, r, D = lora_A_ERD.shape
     use_gmm = resolve_grouped_mm(use_grouped_mm, lora_A_ERD.dtype, D, lora_B_EOR.shape[1], r, x_TD.device)
+    sort = None
     if use_padded is not False and not use_gmm:
-        capacity = int(torch.bincount(expert_ids_TK.reshape(-1), minlength=E).max()) if expert_ids_TK.numel() else 0
+        sort = SortMeta.build(expert_ids_TK, E)
+        capacity = int(sort.counts_E.max()) if expert_ids_TK.numel() else 0  # no device to wait for here
         if use_padded or E * capacity <= PAD_LIMIT * expert_ids_TK.numel():
-            return lora_experts_padded(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling,
-                                       max(capacity, 1))
+            return lora_experts_padded(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, sort,
+                                       capacity)
     return GroupedLoRAExperts.apply(
-        x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling), use_grouped_mm
+        x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling), use_grouped_mm, sort
     )

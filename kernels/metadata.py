@@ -46,20 +46,17 @@ class PadMeta:
     tok_P: torch.Tensor
     sw_P: torch.Tensor
     cell_S: torch.Tensor
-    capacity: int
 
     @staticmethod
-    def build(expert_ids_TK: torch.Tensor, sw_TK: torch.Tensor, num_experts: int, capacity: int) -> PadMeta:
-        K = expert_ids_TK.shape[1]
+    def build(expert_ids_TK: torch.Tensor, sort: SortMeta, sw_TK: torch.Tensor, capacity: int) -> PadMeta:
+        """From the pairs' sort (SortMeta.build of the same ids); ``capacity`` >= the largest group."""
         flat_S = expert_ids_TK.reshape(-1)
-        order_S = torch.argsort(flat_S, stable=True)
-        counts_E = torch.bincount(flat_S, minlength=num_experts)
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        e_sorted = flat_S[order_S]
-        cell_sorted = e_sorted * capacity + torch.arange(order_S.numel(), device=flat_S.device) - starts_E[e_sorted]
-        cell_S = torch.empty_like(cell_sorted).scatter_(0, order_S, cell_sorted)
-        n = num_experts * capacity
-        tok_P = torch.zeros(n, dtype=torch.long, device=flat_S.device).scatter_(0, cell_S, torch.arange(
-            flat_S.numel(), device=flat_S.device) // K)
+        E = sort.counts_E.shape[0]
+        starts_E = torch.cumsum(sort.counts_E, 0) - sort.counts_E
+        e_sorted = flat_S[sort.order_S]
+        rank_sorted = torch.arange(flat_S.numel(), device=flat_S.device) - starts_E[e_sorted]  # place in its group
+        cell_S = torch.empty_like(e_sorted).scatter_(0, sort.order_S, e_sorted * capacity + rank_sorted)
+        n = E * capacity
+        tok_P = torch.zeros(n, dtype=torch.long, device=flat_S.device).scatter_(0, cell_S[sort.order_S], sort.tok_S)
         sw_P = sw_TK.new_zeros(n).scatter_(0, cell_S, sw_TK.reshape(-1))
-        return PadMeta(tok_P=tok_P, sw_P=sw_P, cell_S=cell_S, capacity=capacity)
+        return PadMeta(tok_P=tok_P, sw_P=sw_P, cell_S=cell_S)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .metadata import PadMeta
+from .metadata import PadMeta, SortMeta
 
 #: Largest padded grid, as a multiple of the S = T*K real rows, worth a batched GEMM. Balanced routing pads
 #: little (T = 1024, k = 2, E = 64: 32 pairs per expert on average, the largest group ~50, E*C ~ 1.6 S); the
@@ -32,12 +32,12 @@ PAD_LIMIT = 4.0
 
 class PaddedLoRAExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, capacity):
+    def forward(ctx, x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, sort, capacity):
         E, _, D = lora_A_ERD.shape
         O = lora_B_EOR.shape[1]
         T, K = expert_ids_TK.shape
         dtype = lora_A_ERD.dtype
-        meta = PadMeta.build(expert_ids_TK, (scaling * weights_TK).to(dtype), E, capacity)
+        meta = PadMeta.build(expert_ids_TK, sort, (scaling * weights_TK).to(dtype), capacity)
         x_ECD = x_TD.to(dtype).index_select(0, meta.tok_P).view(E, capacity, D)
         h_ECr = torch.bmm(x_ECD, lora_A_ERD.transpose(1, 2))
         hs_ECr = h_ECr * meta.sw_P.view(E, capacity, 1)
@@ -71,10 +71,16 @@ class PaddedLoRAExperts(torch.autograd.Function):
             dA = torch.bmm(dh_ECr.transpose(1, 2), x_ECD)
         if ctx.needs_input_grad[2]:
             dB = torch.bmm(g_ECO.transpose(1, 2), h_ECr * sw_EC1)
-        return dx, dA, dB, None, dw, None, None
+        return dx, dA, dB, None, dw, None, None, None
 
 
-def lora_experts_padded(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, capacity: int):
-    """Padded batched compute; ``capacity`` >= the largest number of pairs any expert gets."""
-    return PaddedLoRAExperts.apply(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling),
-                                   int(capacity))
+def lora_experts_padded(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, sort: SortMeta | None = None,
+                        capacity: int | None = None):
+    """Padded batched compute. ``sort``: SortMeta.build of expert_ids_TK, and ``capacity`` >= the largest group
+    (both computed here when not given)."""
+    if sort is None:
+        sort = SortMeta.build(expert_ids_TK, lora_A_ERD.shape[0])
+    if capacity is None:
+        capacity = int(sort.counts_E.max()) if expert_ids_TK.numel() else 0
+    return PaddedLoRAExperts.apply(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling), sort,
+                                   max(int(capacity), 1))

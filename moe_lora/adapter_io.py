@@ -146,7 +146,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         FileExistsError: ``path`` exists and is not an adapter directory (holds other files).
     """
     path = Path(path)
-    state = {k: p.detach().to("cpu").contiguous().clone() for k, p in adapter_parameters(model).items()}
+    state = {k: p.detach().to("cpu").contiguous() for k, p in adapter_parameters(model).items()}
     meta = adapter_metadata(model)
     if path.exists():
         if not path.is_dir():

@@ -35,13 +35,17 @@ RENAME_EXCHANGE = 2
 AT_FDCWD = -100
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory; best effort where the platform or file system refuses (no directory fds on
+    Windows, EINVAL for a directory fsync on some file systems)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows)
+    except OSError:
         return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -133,7 +137,7 @@ def recover(path: Path, required: tuple[str, ...]) -> None:
     backup = backup_of(path, required)
     if backup is not None and not _alive(leftover_kind(backup.name, path.name)[1]):
         os.replace(backup, path)
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
     for c, _, pid in _leftovers(path):
         if not _alive(pid):
             shutil.rmtree(c, ignore_errors=True)
@@ -141,7 +145,7 @@ def recover(path: Path, required: tuple[str, ...]) -> None:
 
 def commit_dir(tmp: Path, path: Path) -> None:
     """Make the finished directory ``tmp`` the directory ``path`` (see the module docstring)."""
-    fsync_dir(tmp)
+    fsync_path(tmp)
     parent = path.parent
     aside = None
     if not path.exists():
@@ -156,6 +160,6 @@ def commit_dir(tmp: Path, path: Path) -> None:
         except BaseException:
             os.replace(aside, path)  # put the old directory back
             raise
-    fsync_dir(parent)
+    fsync_path(parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from . import losses
-from .kernels import lora_experts
+from .kernels import lora_expert_rows, lora_experts
 from .layer import base_dims, init_lora_A_
 from .routers import Router
 from .routing import Routing
@@ -93,8 +93,7 @@ class ExpertLinear(nn.Module):
 
     def pair_delta(self, z_SI: torch.Tensor, ids_S: torch.Tensor) -> torch.Tensor:
         """[S, O] unweighted delta s B_e A_e z_s of each pair's expert (z_SI already through dropout)."""
-        ones_S1 = torch.ones(ids_S.shape[0], 1, dtype=torch.float32, device=z_SI.device)
-        return lora_experts(z_SI, self.lora_A, self.lora_B, ids_S[:, None], ones_S1, self.scaling, self.backend)
+        return lora_expert_rows(z_SI, self.lora_A, self.lora_B, ids_S, self.scaling, self.backend)
 
     def forward(self, z: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(z, *args, **kwargs)

@@ -36,6 +36,7 @@ from .targets import (
     layer_value,
     match_targets,
 )
+from .targets import _matches as matches_target
 from .yaml_file import read_yaml
 
 FIXED_K_ROUTERS = ("topk", "contrastive")
@@ -182,7 +183,7 @@ def _match_save(model: nn.Module, patterns: list[str], targets: list[str]) -> li
     names = [n for n, _ in model.named_modules() if n]
     found: list[str] = []
     for pattern in patterns:
-        hits = [n for n in names if n == pattern or n.endswith("." + pattern)]
+        hits = [n for n in names if matches_target(n, pattern)]
         if not hits:
             raise ValueError(f"modules_to_save: {pattern!r} matched no module of {type(model).__name__}")
         found.extend(h for h in hits if h not in found)

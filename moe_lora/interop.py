@@ -343,8 +343,6 @@ def merge_fixed_routing(model: nn.Module, weights) -> nn.Module:
                     f"weights: FFN-expert block {name!r} got {w.tolist()}; MixLoRA experts combine non-linearly, so "
                     "only a one-hot (or all-zero) routing merges into a plain FFN"
                 )
-            w = torch.zeros_like(w) if not nonzero else torch.nn.functional.one_hot(
-                torch.tensor(nonzero[0]), w.numel()).float()
         for ex_name, ex in experts_of.get(id(m), []):
             replacements.append((ex_name, _fold(ex, w)))
         replacements.append((name, m.base_layer))

@@ -24,7 +24,7 @@ from torch import nn
 from . import losses
 from .config import BACKENDS, INITS, VARIABLE_K_ROUTERS
 from .errors import ConfigError, suggest
-from .kernels import lora_experts
+from .kernels import lora_expert_rows, lora_experts
 from .kernels.api import resolve_path
 from .kernels.dense_gated import dense_gated_expand
 from .routers import ROUTER_CLASSES, Router, build_router
@@ -220,10 +220,11 @@ class MoELoRALinear(nn.Module):
         self.last_routing = routing.detach()
         if self.training and torch.is_grad_enabled():
             outputs = factors = None
-            if self.wants_expert_outputs() and h_TEr is not None:  # the loss in rank space, from the shrink
-                factors = (pair_rows(h_TEr, routing.expert_ids_TK), self.lora_B, self.scaling)
-            elif self.wants_expert_outputs():
-                outputs = self.expert_outputs(routing, xd_TD)
+            if self.wants_expert_outputs():
+                if h_TEr is not None:  # the loss in rank space, from the shrink
+                    factors = (pair_rows(h_TEr, routing.expert_ids_TK), self.lora_B, self.scaling)
+                else:
+                    outputs = self.expert_outputs(routing, xd_TD)
             self.last_aux_terms = losses.aux_terms(routing, self.coefs, expert_outputs=outputs, expert_factors=factors,
                                                    contrastive_temperature=self.contrastive_temperature)
             self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
@@ -264,11 +265,10 @@ class MoELoRALinear(nn.Module):
     def expert_outputs(self, routing: Routing, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(u_SO, ids_S): u = s B_e A_e x for every (token, slot) pair, as the contrastive loss takes them (the
         unfused path; the dense path gives the loss the shrink's rows instead, see forward)."""
-        T, K = routing.expert_ids_TK.shape
+        K = routing.expert_ids_TK.shape[1]
         ids_S = routing.expert_ids_TK.reshape(-1)
-        x_SD = x_TD.repeat_interleave(K, dim=0)
-        ones_S1 = routing.weights_TK.new_ones(T * K, 1)
-        u_SO = lora_experts(x_SD, self.lora_A, self.lora_B, ids_S[:, None], ones_S1, self.scaling, self.backend)
+        u_SO = lora_expert_rows(x_TD.repeat_interleave(K, dim=0), self.lora_A, self.lora_B, ids_S, self.scaling,
+                                self.backend)
         return u_SO, ids_S
 
     def extra_repr(self) -> str:

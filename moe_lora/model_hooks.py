@@ -123,10 +123,6 @@ def attach_model_hooks(model: nn.Module) -> None:
     model.register_forward_hook(partial(_post_hook, names), with_kwargs=True, always_call=True)
 
 
-def has_model_hooks(model: nn.Module) -> bool:
-    return any(_is_ours(h) for h in (*model._forward_pre_hooks.values(), *model._forward_hooks.values()))
-
-
 def _is_ours(hook) -> bool:
     return isinstance(hook, partial) and hook.func in (_pre_hook, _post_hook)
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moe_lora.atomic_dir import fsync_path
+
 MANIFEST = "COMPLETE.json"
 STATE = "trainer_state.json"
 LATEST = "latest"
@@ -42,16 +44,6 @@ def tag_name(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -59,7 +51,7 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 # ---- RNG ----------------------------------------------------------------------------------------------------
@@ -161,7 +153,7 @@ def save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, ex
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_name, client_state={"trainer_state": state}, save_latest=False,
+    engine.save_checkpoint(str(root), tag=tmp_name, save_latest=False,
                            exclude_frozen_parameters=True)
     torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     if export_fn is not None:
@@ -173,10 +165,10 @@ def save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, ex
         files = {}
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
-                _fsync(f)
+                fsync_path(f)
                 files[str(f.relative_to(tmp))] = f.stat().st_size
         for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}):
-            _fsync(d)
+            fsync_path(d)
         _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "tag": name, "files": files}, indent=2) + "\n")
         if final.exists():  # a tag of the same step from a run that was resumed from an older checkpoint
             aside = root / f".del-{name}"
@@ -184,7 +176,7 @@ def save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, ex
             os.replace(final, aside)
             shutil.rmtree(aside, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(root)
         _write_atomic(root / LATEST, name)
         prune(root, keep)
     dist.barrier()

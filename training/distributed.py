@@ -35,14 +35,11 @@ def init_distributed() -> DistInfo:
 
     accel = get_accelerator()
     backend = accel.communication_backend_name()
-    if not dist.is_initialized():
-        if all(k in os.environ for k in LAUNCH_ENV):
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-            # DeepSpeed's engine asserts that a launcher set these; a world of one sets them itself.
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-                os.environ.setdefault(key, value)
+    if not dist.is_initialized() and not all(k in os.environ for k in LAUNCH_ENV):
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # DeepSpeed's engine asserts that a launcher set these; a world of one sets them itself.
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     name = accel.device_name()

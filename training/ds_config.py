@@ -37,8 +37,8 @@ def load_deepspeed_json(spec, resolve) -> tuple[dict | None, list[str]]:
     if path is None or not Path(path).is_file():
         return None, [f"deepspeed: file {spec!r} does not exist"]
     try:
-        data = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         return None, [f"deepspeed: {spec!r} is not valid JSON ({e})"]
     if not isinstance(data, dict):
         return None, [f"deepspeed: {spec!r} must hold a JSON object"]

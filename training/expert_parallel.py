@@ -51,7 +51,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from moe_lora import losses
-from moe_lora.kernels import lora_experts
+from moe_lora.kernels import lora_expert_rows, lora_experts
 from moe_lora.layer import MoELoRALinear
 from moe_lora.model_hooks import attach_model_hooks
 from moe_lora.routing import Routing
@@ -108,9 +108,9 @@ def dispatch_combine(
     send_splits, recv_splits = torch.stack([send_GL.sum(1), recv_GL.sum(1)]).tolist()  # host sync (with nonzero)
 
     x_RD = all_to_all_rows(x_TD.index_select(0, tok_P), recv_splits, send_splits, group)
-    local_R = torch.arange(E_loc, device=x_TD.device).repeat(ep_size).repeat_interleave(recv_GL.reshape(-1))
-    ones_R1 = torch.ones(x_RD.shape[0], 1, dtype=weights_TK.dtype, device=x_TD.device)
-    y_RO = lora_experts(x_RD, lora_A_LRD, lora_B_LOR, local_R[:, None], ones_R1, scaling, backend)
+    local_R = torch.arange(E_loc, device=x_TD.device).repeat(ep_size).repeat_interleave(
+        recv_GL.reshape(-1), output_size=sum(recv_splits))  # the total is on the host already: no sync
+    y_RO = lora_expert_rows(x_RD, lora_A_LRD, lora_B_LOR, local_R, scaling, backend)
     y_PO = all_to_all_rows(y_RO, send_splits, recv_splits, group)
 
     w_P = w_S.index_select(0, pair_P)
@@ -218,21 +218,20 @@ class ExpertParallelMoELoRALinear(MoE):
         if self.training and torch.is_grad_enabled():
             self.last_aux_terms = losses.aux_terms(routing, self.coefs)
             if getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0:
-                self.last_aux_terms["contrastive"] = self._contrastive(routing, xd_TD, pairs)
+                self.last_aux_terms["contrastive"] = self._contrastive(routing, xd_TD, pairs, A_LRD, B_LOR)
             self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
         else:
             self.last_aux_terms = self.last_aux_loss = None
         return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
-    def _contrastive(self, routing: Routing, x_TD: torch.Tensor, pairs) -> torch.Tensor:
+    def _contrastive(self, routing: Routing, x_TD: torch.Tensor, pairs, A_LRD: torch.Tensor, B_LOR: torch.Tensor
+                     ) -> torch.Tensor:
         """MoELoRA contrastive loss over the routed pairs with non-zero weight of the local real tokens."""
-        if pairs is None:  # ep_size == 1: every slot, as MoELoRALinear.contrastive_term
-            T, K = routing.expert_ids_TK.shape
+        if pairs is None:  # ep_size == 1: every slot, as MoELoRALinear.expert_outputs
+            K = routing.expert_ids_TK.shape[1]
             ids_S = routing.expert_ids_TK.reshape(-1)
-            A_LRD, B_LOR = self.local_experts()
-            ones_S1 = routing.weights_TK.new_ones(T * K, 1)
-            u_SO = lora_experts(x_TD.repeat_interleave(K, dim=0), A_LRD, B_LOR, ids_S[:, None], ones_S1,
-                                self.scaling, self.backend)
+            u_SO = lora_expert_rows(x_TD.repeat_interleave(K, dim=0), A_LRD, B_LOR, ids_S, self.scaling,
+                                    self.backend)
             return losses.slot_contrastive_loss(routing, (u_SO, ids_S), None, self.contrastive_temperature)
         y_PO, eid_P, tok_P = pairs
         keep_P = None if routing.token_mask_T is None else routing.token_mask_T.index_select(0, tok_P)

@@ -822,7 +822,7 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: dict[str, Any] | 
     if not path.is_file():
         raise ConfigError([f"config: recipe file {str(recipe)!r} does not exist"], "command line")
     try:
-        data = parse_yaml(path.read_text(), f"config: {str(recipe)!r}") or {}
+        data = parse_yaml(path.read_text(encoding="utf-8"), f"config: {str(recipe)!r}") or {}
     except ValueError as e:
         raise ConfigError([str(e)], "command line") from None
     return Recipe.from_dict(apply_overrides(data, overrides), str(path))

@@ -68,6 +68,7 @@ class Trainer:
         self.out_dir = Path(recipe.output_dir).expanduser()
         self.ckpt_root = inside(self.out_dir, "checkpoints")
         self.skipped_in_a_row = 0
+        self.resume_state: dict | None = None  # trainer_state.json of the checkpoint resumed from (plan_start)
         self.ds_config = build_deepspeed_config(recipe, info.world_size)
         self.ep_rank = info.rank % recipe.ep_size
         self.engine = None
@@ -81,7 +82,7 @@ class Trainer:
             raise ConfigError([f"checkpoint.resume: 'never', but {self.ckpt_root} holds checkpoints ({resume.name}); "
                                "use another output_dir or checkpoint.resume: auto"], what)
         if resume is not None:
-            state = ckpt.read_state(resume)
+            state = self.resume_state = ckpt.read_state(resume)
             ours = self.topology()
             diff = [f"{k} {state.get(k)!r} there, {v!r} here" for k, v in ours.items() if state.get(k) != v]
             if diff:
@@ -156,7 +157,7 @@ class Trainer:
         start = 0
         if resume is not None:
             ckpt.load(engine, resume, rank=info.rank, module_only=False)
-            start = ckpt.read_state(resume)["step"]
+            start = self.resume_state["step"]
         elif init is not None:
             ckpt.load(engine, init, rank=info.rank, module_only=True)
         sched = engine.lr_scheduler
@@ -169,7 +170,7 @@ class Trainer:
                                 model=engine.module)
         if resume is not None:
             log.event(event="resume", from_step=start, checkpoint=str(resume))
-            for line in self.resume_differences(ckpt.read_state(resume), len(data)):
+            for line in self.resume_differences(self.resume_state, len(data)):
                 log.event(event="warning", message=line)
         elif init is not None:
             log.event(event="init_from", checkpoint=str(init))

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from moe_lora.commands.argcheck import at_least, need_dir, need_file, raise_problems, writable_dir
 from moe_lora.jsonl import iter_json_objects
-from moe_lora.yaml_file import read_yaml
 
 HELP = "router load statistics, plots and an HTML report over a dataset (or --compare two reports)"
 
@@ -84,25 +83,14 @@ def make_batches(tokenizer, texts: list[str], labels: list[str | None], batch_si
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
-def read_config(path: str | Path):
-    """MoELoRAConfig from YAML or JSON; a training recipe's ``moe_lora:`` section is used when present."""
-
-    from moe_lora import MoELoRAConfig
-
-    path = Path(path)
-    data = read_yaml(path, "--config")  # JSON is YAML
-    if isinstance(data, dict) and "moe_lora" in data:
-        data = data["moe_lora"]
-    return MoELoRAConfig.from_dict(data or {}, f"MoELoRAConfig in {path}")
-
-
 def load_moe_model(args: argparse.Namespace):
     """The base model with the adapter loaded (--adapter) or freshly converted (--config)."""
     import torch
 
     from moe_lora import convert, load_adapter, zoo
+    from moe_lora.convert import load_config
 
-    config = None if args.adapter else read_config(args.config)
+    config = None if args.adapter else load_config(args.config, "--config")
     model = zoo.load_model(args.model, seed=args.seed, dtype=getattr(torch, args.dtype))
     return load_adapter(model, args.adapter) if args.adapter else convert(model, config)
 
