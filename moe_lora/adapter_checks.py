@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 
 from .config import MoELoRAConfig
 from .convert import fingerprint
@@ -39,7 +40,6 @@ REQUIRED_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SCOPES = ("linear", "block", "ffn")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 1 << 20
 
 
 def short(value, limit: int = 80) -> str:
@@ -50,15 +50,6 @@ def short(value, limit: int = 80) -> str:
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def sha256_file(file: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def pickle_files(directory: Path) -> list[str]:
@@ -103,30 +94,29 @@ def read_safetensors(file: Path, who: str, *, size: int | None = None,
     (when given). ValueError naming the file for a pickle, a truncated or corrupted file; never unpickles."""
     if not file.is_file():
         raise FileNotFoundError(f"{who}: {file} is missing")
-    with open(file, "rb") as f:
-        head = f.read(9)
-    kind = looks_pickled(head)
+    data = file.read_bytes()  # read once: the size, the sha256 and the tensors all come from these bytes
+    kind = looks_pickled(data[:9])
     if kind is not None:
         raise ValueError(f"{who}: {file} is {kind}, not a safetensors file; pickles are never loaded (they can run "
                          "code). Re-save the weights with safetensors")
-    actual = file.stat().st_size
+    actual = len(data)
     if size is not None and actual != size:
         raise ValueError(f"{who}: {file} is {actual} bytes but adapter_config.json records weights_bytes={size}: "
                          f"the file is {'truncated' if actual < size else 'not the one saved'}. Save the adapter "
                          "again (or, if you changed the file on purpose, delete weights_bytes and weights_sha256 "
                          "from adapter_config.json)")
     if sha256 is not None:
-        digest = sha256_file(file)
+        digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
             raise ValueError(f"{who}: {file} has sha256 {digest[:16]}... but adapter_config.json records "
                              f"weights_sha256={sha256[:16]}...: the file is corrupted or was modified after saving. "
                              "Save the adapter again (or, if you changed the file on purpose, delete weights_bytes "
                              "and weights_sha256 from adapter_config.json)")
     try:
-        with safe_open(str(file), "pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, RuntimeError, ValueError, TypeError, OverflowError) as e:
+        tensors = safetensors_load(data)
+        n = int.from_bytes(data[:8], "little")
+        metadata = dict(json.loads(data[8:8 + n]).get("__metadata__") or {})  # the header deserialize just read
+    except (SafetensorError, RuntimeError, ValueError, TypeError, OverflowError, AttributeError) as e:
         raise ValueError(f"{who}: {file} is not a valid safetensors file ({e}); it is truncated or corrupted") \
             from None
     return tensors, metadata

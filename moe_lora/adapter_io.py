@@ -19,10 +19,11 @@ Key paths are the *base* model's: the ``base_layer`` segments the wrappers inser
 ``model.layers.0.mlp.base_layer.gate_proj.lora_A`` is stored as ``model.layers.0.mlp.gate_proj.lora_A``.
 
 Atomic writes (moe_lora/atomic_dir.py): everything goes to a fresh hidden directory ``.<name>.tmp-<pid>-*``
-beside the target, each file is fsynced and the weights read back and compared with their sha256, then the
-directory is swapped onto the target in one step (Linux ``renameat2`` exchange; elsewhere the old adapter is
-renamed aside first). A save killed at any point leaves at the target the complete old adapter, the complete new
-one, or (first save) nothing; the next save removes the leftovers. Loading refuses the hidden directories.
+beside the target, each file is fsynced (the weights' size and sha256, computed from the bytes written, go into
+adapter_config.json and are checked on every load), then the directory is swapped onto the target in one step
+(Linux ``renameat2`` exchange; elsewhere the old adapter is renamed aside first). A save killed at any point
+leaves at the target the complete old adapter, the complete new one, or (first save) nothing; the next save
+removes the leftovers. Loading refuses the hidden directories.
 
 Loading checks (moe_lora/adapter_checks.py), each a ValueError naming the file, the key and the value (a
 FileNotFoundError for a missing file): adapter_type and format_version first, then every missing or ill-typed
@@ -56,7 +57,6 @@ from .adapter_checks import (
     pickle_files,
     read_json_object,
     read_safetensors,
-    sha256_file,
     short,
 )
 from .atomic_dir import backup_of, commit_dir, is_leftover, new_temp_dir, recover, write_new_file
@@ -166,8 +166,6 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
     try:
         weights = tmp / WEIGHTS_NAME
         write_new_file(weights, data)
-        if sha256_file(weights) != digest:
-            raise OSError(f"adapter: {weights} reads back different from what was written (a failing disk?)")
         write_new_file(tmp / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         mask = _umask()  # mkdtemp made the directory 0o700; give the files and it the usual modes
         for name in (WEIGHTS_NAME, CONFIG_NAME):
