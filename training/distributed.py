@@ -7,7 +7,10 @@
   LOCAL_RANK and WORLD_SIZE are set to 0 / 0 / 1 in os.environ because DeepSpeed's engine asserts they exist.
 * Already initialised by the caller: used as it is.
 
-The backend is the accelerator's (gloo on CPU with ``DS_ACCELERATOR=cpu``, nccl on CUDA).
+The backend is the accelerator's (gloo on CPU with ``DS_ACCELERATOR=cpu``, nccl on CUDA). On CPU, DeepSpeed's
+communication backend would JIT-compile its shared-memory all-reduce (C++ against the torch headers: minutes and
+gigabytes of compiler memory) the first time it starts; that op serves only ``inference_all_reduce``, which training
+never calls, so it is marked unavailable and gloo does every collective.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def init_distributed() -> DistInfo:
 
     accel = get_accelerator()
     backend = accel.communication_backend_name()
+    if accel.device_name() == "cpu":
+        skip_shm_comm_build()
     if not dist.is_initialized() and not all(k in os.environ for k in LAUNCH_ENV):
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         # DeepSpeed's engine asserts that a launcher set these; a world of one sets them itself.
@@ -47,6 +52,15 @@ def init_distributed() -> DistInfo:
     if name != "cpu":
         accel.set_device(local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def skip_shm_comm_build() -> None:
+    """Mark DeepSpeed's CPU shared-memory collective op as unavailable, so that starting its communication backend
+    compiles nothing. ``deepspeed.ops.__compatible_ops__`` is probed once per process and cached as one dict whose
+    edits persist (DeepSpeed documents this); its backend builds the op only where that dict says it is compatible."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def ranks_on_this_node(world_size: int) -> int:
