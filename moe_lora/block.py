@@ -25,15 +25,21 @@ Two modules (see targets.py for the block layouts they understand):
       a token that no expert took keeps the dense FFN). Computed as in MixLoRA's optimised path, W1x and W3x
       once for all tokens, then per (token, slot) pair s = (t, k) with expert e = ids[t, k]:
 
-          a0 = act(W1 x_t),   h0 = a0 * W3 x_t                                   (the dense FFN, [T, F])
-          d_s = (act(W1 x_t + dg_s) - act(W1 x_t)) * (W3 x_t + du_s) + act(W1 x_t) * du_s    [S, F]
-                dg_s = s B1e A1e x_t,  du_s = s B3e A3e x_t          (lora_experts, one row per pair)
-          h_s = h0_t + d_s                                           (= act(W1e x_t) * W3e x_t exactly in maths)
-          y_t = W2 (h0_t + sum_k g_tk d_tk) + sum_k g_tk s B2e A2e h_tk       (W2 applied once to T rows)
+          h0_t = act(W1 x_t) * W3 x_t                                  (the dense FFN, [T, F])
+          dg_s = s B1e A1e x_t,  du_s = s B3e A3e x_t                  (per pair, [S, F])
+          p_s  = act(W1 x_t + dg_s) * (W3 x_t + du_s)                  (the pair's hidden = act(W1e x_t) * W3e x_t)
+          d_s  = p_s - act(W1 x_t) * W3 x_t                            (both act() on the same [S, F] layout)
+          y_t  = W2 (h0_t + sum_k g_tk d_tk) + sum_k g_tk s B2e A2e p_tk       (W2 applied once to T rows)
 
-      Writing the gated product as a difference keeps a fresh conversion bit-identical to the base model: with
-      B = 0 every d_s is exactly 0 whatever the activation's vectorisation, and W2 sees h0 itself.
-      GPT-2's plain MLP is the same without W3 (h = act(W1 x)).
+      Writing the mixture through d keeps a fresh conversion bit-identical to the base model: with B = 0 the
+      two products of d are the same floats (same inputs, same positions), d is exactly 0, and W2 sees h0
+      itself. GPT-2's plain MLP is the same without W3 (h = act(W1 x)).
+
+      The pair rows live in expert order (kernels/pair_rows.py) on the torch backend, so each expert's LoRA
+      GEMMs run on one contiguous block: the shrink of W1 and W3's experts once per token (dense, or grouped
+      on gathered rows when E*r is large: the same cost rule as lora_experts), every expand and the W2
+      experts' shrink on the expert's own rows, r columns wide instead of E*r. Other backends (Triton,
+      reference) take the pairs in slot order through ``lora_expert_rows``.
 """
 
 from __future__ import annotations
@@ -44,7 +50,9 @@ import torch
 from torch import nn
 
 from . import losses
-from .kernels import lora_expert_rows, lora_experts
+from .kernels import choose_torch_path, lora_expert_rows, lora_experts
+from .kernels.api import resolve_backend
+from .kernels.pair_rows import PairLayout, gather_pairs, grouped_rows_mm, sum_pairs
 from .layer import base_dims, init_lora_A_
 from .routers import Router
 from .routing import Routing
@@ -91,9 +99,29 @@ class ExpertLinear(nn.Module):
             raise RuntimeError("ExpertLinear: not bound to an MoEBlock (build it through moe_lora.convert)")
         return self._block[0]
 
-    def pair_delta(self, z_SI: torch.Tensor, ids_S: torch.Tensor) -> torch.Tensor:
-        """[S, O] unweighted delta s B_e A_e z_s of each pair's expert (z_SI already through dropout)."""
-        return lora_expert_rows(z_SI, self.lora_A, self.lora_B, ids_S, self.scaling, self.backend)
+    def pair_delta(self, z_SI: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+        """[S, O] unweighted delta s B_e A_e z_s of each pair row's expert (z_SI already through dropout), computed
+        in the adapter's dtype (autocast off, as lora_experts) and returned in z's."""
+        if layout.counts is None:
+            return lora_expert_rows(z_SI, self.lora_A, self.lora_B, layout.e_S, self.scaling, self.backend)
+        with torch.autocast(device_type=z_SI.device.type, enabled=False):
+            h_Sr = grouped_rows_mm(z_SI.to(self.lora_A.dtype), self.lora_A.transpose(1, 2), layout)
+            return self._expand(h_Sr, layout).to(z_SI.dtype)
+
+    def token_pair_delta(self, z_TI: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+        """``pair_delta`` of rows that repeat their token's input z_t (z_TI already through dropout): in expert
+        order with a dense shrink, h = z A_cat^T is computed once per token and each row picks its expert's r
+        values."""
+        E, r, _ = self.lora_A.shape
+        if layout.counts is None or choose_torch_path(E, layout.slots, r) != "dense":
+            return self.pair_delta(gather_pairs(z_TI, layout), layout)
+        with torch.autocast(device_type=z_TI.device.type, enabled=False):
+            h_TEr = z_TI.to(self.lora_A.dtype) @ self.lora_A.reshape(E * r, -1).t()
+            h_Sr = h_TEr.view(-1, r).index_select(0, layout.tok_S * E + layout.e_S)
+            return self._expand(h_Sr, layout).to(z_TI.dtype)
+
+    def _expand(self, h_Sr: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+        return grouped_rows_mm(h_Sr * self.scaling, self.lora_B.transpose(1, 2), layout)
 
     def forward(self, z: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(z, *args, **kwargs)
@@ -177,9 +205,7 @@ class MoEBlock(nn.Module):
         routing = self.route(x_TD, mask_T)
         u_SO = None
         if self.ffn_experts:
-            out, u_SO = self._ffn_forward(x, x_TD, routing)
-            if not getattr(self.router, "needs_expert_outputs", False):
-                u_SO = None  # only the contrastive router uses the experts' outputs
+            out, u_SO = self._ffn_forward(x, x_TD, routing)  # u_SO only for the contrastive router
         else:
             self.current_routing = routing
             out = self.base_layer(x, *args, **kwargs)
@@ -198,66 +224,59 @@ class MoEBlock(nn.Module):
             self.last_aux_terms = self.last_aux_loss = None
         return out
 
-    def _pair_rows(self, base_TF: torch.Tensor, K: int) -> torch.Tensor:
-        """[S, F] contiguous: each token's row repeated for its K slots."""
-        return base_TF.repeat_interleave(K, dim=0)
+    def pair_layout(self, routing: Routing, x_TD: torch.Tensor) -> PairLayout:
+        """Expert order on the torch backend (grouped GEMMs per expert), slot order for the others and under
+        torch.compile (the per-expert row counts are host values, which a traced graph cannot depend on)."""
+        experts = [p[1] for p in map(self.projection, ("gate", "up", "down")) if p is not None and p[1] is not None]
+        by_expert = not torch.compiler.is_compiling() and any(
+            resolve_backend(e.backend, x_TD) == "torch" for e in experts
+        )
+        return PairLayout.build(routing.expert_ids_TK, routing.weights_TK, self.num_experts, by_expert=by_expert)
 
     def _ffn_forward(self, x: torch.Tensor, x_TD: torch.Tensor, routing: Routing):
-        kind = self.layout.kind
-        act = getattr(self.base_layer, _ACT[kind])
-        T, K = routing.expert_ids_TK.shape
-        ids_S = routing.expert_ids_TK.reshape(-1)
+        """(y, u_SO): the MixLoRA FFN (module docstring) and the W2 experts' pair outputs in slot order (or None)."""
+        act = getattr(self.base_layer, _ACT[self.layout.kind])
+        layout = self.pair_layout(routing, x_TD)
+        T = x_TD.shape[0]
         up_base, up_exp = self.projection("up")
         gate = self.projection("gate")
+        gate_base, gate_exp = gate if gate is not None else (None, None)
         u = up_base(x)  # W3 x (W1 x for the plain layout), once for all tokens
         F = u.shape[-1]
         u_TF = u.reshape(T, F)
-        if gate is not None:
-            gate_base, gate_exp = gate
-            g = gate_base(x)
-            h0 = act(g) * u  # exactly the base MLP's product
-            g_TF = g.reshape(T, F)
-        else:
-            gate_exp = None
-            h0 = act(u)
-        h0_TF = h0.reshape(T, F)
+        g = gate_base(x) if gate_base is not None else None
+        h0 = act(g) * u if g is not None else act(u)  # exactly the base MLP's product
 
         def delta(expert: ExpertLinear | None) -> torch.Tensor | None:
             if expert is None:
                 return None
-            xd_SD = self._pair_rows(expert.lora_dropout(x_TD), K)
-            return expert.pair_delta(xd_SD, ids_S).to(h0.dtype)
+            return expert.token_pair_delta(expert.lora_dropout(x_TD), layout).to(h0.dtype)
 
         du_SF, dg_SF = delta(up_exp), delta(gate_exp)
-        d_SF = None
-        if gate is not None and (dg_SF is not None or du_SF is not None):
-            g_SF = self._pair_rows(g_TF, K)
-            a_SF = act(g_SF)  # same layout as act(g_SF + dg_SF): their difference is exactly 0 when dg = 0
-            if dg_SF is not None:
-                u_SF = self._pair_rows(u_TF, K)
-                d_SF = (act(g_SF + dg_SF) - a_SF) * (u_SF if du_SF is None else u_SF + du_SF)
-            if du_SF is not None:
-                d_SF = a_SF * du_SF if d_SF is None else d_SF + a_SF * du_SF
-        elif du_SF is not None:
-            u_SF = self._pair_rows(u_TF, K)
-            d_SF = act(u_SF + du_SF) - act(u_SF)
-
-        w_TK = routing.weights_TK
-        if d_SF is None:
-            h_in = h0
-            h_SF = self._pair_rows(h0_TF, K)
+        u_SF = gather_pairs(u_TF, layout)
+        if g is not None:
+            g_SF = gather_pairs(g.reshape(T, F), layout)
+            a0_SF = act(g_SF)
+            a1_SF = a0_SF if dg_SF is None else act(g_SF + dg_SF)
+            p_SF = a1_SF * (u_SF if du_SF is None else u_SF + du_SF)
+            d_SF = None if dg_SF is None and du_SF is None else p_SF - a0_SF * u_SF
         else:
-            mix_TF = (w_TK[:, :, None] * d_SF.view(T, K, F)).sum(1)
-            h_in = h0 + mix_TF.view(h0.shape).to(h0.dtype)
-            h_SF = self._pair_rows(h0_TF, K) + d_SF
+            p_SF = act(u_SF if du_SF is None else u_SF + du_SF)
+            d_SF = None if du_SF is None else p_SF - act(u_SF)
+
+        w_S1 = layout.w_S.to(h0.dtype)[:, None]
+        h_in = h0 if d_SF is None else h0 + sum_pairs(w_S1 * d_SF, layout).view(h0.shape)
         down_base, down_exp = self.projection("down")
         y = down_base(h_in)  # W2 once for all T rows
         u_SO = None
         if down_exp is not None:
-            u_SO = down_exp.pair_delta(down_exp.lora_dropout(h_SF), ids_S)
-            O = u_SO.shape[-1]
-            y = y + (w_TK[:, :, None] * u_SO.view(T, K, O)).sum(1).view(y.shape).to(y.dtype)
-        post = _POST[kind]
+            u_SO = down_exp.pair_delta(down_exp.lora_dropout(p_SF), layout)
+            y = y + sum_pairs(w_S1.to(u_SO.dtype) * u_SO, layout).view(y.shape).to(y.dtype)
+            if getattr(self.router, "needs_expert_outputs", False):
+                u_SO = layout.to_slot_order(u_SO)
+            else:
+                u_SO = None
+        post = _POST[self.layout.kind]
         if post is not None:
             y = getattr(self.base_layer, post)(y)
         return y, u_SO

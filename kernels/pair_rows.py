@@ -1,0 +1,170 @@
+"""Per-pair rows: computing on the S = T*K (token, slot) pairs of a routing, kept in expert order.
+
+MixLoRA's FFN experts (moe_lora/block.py) need one row per pair of F-wide activations. Laid out sorted by expert,
+those rows feed the experts' GEMMs directly (each expert's rows are one contiguous block), and the only gathers
+are the ones in and out of pair space::
+
+    layout = PairLayout.build(expert_ids_TK, weights_TK, E, by_expert=True)
+    v_SF   = gather_pairs(x_TF, layout)            [S, F]  v[s] = x[tok_S[s]]
+    o_SN   = grouped_rows_mm(v_SF, W_EFN, layout)  [S, N]  o[s] = v[s] @ W[e_S[s]]   (one GEMM per expert)
+    y_TF   = sum_pairs(o_SF, layout)               [T, F]  y[t] = sum of the rows of t's pairs
+
+``gather_pairs`` and ``sum_pairs`` are each other's adjoint and are written as such: the backward of each is the
+other, both an ``index_select`` plus at most a [T, K, F] sum. Autograd's own backward of ``index_select`` is an
+``index_add`` into [T, F], which torch 2.13 runs on one CPU thread (3-4x slower at these sizes).
+
+``by_expert=False`` keeps the pairs in slot order (pair s = t*K + k): the layout for backends that take one
+expert id per row themselves (``lora_expert_rows``: Triton, reference).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """Where each pair's row sits. S = T*K rows::
+
+        tok_S    [S] int64  token of row s
+        e_S      [S] int64  expert of row s
+        w_S      [S]        routing weight of row s (the routing's dtype, fp32)
+        inv_S    [S] int64  row of pair t*K + k (the inverse of the layout's order)
+        counts   list[int] | None   rows per expert (rows grouped by expert), None in slot order
+    """
+
+    tok_S: torch.Tensor
+    e_S: torch.Tensor
+    w_S: torch.Tensor
+    inv_S: torch.Tensor
+    counts: list[int] | None
+    num_tokens: int
+    slots: int
+
+    @staticmethod
+    def build(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, *, by_expert: bool
+              ) -> PairLayout:
+        T, K = expert_ids_TK.shape
+        flat_S = expert_ids_TK.reshape(-1)
+        w_flat = weights_TK.reshape(-1)
+        if not by_expert:
+            ar_S = torch.arange(T * K, device=flat_S.device)
+            return PairLayout(ar_S // K, flat_S, w_flat, ar_S, None, T, K)
+        order_S = torch.argsort(flat_S, stable=True)
+        inv_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(T * K, device=flat_S.device))
+        counts = torch.bincount(flat_S, minlength=num_experts).tolist()  # host values (a sync on CUDA): GEMM sizes
+        return PairLayout(order_S // K, flat_S[order_S], w_flat[order_S], inv_S, counts, T, K)
+
+    def to_slot_order(self, v_S: torch.Tensor) -> torch.Tensor:
+        """[S, ...] rows of this layout -> the same rows in slot order (pair t*K + k)."""
+        return _Permute.apply(v_S, self.inv_S, _inverse(self.inv_S))
+
+
+def _inverse(perm_S: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(perm_S).scatter_(0, perm_S, torch.arange(perm_S.shape[0], device=perm_S.device))
+
+
+class _Permute(torch.autograd.Function):
+    """v[perm] for a permutation perm: the backward is g[inv], not an index_add."""
+
+    @staticmethod
+    def forward(ctx, v, perm, inv):
+        ctx.save_for_backward(inv)
+        return v.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+def _gather(x_TF: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    return x_TF.index_select(0, layout.tok_S)
+
+
+def _sum(v_SF: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    T, K = layout.num_tokens, layout.slots
+    return v_SF.index_select(0, layout.inv_S).view(T, K, *v_SF.shape[1:]).sum(1)
+
+
+class _GatherPairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TF, layout):
+        ctx.layout = layout
+        return _gather(x_TF, layout)
+
+    @staticmethod
+    def backward(ctx, g_SF):
+        return _sum(g_SF, ctx.layout), None
+
+
+class _SumPairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v_SF, layout):
+        ctx.layout = layout
+        return _sum(v_SF, layout)
+
+    @staticmethod
+    def backward(ctx, g_TF):
+        return _gather(g_TF, ctx.layout), None
+
+
+def gather_pairs(x_TF: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """[S, F] with row s = x[tok_S[s]] (each token's row once per slot)."""
+    return _GatherPairs.apply(x_TF, layout)
+
+
+def sum_pairs(v_SF: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """[T, F] with row t = the sum of the rows of t's K pairs (the adjoint of gather_pairs)."""
+    return _SumPairs.apply(v_SF, layout)
+
+
+class _GroupedRowsMM(torch.autograd.Function):
+    """out[rows of e] = a[rows of e] @ W[e], written in place into one [S, N] buffer (no per-expert cat);
+    backward: da[rows of e] = g[rows of e] @ W[e]^T, dW[e] = a[rows of e]^T @ g[rows of e] (zero if no rows)."""
+
+    @staticmethod
+    def forward(ctx, a_SM, W_EMN, counts):
+        out_SN = a_SM.new_empty(a_SM.shape[0], W_EMN.shape[-1])
+        for e, (start, end) in enumerate(_spans(counts)):
+            if end > start:
+                torch.mm(a_SM[start:end], W_EMN[e], out=out_SN[start:end])
+        ctx.save_for_backward(a_SM, W_EMN)
+        ctx.counts = counts
+        return out_SN
+
+    @staticmethod
+    def backward(ctx, g_SN):
+        a_SM, W_EMN = ctx.saved_tensors
+        da_SM = dW_EMN = None
+        if ctx.needs_input_grad[0]:
+            da_SM = g_SN.new_empty(a_SM.shape)
+        if ctx.needs_input_grad[1]:
+            dW_EMN = torch.zeros_like(W_EMN)
+        for e, (start, end) in enumerate(_spans(ctx.counts)):
+            if end == start:
+                continue
+            if da_SM is not None:
+                torch.mm(g_SN[start:end], W_EMN[e].t(), out=da_SM[start:end])
+            if dW_EMN is not None:
+                torch.mm(a_SM[start:end].t(), g_SN[start:end], out=dW_EMN[e])
+        return da_SM, dW_EMN, None
+
+
+def _spans(counts: list[int]) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(counts))
+    return [(end - n, end) for n, end in zip(counts, ends)]
+
+
+def grouped_rows_mm(a_SM: torch.Tensor, W_EMN: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+    """[S, N] with row s = a[s] @ W[e_S[s]], for rows grouped by expert (``layout.counts``): one GEMM per expert
+    that got rows, written in place (an expert with none is skipped and gets a zero gradient). Differentiable in
+    a and W."""
+    if layout.counts is None:
+        raise ValueError("grouped_rows_mm: the layout keeps slot order; build it with by_expert=True")
+    if a_SM.dtype != W_EMN.dtype:
+        raise ValueError(f"grouped_rows_mm: a is {a_SM.dtype} but W is {W_EMN.dtype}")
+    return _GroupedRowsMM.apply(a_SM.contiguous(), W_EMN, layout.counts)
