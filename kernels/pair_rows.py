@@ -34,6 +34,7 @@ class PairLayout:
         w_S      [S]        routing weight of row s (the routing's dtype, fp32)
         inv_S    [S] int64  row of pair t*K + k (the inverse of the layout's order)
         counts   list[int] | None   rows per expert (rows grouped by expert), None in slot order
+        num_tokens, slots           T and K
     """
 
     tok_S: torch.Tensor
@@ -54,7 +55,7 @@ class PairLayout:
             ar_S = torch.arange(T * K, device=flat_S.device)
             return PairLayout(ar_S // K, flat_S, w_flat, ar_S, None, T, K)
         order_S = torch.argsort(flat_S, stable=True)
-        inv_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(T * K, device=flat_S.device))
+        inv_S = _inverse(order_S)
         counts = torch.bincount(flat_S, minlength=num_experts).tolist()  # host values (a sync on CUDA): GEMM sizes
         return PairLayout(order_S // K, flat_S[order_S], w_flat[order_S], inv_S, counts, T, K)
 
