@@ -54,7 +54,7 @@ def resolve_grouped_mm(use_grouped_mm: bool | None, dtype: torch.dtype, D: int, 
     return bool(use_grouped_mm) and grouped_mm_usable(dtype, D, O, r)
 
 
-def _gmm(a: torch.Tensor, b: torch.Tensor, meta: SortMeta, use_gmm: bool) -> torch.Tensor:
+def group_mm(a: torch.Tensor, b: torch.Tensor, meta: SortMeta, use_gmm: bool) -> torch.Tensor:
     """Row-grouped a [S, K] @ b[e] [K, N] for the rows of each expert group -> [S, N]."""
     if use_gmm:
         return F.grouped_mm(a.contiguous(), b, offs=meta.offs_E)
@@ -62,12 +62,12 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, meta: SortMeta, use_gmm: bool) -> tor
     start = 0
     for e, n in enumerate(meta.counts_E.tolist()):
         if n:
-            out[start : start + n] = a[start : start + n] @ b[e]
+            torch.mm(a[start : start + n], b[e], out=out[start : start + n])
         start += n
     return out
 
 
-def _gmm_weight(a_SM: torch.Tensor, b_SN: torch.Tensor, meta: SortMeta, use_gmm: bool) -> torch.Tensor:
+def group_mm_weight(a_SM: torch.Tensor, b_SN: torch.Tensor, meta: SortMeta, use_gmm: bool) -> torch.Tensor:
     """Per-expert a_e^T @ b_e over each group's rows -> [E, M, N] (zeros for empty groups)."""
     E = meta.counts_E.shape[0]
     if use_gmm:
@@ -78,7 +78,7 @@ def _gmm_weight(a_SM: torch.Tensor, b_SN: torch.Tensor, meta: SortMeta, use_gmm:
     start = 0
     for e, n in enumerate(meta.counts_E.tolist()):
         if n:
-            out[e] = a_SM[start : start + n].t() @ b_SN[start : start + n]
+            torch.mm(a_SM[start : start + n].t(), b_SN[start : start + n], out=out[e])
         start += n
     return out
 
@@ -94,9 +94,9 @@ class GroupedLoRAExperts(torch.autograd.Function):
         use_gmm = resolve_grouped_mm(use_grouped_mm, dtype, D, O, r, x_TD.device)
         x_SD = x_TD.to(dtype)[meta.tok_S]
         w_S = weights_TK.reshape(-1)[meta.order_S]
-        h_Sr = _gmm(x_SD, lora_A_ERD.transpose(1, 2), meta, use_gmm)
+        h_Sr = group_mm(x_SD, lora_A_ERD.transpose(1, 2), meta, use_gmm)
         hs_Sr = h_Sr * (scaling * w_S).to(dtype)[:, None]
-        u_SO = _gmm(hs_Sr, lora_B_EOR.transpose(1, 2), meta, use_gmm)
+        u_SO = group_mm(hs_Sr, lora_B_EOR.transpose(1, 2), meta, use_gmm)
         y_TO = u_SO.new_zeros(T, O).index_add_(0, meta.tok_S, u_SO)
         ctx.save_for_backward(x_TD, lora_A_ERD, lora_B_EOR, h_Sr, w_S, meta.order_S, meta.tok_S, meta.counts_E,
                               meta.offs_E)
@@ -111,7 +111,7 @@ class GroupedLoRAExperts(torch.autograd.Function):
         dtype = lora_A_ERD.dtype
         T, D = x_TD.shape
         g_SO = g_TO.to(dtype)[tok_S]
-        z_Sr = _gmm(g_SO, lora_B_EOR, meta, use_gmm)
+        z_Sr = group_mm(g_SO, lora_B_EOR, meta, use_gmm)
         sw_S = (s * w_S).to(dtype)
         dx = dA = dB = dw = None
         if ctx.needs_input_grad[4]:
@@ -121,12 +121,12 @@ class GroupedLoRAExperts(torch.autograd.Function):
             dw = dw.view(T, ctx.K)
         dh_Sr = z_Sr * sw_S[:, None]
         if ctx.needs_input_grad[0]:
-            dx_SD = _gmm(dh_Sr, lora_A_ERD, meta, use_gmm)
+            dx_SD = group_mm(dh_Sr, lora_A_ERD, meta, use_gmm)
             dx = dx_SD.new_zeros(T, D).index_add_(0, tok_S, dx_SD).to(x_TD.dtype)
         if ctx.needs_input_grad[1]:
-            dA = _gmm_weight(dh_Sr, x_TD.to(dtype)[tok_S], meta, use_gmm)
+            dA = group_mm_weight(dh_Sr, x_TD.to(dtype)[tok_S], meta, use_gmm)
         if ctx.needs_input_grad[2]:
-            dB = _gmm_weight(g_SO, h_Sr * sw_S[:, None], meta, use_gmm)
+            dB = group_mm_weight(g_SO, h_Sr * sw_S[:, None], meta, use_gmm)
         return dx, dA, dB, None, dw, None, None, None
 
 

@@ -19,10 +19,12 @@ expert id per row themselves (``lora_expert_rows``: Triton, reference).
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
+
+from .grouped import group_mm, group_mm_weight, grouped_mm_usable
+from .metadata import SortMeta
 
 
 @dataclass(frozen=True)
@@ -33,15 +35,15 @@ class PairLayout:
         e_S      [S] int64  expert of row s
         w_S      [S]        routing weight of row s (the routing's dtype, fp32)
         inv_S    [S] int64  row of pair t*K + k (the inverse of the layout's order)
-        counts   list[int] | None   rows per expert (rows grouped by expert), None in slot order
-        num_tokens, slots           T and K
+        sort     SortMeta of the pairs (rows grouped by expert: order, counts, offsets), None in slot order
+        num_tokens, slots   T and K
     """
 
     tok_S: torch.Tensor
     e_S: torch.Tensor
     w_S: torch.Tensor
     inv_S: torch.Tensor
-    counts: list[int] | None
+    sort: SortMeta | None
     num_tokens: int
     slots: int
 
@@ -54,18 +56,16 @@ class PairLayout:
         if not by_expert:
             ar_S = torch.arange(T * K, device=flat_S.device)
             return PairLayout(ar_S // K, flat_S, w_flat, ar_S, None, T, K)
-        order_S = torch.argsort(flat_S, stable=True)
-        inv_S = _inverse(order_S)
-        counts = torch.bincount(flat_S, minlength=num_experts).tolist()  # host values (a sync on CUDA): GEMM sizes
-        return PairLayout(order_S // K, flat_S[order_S], w_flat[order_S], inv_S, counts, T, K)
+        sort = SortMeta.build(expert_ids_TK, num_experts)
+        order_S = sort.order_S
+        inv_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(T * K, device=flat_S.device))
+        return PairLayout(sort.tok_S, flat_S[order_S], w_flat[order_S], inv_S, sort, T, K)
 
     def to_slot_order(self, v_S: torch.Tensor) -> torch.Tensor:
         """[S, ...] rows of this layout -> the same rows in slot order (pair t*K + k)."""
-        return _Permute.apply(v_S, self.inv_S, _inverse(self.inv_S))
-
-
-def _inverse(perm_S: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(perm_S).scatter_(0, perm_S, torch.arange(perm_S.shape[0], device=perm_S.device))
+        if self.sort is None:
+            return v_S
+        return _Permute.apply(v_S, self.inv_S, self.sort.order_S)
 
 
 class _Permute(torch.autograd.Function):
@@ -91,81 +91,57 @@ def _sum(v_SF: torch.Tensor, layout: PairLayout) -> torch.Tensor:
     return v_SF.index_select(0, layout.inv_S).view(T, K, *v_SF.shape[1:]).sum(1)
 
 
-class _GatherPairs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TF, layout):
-        ctx.layout = layout
-        return _gather(x_TF, layout)
+class _PairMap(torch.autograd.Function):
+    """``_gather`` (token rows -> pair rows) or ``_sum`` (pair rows -> token rows); the backward is the other."""
 
     @staticmethod
-    def backward(ctx, g_SF):
-        return _sum(g_SF, ctx.layout), None
-
-
-class _SumPairs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v_SF, layout):
-        ctx.layout = layout
-        return _sum(v_SF, layout)
+    def forward(ctx, v, layout, to_pairs):
+        ctx.layout, ctx.to_pairs = layout, to_pairs
+        return _gather(v, layout) if to_pairs else _sum(v, layout)
 
     @staticmethod
-    def backward(ctx, g_TF):
-        return _gather(g_TF, ctx.layout), None
+    def backward(ctx, g):
+        return (_sum(g, ctx.layout) if ctx.to_pairs else _gather(g, ctx.layout)), None, None
 
 
 def gather_pairs(x_TF: torch.Tensor, layout: PairLayout) -> torch.Tensor:
     """[S, F] with row s = x[tok_S[s]] (each token's row once per slot)."""
-    return _GatherPairs.apply(x_TF, layout)
+    return _PairMap.apply(x_TF, layout, True)
 
 
 def sum_pairs(v_SF: torch.Tensor, layout: PairLayout) -> torch.Tensor:
     """[T, F] with row t = the sum of the rows of t's K pairs (the adjoint of gather_pairs)."""
-    return _SumPairs.apply(v_SF, layout)
+    return _PairMap.apply(v_SF, layout, False)
 
 
 class _GroupedRowsMM(torch.autograd.Function):
-    """out[rows of e] = a[rows of e] @ W[e], written in place into one [S, N] buffer (no per-expert cat);
-    backward: da[rows of e] = g[rows of e] @ W[e]^T, dW[e] = a[rows of e]^T @ g[rows of e] (zero if no rows)."""
+    """out[rows of e] = a[rows of e] @ W[e] (kernels/grouped.py's group_mm); backward: da = g @ W[e]^T per
+    group, dW[e] = a[rows of e]^T @ g[rows of e] (group_mm_weight: zero for an expert with no rows)."""
 
     @staticmethod
-    def forward(ctx, a_SM, W_EMN, counts):
-        out_SN = a_SM.new_empty(a_SM.shape[0], W_EMN.shape[-1])
-        for e, (start, end) in enumerate(_spans(counts)):
-            if end > start:
-                torch.mm(a_SM[start:end], W_EMN[e], out=out_SN[start:end])
+    def forward(ctx, a_SM, W_EMN, sort, use_gmm):
         ctx.save_for_backward(a_SM, W_EMN)
-        ctx.counts = counts
-        return out_SN
+        ctx.sort, ctx.use_gmm = sort, use_gmm
+        return group_mm(a_SM, W_EMN, sort, use_gmm)
 
     @staticmethod
     def backward(ctx, g_SN):
         a_SM, W_EMN = ctx.saved_tensors
         da_SM = dW_EMN = None
         if ctx.needs_input_grad[0]:
-            da_SM = g_SN.new_empty(a_SM.shape)
+            da_SM = group_mm(g_SN, W_EMN.transpose(1, 2), ctx.sort, ctx.use_gmm)
         if ctx.needs_input_grad[1]:
-            dW_EMN = torch.zeros_like(W_EMN)
-        for e, (start, end) in enumerate(_spans(ctx.counts)):
-            if end == start:
-                continue
-            if da_SM is not None:
-                torch.mm(g_SN[start:end], W_EMN[e].t(), out=da_SM[start:end])
-            if dW_EMN is not None:
-                torch.mm(a_SM[start:end].t(), g_SN[start:end], out=dW_EMN[e])
-        return da_SM, dW_EMN, None
-
-
-def _spans(counts: list[int]) -> list[tuple[int, int]]:
-    ends = list(itertools.accumulate(counts))
-    return [(end - n, end) for n, end in zip(counts, ends)]
+            dW_EMN = group_mm_weight(a_SM, g_SN, ctx.sort, ctx.use_gmm)
+        return da_SM, dW_EMN, None, None
 
 
 def grouped_rows_mm(a_SM: torch.Tensor, W_EMN: torch.Tensor, layout: PairLayout) -> torch.Tensor:
-    """[S, N] with row s = a[s] @ W[e_S[s]], for rows grouped by expert (``layout.counts``): one GEMM per expert
-    that got rows, written in place (an expert with none is skipped and gets a zero gradient). Differentiable in
-    a and W."""
-    if layout.counts is None:
+    """[S, N] with row s = a[s] @ W[e_S[s]], for rows grouped by expert (``layout.sort``): F.grouped_mm on CUDA
+    where the strides allow, else one in-place GEMM per expert that got rows (an expert with none gets a zero
+    gradient). Differentiable in a and W."""
+    if layout.sort is None:
         raise ValueError("grouped_rows_mm: the layout keeps slot order; build it with by_expert=True")
     if a_SM.dtype != W_EMN.dtype:
         raise ValueError(f"grouped_rows_mm: a is {a_SM.dtype} but W is {W_EMN.dtype}")
-    return _GroupedRowsMM.apply(a_SM.contiguous(), W_EMN, layout.counts)
+    use_gmm = grouped_mm_usable(a_SM.dtype, *W_EMN.shape[1:], device=a_SM.device)
+    return _GroupedRowsMM.apply(a_SM.contiguous(), W_EMN, layout.sort, use_gmm)

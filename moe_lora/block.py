@@ -102,7 +102,7 @@ class ExpertLinear(nn.Module):
     def pair_delta(self, z_SI: torch.Tensor, layout: PairLayout) -> torch.Tensor:
         """[S, O] unweighted delta s B_e A_e z_s of each pair row's expert (z_SI already through dropout), computed
         in the adapter's dtype (autocast off, as lora_experts) and returned in z's."""
-        if layout.counts is None:
+        if layout.sort is None:
             return lora_expert_rows(z_SI, self.lora_A, self.lora_B, layout.e_S, self.scaling, self.backend)
         with torch.autocast(device_type=z_SI.device.type, enabled=False):
             h_Sr = grouped_rows_mm(z_SI.to(self.lora_A.dtype), self.lora_A.transpose(1, 2), layout)
@@ -113,7 +113,7 @@ class ExpertLinear(nn.Module):
         order with a dense shrink, h = z A_cat^T is computed once per token and each row picks its expert's r
         values."""
         E, r, _ = self.lora_A.shape
-        if layout.counts is None or choose_torch_path(E, layout.slots, r) != "dense":
+        if layout.sort is None or choose_torch_path(E, layout.slots, r) != "dense":
             return self.pair_delta(gather_pairs(z_TI, layout), layout)
         with torch.autocast(device_type=z_TI.device.type, enabled=False):
             h_TEr = z_TI.to(self.lora_A.dtype) @ self.lora_A.reshape(E * r, -1).t()
@@ -224,23 +224,23 @@ class MoEBlock(nn.Module):
             self.last_aux_terms = self.last_aux_loss = None
         return out
 
-    def pair_layout(self, routing: Routing, x_TD: torch.Tensor) -> PairLayout:
+    def pair_layout(self, routing: Routing, x_TD: torch.Tensor, experts: list[ExpertLinear | None]) -> PairLayout:
         """Expert order on the torch backend (grouped GEMMs per expert), slot order for the others and under
         torch.compile (the per-expert row counts are host values, which a traced graph cannot depend on)."""
-        experts = [p[1] for p in map(self.projection, ("gate", "up", "down")) if p is not None and p[1] is not None]
         by_expert = not torch.compiler.is_compiling() and any(
-            resolve_backend(e.backend, x_TD) == "torch" for e in experts
+            resolve_backend(e.backend, x_TD) == "torch" for e in experts if e is not None
         )
         return PairLayout.build(routing.expert_ids_TK, routing.weights_TK, self.num_experts, by_expert=by_expert)
 
     def _ffn_forward(self, x: torch.Tensor, x_TD: torch.Tensor, routing: Routing):
         """(y, u_SO): the MixLoRA FFN (module docstring) and the W2 experts' pair outputs in slot order (or None)."""
         act = getattr(self.base_layer, _ACT[self.layout.kind])
-        layout = self.pair_layout(routing, x_TD)
         T = x_TD.shape[0]
         up_base, up_exp = self.projection("up")
         gate = self.projection("gate")
         gate_base, gate_exp = gate if gate is not None else (None, None)
+        down_base, down_exp = self.projection("down")
+        layout = self.pair_layout(routing, x_TD, [up_exp, gate_exp, down_exp])
         u = up_base(x)  # W3 x (W1 x for the plain layout), once for all tokens
         F = u.shape[-1]
         u_TF = u.reshape(T, F)
@@ -266,7 +266,6 @@ class MoEBlock(nn.Module):
 
         w_S1 = layout.w_S.to(h0.dtype)[:, None]
         h_in = h0 if d_SF is None else h0 + sum_pairs(w_S1 * d_SF, layout).view(h0.shape)
-        down_base, down_exp = self.projection("down")
         y = down_base(h_in)  # W2 once for all T rows
         u_SO = None
         if down_exp is not None:

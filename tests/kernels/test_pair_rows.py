@@ -39,7 +39,7 @@ def test_gather_sum_and_grouped_mm_match_plain_ops(T, K, E, skip, by_expert):
     assert torch.equal(layout.e_S, ids_S[_order(layout)]) and torch.equal(layout.w_S, w_TK.reshape(-1)[_order(layout)])
     assert torch.equal(layout.to_slot_order(v_SF), x_TF.repeat_interleave(K, 0))
     if by_expert:
-        assert torch.all(layout.e_S[1:] >= layout.e_S[:-1]) and sum(layout.counts) == T * K
+        assert torch.all(layout.e_S[1:] >= layout.e_S[:-1]) and int(layout.sort.counts_E.sum()) == T * K
         o_SN = grouped_rows_mm(v_SF, W_EFN, layout)
         expected = torch.einsum("sf,sfn->sn", v_SF, W_EFN[layout.e_S])
         assert_close(o_SN, expected, F64, "grouped_rows_mm")
