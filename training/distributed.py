@@ -54,6 +54,16 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def finish_distributed() -> None:
+    """End a launched run's process group in order: every rank reaches a barrier, then destroys the group. A rank
+    that exits while a peer still holds the gloo connection can die in its communication threads at exit
+    (``terminate called without an active exception``, exit -6) although its work is done. A world of one
+    started in-process (no launcher environment) is kept for later runs in the same process."""
+    if dist.is_initialized() and all(k in os.environ for k in LAUNCH_ENV):
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def skip_shm_comm_build() -> None:
     """Mark DeepSpeed's CPU shared-memory collective op as unavailable, so that starting its communication backend
     compiles nothing. ``deepspeed.ops.__compatible_ops__`` is probed once per process and cached as one dict whose

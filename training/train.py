@@ -33,12 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from moe_lora.errors import ConfigError
+    from moe_lora.training.distributed import finish_distributed
     from moe_lora.training.recipe import parse_override
     from moe_lora.training.trainer import run_training
 
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
         run_training(args.config, overrides)
+        finish_distributed()
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"training/train.py: error: {e}", file=sys.stderr)

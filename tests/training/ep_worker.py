@@ -190,3 +190,6 @@ if __name__ == "__main__":
     out_dir.mkdir(parents=True, exist_ok=True)
     {"ep2": scenario_ep2, "ep1": scenario_ep1, "dispatch": scenario_dispatch,
      "numerics": scenario_numerics}[scenario](out_dir)
+    from moe_lora.training.distributed import finish_distributed
+
+    finish_distributed()
