@@ -11,8 +11,9 @@ PEFT LoRA of the same active rank (r=16; r=32 for topk_e64: E=64, k=2, r=16), th
 backward alone (the optimizer step, which grows with the trainable parameters, is reported apart in ms),
 median step time, tokens/s, forward-only (no grad) ratio to PEFT, and memory:
 
-* ``saved MB``: bytes of the tensors autograd saves for backward in one step (activation memory; exact and
-  repeatable, unlike process RSS on a shared CPU machine), measured with saved_tensors_hooks;
+* ``saved MB``: bytes of the distinct storages autograd saves for backward in one step, parameters left out
+  (activation memory; exact and repeatable, unlike process RSS on a shared CPU machine), measured with
+  saved_tensors_hooks;
 * ``state MB``: trainable parameters + gradients + AdamW's two moments (4 x 4 bytes per trainable parameter).
 
 "frozen base" runs forward and backward through the base model with no trainable parameter (the embedding
@@ -82,12 +83,20 @@ def build(name: str, args) -> torch.nn.Module:
     return convert(model, cfg)
 
 
-def saved_bytes(step) -> int:
+def saved_bytes(step, model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one step, parameters left out: activation
+    memory. Several saves of one tensor (x saved by two GEMMs) or of views into one storage count once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
     total = 0
 
     def pack(t):
         nonlocal total
-        total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in params and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -165,7 +174,7 @@ def main(argv=None) -> int:
             "median_ms": median_ms(times, n),
             "tokens_per_s": tokens / (median_ms(times, n) / 1e3),
             "infer_ratio_to_peft": median_ratio(infer, n, peft_name),
-            "saved_MB": saved_bytes(train_step(n)) / 2**20,
+            "saved_MB": saved_bytes(train_step(n), model) / 2**20,
             "state_MB": 16 * trainable / 2**20,
             "trainable_params": trainable,
         }

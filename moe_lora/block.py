@@ -256,13 +256,13 @@ class MoEBlock(nn.Module):
         u_SF = gather_pairs(u_TF, layout)
         if g is not None:
             g_SF = gather_pairs(g.reshape(T, F), layout)
-            a0_SF = act(g_SF)
-            a1_SF = a0_SF if dg_SF is None else act(g_SF + dg_SF)
+            a1_SF = act(g_SF) if dg_SF is None else act(g_SF + dg_SF)
             p_SF = a1_SF * (u_SF if du_SF is None else u_SF + du_SF)
-            d_SF = None if dg_SF is None and du_SF is None else p_SF - a0_SF * u_SF
         else:
             p_SF = act(u_SF if du_SF is None else u_SF + du_SF)
-            d_SF = None if du_SF is None else p_SF - act(u_SF)
+        # d = p - act(W1 x) * W3 x per pair; the base product is h0's row (the same elementwise ops on the same
+        # values, so d is exactly 0 while the experts' B are 0), gathered instead of computed again
+        d_SF = None if dg_SF is None and du_SF is None else p_SF - gather_pairs(h0.reshape(T, F), layout)
 
         w_S1 = layout.w_S.to(h0.dtype)[:, None]
         h_in = h0 if d_SF is None else h0 + sum_pairs(w_S1 * d_SF, layout).view(h0.shape)

@@ -222,7 +222,7 @@ class MoELoRALinear(nn.Module):
             outputs = factors = None
             if self.wants_expert_outputs():
                 if h_TEr is not None:  # the loss in rank space, from the shrink
-                    factors = (pair_rows(h_TEr, routing.expert_ids_TK), self.lora_B, self.scaling)
+                    factors = (h_TEr, self.lora_B, self.scaling)
                 else:
                     outputs = self.expert_outputs(routing, xd_TD)
             self.last_aux_terms = losses.aux_terms(routing, self.coefs, expert_outputs=outputs, expert_factors=factors,
@@ -275,10 +275,3 @@ class MoELoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
                 f"rank={self.rank}, scaling={self.scaling:.4g}, backend={self.backend!r}")
 
-
-def pair_rows(h_TEr: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
-    """h_Sr [T*K, r]: the shrink row h[t, e] of every (token, slot) pair in slot order, e = expert_ids[t, k]."""
-    T, E, r = h_TEr.shape
-    K = expert_ids_TK.shape[1]
-    tok_S = torch.arange(T * K, device=h_TEr.device) // K
-    return h_TEr.reshape(T * E, r).index_select(0, tok_S * E + expert_ids_TK.reshape(-1))

@@ -116,23 +116,27 @@ def test_contrastive_zero_outputs_get_zero_weight_and_finite_gradients():
 
 
 def test_lowrank_contrastive_equals_the_loss_on_materialised_outputs():
-    """contrastive_loss_lowrank(h, ids, B, s) == contrastive_loss(u = s B_e h): value and the gradients in h and
-    B, with an expert whose B is zero (its pairs drop out), an expert with no pair and ignored pairs."""
+    """contrastive_loss_lowrank(h_TEr, ids_TK, B, s) == contrastive_loss(u = s B_e h_te) of the routed pairs: value
+    and the gradients in h and B, with an expert whose B is zero (its pairs drop out), an expert with no pair,
+    ignored pairs, and the shrink of unrouted (token, expert) cells getting no gradient."""
     from moe_lora.losses import contrastive_loss, contrastive_loss_lowrank
 
     g = torch.Generator().manual_seed(0)
-    S, E, r, O = 40, 6, 4, 24
-    h = torch.randn(S, r, generator=g, dtype=torch.float64, requires_grad=True)
+    T, K, E, r, O = 20, 2, 6, 4, 24
+    h = torch.randn(T, E, r, generator=g, dtype=torch.float64, requires_grad=True)
     B = torch.randn(E, O, r, generator=g, dtype=torch.float64)
     B[2] = 0.0
     B.requires_grad_(True)
-    ids = torch.randint(0, E - 1, (S,), generator=g)  # expert E-1 gets no pair
-    keep = torch.rand(S, generator=g) > 0.2
-    a = contrastive_loss_lowrank(h, ids, B, 0.5, 0.1, keep)
+    ids_TK = torch.rand(T, E - 1, generator=g).topk(K, dim=1).indices  # distinct per token; expert E-1 gets none
+    keep_TK = torch.rand(T, K, generator=g) > 0.2
+    a = contrastive_loss_lowrank(h, ids_TK, B, 0.5, 0.1, keep_TK)
     ga = torch.autograd.grad(a, (h, B))
-    u = 0.5 * torch.einsum("sor,sr->so", B[ids], h)
-    b = contrastive_loss(u, ids, E, 0.1, keep)
+    tok_S, ids_S = torch.arange(T).repeat_interleave(K), ids_TK.reshape(-1)
+    u = 0.5 * torch.einsum("sor,sr->so", B[ids_S], h[tok_S, ids_S])
+    b = contrastive_loss(u, ids_S, E, 0.1, keep_TK.reshape(-1))
     gb = torch.autograd.grad(b, (h, B))
     torch.testing.assert_close(a, b)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y)
+    routed_TE = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids_TK, True)
+    assert ga[0][~routed_TE].abs().max() == 0
