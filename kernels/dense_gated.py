@@ -5,27 +5,83 @@
     h         <- h * (s * G) expanded over r
     y [T, O]   = h @ B_cat                      B_cat [E*r, O], B_cat[e*r + j, o] = B[e, o, j]
 
-Two plain GEMMs: x is read once, y written once, no sort and no host sync; autograd gives all gradients.
-It computes E/K times the needed arithmetic, so it wins only while E*r is small (DESIGN.md section 6;
-the torch backend picks it by a cost rule).
+Two plain GEMMs: x is read once, y written once, no sort and no host sync. It computes E/K times the needed
+arithmetic, so it wins only while E*r is small (DESIGN.md section 6; the torch backend picks it by a cost rule).
+
+The two halves are autograd Functions that save only their inputs (x, h, the gates and the parameters
+themselves) and rebuild the concatenated weights and the gated h in backward: autograd's own graph of the same
+ops would keep an [T, E*r] gated copy of h and copies of A_cat and B_cat per layer for backward.
 """
 
 from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
 
 
 def lora_experts_dense(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling):
     E, r, D = lora_A_ERD.shape
     T = x_TD.shape[0]
     G_TE = weights_TK.new_zeros(T, E).scatter_add(1, expert_ids_TK, weights_TK)
-    h_TEr = (x_TD.to(lora_A_ERD.dtype) @ lora_A_ERD.reshape(E * r, D).t()).view(T, E, r)
+    h_TEr = shrink(x_TD.to(lora_A_ERD.dtype), [lora_A_ERD.reshape(E * r, D)]).view(T, E, r)
     return dense_gated_expand(h_TEr, lora_B_EOR, G_TE, scaling).to(x_TD.dtype)
+
+
+def shrink(x_TD: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """[T, sum N_i] = x @ [W_0; W_1; ...]^T for weights W_i [N_i, D]: one GEMM for all of them (the layer passes
+    the router's W_r and A_cat: its logits and the experts' shrink), one GEMM for dx."""
+    return _Shrink.apply(x_TD, *weights)
 
 
 def dense_gated_expand(h_TEr, lora_B_EOR, G_TE, scaling):
     """y [T, O] = sum_e s * G[t, e] * B_e h[t, e]: the second half of the dense-gated form, for callers that
     computed h = x A_cat^T themselves (the layer fuses it with the router's GEMM). Returns B's dtype."""
-    T, E, r = h_TEr.shape
-    O = lora_B_EOR.shape[1]
-    hg_TEr = h_TEr * (G_TE * scaling).to(h_TEr.dtype)[:, :, None]
-    B_cat_ErO = lora_B_EOR.transpose(1, 2).reshape(E * r, O)
-    return hg_TEr.reshape(T, E * r) @ B_cat_ErO
+    return _GatedExpand.apply(h_TEr, lora_B_EOR, (G_TE * scaling).to(h_TEr.dtype))
+
+
+class _Shrink(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, *weights):
+        ctx.save_for_backward(x_TD, *weights)
+        return x_TD @ torch.cat(weights).t()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_TN):
+        x_TD, *weights = ctx.saved_tensors
+        W_ND = torch.cat(weights)
+        dx = g_TN @ W_ND if ctx.needs_input_grad[0] else None
+        if not any(ctx.needs_input_grad[1:]):
+            return dx, *(None for _ in weights)
+        dW_ND = g_TN.t() @ x_TD
+        dW = torch.split(dW_ND, [w.shape[0] for w in weights])
+        return dx, *(d.view_as(w) if need else None for d, w, need in zip(dW, weights, ctx.needs_input_grad[1:]))
+
+
+class _GatedExpand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_TEr, lora_B_EOR, gs_TE):
+        T, E, r = h_TEr.shape
+        O = lora_B_EOR.shape[1]
+        ctx.save_for_backward(h_TEr, lora_B_EOR, gs_TE)
+        hg_TX = (h_TEr * gs_TE[:, :, None]).view(T, E * r)
+        return hg_TX @ lora_B_EOR.transpose(1, 2).reshape(E * r, O)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_TO):
+        h_TEr, lora_B_EOR, gs_TE = ctx.saved_tensors
+        T, E, r = h_TEr.shape
+        O = lora_B_EOR.shape[1]
+        g_TO = g_TO.to(lora_B_EOR.dtype)
+        dh = dB = dgs = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            dhg_TEr = (g_TO @ lora_B_EOR.transpose(0, 1).reshape(O, E * r)).view(T, E, r)
+            if ctx.needs_input_grad[0]:
+                dh = dhg_TEr * gs_TE[:, :, None]
+            if ctx.needs_input_grad[2]:
+                dgs = (dhg_TEr * h_TEr).sum(-1)
+        if ctx.needs_input_grad[1]:
+            hg_TX = (h_TEr * gs_TE[:, :, None]).view(T, E * r)
+            dB = (g_TO.t() @ hg_TX).view(O, E, r).transpose(0, 1).contiguous()  # [E, O, r]
+        return dh, dB, dgs

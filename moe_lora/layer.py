@@ -26,7 +26,7 @@ from .config import BACKENDS, INITS, VARIABLE_K_ROUTERS
 from .errors import ConfigError, suggest
 from .kernels import lora_expert_rows, lora_experts
 from .kernels.api import resolve_path
-from .kernels.dense_gated import dense_gated_expand
+from .kernels.dense_gated import dense_gated_expand, shrink
 from .routers import ROUTER_CLASSES, Router, build_router
 from .routing import Routing
 
@@ -251,9 +251,9 @@ class MoELoRALinear(nn.Module):
         Returns (routing, delta [T, O], h [T, E, r])."""
         E, r, D = self.lora_A.shape
         T = x_TD.shape[0]
-        W_cat = torch.cat([self.router.weight.float(), self.lora_A.reshape(E * r, D)])
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE, h_TEr = torch.split(x_TD.float() @ W_cat.t(), [E, E * r], dim=1)  # one GEMM, one dx
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):  # one GEMM, one dx
+            out_TN = shrink(x_TD.float(), [self.router.weight.float(), self.lora_A.reshape(E * r, D)])
+        logits_TE, h_TEr = torch.split(out_TN, [E, E * r], dim=1)
         routing = self.router(x_TD, mask_T, logits_TE=logits_TE)
         delta_TO = dense_gated_expand(h_TEr.view(T, E, r), self.lora_B, routing.gates_TE(), self.scaling)
         return routing, delta_TO, h_TEr.view(T, E, r)
