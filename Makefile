@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)  ## the README's performance tables: end-to-end step, scaling sweep and plot, one layer (~10 min)
-	$(BIN)/python benchmarks/e2e.py
+	$(BIN)/python benchmarks/e2e.py --readme README.md
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/layer.py
 

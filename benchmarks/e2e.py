@@ -64,7 +64,38 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", help="expert compute backend for ours (default auto)")
     p.add_argument("--quick", action="store_true", help="2 layers, batch 2 x 64, 2 rounds: a smoke run")
     p.add_argument("--out", default="benchmarks/results/e2e.json", help="where to write the JSON table")
+    p.add_argument("--readme", default=None, metavar="PATH",
+                   help="also write the table into this markdown file, between the lines <!-- e2e-table --> and "
+                        "<!-- /e2e-table --> (make bench passes README.md)")
     return p.parse_args(argv)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README's end-to-end table of ``rows`` (main's JSON rows)."""
+    lines = ["| contender | x frozen base | x PEFT (same active rank) | fwd+bwd x PEFT | ms/step | optimizer ms | "
+             "tokens/s | inference x PEFT | saved MB | state MB | trainable |", "|---" * 11 + "|"]
+    for row in rows:
+        vs = "" if row["peft_baseline"] == "peft" or row["name"].startswith("peft") else " (vs r=32)"
+        name = "peft (r=16)" if row["name"] == "peft" else row["name"]
+        lines.append(
+            f"| {name} | {row['ratio_to_base']:.2f} | {row['ratio_to_peft']:.2f}{vs} | "
+            f"{row['fwd_bwd_ratio_to_peft']:.2f}{vs} | {row['median_ms']:.0f} | {row['optimizer_ms']:.0f} | "
+            f"{row['tokens_per_s']:.0f} | {row['infer_ratio_to_peft']:.2f} | {row['saved_MB']:.0f} | "
+            f"{row['state_MB']:.1f} | {row['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
+def write_readme_table(path: Path, table: str) -> None:
+    """Replace what lies between the two marker lines of ``path`` with ``table`` (atomically)."""
+    begin, end = "<!-- e2e-table -->", "<!-- /e2e-table -->"
+    text = path.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"--readme: {path} has no {begin} ... {end} lines to write the table between")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+    tmp.replace(path)
 
 
 def build(name: str, args) -> torch.nn.Module:
@@ -189,6 +220,9 @@ def main(argv=None) -> int:
                                "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
                                "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
+    if args.readme:
+        write_readme_table(Path(args.readme), markdown_table(rows))
+        print(f"wrote the table into {args.readme}")
     return 0
 
 

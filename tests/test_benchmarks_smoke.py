@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 ])
 def test_benchmark_quick_run_writes_its_table(tmp_path, script, keys):
     out = tmp_path / "out.json"
-    args = ["--quick", "--out", str(out)] + (["--only", "topk,topk_e64"] if script == "e2e.py" else [])
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- e2e-table -->\nold table\n<!-- /e2e-table -->\nrest\n")
+    args = ["--quick", "--out", str(out)]
+    if script == "e2e.py":
+        args += ["--only", "topk,topk_e64", "--readme", str(readme)]
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -28,5 +33,25 @@ def test_benchmark_quick_run_writes_its_table(tmp_path, script, keys):
     assert rows and all(k in rows[-1] for k in keys)
     if script == "e2e.py":
         assert {r["name"] for r in rows} == {"base", "peft", "peft_r32", "topk", "topk_e64"}
+        text = readme.read_text()
+        assert text.startswith("intro\n<!-- e2e-table -->\n| contender |")
+        assert text.endswith("<!-- /e2e-table -->\nrest\n")
+        assert "old table" not in text and "| topk_e64 | " in text
     else:
         assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_saved_bytes_counts_each_storage_once_and_no_parameters(monkeypatch):
+    """x saved by two GEMMs and a view of it count once; the weight autograd saves for dx is not activation memory."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from e2e import saved_bytes
+
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    model = torch.nn.Module()
+    model.w = w
+    x = torch.randn(32, 16, requires_grad=True)
+
+    def step(backward=True):
+        (x @ w.t()).sum() + (x[:, :4] * x[:, :4]).sum() + (x @ x.t()).sum()
+
+    assert saved_bytes(step, model) == x.numel() * 4
