@@ -33,10 +33,19 @@ def shrink(x_TD: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     return _Shrink.apply(x_TD, *weights)
 
 
-def dense_gated_expand(h_TEr, lora_B_EOR, G_TE, scaling):
+def dense_gated_expand(h_TEr, lora_B_EOR, G_TE, scaling, base_TO=None):
     """y [T, O] = sum_e s * G[t, e] * B_e h[t, e]: the second half of the dense-gated form, for callers that
-    computed h = x A_cat^T themselves (the layer fuses it with the router's GEMM). Returns B's dtype."""
-    return _GatedExpand.apply(h_TEr, lora_B_EOR, (G_TE * scaling).to(h_TEr.dtype))
+    computed h = x A_cat^T themselves (the layer fuses it with the router's GEMM). Returns B's dtype.
+
+    With ``base_TO`` (the frozen layer's fresh output, B's dtype) it returns base + y; without autograd (inference)
+    the GEMM accumulates into base_TO in place (addmm_: one pass over [T, O] fewer, exactly base while B = 0)."""
+    gs_TE = (G_TE * scaling).to(h_TEr.dtype)
+    if base_TO is not None and not torch.is_grad_enabled():
+        T, E, r = h_TEr.shape
+        hg_TX = (h_TEr * gs_TE[:, :, None]).view(T, E * r)
+        return base_TO.addmm_(hg_TX, lora_B_EOR.transpose(1, 2).reshape(E * r, lora_B_EOR.shape[1]))
+    y_TO = _GatedExpand.apply(h_TEr, lora_B_EOR, gs_TE)
+    return y_TO if base_TO is None else base_TO + y_TO
 
 
 class _Shrink(torch.autograd.Function):

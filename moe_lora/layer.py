@@ -210,9 +210,11 @@ class MoELoRALinear(nn.Module):
         T = x_TD.shape[0]
         mask_T = self.token_mask if self.token_mask is not None and self.token_mask.numel() == T else None
         xd_TD = self.lora_dropout(x_TD)
-        h_TEr = None
+        h_TEr = base_TO = None
         if self.fuses_router_and_shrink(x_TD):
-            routing, delta_TO, h_TEr = self.fused_dense_forward(x_TD, mask_T)
+            if result.dtype == self.lora_B.dtype:  # the expand's GEMM adds the delta onto the base output
+                base_TO = result.reshape(T, self.out_features)
+            routing, delta_TO, h_TEr = self.fused_dense_forward(x_TD, mask_T, base_TO)
         else:
             routing = self.route(x_TD, mask_T)
             delta_TO = lora_experts(xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK,
@@ -230,6 +232,8 @@ class MoELoRALinear(nn.Module):
             self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
         else:
             self.last_aux_terms = self.last_aux_loss = None
+        if base_TO is not None:  # delta_TO is result + delta already
+            return delta_TO.view(result.shape)
         return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
     def fuses_router_and_shrink(self, x_TD: torch.Tensor) -> bool:
@@ -245,17 +249,18 @@ class MoELoRALinear(nn.Module):
             and resolve_path(self.backend, x_TD, E, self.router.top_k, r) == "dense"
         )
 
-    def fused_dense_forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None
-                            ) -> tuple[Routing, torch.Tensor, torch.Tensor]:
+    def fused_dense_forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
+                            base_TO: torch.Tensor | None = None) -> tuple[Routing, torch.Tensor, torch.Tensor]:
         """[logits | h] = x @ [W_r ; A_cat]^T  ([T, E + E*r], one GEMM), route from the logits, expand h.
-        Returns (routing, delta [T, O], h [T, E, r])."""
+        Returns (routing, delta [T, O], h [T, E, r]); with ``base_TO`` (the base layer's output in B's dtype)
+        base + delta instead of delta, accumulated by the expand's GEMM."""
         E, r, D = self.lora_A.shape
         T = x_TD.shape[0]
         with torch.autocast(device_type=x_TD.device.type, enabled=False):  # one GEMM, one dx
             out_TN = shrink(x_TD.float(), [self.router.weight.float(), self.lora_A.reshape(E * r, D)])
         logits_TE, h_TEr = torch.split(out_TN, [E, E * r], dim=1)
         routing = self.router(x_TD, mask_T, logits_TE=logits_TE)
-        delta_TO = dense_gated_expand(h_TEr.view(T, E, r), self.lora_B, routing.gates_TE(), self.scaling)
+        delta_TO = dense_gated_expand(h_TEr.view(T, E, r), self.lora_B, routing.gates_TE(), self.scaling, base_TO)
         return routing, delta_TO, h_TEr.view(T, E, r)
 
     def wants_expert_outputs(self) -> bool:

@@ -248,3 +248,21 @@ def test_a_given_router_is_used_as_is():
         router.weight.fill_(0.5)
     layer = MoELoRALinear(base(), num_experts=3, top_k=1, rank=2, alpha=4, router=router)
     assert layer.router is router and torch.all(router.weight == 0.5)
+
+
+@pytest.mark.parametrize("router", ["topk", "soft", "threshold"])
+def test_inference_output_equals_the_training_graph_output(router):
+    """Without autograd the dense path accumulates the delta into the base output in place (addmm_); with
+    autograd it adds it out of place. Both give the same output up to rounding."""
+    lin = base()
+    layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, router=router, backend="torch")
+    layer.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 5, 40)
+    assert layer.fuses_router_and_shrink(x.reshape(-1, 40))
+    y_grad = layer(x.clone().requires_grad_())
+    with torch.no_grad():
+        y_inf = layer(x)
+        y_base = lin(x)
+    assert y_grad.requires_grad and not y_inf.requires_grad
+    torch.testing.assert_close(y_inf, y_grad.detach(), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(y_inf, y_base)
