@@ -212,7 +212,7 @@ class MoELoRALinear(nn.Module):
         xd_TD = self.lora_dropout(x_TD)
         h_TEr = base_TO = None
         if self.fuses_router_and_shrink(x_TD):
-            if result.dtype == self.lora_B.dtype:  # the expand's GEMM adds the delta onto the base output
+            if result.dtype == self.lora_B.dtype:  # the expand returns base + delta (in place without grad)
                 base_TO = result.reshape(T, self.out_features)
             routing, delta_TO, h_TEr = self.fused_dense_forward(x_TD, mask_T, base_TO)
         else:
@@ -253,7 +253,7 @@ class MoELoRALinear(nn.Module):
                             base_TO: torch.Tensor | None = None) -> tuple[Routing, torch.Tensor, torch.Tensor]:
         """[logits | h] = x @ [W_r ; A_cat]^T  ([T, E + E*r], one GEMM), route from the logits, expand h.
         Returns (routing, delta [T, O], h [T, E, r]); with ``base_TO`` (the base layer's output in B's dtype)
-        base + delta instead of delta, accumulated by the expand's GEMM."""
+        base + delta instead of delta (accumulated into base_TO by the expand's GEMM when no grad is taken)."""
         E, r, D = self.lora_A.shape
         T = x_TD.shape[0]
         with torch.autocast(device_type=x_TD.device.type, enabled=False):  # one GEMM, one dx
