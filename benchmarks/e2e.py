@@ -89,9 +89,9 @@ def write_readme_table(path: Path, table: str) -> None:
     """Replace what lies between the two marker lines of ``path`` with ``table`` (atomically)."""
     begin, end = "<!-- e2e-table -->", "<!-- /e2e-table -->"
     text = path.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"--readme: {path} has no {begin} ... {end} lines to write the table between")
-    head, rest = text.split(begin, 1)
+    head, found, rest = text.partition(begin)
+    if not found or end not in rest:
+        raise SystemExit(f"--readme: {path} has no {begin} line followed by a {end} line to write the table between")
     tail = rest.split(end, 1)[1]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
@@ -118,7 +118,7 @@ def saved_bytes(step, model: torch.nn.Module) -> int:
     """Bytes of the distinct storages autograd saves for backward in one step, parameters left out: activation
     memory. Several saves of one tensor (x saved by two GEMMs) or of views into one storage count once."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
+    seen: dict[int, torch.Tensor] = {}  # holding each counted tensor: no address is reused while measuring
     total = 0
 
     def pack(t):
@@ -126,7 +126,7 @@ def saved_bytes(step, model: torch.nn.Module) -> int:
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if key not in params and key not in seen:
-            seen.add(key)
+            seen[key] = t
             total += storage.nbytes()
         return t
 

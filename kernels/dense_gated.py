@@ -33,14 +33,15 @@ def shrink(x_TD: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     return _Shrink.apply(x_TD, *weights)
 
 
-def dense_gated_expand(h_TEr, lora_B_EOR, G_TE, scaling, base_TO=None):
+def dense_gated_expand(h_TEr, lora_B_EOR, G_TE, scaling, base_TO=None, base_in_place=False):
     """y [T, O] = sum_e s * G[t, e] * B_e h[t, e]: the second half of the dense-gated form, for callers that
     computed h = x A_cat^T themselves (the layer fuses it with the router's GEMM). Returns B's dtype.
 
-    With ``base_TO`` (the frozen layer's fresh output, B's dtype) it returns base + y; without autograd (inference)
-    the GEMM accumulates into base_TO in place (addmm_: one pass over [T, O] fewer, exactly base while B = 0)."""
+    With ``base_TO`` (the frozen layer's output, B's dtype) it returns base + y. With ``base_in_place`` as well
+    (the caller owns base_TO: nobody else holds it) and without autograd (inference), the GEMM accumulates into
+    base_TO in place (addmm_: one pass over [T, O] fewer, exactly base while B = 0)."""
     gs_TE = (G_TE * scaling).to(h_TEr.dtype)
-    if base_TO is not None and not torch.is_grad_enabled():
+    if base_TO is not None and base_in_place and not torch.is_grad_enabled():
         T, E, r = h_TEr.shape
         hg_TX = (h_TEr * gs_TE[:, :, None]).view(T, E * r)
         return base_TO.addmm_(hg_TX, lora_B_EOR.transpose(1, 2).reshape(E * r, lora_B_EOR.shape[1]))
@@ -59,10 +60,11 @@ class _Shrink(torch.autograd.Function):
     def backward(ctx, g_TN):
         x_TD, *weights = ctx.saved_tensors
         W_ND = torch.cat(weights)
-        dx = g_TN @ W_ND if ctx.needs_input_grad[0] else None
+        g_TN = g_TN.to(W_ND.dtype)  # bf16 under an autocast forward whose backward runs outside it
+        dx = (g_TN @ W_ND).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[1:]):
             return dx, *(None for _ in weights)
-        dW_ND = g_TN.t() @ x_TD
+        dW_ND = g_TN.t() @ x_TD.to(W_ND.dtype)
         dW = torch.split(dW_ND, [w.shape[0] for w in weights])
         return dx, *(d.view_as(w) if need else None for d, w, need in zip(dW, weights, ctx.needs_input_grad[1:]))
 
@@ -82,15 +84,16 @@ class _GatedExpand(torch.autograd.Function):
         h_TEr, lora_B_EOR, gs_TE = ctx.saved_tensors
         T, E, r = h_TEr.shape
         O = lora_B_EOR.shape[1]
-        g_TO = g_TO.to(lora_B_EOR.dtype)
+        cd = lora_B_EOR.dtype  # one compute dtype: under autocast g and h may be bf16, B fp32
+        g_TO, hc_TEr, gsc_TE = g_TO.to(cd), h_TEr.to(cd), gs_TE.to(cd)
         dh = dB = dgs = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             dhg_TEr = (g_TO @ lora_B_EOR.transpose(0, 1).reshape(O, E * r)).view(T, E, r)
             if ctx.needs_input_grad[0]:
-                dh = dhg_TEr * gs_TE[:, :, None]
+                dh = (dhg_TEr * gsc_TE[:, :, None]).to(h_TEr.dtype)
             if ctx.needs_input_grad[2]:
-                dgs = (dhg_TEr * h_TEr).sum(-1)
+                dgs = (dhg_TEr * hc_TEr).sum(-1).to(gs_TE.dtype)
         if ctx.needs_input_grad[1]:
-            hg_TX = (h_TEr * gs_TE[:, :, None]).view(T, E * r)
+            hg_TX = (hc_TEr * gsc_TE[:, :, None]).view(T, E * r)
             dB = (g_TO.t() @ hg_TX).view(O, E, r).transpose(0, 1).contiguous()  # [E, O, r]
         return dh, dB, dgs

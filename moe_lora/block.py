@@ -254,15 +254,18 @@ class MoEBlock(nn.Module):
 
         du_SF, dg_SF = delta(up_exp), delta(gate_exp)
         u_SF = gather_pairs(u_TF, layout)
+        # d = p - act(W1 x) * W3 x per pair, with the base product computed again in the pair layout: gathering
+        # h0's rows instead would differ from p by an ulp where torch's vectorised and scalar activation loops
+        # meet at other offsets of the two layouts, and d must be exactly 0 while the experts' B are 0
         if g is not None:
             g_SF = gather_pairs(g.reshape(T, F), layout)
-            a1_SF = act(g_SF) if dg_SF is None else act(g_SF + dg_SF)
+            a0_SF = act(g_SF)
+            a1_SF = a0_SF if dg_SF is None else act(g_SF + dg_SF)
             p_SF = a1_SF * (u_SF if du_SF is None else u_SF + du_SF)
+            d_SF = None if dg_SF is None and du_SF is None else p_SF - a0_SF * u_SF
         else:
             p_SF = act(u_SF if du_SF is None else u_SF + du_SF)
-        # d = p - act(W1 x) * W3 x per pair; the base product is h0's row (the same elementwise ops on the same
-        # values, so d is exactly 0 while the experts' B are 0), gathered instead of computed again
-        d_SF = None if dg_SF is None and du_SF is None else p_SF - gather_pairs(h0.reshape(T, F), layout)
+            d_SF = None if du_SF is None else p_SF - act(u_SF)
 
         w_S1 = layout.w_S.to(h0.dtype)[:, None]
         h_in = h0 if d_SF is None else h0 + sum_pairs(w_S1 * d_SF, layout).view(h0.shape)

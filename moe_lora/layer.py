@@ -212,9 +212,9 @@ class MoELoRALinear(nn.Module):
         xd_TD = self.lora_dropout(x_TD)
         h_TEr = base_TO = None
         if self.fuses_router_and_shrink(x_TD):
-            if result.dtype == self.lora_B.dtype:  # the expand returns base + delta (in place without grad)
+            if result.dtype == self.lora_B.dtype:  # the expand returns base + delta
                 base_TO = result.reshape(T, self.out_features)
-            routing, delta_TO, h_TEr = self.fused_dense_forward(x_TD, mask_T, base_TO)
+            routing, delta_TO, h_TEr = self.fused_dense_forward(x_TD, mask_T, base_TO, self.owns_base_output())
         else:
             routing = self.route(x_TD, mask_T)
             delta_TO = lora_experts(xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK,
@@ -249,18 +249,27 @@ class MoELoRALinear(nn.Module):
             and resolve_path(self.backend, x_TD, E, self.router.top_k, r) == "dense"
         )
 
+    def owns_base_output(self) -> bool:
+        """Whether the base layer's output is this layer's alone, so that inference may add the delta into it in
+        place: a plain nn.Linear (a fresh tensor per call) that no forward hook, its own or a global one, sees."""
+        global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
+        return type(self.base_layer) is nn.Linear and not self.base_layer._forward_hooks and global_hooks == {}
+
     def fused_dense_forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
-                            base_TO: torch.Tensor | None = None) -> tuple[Routing, torch.Tensor, torch.Tensor]:
+                            base_TO: torch.Tensor | None = None, base_in_place: bool = False
+                            ) -> tuple[Routing, torch.Tensor, torch.Tensor]:
         """[logits | h] = x @ [W_r ; A_cat]^T  ([T, E + E*r], one GEMM), route from the logits, expand h.
         Returns (routing, delta [T, O], h [T, E, r]); with ``base_TO`` (the base layer's output in B's dtype)
-        base + delta instead of delta (accumulated into base_TO by the expand's GEMM when no grad is taken)."""
+        base + delta instead of delta, accumulated into base_TO by the expand's GEMM when no grad is taken and
+        ``base_in_place`` says the output is ours (owns_base_output)."""
         E, r, D = self.lora_A.shape
         T = x_TD.shape[0]
         with torch.autocast(device_type=x_TD.device.type, enabled=False):  # one GEMM, one dx
             out_TN = shrink(x_TD.float(), [self.router.weight.float(), self.lora_A.reshape(E * r, D)])
         logits_TE, h_TEr = torch.split(out_TN, [E, E * r], dim=1)
         routing = self.router(x_TD, mask_T, logits_TE=logits_TE)
-        delta_TO = dense_gated_expand(h_TEr.view(T, E, r), self.lora_B, routing.gates_TE(), self.scaling, base_TO)
+        delta_TO = dense_gated_expand(h_TEr.view(T, E, r), self.lora_B, routing.gates_TE(), self.scaling, base_TO,
+                                      base_in_place)
         return routing, delta_TO, h_TEr.view(T, E, r)
 
     def wants_expert_outputs(self) -> bool:

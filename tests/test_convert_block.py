@@ -175,3 +175,23 @@ def test_ffn_forward_gradients_reach_every_expert_tensor():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
     logits = out.logits
     assert F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens()[:, 1:].reshape(-1)) > 0
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_fresh_ffn_experts_equal_the_base_mlp_bit_for_bit_with_odd_thread_chunks(top_k):
+    """A fresh MixLoRA block is the base MLP exactly, also where torch's vectorised and scalar activation loops
+    split a wide [S, F] tensor at other offsets than the [T, F] one (3 threads, F = 1375): the pairs' base
+    product must be computed in the pair layout, not gathered from the token rows."""
+    model = tiny("tiny-llama", num_layers=1, intermediate=1375)
+    x = tokens(batch=3, length=67)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # both sides: the GEMMs' own rounding depends on the thread count
+        with torch.no_grad():
+            expected = model(input_ids=x).logits
+            converted = convert(model, MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block",
+                                                     ffn_experts=True, top_k=top_k))
+            got = converted(input_ids=x).logits
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, expected)

@@ -266,3 +266,42 @@ def test_inference_output_equals_the_training_graph_output(router):
     assert y_grad.requires_grad and not y_inf.requires_grad
     torch.testing.assert_close(y_inf, y_grad.detach(), atol=1e-6, rtol=1e-6)
     assert not torch.allclose(y_inf, y_base)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # the fused dense path and the unfused one (dropout > 0)
+def test_bf16_autocast_forward_then_backward_outside_it(dropout):
+    """As a training loop runs it: forward under torch.autocast(bf16), backward after the context has closed.
+    Every gradient exists in the parameter's dtype and is close to the fp32 one (bf16 matmuls: 2-3 digits)."""
+    grads = []
+    for use_autocast in (False, True):
+        layer = MoELoRALinear(base(), num_experts=4, top_k=2, rank=4, alpha=8, dropout=dropout, init_seed=3)
+        layer.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        layer.lora_dropout.eval()  # identity, but the module (and so the unfused path) stays
+        x = torch.randn(11, 40, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+            y = layer(x)
+        assert y.dtype == (torch.bfloat16 if use_autocast else torch.float32)
+        (y.float().square().sum() + layer.last_aux_loss).backward()
+        grads.append([x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.router.weight.grad])
+    for g32, g16 in zip(*grads):
+        assert g16.dtype == g32.dtype == torch.float32
+        torch.testing.assert_close(g16, g32, atol=0.1 * g32.abs().max().item(), rtol=0.05)
+
+
+def test_inference_leaves_the_base_output_a_hook_kept_alone():
+    """The in-place accumulation is taken only when nothing else can hold the base layer's output: with a forward
+    hook on the base layer (activation capture) the hook's tensor stays the base output."""
+    lin = base()
+    layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, backend="torch").eval()
+    layer.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(6, 40)
+    assert layer.owns_base_output()
+    with torch.no_grad():
+        y_owned = layer(x)
+        kept = []
+        handle = lin.register_forward_hook(lambda mod, args, out: kept.append(out))
+        assert not layer.owns_base_output()
+        y_hooked = layer(x)
+        handle.remove()
+        torch.testing.assert_close(kept[0], lin(x), atol=0, rtol=0)
+    torch.testing.assert_close(y_hooked, y_owned, atol=1e-6, rtol=1e-6)
