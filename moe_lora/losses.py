@@ -128,9 +128,10 @@ def contrastive_loss_lowrank(
         sum_t u^_te   = B_e q_e,  q_e = sum_t n_te scaling h_te / ||u_te||          (r values per expert)
         <u^_te, c_e'> = scaling / ||u_te|| * h_te^T (B_e^T c_e')                    [E, r, E] projections
 
-    Every (token, expert) cell is evaluated and the unrouted ones get weight 0: batched GEMMs over the E experts
-    and elementwise ops on [E, T, r] / [E, T, E] instead of per-pair gathers, a fixed two dozen ops. The same value
-    and gradients (up to rounding) as ``contrastive_loss`` on the materialised outputs of the routed pairs.
+    The norms, the prototypes and the projections are evaluated for every (token, expert) cell, the unrouted ones
+    weighted 0: batched GEMMs over the E experts instead of per-pair gathers of [r, r] matrices; the softmax then
+    runs on the T*K routed rows alone. The same value and gradients (up to rounding) as ``contrastive_loss`` on the
+    materialised outputs of the routed pairs.
 
     Args:
         h_TEr: [T, E, r] shrink of every token by every expert.
@@ -150,9 +151,13 @@ def contrastive_loss_lowrank(
     counts_E = n_ET.sum(1)
     sums_EO = torch.bmm(B, q_E1r.transpose(1, 2)).squeeze(-1)
     protos_EO = F.normalize(sums_EO / counts_E.clamp_min(1.0)[:, None], dim=-1, eps=1e-12)
-    cos_ETE = si_ET[:, :, None] * torch.bmm(h_ETr, B.transpose(1, 2) @ protos_EO.t())
-    own_S = torch.arange(E, device=h_TEr.device).repeat_interleave(T)  # row (e, t) of [E*T, E] is expert e's
-    return _prototype_cross_entropy(cos_ETE.reshape(E * T, E) / temperature, own_S, n_ET.reshape(-1), counts_E)
+    hp_ETE = torch.bmm(h_ETr, B.transpose(1, 2) @ protos_EO.t())  # h_te . B_e^T c_e' for every cell
+    # the routed pairs' rows only (cell (e, t) is row e*T + t): the softmax runs on [T*K, E], not [E*T, E]
+    ids_S = expert_ids_TK.reshape(-1)
+    cell_S = ids_S * T + torch.arange(T, device=h_TEr.device).repeat_interleave(expert_ids_TK.shape[1])
+    m_S = w_TK.reshape(-1) * (sq_ET.reshape(-1)[cell_S] > 0)
+    logits_SE = hp_ETE.reshape(E * T, E).index_select(0, cell_S) * (si_ET.reshape(-1)[cell_S] / temperature)[:, None]
+    return _prototype_cross_entropy(logits_SE, ids_S, m_S, counts_E)
 
 
 def _prototype_cross_entropy(logits_SE: torch.Tensor, expert_ids_S: torch.Tensor, m_S: torch.Tensor,
