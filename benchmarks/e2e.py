@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_lora import MoELoRAConfig
+from moe_lora.atomic_dir import write_text_atomic
 from moe_lora.convert import convert
 from moe_lora.zoo import load_model
 
@@ -93,9 +94,7 @@ def write_readme_table(path: Path, table: str) -> None:
     if not found or end not in rest:
         raise SystemExit(f"--readme: {path} has no {begin} line followed by a {end} line to write the table between")
     tail = rest.split(end, 1)[1]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
-    tmp.replace(path)
+    write_text_atomic(path, f"{head}{begin}\n{table}\n{end}{tail}")
 
 
 def build(name: str, args) -> torch.nn.Module:

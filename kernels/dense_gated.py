@@ -42,11 +42,21 @@ def dense_gated_expand(h_TEr, lora_B_EOR, G_TE, scaling, base_TO=None, base_in_p
     base_TO in place (addmm_: one pass over [T, O] fewer, exactly base while B = 0)."""
     gs_TE = (G_TE * scaling).to(h_TEr.dtype)
     if base_TO is not None and base_in_place and not torch.is_grad_enabled():
-        T, E, r = h_TEr.shape
-        hg_TX = (h_TEr * gs_TE[:, :, None]).view(T, E * r)
-        return base_TO.addmm_(hg_TX, lora_B_EOR.transpose(1, 2).reshape(E * r, lora_B_EOR.shape[1]))
+        return base_TO.addmm_(_gated(h_TEr, gs_TE), _B_cat(lora_B_EOR))
     y_TO = _GatedExpand.apply(h_TEr, lora_B_EOR, gs_TE)
     return y_TO if base_TO is None else base_TO + y_TO
+
+
+def _gated(h_TEr: torch.Tensor, gs_TE: torch.Tensor) -> torch.Tensor:
+    """[T, E*r]: h[t, e, :] * gs[t, e]."""
+    T, E, r = h_TEr.shape
+    return (h_TEr * gs_TE[:, :, None]).view(T, E * r)
+
+
+def _B_cat(lora_B_EOR: torch.Tensor) -> torch.Tensor:
+    """[E*r, O] with row e*r + j = B[e, :, j]."""
+    E, O, r = lora_B_EOR.shape
+    return lora_B_EOR.transpose(1, 2).reshape(E * r, O)
 
 
 class _Shrink(torch.autograd.Function):
@@ -72,11 +82,8 @@ class _Shrink(torch.autograd.Function):
 class _GatedExpand(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_TEr, lora_B_EOR, gs_TE):
-        T, E, r = h_TEr.shape
-        O = lora_B_EOR.shape[1]
         ctx.save_for_backward(h_TEr, lora_B_EOR, gs_TE)
-        hg_TX = (h_TEr * gs_TE[:, :, None]).view(T, E * r)
-        return hg_TX @ lora_B_EOR.transpose(1, 2).reshape(E * r, O)
+        return _gated(h_TEr, gs_TE) @ _B_cat(lora_B_EOR)
 
     @staticmethod
     @once_differentiable
@@ -88,12 +95,11 @@ class _GatedExpand(torch.autograd.Function):
         g_TO, hc_TEr, gsc_TE = g_TO.to(cd), h_TEr.to(cd), gs_TE.to(cd)
         dh = dB = dgs = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            dhg_TEr = (g_TO @ lora_B_EOR.transpose(0, 1).reshape(O, E * r)).view(T, E, r)
+            dhg_TEr = (g_TO @ _B_cat(lora_B_EOR).t()).view(T, E, r)
             if ctx.needs_input_grad[0]:
                 dh = (dhg_TEr * gsc_TE[:, :, None]).to(h_TEr.dtype)
             if ctx.needs_input_grad[2]:
                 dgs = (dhg_TEr * hc_TEr).sum(-1).to(gs_TE.dtype)
         if ctx.needs_input_grad[1]:
-            hg_TX = (hc_TEr * gsc_TE[:, :, None]).view(T, E * r)
-            dB = (g_TO.t() @ hg_TX).view(O, E, r).transpose(0, 1).contiguous()  # [E, O, r]
+            dB = (g_TO.t() @ _gated(hc_TEr, gsc_TE)).view(O, E, r).transpose(0, 1).contiguous()  # [E, O, r]
         return dh, dB, dgs

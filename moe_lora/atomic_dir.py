@@ -50,6 +50,18 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: a temp file beside it, fsynced, renamed over it, then the
+    directory fsynced. A crash leaves the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def write_new_file(file: Path, data: bytes) -> None:
     """Create ``file`` (it must not exist), write ``data`` and fsync it."""
     with open(file, "xb") as f:

@@ -141,21 +141,21 @@ def contrastive_loss_lowrank(
     T, E, _ = h_TEr.shape
     dtype = torch.promote_types(h_TEr.dtype, torch.float32)  # at least fp32
     h_ETr, B = h_TEr.to(dtype).transpose(0, 1), lora_B_EOR.to(dtype)
-    w_TK = torch.ones(expert_ids_TK.shape, dtype=dtype, device=h_TEr.device) if pair_weight_TK is None \
-        else pair_weight_TK.to(dtype)
-    n_ET = h_ETr.new_zeros(T, E).scatter_add_(1, expert_ids_TK, w_TK).t()
+    ids_S = expert_ids_TK.reshape(-1)
+    K = expert_ids_TK.shape[1]
+    cell_S = ids_S * T + torch.arange(T, device=h_TEr.device).repeat_interleave(K)  # pair s is cell (e, t) of [E, T]
     sq_ET = scaling**2 * (torch.bmm(h_ETr, B.transpose(1, 2) @ B) * h_ETr).sum(-1)
-    n_ET = n_ET * (sq_ET > 0)  # a zero output has no direction: its pair drops out
+    m_S = (sq_ET.reshape(-1)[cell_S] > 0).to(dtype)  # a zero output has no direction: its pair drops out
+    if pair_weight_TK is not None:
+        m_S = m_S * pair_weight_TK.reshape(-1).to(dtype)
+    n_ET = h_ETr.new_zeros(E * T).index_add_(0, cell_S, m_S).view(E, T)  # pairs per cell
     si_ET = scaling * torch.rsqrt(torch.where(sq_ET > 0, sq_ET, torch.ones_like(sq_ET)))  # scaling / ||u||
     q_E1r = torch.bmm((si_ET * n_ET)[:, None, :], h_ETr)
     counts_E = n_ET.sum(1)
     sums_EO = torch.bmm(B, q_E1r.transpose(1, 2)).squeeze(-1)
     protos_EO = F.normalize(sums_EO / counts_E.clamp_min(1.0)[:, None], dim=-1, eps=1e-12)
     hp_ETE = torch.bmm(h_ETr, B.transpose(1, 2) @ protos_EO.t())  # h_te . B_e^T c_e' for every cell
-    # the routed pairs' rows only (cell (e, t) is row e*T + t): the softmax runs on [T*K, E], not [E*T, E]
-    ids_S = expert_ids_TK.reshape(-1)
-    cell_S = ids_S * T + torch.arange(T, device=h_TEr.device).repeat_interleave(expert_ids_TK.shape[1])
-    m_S = w_TK.reshape(-1) * (sq_ET.reshape(-1)[cell_S] > 0)
+    # the routed pairs' rows only: the softmax runs on [T*K, E], not [E*T, E]
     logits_SE = hp_ETE.reshape(E * T, E).index_select(0, cell_S) * (si_ET.reshape(-1)[cell_S] / temperature)[:, None]
     return _prototype_cross_entropy(logits_SE, ids_S, m_S, counts_E)
 
@@ -199,16 +199,14 @@ def slot_contrastive_loss(routing: Routing, outputs: tuple | None, factors: tupl
     """The contrastive loss over the T*K (token, slot) pairs of ``routing``, in slot order: from the outputs
     (u_SO, ids_S) or from the factors (h_TEr, lora_B_EOR, scaling); slots with zero routing weight and padding
     tokens are left out."""
-    K = routing.expert_ids_TK.shape[1]
-    keep_S = (routing.weights_TK > 0).reshape(-1)
+    keep_TK = routing.weights_TK > 0
     if routing.token_mask_T is not None:
-        keep_S = keep_S & routing.token_mask_T.repeat_interleave(K)
+        keep_TK = keep_TK & routing.token_mask_T[:, None]
     if factors is not None:
         h_TEr, lora_B_EOR, scaling = factors
-        return contrastive_loss_lowrank(h_TEr, routing.expert_ids_TK, lora_B_EOR, scaling, temperature,
-                                        keep_S.view(-1, K))
+        return contrastive_loss_lowrank(h_TEr, routing.expert_ids_TK, lora_B_EOR, scaling, temperature, keep_TK)
     u_SO, ids_S = outputs
-    return contrastive_loss(u_SO, ids_S, routing.num_experts, temperature, keep_S)
+    return contrastive_loss(u_SO, ids_S, routing.num_experts, temperature, keep_TK.reshape(-1))
 
 
 def weighted_sum(terms: dict[str, torch.Tensor], coefs: dict[str, float]) -> torch.Tensor:

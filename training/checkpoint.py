@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_lora.atomic_dir import fsync_path
+from moe_lora.atomic_dir import fsync_path, write_text_atomic
 
 MANIFEST = "COMPLETE.json"
 STATE = "trainer_state.json"
@@ -42,16 +42,6 @@ TAG_RE = re.compile(r"^step(\d{8})$")
 
 def tag_name(step: int) -> str:
     return f"step{step:08d}"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 # ---- RNG ----------------------------------------------------------------------------------------------------
@@ -169,7 +159,7 @@ def save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, ex
                 files[str(f.relative_to(tmp))] = f.stat().st_size
         for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}):
             fsync_path(d)
-        _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "tag": name, "files": files}, indent=2) + "\n")
+        write_text_atomic(tmp / MANIFEST, json.dumps({"step": step, "tag": name, "files": files}, indent=2) + "\n")
         if final.exists():  # a tag of the same step from a run that was resumed from an older checkpoint
             aside = root / f".del-{name}"
             shutil.rmtree(aside, ignore_errors=True)
@@ -177,7 +167,7 @@ def save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, ex
             shutil.rmtree(aside, ignore_errors=True)
         os.replace(tmp, final)
         fsync_path(root)
-        _write_atomic(root / LATEST, name)
+        write_text_atomic(root / LATEST, name)
         prune(root, keep)
     dist.barrier()
     return final
