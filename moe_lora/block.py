@@ -51,9 +51,10 @@ from torch import nn
 
 from . import losses
 from .kernels import choose_torch_path, lora_expert_rows, lora_experts
-from .kernels.api import resolve_backend
+from .kernels.api import resolve_backend, resolve_path
+from .kernels.dense_gated import base_and_shrink, dense_gated_expand
 from .kernels.pair_rows import PairLayout, gather_pairs, grouped_rows_mm, sum_pairs
-from .layer import base_dims, init_lora_A_
+from .layer import base_dims, computes_base_itself, init_lora_A_
 from .routers import Router
 from .routing import Routing
 from .targets import BlockLayout
@@ -124,7 +125,6 @@ class ExpertLinear(nn.Module):
         return grouped_rows_mm(h_Sr * self.scaling, self.lora_B.transpose(1, 2), layout)
 
     def forward(self, z: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(z, *args, **kwargs)
         z_TI = z.reshape(-1, self.in_features)
         routing = self.block.current_routing
         if routing is None or routing.num_tokens != z_TI.shape[0]:
@@ -133,6 +133,17 @@ class ExpertLinear(nn.Module):
                 f"ExpertLinear ({self.role}): its block routed {got} tokens but this projection sees "
                 f"{z_TI.shape[0]}; call the projection only inside its block's forward"
             )
+        E, r, I = self.lora_A.shape
+        if (isinstance(self.lora_dropout, nn.Identity) and computes_base_itself(self.base_layer, z, args, kwargs,
+                                                                               self.lora_A.dtype)
+                and resolve_path(self.backend, z_TI, E, routing.expert_ids_TK.shape[1], r) == "dense"):
+            # the base inside the shrink's Function: the delta added in place, dx accumulated in one tensor
+            base_TO, h_TN = base_and_shrink(z_TI, self.base_layer.weight, self.base_layer.bias,
+                                            [self.lora_A.reshape(E * r, I)])
+            out_TO = dense_gated_expand(h_TN.view(-1, E, r), self.lora_B, routing.gates_TE(), self.scaling, base_TO,
+                                        accumulate=True)
+            return out_TO.view(*z.shape[:-1], self.out_features)
+        result = self.base_layer(z, *args, **kwargs)
         delta_TO = lora_experts(self.lora_dropout(z_TI), self.lora_A, self.lora_B, routing.expert_ids_TK,
                                 routing.weights_TK, self.scaling, self.backend)
         return result + delta_TO.view(*z.shape[:-1], self.out_features).to(result.dtype)

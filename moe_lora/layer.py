@@ -26,7 +26,7 @@ from .config import BACKENDS, INITS, VARIABLE_K_ROUTERS
 from .errors import ConfigError, suggest
 from .kernels import lora_expert_rows, lora_experts
 from .kernels.api import resolve_path
-from .kernels.dense_gated import dense_gated_expand, shrink
+from .kernels.dense_gated import base_and_shrink, dense_gated_expand, shrink
 from .routers import ROUTER_CLASSES, Router, build_router
 from .routing import Routing
 
@@ -42,6 +42,23 @@ def base_dims(base_layer: nn.Module) -> tuple[int, int]:
         return base_layer.weight.shape[0], base_layer.weight.shape[1]
     raise TypeError(
         f"base_layer: {type(base_layer).__name__} is not supported (nn.Linear or transformers Conv1D)"
+    )
+
+
+def computes_base_itself(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
+                         adapter_dtype: torch.dtype) -> bool:
+    """Whether a dense adapter path may compute the frozen layer's F.linear(x, W0, b0) itself, bit for bit as the
+    layer would (kernels.dense_gated.base_and_shrink), so that the delta is added in place and dx accumulated in
+    one tensor: a plain nn.Linear called with x alone, in the adapters' dtype, contiguous, outside autocast, that
+    no hook sees (its own or a global one: activation capture, ZeRO-3's parameter gathering, a backward hook)."""
+    lin = base_layer
+    any_global_hook = getattr(nn.modules.module, "_has_any_global_hook", lambda: True)
+    return (
+        type(lin) is nn.Linear and not args and not kwargs
+        and not (lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks or lin._backward_pre_hooks)
+        and not any_global_hook()
+        and x.is_contiguous() and x.dtype == lin.weight.dtype == adapter_dtype
+        and not torch.is_autocast_enabled(x.device.type)
     )
 
 
@@ -205,20 +222,22 @@ class MoELoRALinear(nn.Module):
         return self.router(x_TD, token_mask_T)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         x_TD = x.reshape(-1, self.in_features)
         T = x_TD.shape[0]
+        out_shape = (*x.shape[:-1], self.out_features)
         mask_T = self.token_mask if self.token_mask is not None and self.token_mask.numel() == T else None
-        xd_TD = self.lora_dropout(x_TD)
-        h_TEr = base_TO = None
+        h_TEr = None
         if self.fuses_router_and_shrink(x_TD):
-            if result.dtype == self.lora_B.dtype:  # the expand returns base + delta
-                base_TO = result.reshape(T, self.out_features)
-            routing, delta_TO, h_TEr = self.fused_dense_forward(x_TD, mask_T, base_TO, self.owns_base_output())
+            result = None if self.computes_base_itself(x, args, kwargs) else self.base_layer(x, *args, **kwargs)
+            routing, out_TO, h_TEr = self.fused_dense_forward(x_TD, mask_T, result)
+            xd_TD = x_TD
         else:
+            result = self.base_layer(x, *args, **kwargs)
+            xd_TD = self.lora_dropout(x_TD)
             routing = self.route(x_TD, mask_T)
             delta_TO = lora_experts(xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK,
                                     self.scaling, self.backend)
+            out_TO = result + delta_TO.view(out_shape).to(result.dtype)
         self.last_routing = routing.detach()
         if self.training and torch.is_grad_enabled():
             outputs = factors = None
@@ -232,9 +251,7 @@ class MoELoRALinear(nn.Module):
             self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
         else:
             self.last_aux_terms = self.last_aux_loss = None
-        if base_TO is not None:  # delta_TO is result + delta already
-            return delta_TO.view(result.shape)
-        return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
+        return out_TO.view(out_shape)
 
     def fuses_router_and_shrink(self, x_TD: torch.Tensor) -> bool:
         """The dense-gated path with the router's GEMM and the experts' shrink in one: x is read once and dx is
@@ -249,28 +266,30 @@ class MoELoRALinear(nn.Module):
             and resolve_path(self.backend, x_TD, E, self.router.top_k, r) == "dense"
         )
 
-    def owns_base_output(self) -> bool:
-        """Whether the base layer's output is this layer's alone, so that inference may add the delta into it in
-        place: a plain nn.Linear (a fresh tensor per call) that no forward hook, its own or a global one, sees."""
-        global_hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
-        return type(self.base_layer) is nn.Linear and not self.base_layer._forward_hooks and global_hooks == {}
+    def computes_base_itself(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """See the module-level ``computes_base_itself``."""
+        return computes_base_itself(self.base_layer, x, args, kwargs, self.lora_A.dtype)
 
-    def fused_dense_forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None,
-                            base_TO: torch.Tensor | None = None, base_in_place: bool = False
+    def fused_dense_forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None, result: torch.Tensor | None
                             ) -> tuple[Routing, torch.Tensor, torch.Tensor]:
-        """[logits | h] = x @ [W_r ; A_cat]^T  ([T, E + E*r], one GEMM), route from the logits, expand h.
-        Returns (routing, delta [T, O], h [T, E, r]); with ``base_TO`` (the base layer's output in B's dtype)
-        base + delta instead of delta, accumulated into base_TO by the expand's GEMM when no grad is taken and
-        ``base_in_place`` says the output is ours (owns_base_output)."""
+        """[logits | h] = x @ [W_r ; A_cat]^T  ([T, E + E*r], one GEMM; with the rows the router appends after
+        W_r, see Router.linear_weights), route from the logits, expand h. ``result``: the base layer's output, or
+        None for a layer that computes its base itself (computes_base_itself), inside the same Function as the
+        shrink, and has the expand's GEMM add into it in place. Returns (routing, base + delta [T, O] in the base
+        output's dtype, h [T, E, r])."""
         E, r, D = self.lora_A.shape
         T = x_TD.shape[0]
+        weights = [*self.router.linear_weights(), self.lora_A.reshape(E * r, D)]
         with torch.autocast(device_type=x_TD.device.type, enabled=False):  # one GEMM, one dx
-            out_TN = shrink(x_TD.float(), [self.router.weight.float(), self.lora_A.reshape(E * r, D)])
-        logits_TE, h_TEr = torch.split(out_TN, [E, E * r], dim=1)
-        routing = self.router(x_TD, mask_T, logits_TE=logits_TE)
-        delta_TO = dense_gated_expand(h_TEr.view(T, E, r), self.lora_B, routing.gates_TE(), self.scaling, base_TO,
-                                      base_in_place)
-        return routing, delta_TO, h_TEr.view(T, E, r)
+            if result is None:
+                base_TO, out_TN = base_and_shrink(x_TD, self.base_layer.weight, self.base_layer.bias, weights)
+            else:
+                base_TO, out_TN = result.reshape(T, self.out_features), shrink(x_TD.float(), weights)
+        linear_TN, h_TEr = torch.split(out_TN, [out_TN.shape[1] - E * r, E * r], dim=1)
+        routing = self.router(x_TD, mask_T, linear_TN=linear_TN)
+        out_TO = dense_gated_expand(h_TEr.view(T, E, r), self.lora_B, routing.gates_TE(), self.scaling, base_TO,
+                                    accumulate=result is None)
+        return routing, out_TO, h_TEr.view(T, E, r)
 
     def wants_expert_outputs(self) -> bool:
         """The contrastive loss needs every routed pair's expert output (and only when it is switched on)."""

@@ -111,6 +111,30 @@ def test_block_scope_projections_use_the_block_routing():
     assert block.current_routing is None, "the block must not keep the graph of its routing after its forward"
 
 
+def test_block_projections_computing_their_base_equal_the_base_layer_path():
+    """An ExpertLinear over a plain nn.Linear computes the base inside its shrink's Function (delta added in place,
+    dx in one tensor); a forward hook on the base layers makes it call them instead. Same output and gradients."""
+    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block",
+                                                      num_experts=4))
+    perturb_(model)
+    block = model.model.layers[0].mlp
+    experts = [getattr(block.base_layer, f"{role}_proj") for role in ("gate", "up", "down")]
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(2))
+    assert all(e.base_layer.weight.dtype == x.dtype for e in experts)
+    runs = []
+    for hooked in (False, True):
+        handles = [e.base_layer.register_forward_hook(lambda *a: None) for e in experts] if hooked else []
+        xi = x.clone().requires_grad_()
+        block(xi).square().sum().backward()
+        runs.append([xi.grad] + [p.grad for p in block.parameters() if p.requires_grad])
+        block.zero_grad(set_to_none=True)
+        for h in handles:
+            h.remove()
+    assert len(runs[0]) == 8  # x, router, 3 x (lora_A, lora_B)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
+
+
 def test_bert_block_routes_intermediate_and_output_together():
     model = convert(load_model("minilm"), MoELoRAConfig(target_modules=["intermediate.dense", "output.dense"],
                                                        router_scope="block", num_experts=4))

@@ -184,15 +184,18 @@ def test_unweighted_terms_are_not_computed():
     torch.testing.assert_close(layer.last_aux_loss, 1e-3 * layer.last_aux_terms["load_balance"])
 
 
-def test_fused_router_and_shrink_equals_the_unfused_path():
-    """The dense path fuses the router GEMM with the shrink; dropout > 0 (different inputs) takes the unfused
-    path. With dropout in eval mode both must give the same outputs and gradients."""
+@pytest.mark.parametrize("router", ["topk", "soft", "threshold"])
+def test_fused_router_and_shrink_equals_the_unfused_path(router):
+    """The dense path fuses the router GEMM (the threshold router's w_tau row too) with the shrink; dropout > 0
+    (different inputs) takes the unfused path. With dropout in eval mode both must give the same outputs and
+    gradients, the router's every parameter included."""
     torch.manual_seed(0)
-    fused = MoELoRALinear(base(), num_experts=6, top_k=2, rank=4, alpha=8, backend="dense", init_seed=5)
-    plain = MoELoRALinear(base(), num_experts=6, top_k=2, rank=4, alpha=8, backend="dense", init_seed=5,
-                          dropout=0.1)
+    fused, plain = (MoELoRALinear(base(), num_experts=6, top_k=2, rank=4, alpha=8, router=router, backend="dense",
+                                  init_seed=5, dropout=d) for d in (0.0, 0.1))
     for m in (fused, plain):
         m.lora_B.data.normal_(generator=torch.Generator().manual_seed(1))
+        if router == "threshold":  # taus near 1/E, so that the thresholds select 3 to 5 of 6 experts
+            m.router.threshold.bias.data.fill_(3.0)
     x = torch.randn(17, 40)
     assert fused.fuses_router_and_shrink(x) and not plain.fuses_router_and_shrink(x)
     fused.train()
@@ -201,10 +204,15 @@ def test_fused_router_and_shrink_equals_the_unfused_path():
     outs = []
     for m in (fused, plain):
         xi = x.clone().requires_grad_()
-        (m(xi).square().sum() + m.last_aux_loss).backward()
-        outs.append((xi.grad, m.lora_A.grad, m.lora_B.grad, m.router.weight.grad))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        y = m(xi)
+        (y.square().sum() + m.last_aux_loss).backward()
+        outs.append((y, xi.grad, m.lora_A.grad, m.lora_B.grad, *(p.grad for p in m.router.parameters())))
+    assert len(outs[0]) == (7 if router == "threshold" else 5)
+    if router == "threshold":
+        assert (fused.last_routing.weights_TK == 0).any() and (fused.last_routing.weights_TK > 0).sum(1).min() > 1
+    for a, b in zip(*outs):  # fp32 GEMMs blocked differently: rounding relative to the largest entry
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, atol=1e-6 * b.abs().max().item(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("collapsed", [False, True])
@@ -288,20 +296,56 @@ def test_bf16_autocast_forward_then_backward_outside_it(dropout):
         torch.testing.assert_close(g16, g32, atol=0.1 * g32.abs().max().item(), rtol=0.05)
 
 
-def test_inference_leaves_the_base_output_a_hook_kept_alone():
-    """The in-place accumulation is taken only when nothing else can hold the base layer's output: with a forward
-    hook on the base layer (activation capture) the hook's tensor stays the base output."""
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_layer_computing_its_base_itself_equals_the_base_layer_path(grad):
+    """With a plain nn.Linear no hook sees, the layer computes the base itself, adds the delta into it in place and
+    accumulates dx in one tensor. A forward hook on the base layer (activation capture) makes it call the base
+    layer instead, and the hook's tensor stays the base output. Both give the same output and gradients; a
+    fresh layer equals its base bit for bit."""
     lin = base()
-    layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, backend="torch").eval()
-    layer.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
-    x = torch.randn(6, 40)
-    assert layer.owns_base_output()
+    layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, backend="torch").train()
+    x = torch.randn(2, 7, 40)
+    assert layer.computes_base_itself(x, (), {})
     with torch.no_grad():
-        y_owned = layer(x)
-        kept = []
-        handle = lin.register_forward_hook(lambda mod, args, out: kept.append(out))
-        assert not layer.owns_base_output()
-        y_hooked = layer(x)
+        torch.testing.assert_close(layer(x), lin(x), atol=0, rtol=0)
+    layer.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    lin.requires_grad_(grad)  # a base trained too (not the package's default) has its gradients as well
+    runs, kept = [], []
+    for hooked in (False, True):
+        capture = lambda mod, args, out: kept.append(out.detach().clone())  # noqa: E731
+        handle = lin.register_forward_hook(capture) if hooked else None
+        assert layer.computes_base_itself(x, (), {}) is not hooked
+        xi = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y = layer(xi)
+            if grad:
+                (y.square().sum() + layer.last_aux_loss).backward()
+        grads = [xi.grad] + [p.grad for p in layer.parameters() if p.requires_grad] if grad else []
+        runs.append([y.detach(), *grads])
+        layer.zero_grad(set_to_none=True)
+        if handle is not None:
+            handle.remove()
+    torch.testing.assert_close(kept[0], lin(x), atol=0, rtol=0)
+    assert len(runs[0]) == (7 if grad else 1)  # y, x, lora_A, lora_B, router, base weight and bias
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-5)
+
+
+def test_the_base_layer_is_called_when_anything_could_see_it():
+    """Hooks of any kind, other call arguments, another dtype, a non-contiguous input or autocast: the layer calls
+    its base layer as it is."""
+    lin = base()
+    layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, backend="torch")
+    x = torch.randn(6, 40)
+    assert layer.computes_base_itself(x, (), {})
+    assert not layer.computes_base_itself(x.t().contiguous().t(), (), {})
+    assert not layer.computes_base_itself(x.double(), (), {})
+    assert not layer.computes_base_itself(x, (1,), {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.computes_base_itself(x, (), {})
+    for register in (lin.register_forward_pre_hook, lin.register_full_backward_hook,
+                     torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *a: None)
+        assert not layer.computes_base_itself(x, (), {})
         handle.remove()
-        torch.testing.assert_close(kept[0], lin(x), atol=0, rtol=0)
-    torch.testing.assert_close(y_hooked, y_owned, atol=1e-6, rtol=1e-6)
+    assert layer.computes_base_itself(x, (), {})

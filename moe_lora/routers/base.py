@@ -69,16 +69,24 @@ class Router(nn.Module):
         overridden = type(self).logits is not Router.logits or "logits" in vars(self)  # subclass or instance
         return not overridden and not (self.training and self.jitter_noise > 0)
 
+    def linear_weights(self) -> list[torch.Tensor]:
+        """fp32 weights [N_i, d_in] whose products with x this router reads, W_r [E, d_in] first (subclasses
+        append theirs: the threshold router its w_tau [1, d_in]). A caller computing
+        linear = x @ cat(linear_weights())^T  ([T, N], N = sum N_i) inside a larger GEMM (only while
+        ``logits_are_linear``) passes it to forward: one GEMM reads x once and gives one dx."""
+        return [self.weight.float()]
+
     def forward(
-        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None, logits_TE: torch.Tensor | None = None
+        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None, linear_TN: torch.Tensor | None = None
     ) -> Routing:
-        """Route the rows of x_TD. ``logits_TE``: precomputed logits (only when ``logits_are_linear``)."""
+        """Route the rows of x_TD. ``linear_TN``: precomputed x @ cat(linear_weights())^T (see there)."""
+        E = self.num_experts
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            if logits_TE is None:
-                logits_TE = self.logits(x_TD)
+            logits_TE = self.logits(x_TD) if linear_TN is None else linear_TN[:, :E]
+            extra_TX = None if linear_TN is None or linear_TN.shape[1] == E else linear_TN[:, E:]
             scaled_TE = logits_TE if self.temperature == 1.0 else logits_TE / self.temperature
             probs_TE = torch.softmax(scaled_TE, dim=-1)
-            weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
+            weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T, extra_TX)
         return Routing(
             weights_TK=weights_TK,
             expert_ids_TK=ids_TK,
@@ -89,9 +97,11 @@ class Router(nn.Module):
         )
 
     def select(
-        self, probs_TE: torch.Tensor, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None
+        self, probs_TE: torch.Tensor, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None,
+        extra_TX: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Return (weights_TK fp32, expert_ids_TK int64, thresholds_T or None)."""
+        """Return (weights_TK fp32, expert_ids_TK int64, thresholds_T or None). ``extra_TX``: x times the rows
+        ``linear_weights`` appends after W_r, when the caller computed them (None: compute them from x_TD)."""
         raise NotImplementedError
 
     def _set_ep_group(self, group) -> None:

@@ -40,10 +40,16 @@ class ThresholdRouter(Router):
         if hasattr(self, "threshold"):
             self._reset_threshold(generator)
 
-    def select(self, probs_TE, x_TD, token_mask_T):
+    def linear_weights(self) -> list[torch.Tensor]:
+        """[W_r, w_tau]: the layer's fused GEMM computes w_tau . x with the logits and the experts' shrink (a
+        [T, 1] product of its own would cost a GEMV forward and two skinny GEMMs backward)."""
+        return [*super().linear_weights(), self.threshold.weight.float()]
+
+    def select(self, probs_TE, x_TD, token_mask_T, extra_TX=None):
         T, E = probs_TE.shape
         w_1D, b_1 = self.threshold.weight.float(), self.threshold.bias.float()  # fp32 even after model.to(bf16)
-        tau_T1 = self.threshold_max * torch.sigmoid(F.linear(x_TD.float(), w_1D, b_1))
+        pre_T1 = F.linear(x_TD.float(), w_1D, b_1) if extra_TX is None else extra_TX + b_1
+        tau_T1 = self.threshold_max * torch.sigmoid(pre_T1)
         shifted_TE = probs_TE - tau_T1
         active_TE = shifted_TE >= 0
         kept_TE = shifted_TE * active_TE
