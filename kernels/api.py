@@ -26,8 +26,9 @@ BACKENDS = ("auto", "torch", "dense", "grouped", "reference", "triton", "megablo
 
 #: The grouped path's extra memory traffic and per-call work, in rank columns per slot (see choose_torch_path).
 #: Measured: ``python benchmarks/scaling.py`` (d = 512, fp32, 2 CPU cores) times both paths over E 2..64,
-#: k 1..4, r 4..64 and 256..16k tokens and fits the crossover: beta = 76 (benchmarks/results/scaling.json).
-DENSE_BETA = 76
+#: k 1..4, r 4..64 and 256..16k tokens and fits the crossover: beta = 40 (benchmarks/results/scaling.json; 76
+#: before the grouped path's sort metadata was shared and the dense path took the base into its Functions).
+DENSE_BETA = 40
 
 
 def choose_torch_path(num_experts: int, slots_per_token: int, rank: int) -> str:
@@ -36,9 +37,9 @@ def choose_torch_path(num_experts: int, slots_per_token: int, rank: int) -> str:
     Per token, dense computes E*r rank columns in GEMMs that read x and g once (cost ~ E*r); grouped computes
     K*r columns but gathers K rows of x and g and scatters K rows of y and dx (cost ~ K*r + beta*K, beta the
     traffic in rank-column equivalents, DENSE_BETA). Dense wins while (E - K) * r <= beta * K. On a CPU the
-    rank-r GEMMs are memory-bound, so the traffic term is large: dense stays ahead up to E ~ 32 at k=2, r=8
-    (benchmarks/scaling.png). With K = E (variable-k routers) grouped does the same arithmetic and more
-    traffic: dense always.
+    rank-r GEMMs are memory-bound, so the traffic term is large: dense stays ahead up to E = 12 at k=2, r=8
+    and up to r = 13 at E=8, k=2 (benchmarks/scaling.png). With K = E (variable-k routers) grouped does the same
+    arithmetic and more traffic: dense always.
     """
     if slots_per_token >= num_experts or (num_experts - slots_per_token) * rank <= DENSE_BETA * slots_per_token:
         return "dense"

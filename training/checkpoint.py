@@ -13,9 +13,10 @@ Layout of ``<output_dir>/checkpoints``::
     latest                               name of the newest committed tag (DeepSpeed's pointer file)
 
 Commit protocol (``save``): every rank writes into ``.tmp-step00000040``; a barrier; rank 0 fsyncs every file,
-writes the manifest, renames the directory to ``step00000040`` and replaces ``latest`` (write + rename); a
-barrier. A process killed at any point leaves either a ``.tmp-*`` directory, which is never read and is removed
-at the next start, or a complete tag. ``newest_complete`` takes the newest tag whose manifest lists files that
+writes the manifest, renames the directory to ``step00000040`` (``atomic_dir.commit_dir``: an atomic exchange
+where a tag of that step exists already) and replaces ``latest`` (write + rename); a barrier. A process killed
+at any point leaves either a hidden ``.tmp-*`` (or ``.old-*``) directory, which is never read and is removed at
+the next start, or a complete tag. ``newest_complete`` takes the newest tag whose manifest lists files that
 all exist with their recorded sizes, so a partly written or partly deleted checkpoint is never resumed from.
 The frozen base weights are not saved (``exclude_frozen_parameters``): they come from the base model.
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_lora.atomic_dir import fsync_path, write_text_atomic
+from moe_lora.atomic_dir import commit_dir, fsync_path, write_text_atomic
 
 MANIFEST = "COMPLETE.json"
 STATE = "trainer_state.json"
@@ -122,10 +123,11 @@ def read_state(tag_dir: Path) -> dict:
 
 # ---- writing ------------------------------------------------------------------------------------------------
 def clean_stale(root: Path, rank: int) -> None:
-    """Rank 0 removes temporary directories of interrupted saves and deletions; all ranks wait."""
+    """Rank 0 removes temporary directories of interrupted saves, replacements and deletions (``.tmp-*``, the
+    ``.<tag>.old-*`` of commit_dir, ``.del-*``: every hidden directory here is ours); all ranks wait."""
     if rank == 0 and root.is_dir():
         for d in root.iterdir():
-            if d.is_dir() and (d.name.startswith(".tmp-") or d.name.startswith(".del-")):
+            if d.is_dir() and d.name.startswith("."):
                 shutil.rmtree(d, ignore_errors=True)
     dist.barrier()
 
@@ -160,13 +162,7 @@ def save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, ex
         for d in sorted({f.parent for f in tmp.rglob("*")} | {tmp}):
             fsync_path(d)
         write_text_atomic(tmp / MANIFEST, json.dumps({"step": step, "tag": name, "files": files}, indent=2) + "\n")
-        if final.exists():  # a tag of the same step from a run that was resumed from an older checkpoint
-            aside = root / f".del-{name}"
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(final, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_path(root)
+        commit_dir(tmp, final)  # replaces a tag of the same step from a run resumed from an older checkpoint
         write_text_atomic(root / LATEST, name)
         prune(root, keep)
     dist.barrier()

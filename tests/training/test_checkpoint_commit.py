@@ -108,3 +108,31 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
     assert np.random.rand() == expected[2]
+
+
+class _FakeEngine:
+    """save_checkpoint as DeepSpeed lays it out: one file per tag directory."""
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def save_checkpoint(self, root, tag, save_latest, exclude_frozen_parameters):
+        d = ckpt.Path(root) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(self.payload)
+
+
+def test_a_save_replaces_a_tag_of_the_same_step_and_leaves_no_hidden_directory(tmp_path, monkeypatch):
+    """A run resumed from an older checkpoint saves a step that exists already: the new tag replaces the old one
+    whole (commit_dir), 'latest' names it, and clean_stale removes what a killed save or replacement left."""
+    monkeypatch.setattr(ckpt.dist, "barrier", lambda: None)
+    old = make_tag(tmp_path, 8, files={"mp_rank_00_model_states.pt": b"old", "stale.pt": b"s"})
+    final = ckpt.save(_FakeEngine(b"new!"), tmp_path, 8, {"step": 8}, rank=0, keep=3)
+    assert final == old and is_complete(final)
+    assert (final / "mp_rank_00_model_states.pt").read_bytes() == b"new!" and not (final / "stale.pt").exists()
+    assert (tmp_path / "latest").read_text() == "step00000008"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000008"]
+    for leftover in (".tmp-step00000012", ".step00000008.old-1-abcd", ".del-step00000004"):
+        (tmp_path / leftover).mkdir()
+    ckpt.clean_stale(tmp_path, rank=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000008"]
