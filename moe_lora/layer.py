@@ -49,14 +49,19 @@ def computes_base_itself(base_layer: nn.Module, x: torch.Tensor, args: tuple, kw
                          adapter_dtype: torch.dtype) -> bool:
     """Whether a dense adapter path may compute the frozen layer's F.linear(x, W0, b0) itself, bit for bit as the
     layer would (kernels.dense_gated.base_and_shrink), so that the delta is added in place and dx accumulated in
-    one tensor: a plain nn.Linear called with x alone, in the adapters' dtype, contiguous, outside autocast, that
-    no hook sees (its own or a global one: activation capture, ZeRO-3's parameter gathering, a backward hook)."""
+    one tensor: a plain nn.Linear with its class's own forward (accelerate's offload hooks replace the instance's
+    forward) and plain parameters on x's device (no meta or tensor-subclass weights), called with x alone, in the
+    adapters' dtype, contiguous, outside autocast, that no hook sees (its own or a global one: activation capture,
+    ZeRO-3's parameter gathering, a backward hook)."""
     lin = base_layer
     any_global_hook = getattr(nn.modules.module, "_has_any_global_hook", lambda: True)
+    params = [p for p in (getattr(lin, "weight", None), getattr(lin, "bias", None)) if p is not None]
     return (
-        type(lin) is nn.Linear and not args and not kwargs
+        type(lin) is nn.Linear and "forward" not in vars(lin) and not hasattr(lin, "_hf_hook")
+        and not args and not kwargs
         and not (lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks or lin._backward_pre_hooks)
         and not any_global_hook()
+        and all(type(p) in (nn.Parameter, torch.Tensor) and p.device == x.device for p in params)
         and x.is_contiguous() and x.dtype == lin.weight.dtype == adapter_dtype
         and not torch.is_autocast_enabled(x.device.type)
     )

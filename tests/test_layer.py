@@ -332,8 +332,10 @@ def test_a_layer_computing_its_base_itself_equals_the_base_layer_path(grad):
 
 
 def test_the_base_layer_is_called_when_anything_could_see_it():
-    """Hooks of any kind, other call arguments, another dtype, a non-contiguous input or autocast: the layer calls
-    its base layer as it is."""
+    """Hooks of any kind, a forward replaced on the instance, weights on another device, other call arguments,
+    another dtype, a non-contiguous input or autocast: the layer calls its base layer as it is."""
+    from moe_lora.layer import computes_base_itself
+
     lin = base()
     layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, backend="torch")
     x = torch.randn(6, 40)
@@ -349,3 +351,12 @@ def test_the_base_layer_is_called_when_anything_could_see_it():
         assert not layer.computes_base_itself(x, (), {})
         handle.remove()
     assert layer.computes_base_itself(x, (), {})
+    plain_forward = lin.forward
+    lin.forward = lambda z: 2.0 * plain_forward(z)  # how accelerate's offload hooks wrap a module
+    assert not layer.computes_base_itself(x, (), {})
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), 2.0 * plain_forward(x), atol=0, rtol=0)  # fresh: the wrapped base
+    del lin.forward
+    assert layer.computes_base_itself(x, (), {})
+    meta = torch.nn.Linear(40, 40, device="meta")  # weights elsewhere than x (offloaded)
+    assert not computes_base_itself(meta, x, (), {}, torch.float32)

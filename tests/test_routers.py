@@ -159,3 +159,25 @@ def test_routers_compute_in_fp32_after_a_dtype_cast(dtype):
         r = build_router(name, 8, 4, top_k=2).to(dtype)
         out = r(torch.randn(5, 8, dtype=dtype))
         assert out.probs_TE.dtype == torch.float32 and torch.isfinite(out.weights_TK).all()
+
+
+def test_a_router_subclass_with_a_three_argument_select_works_on_the_fused_path():
+    """Router subclasses written to select(probs_TE, x_TD, token_mask_T) keep working when the layer computes
+    their logits inside its fused GEMM; precomputed logits may still be passed as logits_TE."""
+    from moe_lora import MoELoRALinear
+    from moe_lora.routers import Router
+    from moe_lora.routers.base import all_expert_ids
+
+    class Uniform(Router):
+        def select(self, probs_TE, x_TD, token_mask_T):
+            T, E = probs_TE.shape
+            return probs_TE.new_full((T, E), 1.0 / E), all_expert_ids(T, E, probs_TE.device), None
+
+    router = Uniform(16, 4)
+    layer = MoELoRALinear(torch.nn.Linear(16, 8), num_experts=4, top_k=4, rank=2, alpha=4, router=router)
+    x = torch.randn(5, 16)
+    assert layer.fuses_router_and_shrink(x)
+    layer(x)
+    assert torch.all(layer.last_routing.weights_TK == 0.25)
+    logits = x @ router.weight.t()
+    torch.testing.assert_close(router(x, logits_TE=logits).probs_TE, router(x).probs_TE, atol=0, rtol=0)

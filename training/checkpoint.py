@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from moe_lora.atomic_dir import commit_dir, fsync_path, write_text_atomic
+from moe_lora.atomic_dir import commit_dir, fsync_path, is_leftover, write_text_atomic
 
 MANIFEST = "COMPLETE.json"
 STATE = "trainer_state.json"
@@ -123,11 +123,11 @@ def read_state(tag_dir: Path) -> dict:
 
 # ---- writing ------------------------------------------------------------------------------------------------
 def clean_stale(root: Path, rank: int) -> None:
-    """Rank 0 removes temporary directories of interrupted saves, replacements and deletions (``.tmp-*``, the
-    ``.<tag>.old-*`` of commit_dir, ``.del-*``: every hidden directory here is ours); all ranks wait."""
+    """Rank 0 removes temporary directories of interrupted saves, replacements and deletions (``.tmp-*``,
+    ``.del-*`` and commit_dir's ``.<tag>.old-*``; other hidden directories are not ours); all ranks wait."""
     if rank == 0 and root.is_dir():
         for d in root.iterdir():
-            if d.is_dir() and d.name.startswith("."):
+            if d.is_dir() and (d.name.startswith((".tmp-", ".del-")) or is_leftover(d)):
                 shutil.rmtree(d, ignore_errors=True)
     dist.barrier()
 

@@ -15,7 +15,8 @@ from ..routing import Routing
 
 
 class Router(nn.Module):
-    """Base class. Subclasses implement ``select(probs_TE, x_TD, token_mask_T)``.
+    """Base class. Subclasses implement ``select(probs_TE, x_TD, token_mask_T)`` (and take ``extra_TX`` as a keyword
+    when they append rows in ``linear_weights``).
 
     Args:
         in_features: d_in of the router input.
@@ -77,16 +78,22 @@ class Router(nn.Module):
         return [self.weight.float()]
 
     def forward(
-        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None, linear_TN: torch.Tensor | None = None
+        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None, linear_TN: torch.Tensor | None = None,
+        logits_TE: torch.Tensor | None = None,
     ) -> Routing:
-        """Route the rows of x_TD. ``linear_TN``: precomputed x @ cat(linear_weights())^T (see there)."""
+        """Route the rows of x_TD. ``linear_TN``: precomputed x @ cat(linear_weights())^T (see there);
+        ``logits_TE``: precomputed logits alone (the same as linear_TN for a router that appends no rows)."""
         E = self.num_experts
+        if linear_TN is None:
+            linear_TN = logits_TE
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = self.logits(x_TD) if linear_TN is None else linear_TN[:, :E]
-            extra_TX = None if linear_TN is None or linear_TN.shape[1] == E else linear_TN[:, E:]
             scaled_TE = logits_TE if self.temperature == 1.0 else logits_TE / self.temperature
             probs_TE = torch.softmax(scaled_TE, dim=-1)
-            weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T, extra_TX)
+            if linear_TN is None or linear_TN.shape[1] == E:  # a subclass's three-argument select stays valid
+                weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
+            else:
+                weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T, extra_TX=linear_TN[:, E:])
         return Routing(
             weights_TK=weights_TK,
             expert_ids_TK=ids_TK,

@@ -34,7 +34,7 @@ class ExpertChoiceRouter(Router):
     def capacity(self, num_tokens: int) -> int:
         return min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
 
-    def select(self, probs_TE, x_TD, token_mask_T, extra_TX=None):
+    def select(self, probs_TE, x_TD, token_mask_T):
         T, E = probs_TE.shape
         C = self.capacity(T)
         scores_TE = probs_TE.detach()

@@ -22,7 +22,7 @@ class SoftRouter(Router):
         super().__init__(in_features, num_experts, **kw)
         self.soft_top_k = top_k
 
-    def select(self, probs_TE, x_TD, token_mask_T, extra_TX=None):
+    def select(self, probs_TE, x_TD, token_mask_T):
         T, E = probs_TE.shape
         weights_TE = probs_TE
         if self.soft_top_k is not None and self.soft_top_k < E:

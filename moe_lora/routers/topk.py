@@ -23,7 +23,7 @@ class TopKRouter(Router):
     def top_k(self) -> int:
         return self.k
 
-    def select(self, probs_TE, x_TD, token_mask_T, extra_TX=None):
+    def select(self, probs_TE, x_TD, token_mask_T):
         top_p_TK, ids_TK = torch.topk(probs_TE, self.k, dim=-1)
         weights_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)
         return weights_TK, ids_TK, None

@@ -132,7 +132,7 @@ def test_a_save_replaces_a_tag_of_the_same_step_and_leaves_no_hidden_directory(t
     assert (final / "mp_rank_00_model_states.pt").read_bytes() == b"new!" and not (final / "stale.pt").exists()
     assert (tmp_path / "latest").read_text() == "step00000008"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000008"]
-    for leftover in (".tmp-step00000012", ".step00000008.old-1-abcd", ".del-step00000004"):
+    for leftover in (".tmp-step00000012", ".step00000008.old-1-abcd", ".del-step00000004", ".ipynb_checkpoints"):
         (tmp_path / leftover).mkdir()
     ckpt.clean_stale(tmp_path, rank=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000008"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ipynb_checkpoints", "latest", "step00000008"]
