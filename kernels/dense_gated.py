@@ -73,6 +73,15 @@ def _B_cat(lora_B_EOR: torch.Tensor) -> torch.Tensor:
     return lora_B_EOR.transpose(1, 2).reshape(E * r, O)
 
 
+def _weight_grads(g_TN: torch.Tensor, x_TD: torch.Tensor, weights: list[torch.Tensor], needed) -> list:
+    """The shrink's weight gradients: g^T x [N, D] in one GEMM, split into the weights' [N_i, D] (None where
+    not ``needed``)."""
+    if not any(needed):
+        return [None] * len(weights)
+    dW = torch.split(g_TN.t() @ x_TD, [w.shape[0] for w in weights])
+    return [d.view_as(w) if need else None for d, w, need in zip(dW, weights, needed)]
+
+
 class _Shrink(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, *weights):
@@ -86,11 +95,7 @@ class _Shrink(torch.autograd.Function):
         W_ND = torch.cat(weights)
         g_TN = g_TN.to(W_ND.dtype)  # bf16 under an autocast forward whose backward runs outside it
         dx = (g_TN @ W_ND).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
-        if not any(ctx.needs_input_grad[1:]):
-            return dx, *(None for _ in weights)
-        dW_ND = g_TN.t() @ x_TD.to(W_ND.dtype)
-        dW = torch.split(dW_ND, [w.shape[0] for w in weights])
-        return dx, *(d.view_as(w) if need else None for d, w, need in zip(dW, weights, ctx.needs_input_grad[1:]))
+        return dx, *_weight_grads(g_TN, x_TD.to(W_ND.dtype), weights, ctx.needs_input_grad[1:])
 
 
 class _BaseAndShrink(torch.autograd.Function):
@@ -111,8 +116,7 @@ class _BaseAndShrink(torch.autograd.Function):
             dx.addmm_(g_TN, W_ND)  # the shrink's dx added by the GEMM itself
         dW0 = g_TO.t() @ x_TD if need_W0 else None
         db0 = g_TO.sum(0) if need_b0 and ctx.has_bias else None
-        dW = torch.split(g_TN.t() @ x_TD, [w.shape[0] for w in weights]) if any(need_w) else [None] * len(weights)
-        return dx, dW0, db0, *(d.view_as(w) if n else None for d, w, n in zip(dW, weights, need_w))
+        return dx, dW0, db0, *_weight_grads(g_TN, x_TD, weights, need_w)
 
 
 class _GatedExpand(torch.autograd.Function):

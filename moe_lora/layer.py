@@ -235,7 +235,7 @@ class MoELoRALinear(nn.Module):
         if self.fuses_router_and_shrink(x_TD):
             result = None if self.computes_base_itself(x, args, kwargs) else self.base_layer(x, *args, **kwargs)
             routing, out_TO, h_TEr = self.fused_dense_forward(x_TD, mask_T, result)
-            xd_TD = x_TD
+            xd_TD = x_TD  # the fused path runs only without dropout
         else:
             result = self.base_layer(x, *args, **kwargs)
             xd_TD = self.lora_dropout(x_TD)
