@@ -1,0 +1,78 @@
+"""The ``data`` section: what is trained on (the synthetic corpus or a JSONL file) and how it is batched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moe_lora.checks import is_int
+from moe_lora.errors import suggest
+
+from ..synthetic import TASKS
+from .framework import option, section
+
+DATA_SOURCES = ("synthetic", "jsonl")
+DATA_FORMATS = ("auto", "text", "prompt_response")
+
+
+@dataclass
+class SyntheticSection:
+    num_examples: int = option(4000, "Number of generated examples.")
+    tasks: list = option(list(TASKS), f"Tasks to mix, each with its own rule: {', '.join(TASKS)}.")
+    seed: int = option(0, "Seed of the generator (the corpus is a pure function of the seed and these settings).")
+
+    def problems(self) -> list[str]:
+        p = []
+        if not (is_int(self.num_examples) and self.num_examples >= 1):
+            p.append(f"data.synthetic.num_examples: {self.num_examples!r} must be an int >= 1")
+        if not (isinstance(self.tasks, list) and self.tasks):
+            p.append(f"data.synthetic.tasks: {self.tasks!r} must be a non-empty list")
+        else:
+            for t in self.tasks:
+                if t not in TASKS:
+                    p.append(f"data.synthetic.tasks: unknown task {t!r}{suggest(t, TASKS)}; "
+                             f"allowed: {', '.join(TASKS)}")
+        if not is_int(self.seed):
+            p.append(f"data.synthetic.seed: {self.seed!r} must be an int")
+        return p
+
+
+@dataclass
+class DataSection:
+    source: str = option("synthetic", "'synthetic' (the built-in multi-task corpus) or 'jsonl' (data.path).")
+    path: str | None = option(
+        None,
+        "JSONL file, one object per line: {'text': ...} or {'prompt': ..., 'response': ...}.",
+    )
+    format: str = option(
+        "auto",
+        "'text' (loss on every token), 'prompt_response' (loss on the response only) or 'auto' (from the "
+        "first line's keys).",
+    )
+    seq_len: int = option(128, "Tokens per sequence (packed block length, or the truncation length without packing).")
+    packing: bool = option(True, "Concatenate examples into full seq_len blocks (else pad each batch to its longest).")
+    shuffle_seed: int = option(0, "Seed of the per-epoch permutation of the sampler.")
+    synthetic: SyntheticSection = section(SyntheticSection, "Settings of the built-in synthetic corpus.")
+
+    def problems(self, resolve) -> list[str]:
+        p = []
+        if self.source not in DATA_SOURCES:
+            p.append(f"data.source: {self.source!r}{suggest(self.source, DATA_SOURCES)}; allowed: "
+                     f"{', '.join(DATA_SOURCES)}")
+        if self.source == "jsonl":
+            if not isinstance(self.path, str) or not self.path:
+                p.append(f"data.path: {self.path!r} must name a JSONL file when data.source is 'jsonl'")
+            elif resolve(self.path) is None or not resolve(self.path).is_file():
+                p.append(f"data.path: file {self.path!r} does not exist")
+        elif self.path is not None:
+            p.append(f"data.path: {self.path!r} is only used with data.source: jsonl (source is {self.source!r})")
+        if self.format not in DATA_FORMATS:
+            p.append(f"data.format: {self.format!r}{suggest(self.format, DATA_FORMATS)}; allowed: "
+                     f"{', '.join(DATA_FORMATS)}")
+        if not (is_int(self.seq_len) and self.seq_len >= 8):
+            p.append(f"data.seq_len: {self.seq_len!r} must be an int >= 8")
+        if not isinstance(self.packing, bool):
+            p.append(f"data.packing: {self.packing!r} must be true or false")
+        if not is_int(self.shuffle_seed):
+            p.append(f"data.shuffle_seed: {self.shuffle_seed!r} must be an int")
+        return p + self.synthetic.problems()
+

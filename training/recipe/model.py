@@ -1,0 +1,65 @@
+"""The ``model`` section: which base model to convert (a built-in or a local transformers directory)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from moe_lora.checks import is_int
+from moe_lora.errors import suggest
+from moe_lora.zoo import BUILTIN, TINY
+
+from .framework import option
+
+TINY_SIZES = ("vocab_size", "num_layers", "hidden", "intermediate", "heads")
+
+
+def _config_json_problems(path: Path) -> list[str]:
+    """A local model's config.json must be a JSON object (transformers reads it the same way)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return [f"model.name: {str(path)!r} is not valid JSON ({e})"]
+    return [] if isinstance(data, dict) else [f"model.name: {str(path)!r} must hold a JSON object"]
+
+
+@dataclass
+class ModelSection:
+    name: str = option(
+        "tiny-llama",
+        f"Base model: a built-in name ({', '.join(BUILTIN)}) or a local transformers "
+        "directory (nothing is downloaded).",
+    )
+    sizes: dict = option(
+        {},
+        f"Built-in tiny models only: sizes for moe_lora.zoo.tiny_config ({', '.join(TINY_SIZES)}).",
+    )
+    seed: int = option(0, "Seed of the built-in tiny models' random weights (identical on every rank).")
+
+    def problems(self, resolve) -> list[str]:
+        p = []
+        if not isinstance(self.name, str) or not self.name:
+            p.append(f"model.name: {self.name!r} must be a model name or directory")
+        elif self.name not in BUILTIN and resolve(self.name) is None:
+            p.append(f"model.name: {self.name!r} is neither a built-in model ({', '.join(BUILTIN)}) nor an existing "
+                     "directory")
+        elif self.name not in BUILTIN and not (resolve(self.name) / "config.json").exists():
+            p.append(f"model.name: directory {self.name!r} has no config.json")
+        elif self.name not in BUILTIN:
+            p += _config_json_problems(resolve(self.name) / "config.json")
+        if not isinstance(self.sizes, dict):
+            p.append(f"model.sizes: {self.sizes!r} must be a mapping")
+        else:
+            if self.sizes and self.name not in TINY:
+                p.append(f"model.sizes: only the tiny built-ins ({', '.join(TINY)}) take sizes, not {self.name!r}")
+            for k, v in self.sizes.items():
+                if k not in TINY_SIZES:
+                    p.append(f"model.sizes.{k}: unknown size{suggest(k, TINY_SIZES)}; "
+                             f"allowed: {', '.join(TINY_SIZES)}")
+                elif not (is_int(v) and v >= 1):
+                    p.append(f"model.sizes.{k}: {v!r} must be an int >= 1")
+        if not is_int(self.seed):
+            p.append(f"model.seed: {self.seed!r} must be an int")
+        return p
+
