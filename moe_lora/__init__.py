@@ -1,7 +1,5 @@
 """moe-lora: LoRA mixture-of-experts for PyTorch and Hugging Face transformers."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from .adapter_io import MoELoRAModel, load_adapter, save_adapter
 from .config import MoELoRAConfig
 from .convert import convert, load_config, plan
@@ -9,11 +7,7 @@ from .errors import ConfigError
 from .interop import experts_from_peft, fixed_routing, merge_fixed_routing, upcycle_lora
 from .layer import MoELoRALinear
 from .routing import Routing, iter_routed_modules
-
-try:
-    __version__ = version("moe-lora")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+from .version import __version__
 
 __all__ = [
     "ConfigError",

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 
+from .checks import is_int
 from .config import MoELoRAConfig
 from .convert import fingerprint
 from .errors import ConfigError
@@ -46,10 +47,6 @@ def short(value, limit: int = 80) -> str:
     """repr(value), cut to ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def pickle_files(directory: Path) -> list[str]:
@@ -138,7 +135,7 @@ def check_identity(data: dict, file: Path, supported: int) -> None:
     if "format_version" not in data:
         raise ValueError(f"adapter: {file} has no format_version; {allowed}")
     version = data["format_version"]
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise ValueError(f"adapter: {file} has format_version {short(version)}, which is not an int >= 1; {allowed}")
     if version > supported:
         from . import __version__
@@ -149,7 +146,7 @@ def check_identity(data: dict, file: Path, supported: int) -> None:
 
 def _targets_problem(targets) -> str | None:
     ok = isinstance(targets, list) and all(
-        isinstance(t, list) and len(t) == 3 and isinstance(t[0], str) and _is_int(t[1]) and _is_int(t[2])
+        isinstance(t, list) and len(t) == 3 and isinstance(t[0], str) and is_int(t[1]) and is_int(t[2])
         and t[1] >= 1 and t[2] >= 1 for t in targets)
     return None if ok else f"targets: {short(targets)} must be a list of [module name, in_features, out_features]"
 
@@ -166,7 +163,7 @@ def _modules_problems(modules) -> list[str]:
         elif m["scope"] not in SCOPES:
             p.append(f"modules.{name}.scope: {short(m['scope'])}; allowed: {', '.join(SCOPES)}")
         else:
-            bad = [k for k in ("layer", "num_experts", "top_k", "rank") if not (m[k] is None or _is_int(m[k]))]
+            bad = [k for k in ("layer", "num_experts", "top_k", "rank") if not (m[k] is None or is_int(m[k]))]
             if bad:
                 p.append(f"modules.{name}: {', '.join(f'{k}={short(m[k])}' for k in bad)} must be ints or null")
         if len(p) >= 5:
@@ -184,11 +181,11 @@ def meta_problems(data: dict) -> list[str]:
         "moe_lora_version": (lambda v: isinstance(v, str), "must be a string"),
         "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "must be a string or null"),
         "fingerprint": (lambda v: isinstance(v, str) and _HEX64.fullmatch(v), "must be 64 lowercase hex digits"),
-        "num_layers": (lambda v: _is_int(v) and v >= 0, "must be an int >= 0"),
-        "num_experts_per_layer": (lambda v: isinstance(v, list) and all(_is_int(e) for e in v),
+        "num_layers": (lambda v: is_int(v) and v >= 0, "must be an int >= 0"),
+        "num_experts_per_layer": (lambda v: isinstance(v, list) and all(is_int(e) for e in v),
                                   "must be a list of ints"),
-        "top_k_per_layer": (lambda v: isinstance(v, list) and all(_is_int(e) for e in v), "must be a list of ints"),
-        "weights_bytes": (lambda v: _is_int(v) and v >= 0, "must be an int >= 0"),
+        "top_k_per_layer": (lambda v: isinstance(v, list) and all(is_int(e) for e in v), "must be a list of ints"),
+        "weights_bytes": (lambda v: is_int(v) and v >= 0, "must be an int >= 0"),
         "weights_sha256": (lambda v: isinstance(v, str) and _HEX64.fullmatch(v), "must be 64 lowercase hex digits"),
     }
     for key, (ok, allowed) in checks.items():

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import sys
 
-from . import __version__
+from .version import __version__
 
 COMMANDS = ("info", "convert", "train", "analyze", "bench", "demo")
 

@@ -12,6 +12,8 @@ import os
 import uuid
 from pathlib import Path
 
+from ..version import __version__
+
 SCHEMA_VERSION = 1
 
 #: top-level key -> accepted types
@@ -99,8 +101,6 @@ def summarize(layers: list[dict], layers_without_tokens: list[str] | None = None
 def build_report(layers: list[dict], *, model: str, adapter: str | None, data: str | None, num_sequences: int,
                  num_tokens: int, labels: list[str], layers_without_tokens: list[str] | None = None) -> dict:
     """Assemble a schema-1 report from per-layer entries (``RoutingRecorder.metrics().values()``)."""
-    from .. import __version__
-
     return {
         "schema_version": SCHEMA_VERSION,
         "created_by": f"moe-lora {__version__}",
