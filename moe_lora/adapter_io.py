@@ -65,6 +65,7 @@ from .config import MoELoRAConfig
 from .convert import Plan, convert, converted_plan, is_converted, plan
 from .layer import MoELoRALinear, base_dims
 from .targets import is_linear_like
+from .version import __version__
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -108,8 +109,6 @@ def _base_name(model: nn.Module) -> str | None:
 
 def adapter_metadata(model: nn.Module) -> dict:
     """The adapter_config.json mapping of a converted model (without the weights' size and checksum)."""
-    from . import __version__
-
     p = converted_plan(model)
     modules = {e.name: {"scope": e.scope, "part": e.part, "layer": e.layer, "num_experts": e.num_experts,
                         "top_k": e.top_k, "rank": e.rank} for e in p.entries if e.scope != "save"}

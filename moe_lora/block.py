@@ -3,11 +3,13 @@
 Shapes: T tokens, K slots per token, S = T*K (token, slot) pairs, D block input width, F intermediate width,
 O output width, E experts, r rank.
 
-Two modules (see targets.py for the block layouts they understand):
+Two modules, built from a ``BlockLayout`` (a plain description of where the block's projections are; the
+converter's matching in targets.py finds it):
 
 ``ExpertLinear``
     The LoRA experts of one projection (lora_A [E, r, in], lora_B [E, out, r], the frozen ``base_layer``),
-    with no router of its own: it uses the routing its block computed for this forward.
+    with no router of its own: its block hands it the routing of this forward (``ExpertLinear.routing``) before
+    it runs the wrapped module, and takes it back afterwards.
 
 ``MoEBlock``
     Wraps the block's entry module (the MLP; BERT's ``intermediate``) as ``base_layer`` and owns the shared
@@ -44,61 +46,45 @@ Two modules (see targets.py for the block layouts they understand):
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import losses
+from .experts import AuxLossConfig, ExpertConfig, LoRAExperts, RoutedModule
 from .kernels import choose_torch_path, lora_expert_rows, lora_experts
-from .kernels.api import resolve_backend, resolve_path
-from .kernels.dense_gated import base_and_shrink, dense_gated_expand
+from .kernels.api import resolve_backend
+from .kernels.fused import can_fuse, fused_lora_forward
 from .kernels.pair_rows import PairLayout, gather_pairs, grouped_rows_mm, sum_pairs
-from .layer import base_dims, computes_base_itself, init_lora_A_
 from .routers import Router
 from .routing import Routing
-from .targets import BlockLayout
 
 
-class ExpertLinear(nn.Module):
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where one MLP block sits: its layout, its entry module, and which projection plays which role."""
+
+    kind: str  # "gated" | "plain" | "bert"
+    entry: str  # qualified name of the module whose input is the block input
+    roles: tuple[tuple[str, str], ...]  # (role, qualified name) for every projection of the block
+
+
+class ExpertLinear(LoRAExperts):
     """LoRA experts on a frozen projection, routed by the block it belongs to.
 
         y = W0 z + sum_k g_k s B_k A_k z        (g, ids from the block's routing of this forward)
 
     Args:
         base_layer: nn.Linear or transformers Conv1D (frozen, kept as ``base_layer``).
-        num_experts, rank, alpha, dropout, use_rslora, backend, init_lora_weights, init_seed: as MoELoRALinear.
+        experts: the validated ExpertConfig.
         role: 'gate', 'up' or 'down' (the projection's place in its block).
+        init_seed: seed of the per-expert init (None: the global RNG).
     """
 
-    def __init__(self, base_layer: nn.Module, *, num_experts: int, rank: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, backend: str = "auto", init_lora_weights: str = "kaiming",
-                 init_seed: int | None = None, role: str = "up"):
-        super().__init__()
-        self.in_features, self.out_features = base_dims(base_layer)
-        self.base_layer = base_layer
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
-        self.num_experts, self.rank, self.alpha = num_experts, rank, float(alpha)
-        self.use_rslora = use_rslora
-        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
-        self.backend = backend
+    def __init__(self, base_layer: nn.Module, experts: ExpertConfig, role: str, init_seed: int | None = None):
+        super().__init__(base_layer, experts, init_seed)
         self.role = role
-        device = base_layer.weight.device
-        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, rank, device=device))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        init_lora_A_(self.lora_A, init_lora_weights, init_seed)
-        self._block: tuple[MoEBlock, ...] = ()  # a plain reference, so the block is not registered twice
-
-    def bind(self, block: MoEBlock) -> None:
-        self._block = (block,)
-
-    @property
-    def block(self) -> MoEBlock:
-        if not self._block:
-            raise RuntimeError("ExpertLinear: not bound to an MoEBlock (build it through moe_lora.convert)")
-        return self._block[0]
+        self.routing: Routing | None = None  # this forward's routing, handed over by the block
 
     def pair_delta(self, z_SI: torch.Tensor, layout: PairLayout) -> torch.Tensor:
         """[S, O] unweighted delta s B_e A_e z_s of each pair row's expert (z_SI already through dropout), computed
@@ -126,27 +112,24 @@ class ExpertLinear(nn.Module):
 
     def forward(self, z: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         z_TI = z.reshape(-1, self.in_features)
-        routing = self.block.current_routing
+        routing = self.routing
         if routing is None or routing.num_tokens != z_TI.shape[0]:
             got = None if routing is None else routing.num_tokens
             raise RuntimeError(
                 f"ExpertLinear ({self.role}): its block routed {got} tokens but this projection sees "
                 f"{z_TI.shape[0]}; call the projection only inside its block's forward"
             )
-        E, r, I = self.lora_A.shape
-        if (isinstance(self.lora_dropout, nn.Identity) and computes_base_itself(self.base_layer, z, args, kwargs,
-                                                                               self.lora_A.dtype)
-                and resolve_path(self.backend, z_TI, E, routing.expert_ids_TK.shape[1], r) == "dense"):
-            # the base inside the shrink's Function: the delta added in place, dx accumulated in one tensor
-            base_TO, h_TN = base_and_shrink(z_TI, self.base_layer.weight, self.base_layer.bias,
-                                            [self.lora_A.reshape(E * r, I)])
-            out_TO = dense_gated_expand(h_TN.view(-1, E, r), self.lora_B, routing.gates_TE(), self.scaling, base_TO,
-                                        accumulate=True)
-            return out_TO.view(*z.shape[:-1], self.out_features)
+        out_shape = (*z.shape[:-1], self.out_features)
+        fusion = can_fuse(z, self.lora_A, routing.expert_ids_TK.shape[1], self.backend, self.lora_dropout,
+                          self.base_layer, args, kwargs)
+        if fusion is not None and fusion.base:  # the base inside the shrink's Function (kernels/fused.py)
+            out_TO, _, _ = fused_lora_forward(fusion, z_TI, self.lora_A, self.lora_B, self.scaling,
+                                              lambda _: routing, base_layer=self.base_layer)
+            return out_TO.view(out_shape)
         result = self.base_layer(z, *args, **kwargs)
         delta_TO = lora_experts(self.lora_dropout(z_TI), self.lora_A, self.lora_B, routing.expert_ids_TK,
                                 routing.weights_TK, self.scaling, self.backend)
-        return result + delta_TO.view(*z.shape[:-1], self.out_features).to(result.dtype)
+        return result + delta_TO.view(out_shape).to(result.dtype)
 
     def extra_repr(self) -> str:
         return (f"role={self.role!r}, in_features={self.in_features}, out_features={self.out_features}, "
@@ -158,25 +141,23 @@ _ACT = {"gated": "act_fn", "plain": "act", "bert": "intermediate_act_fn"}
 _POST = {"gated": None, "plain": "dropout", "bert": None}
 
 
-class MoEBlock(nn.Module):
+class MoEBlock(RoutedModule, nn.Module):
     """The shared router of one MLP block, wrapped around the block's entry module (see the module docstring).
 
-    Exposes what every routed module does (``moe_lora.routing.iter_routed_modules``): ``token_mask``,
-    ``last_routing``, ``last_aux_terms``, ``last_aux_loss`` (overwritten each forward, never accumulated).
+    Exposes what every routed module does (moe_lora.experts.RoutedModule): ``token_mask``, ``last_routing``,
+    ``last_aux_terms``, ``last_aux_loss`` (overwritten each forward, never accumulated).
 
     Args:
-        base_layer: the block's entry module (kept as ``base_layer``).
-        layout: where the block's projections are (targets.find_block).
+        base_layer: the block's entry module (kept as ``base_layer``), its projections already ExpertLinears
+            (or left plain: a role the conversion does not target).
+        layout: where the block's projections are.
         router: the block router, reading the block input [T, D].
+        aux: the auxiliary losses (FFN mode's contrastive loss: u = the down projection's pair delta).
         ffn_experts: MixLoRA FFN experts instead of per-projection deltas (gated and plain layouts).
-        coefs: auxiliary-loss coefficients by name (load_balance, z_loss, cv, contrastive).
-        contrastive_temperature: tau of the contrastive loss (FFN mode; u = the down projection's pair delta).
     """
 
-    is_routing_source = True
-
-    def __init__(self, base_layer: nn.Module, layout: BlockLayout, router: Router, *, ffn_experts: bool,
-                 coefs: dict[str, float], contrastive_temperature: float = 0.1):
+    def __init__(self, base_layer: nn.Module, layout: BlockLayout, router: Router, aux: AuxLossConfig, *,
+                 ffn_experts: bool):
         super().__init__()
         if ffn_experts and layout.kind not in ("gated", "plain"):
             raise ValueError(
@@ -188,18 +169,20 @@ class MoEBlock(nn.Module):
         self.layout = layout
         self.ffn_experts = ffn_experts
         self.num_experts = router.num_experts
-        self.coefs = dict(coefs)
-        self.contrastive_temperature = float(contrastive_temperature)
+        self.init_routed(aux)
         prefix = layout.entry + "."
         self.role_paths = {role: name[len(prefix):] for role, name in layout.roles if name.startswith(prefix)}
-        self.token_mask: torch.Tensor | None = None
-        self.current_routing: Routing | None = None
-        self.last_routing: Routing | None = None
-        self.last_aux_terms: dict[str, torch.Tensor] | None = None
-        self.last_aux_loss: torch.Tensor | None = None
+        self.outside = [name for _, name in layout.roles if not name.startswith(prefix)]  # BERT's down projection
+        self._outside: tuple[ExpertLinear, ...] = ()  # plain references: the modules are registered by the model
 
-    def route(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None) -> Routing:
-        return self.router(x_TD, token_mask_T)
+    def attach_outside(self, experts: list[ExpertLinear]) -> None:
+        """The block's ExpertLinears that run after its entry module returns (BERT's down projection)."""
+        self._outside = tuple(experts)
+
+    def experts(self) -> list[ExpertLinear]:
+        """Every ExpertLinear this block routes: inside its entry module, and attached ones outside it."""
+        inside = [p[1] for p in map(self.projection, self.role_paths) if p is not None and p[1] is not None]
+        return inside + list(self._outside)
 
     def projection(self, role: str) -> tuple[nn.Module, ExpertLinear | None] | None:
         """(frozen base, experts or None) of the projection playing ``role`` inside base_layer; None if absent."""
@@ -211,28 +194,22 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x_TD = x.reshape(-1, self.router.in_features)
-        T = x_TD.shape[0]
-        mask_T = self.token_mask if self.token_mask is not None and self.token_mask.numel() == T else None
-        routing = self.route(x_TD, mask_T)
-        u_SO = None
+        routing = self.router(x_TD, self.token_mask_for(x_TD.shape[0]))
         if self.ffn_experts:
             out, u_SO = self._ffn_forward(x, x_TD, routing)  # u_SO only for the contrastive router
-        else:
-            self.current_routing = routing
+            outputs = None if u_SO is None or self.coefs["contrastive"] <= 0 else (
+                u_SO, routing.expert_ids_TK.reshape(-1))
+            self.record(routing, expert_outputs=outputs)
+            return out
+        experts = self.experts()
+        for e in experts:  # the routing goes down to the projections for the wrapped module's call
+            e.routing = routing
+        try:
             out = self.base_layer(x, *args, **kwargs)
-            if self.layout.kind != "bert":  # BERT's down projection runs after this module returns
-                self.current_routing = None
-        self.last_routing = routing.detach()
-        if self.training and torch.is_grad_enabled():
-            outputs = None
-            if u_SO is not None and self.coefs.get("contrastive", 0.0) > 0:
-                outputs = (u_SO, routing.expert_ids_TK.reshape(-1))
-            self.last_aux_terms = losses.aux_terms(
-                routing, self.coefs, expert_outputs=outputs, contrastive_temperature=self.contrastive_temperature
-            )
-            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
-        else:
-            self.last_aux_terms = self.last_aux_loss = None
+        finally:
+            for e in experts[:len(experts) - len(self._outside)]:  # outside ones run after this returns
+                e.routing = None
+        self.record(routing)
         return out
 
     def pair_layout(self, routing: Routing, x_TD: torch.Tensor, experts: list[ExpertLinear | None]) -> PairLayout:
@@ -285,7 +262,7 @@ class MoEBlock(nn.Module):
         if down_exp is not None:
             u_SO = down_exp.pair_delta(down_exp.lora_dropout(p_SF), layout)
             y = y + sum_pairs(w_S1.to(u_SO.dtype) * u_SO, layout).view(y.shape).to(y.dtype)
-            if getattr(self.router, "needs_expert_outputs", False):
+            if self.wants_expert_outputs():
                 u_SO = layout.to_slot_order(u_SO)
             else:
                 u_SO = None

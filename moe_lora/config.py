@@ -7,7 +7,7 @@ Every field carries a help string (``dataclasses.fields(MoELoRAConfig)[i].metada
 from __future__ import annotations
 
 import json
-import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,16 +15,18 @@ from typing import Any
 import yaml
 
 from .allocation import SHAPES
+from .checks import is_int, is_number
 from .errors import ConfigError, suggest
+from .experts import INITS, AuxLossConfig, ExpertConfig, lora_problems
 from .kernels.api import BACKENDS
+from .routers import ROUTER_CLASSES, VARIABLE_K_ROUTERS, RouterConfig, k_problem
+from .routers.config import router_config_from_settings
 from .yaml_file import parse_yaml
 
-ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive")
-#: Routers that choose how many experts a token gets (top_k is not used by them).
-VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice")
-ROUTER_SCOPES = ("linear", "block")
+__all__ = ["BACKENDS", "INITS", "LIST_FIELDS", "ROUTERS", "ROUTER_SCOPES", "VARIABLE_K_ROUTERS", "MoELoRAConfig"]
 
-INITS = ("kaiming", "gaussian")
+ROUTERS = tuple(ROUTER_CLASSES)
+ROUTER_SCOPES = ("linear", "block")
 #: Fields that take a list (or a tuple, stored as a list).
 LIST_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_k", "modules_to_save")
 
@@ -33,6 +35,10 @@ def _f(default, help: str, **kw):
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list | tuple) and bool(v) and all(is_int(e) for e in v)
 
 
 def _read_or_text(path_or_text: str | Path) -> str:
@@ -120,18 +126,15 @@ class MoELoRAConfig:
     # ---- validation -------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Every invalid setting, as 'field: value ... (allowed ...)'. Empty when valid."""
-        p: list[str] = []
+        return [*self._target_problems(), *self._allocation_problems(), *self._top_k_problems(),
+                *lora_problems(self.rank, self.alpha, self.dropout, self.use_rslora, self.init_lora_weights,
+                               self.backend),
+                *self._seed_problems(), *self._router_problems(), *self._loss_problems(), *self._save_problems()]
 
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
+    def _target_problems(self) -> list[str]:
+        p = []
         tm = self.target_modules
         if isinstance(tm, str):
-            import re
-
             try:
                 re.compile(tm)
             except re.error as e:
@@ -143,7 +146,10 @@ class MoELoRAConfig:
             and all(is_int(i) and i >= 0 for i in self.layers_to_transform)
         ):
             p.append(f"layers_to_transform: {self.layers_to_transform!r} must be a list of layer indices >= 0")
+        return p
 
+    def _allocation_problems(self) -> list[str]:
+        p = []
         ne = self.num_experts
         if isinstance(ne, str):
             if ne not in SHAPES:
@@ -151,7 +157,7 @@ class MoELoRAConfig:
         elif is_int(ne):
             if ne < 1:
                 p.append(f"num_experts: {ne} must be >= 1")
-        elif isinstance(ne, list | tuple) and ne and all(is_int(e) for e in ne):
+        elif _int_list(ne):
             if min(ne) < 1:
                 p.append(f"num_experts: {list(ne)} has an entry < 1")
         else:
@@ -164,41 +170,30 @@ class MoELoRAConfig:
             p.append(
                 f"expert_budget: {self.expert_budget} is smaller than allocation_groups={self.allocation_groups}"
             )
+        return p
 
-        tk = self.top_k
+    def _top_k_problems(self) -> list[str]:
+        """top_k's type, and k <= E where both are known before the model is (routers.k_problem per layer)."""
+        tk, ne = self.top_k, self.num_experts
         if is_int(tk):
             if tk < 1:
-                p.append(f"top_k: {tk} must be >= 1")
-            elif is_int(ne) and tk > ne and self.router not in VARIABLE_K_ROUTERS:
-                p.append(f"top_k: {tk} is larger than num_experts={ne} (k <= E)")
-            elif (isinstance(ne, list | tuple) and ne and all(is_int(e) for e in ne) and tk > min(ne)
-                  and self.router not in VARIABLE_K_ROUTERS):
-                p.append(f"top_k: {tk} is larger than the smallest num_experts entry {min(ne)} (k <= E)")
-        elif isinstance(tk, list | tuple) and tk and all(is_int(k) for k in tk):
-            if min(tk) < 1:
-                p.append(f"top_k: {list(tk)} has an entry < 1")
-            if isinstance(ne, list | tuple) and len(ne) == len(tk):
-                for i, (e, k) in enumerate(zip(ne, tk)):
-                    if is_int(e) and k > e:
-                        p.append(f"top_k: entry {i} is {k}, larger than num_experts entry {e} (k <= E)")
-        else:
-            p.append(f"top_k: {tk!r} must be an int >= 1 or a non-empty list of ints")
+                return [f"top_k: {tk} must be >= 1"]
+            smallest = min(ne) if _int_list(ne) else ne
+            problem = k_problem(self.router, tk, smallest, "" if is_int(ne) else " (the smallest entry)")
+            return [problem] if problem else []
+        if not _int_list(tk):
+            return [f"top_k: {tk!r} must be an int >= 1 or a non-empty list of ints"]
+        p = [f"top_k: {list(tk)} has an entry < 1"] if min(tk) < 1 else []
+        if isinstance(ne, list | tuple) and len(ne) == len(tk):
+            p += [problem for i, (e, k) in enumerate(zip(ne, tk))
+                  if (problem := k_problem(self.router, k, e, subject=f"top_k: entry {i} is {k}, which")) is not None]
+        return p
 
-        if not (is_int(self.rank) and self.rank >= 1):
-            p.append(f"rank: {self.rank!r} must be an int >= 1")
-        if not (is_num(self.alpha) and self.alpha > 0):
-            p.append(f"alpha: {self.alpha!r} must be a number > 0")
-        if not (is_num(self.dropout) and 0.0 <= self.dropout < 1.0):
-            p.append(f"dropout: {self.dropout!r} must be in [0, 1)")
-        if not isinstance(self.use_rslora, bool):
-            p.append(f"use_rslora: {self.use_rslora!r} must be true or false")
-        if self.init_lora_weights not in INITS:
-            p.append(
-                f"init_lora_weights: {self.init_lora_weights!r}{suggest(self.init_lora_weights, INITS)}; "
-                f"allowed: {', '.join(INITS)}"
-            )
-        if not is_int(self.init_seed):
-            p.append(f"init_seed: {self.init_seed!r} must be an int")
+    def _seed_problems(self) -> list[str]:
+        return [] if is_int(self.init_seed) else [f"init_seed: {self.init_seed!r} must be an int"]
+
+    def _router_problems(self) -> list[str]:
+        p = []
         if self.router not in ROUTERS:
             p.append(
                 f"router: unknown router {self.router!r}{suggest(self.router, ROUTERS)}; allowed: {', '.join(ROUTERS)}"
@@ -209,35 +204,47 @@ class MoELoRAConfig:
             p.append(f"ffn_experts: {self.ffn_experts!r} must be true or false")
         elif self.ffn_experts and self.router_scope != "block":
             p.append(f"ffn_experts: true needs router_scope='block', got router_scope={self.router_scope!r}")
-        if not (is_num(self.router_temperature) and self.router_temperature > 0):
+        if not (is_number(self.router_temperature) and self.router_temperature > 0):
             p.append(f"router_temperature: {self.router_temperature!r} must be a number > 0")
-        if not (is_num(self.router_init_std) and self.router_init_std >= 0):
+        if not (is_number(self.router_init_std) and self.router_init_std >= 0):
             p.append(f"router_init_std: {self.router_init_std!r} must be a number >= 0")
-        if not (is_num(self.jitter_noise) and 0.0 <= self.jitter_noise < 1.0):
+        if not (is_number(self.jitter_noise) and 0.0 <= self.jitter_noise < 1.0):
             p.append(f"jitter_noise: {self.jitter_noise!r} must be in [0, 1)")
         if self.soft_top_k is not None and not (is_int(self.soft_top_k) and self.soft_top_k >= 1):
             p.append(f"soft_top_k: {self.soft_top_k!r} must be null or an int >= 1")
-        elif self.soft_top_k is not None and is_int(ne) and self.soft_top_k > ne:
-            p.append(f"soft_top_k: {self.soft_top_k} is larger than num_experts={ne}")
-        if self.threshold_max is not None and not (is_num(self.threshold_max) and 0 < self.threshold_max <= 1):
+        elif self.soft_top_k is not None and is_int(self.num_experts) and self.soft_top_k > self.num_experts:
+            p.append(f"soft_top_k: {self.soft_top_k} is larger than num_experts={self.num_experts}")
+        if self.threshold_max is not None and not (is_number(self.threshold_max) and 0 < self.threshold_max <= 1):
             p.append(f"threshold_max: {self.threshold_max!r} must be null or in (0, 1]")
-        if not (is_num(self.capacity_factor) and self.capacity_factor > 0):
+        if not (is_number(self.capacity_factor) and self.capacity_factor > 0):
             p.append(f"capacity_factor: {self.capacity_factor!r} must be a number > 0")
-        for name in ("load_balance_coef", "z_loss_coef", "cv_coef", "contrastive_coef"):
-            v = getattr(self, name)
-            if not (is_num(v) and v >= 0):
-                p.append(f"{name}: {v!r} must be a number >= 0")
-        if not (is_num(self.contrastive_temperature) and self.contrastive_temperature > 0):
-            p.append(f"contrastive_temperature: {self.contrastive_temperature!r} must be a number > 0")
-        if self.backend not in BACKENDS:
-            p.append(
-                f"backend: unknown backend {self.backend!r}{suggest(self.backend, BACKENDS)}; "
-                f"allowed: {', '.join(BACKENDS)}"
-            )
+        return p
+
+    def _loss_problems(self) -> list[str]:
+        return self.aux_loss_config().problems()
+
+    def _save_problems(self) -> list[str]:
         mts = self.modules_to_save
         if not (isinstance(mts, list | tuple) and all(isinstance(m, str) for m in mts)):
-            p.append(f"modules_to_save: {self.modules_to_save!r} must be a list of module names")
-        return p
+            return [f"modules_to_save: {self.modules_to_save!r} must be a list of module names"]
+        return []
+
+    # ---- the modules' configs ---------------------------------------------------------------------------
+    def expert_config(self, num_experts: int) -> ExpertConfig:
+        """The settings of one module's experts (``num_experts``: that module's E, see convert.plan)."""
+        return ExpertConfig(num_experts, self.rank, self.alpha, self.dropout, self.use_rslora, self.backend,
+                            self.init_lora_weights)
+
+    def router_config(self, top_k: int) -> RouterConfig:
+        """The settings of one module's router (``top_k``: that module's k, see convert.plan)."""
+        return router_config_from_settings(
+            self.router, top_k, router_temperature=self.router_temperature, jitter_noise=self.jitter_noise,
+            router_init_std=self.router_init_std, soft_top_k=self.soft_top_k, threshold_max=self.threshold_max,
+            capacity_factor=self.capacity_factor)
+
+    def aux_loss_config(self) -> AuxLossConfig:
+        return AuxLossConfig(self.load_balance_coef, self.z_loss_coef, self.cv_coef, self.contrastive_coef,
+                             self.contrastive_temperature)
 
     # ---- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -23,23 +23,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .block import ExpertLinear, MoEBlock
+from .block import BlockLayout, ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
-from .layer import MoELoRALinear, base_dims, expert_generator
+from .experts import base_dims, expert_generator
+from .layer import MoELoRALinear
 from .model_hooks import attach_model_hooks
-from .routers import build_router
-from .targets import (
-    BlockLayout,
-    experts_per_layer,
-    find_block,
-    layer_index,
-    layer_value,
-    match_targets,
-)
-from .targets import _matches as matches_target
+from .routers import FIXED_K_ROUTERS, build_router, k_problem
+from .targets import experts_per_layer, find_block, layer_index, layer_value, match_targets, matches
 from .yaml_file import read_yaml
 
-FIXED_K_ROUTERS = ("topk", "contrastive")
 PLAN_ATTR = "moe_lora_plan"
 
 
@@ -74,15 +66,9 @@ def routing_label(config: MoELoRAConfig, num_experts: int, top_k: int) -> str:
     return f"cap {config.capacity_factor:g}"
 
 
-def _router_kwargs(config: MoELoRAConfig) -> dict:
-    return dict(temperature=config.router_temperature, jitter_noise=config.jitter_noise,
-                init_std=config.router_init_std, soft_top_k=config.soft_top_k,
-                threshold_max=config.threshold_max, capacity_factor=config.capacity_factor)
-
-
 def _build_router(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str):
     try:
-        return build_router(config.router, in_features, E, top_k=k, **_router_kwargs(config))
+        return build_router(config.router_config(k), in_features, E)
     except ValueError as e:
         raise ValueError(f"{e} (for {where}, which has num_experts={E})") from None
 
@@ -183,7 +169,7 @@ def _match_save(model: nn.Module, patterns: list[str], targets: list[str]) -> li
     names = [n for n, _ in model.named_modules() if n]
     found: list[str] = []
     for pattern in patterns:
-        hits = [n for n in names if matches_target(n, pattern)]
+        hits = [n for n in names if matches(n, pattern)]
         if not hits:
             raise ValueError(f"modules_to_save: {pattern!r} matched no module of {type(model).__name__}")
         found.extend(h for h in hits if h not in found)
@@ -207,13 +193,13 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
     modules = dict(model.named_modules())
     names = match_targets(model, config)
     E_L, K_L = experts_per_layer(model, config)
-    fixed_k = config.router in FIXED_K_ROUTERS
 
     def e_and_k(where: str, layer: int | None) -> tuple[int, int]:
         E = layer_value(E_L, where, layer, "num_experts")
         k = layer_value(K_L, where, layer, "top_k")
-        if fixed_k and k > E:
-            raise ValueError(f"top_k: {k} is larger than num_experts={E} for {where!r} (layer {layer}); k <= E")
+        problem = k_problem(config.router, k, E, f" for {where!r} (layer {layer})")
+        if problem is not None:
+            raise ValueError(problem)
         return E, k
 
     block_of: dict[str, tuple[BlockLayout, str]] = {}
@@ -271,16 +257,6 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
     return Plan(config, entries, len(E_L), E_L, K_L, base_params, targets, blocks)
 
 
-def _layer_kwargs(config: MoELoRAConfig) -> dict:
-    return dict(rank=config.rank, alpha=config.alpha, dropout=config.dropout, use_rslora=config.use_rslora,
-                backend=config.backend, init_lora_weights=config.init_lora_weights)
-
-
-def _coefs(config: MoELoRAConfig) -> dict[str, float]:
-    return {"load_balance": config.load_balance_coef, "z_loss": config.z_loss_coef, "cv": config.cv_coef,
-            "contrastive": config.contrastive_coef}
-
-
 def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     """Wrap the targeted linears of ``model`` in place, freeze the rest (except modules_to_save), attach the
     model hooks, and return the model. A fresh conversion computes exactly the base model's outputs (every
@@ -288,40 +264,32 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     p = plan(model, config)
     for param in model.parameters():
         param.requires_grad_(False)
-    kw = _layer_kwargs(config)
+    aux = config.aux_loss_config()
     by_block: dict[str, list[PlanEntry]] = {}
     for e in p.entries:
         if e.scope == "linear":
             base = model.get_submodule(e.name)
-            layer = MoELoRALinear(
-                base, num_experts=e.num_experts, top_k=e.top_k, router=config.router,
-                init_seed=module_seed(config.init_seed, e.name), load_balance_coef=config.load_balance_coef,
-                z_loss_coef=config.z_loss_coef, cv_coef=config.cv_coef, contrastive_coef=config.contrastive_coef,
-                contrastive_temperature=config.contrastive_temperature, router_temperature=config.router_temperature,
-                jitter_noise=config.jitter_noise, router_init_std=config.router_init_std,
-                soft_top_k=config.soft_top_k, threshold_max=config.threshold_max,
-                capacity_factor=config.capacity_factor, **kw,
-            )
+            layer = MoELoRALinear(base, config.expert_config(e.num_experts), config.router_config(e.top_k), aux,
+                                  init_seed=module_seed(config.init_seed, e.name))
             model.set_submodule(e.name, layer.train(base.training))
         elif e.scope in ("block", "ffn") and e.part == "experts":
             by_block.setdefault(e.block, []).append(e)
     for entry_name, layout in p.blocks.items():
         head = next(e for e in p.entries if e.name == entry_name and e.part == "router")
-        experts = []
+        experts = {}
         for e in by_block[entry_name]:
             base = model.get_submodule(e.name)
-            ex = ExpertLinear(base, num_experts=e.num_experts, init_seed=module_seed(config.init_seed, e.name),
-                              role=e.role, **kw)
+            ex = ExpertLinear(base, config.expert_config(e.num_experts), e.role,
+                              init_seed=module_seed(config.init_seed, e.name))
             model.set_submodule(e.name, ex.train(base.training))
-            experts.append(ex)
-        device = experts[0].lora_A.device
+            experts[e.name] = ex
+        device = next(iter(experts.values())).lora_A.device
         router = _build_router(config, head.in_features, head.num_experts, head.top_k, entry_name)
         router.reset_parameters(expert_generator(module_seed(config.init_seed, entry_name), -1))
-        block = MoEBlock(model.get_submodule(entry_name), layout, router.to(device), ffn_experts=config.ffn_experts,
-                         coefs=_coefs(config), contrastive_temperature=config.contrastive_temperature)
+        block = MoEBlock(model.get_submodule(entry_name), layout, router.to(device), aux,
+                         ffn_experts=config.ffn_experts)
+        block.attach_outside([experts[n] for n in block.outside if n in experts])
         model.set_submodule(entry_name, block.train(block.base_layer.training))
-        for ex in experts:
-            ex.bind(block)
     for e in p.entries:
         if e.scope == "save":
             for param in model.get_submodule(e.name).parameters():

@@ -326,10 +326,7 @@ def merge_fixed_routing(model: nn.Module, weights) -> nn.Module:
     merged = copy.deepcopy(model)
     detach_model_hooks(merged)
     routed = dict(iter_routed_modules(merged))
-    experts_of: dict[int, list[tuple[str, ExpertLinear]]] = {}
-    for name, m in merged.named_modules():
-        if isinstance(m, ExpertLinear):
-            experts_of.setdefault(id(m.block), []).append((name, m))
+    expert_names = {id(m): name for name, m in merged.named_modules() if isinstance(m, ExpertLinear)}
     replacements: list[tuple[str, nn.Module]] = []
     for name, m in routed.items():
         w = resolved[name]
@@ -343,8 +340,8 @@ def merge_fixed_routing(model: nn.Module, weights) -> nn.Module:
                     f"weights: FFN-expert block {name!r} got {w.tolist()}; MixLoRA experts combine non-linearly, so "
                     "only a one-hot (or all-zero) routing merges into a plain FFN"
                 )
-        for ex_name, ex in experts_of.get(id(m), []):
-            replacements.append((ex_name, _fold(ex, w)))
+        for ex in m.experts():
+            replacements.append((expert_names[id(ex)], _fold(ex, w)))
         replacements.append((name, m.base_layer))
     # Projections before their blocks: a block's base_layer must already hold the folded projections.
     for name, module in sorted(replacements, key=lambda item: -item[0].count(".")):

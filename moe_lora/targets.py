@@ -28,11 +28,11 @@ The *entry* of a block is the module whose input is the block input (the MLP mod
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from torch import nn
 
 from .allocation import per_layer
+from .block import BlockLayout
 from .config import MoELoRAConfig
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -66,7 +66,8 @@ def num_hidden_layers(model: nn.Module) -> int:
     )
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
+    """PEFT's rule: the qualified name equals the pattern or ends with '.' + pattern."""
     return name == pattern or name.endswith("." + pattern)
 
 
@@ -96,14 +97,14 @@ def match_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
     found: list[str] = []
     unmatched: list[str] = []
     for pattern in tm:
-        hits = [n for n in linears if _matches(n, pattern) and in_layers(n)]
+        hits = [n for n in linears if matches(n, pattern) and in_layers(n)]
         if not hits:
             unmatched.append(pattern)
         found.extend(hits)
     if unmatched:
         examples = []
         for pattern in unmatched:
-            others = [n for n, _ in model.named_modules() if n and _matches(n, pattern)]
+            others = [n for n, _ in model.named_modules() if n and matches(n, pattern)]
             if others:
                 examples.append(f"{pattern!r} matches only non-linear modules such as {others[0]!r}")
         hint = f" ({'; '.join(examples)})" if examples else ""
@@ -113,15 +114,6 @@ def match_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
         )
     order = {n: i for i, n in enumerate(linears)}
     return sorted(set(found), key=order.__getitem__)
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Where one MLP block sits: its layout, its entry module, and which projection plays which role."""
-
-    kind: str  # "gated" | "plain" | "bert"
-    entry: str  # qualified name of the module whose input is the block input
-    roles: tuple[tuple[str, str], ...]  # (role, qualified name) for every projection of the block
 
 
 def find_block(modules: dict[str, nn.Module], name: str) -> tuple[BlockLayout, str] | None:

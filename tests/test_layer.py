@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moe_lora import ConfigError, MoELoRALinear
+from moe_lora.kernels.fused import owns_base
 
 ROUTERS = ["topk", "soft", "threshold", "expert_choice", "contrastive"]
 
@@ -197,7 +198,7 @@ def test_fused_router_and_shrink_equals_the_unfused_path(router):
         if router == "threshold":  # taus near 1/E, so that the thresholds select 3 to 5 of 6 experts
             m.router.threshold.bias.data.fill_(3.0)
     x = torch.randn(17, 40)
-    assert fused.fuses_router_and_shrink(x) and not plain.fuses_router_and_shrink(x)
+    assert fused.fusion(x).router and plain.fusion(x) is None
     fused.train()
     plain.train()
     plain.lora_dropout.eval()  # identity, but still the unfused code path
@@ -234,7 +235,7 @@ def test_contrastive_outputs_from_the_shrink_equal_a_second_expert_pass(collapse
             with torch.no_grad():
                 m.router.weight[0] = 20.0 * v
     layers[1].lora_dropout.eval()  # identity, but the unfused path
-    assert layers[0].fuses_router_and_shrink(x) and not layers[1].fuses_router_and_shrink(x)
+    assert layers[0].fusion(x).router and layers[1].fusion(x) is None
     outs = []
     for m in layers:
         xi = x.clone().requires_grad_()
@@ -266,7 +267,7 @@ def test_inference_output_equals_the_training_graph_output(router):
     layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, router=router, backend="torch")
     layer.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     x = torch.randn(3, 5, 40)
-    assert layer.fuses_router_and_shrink(x.reshape(-1, 40))
+    assert layer.fusion(x.reshape(-1, 40)).router
     y_grad = layer(x.clone().requires_grad_())
     with torch.no_grad():
         y_inf = layer(x)
@@ -305,7 +306,7 @@ def test_a_layer_computing_its_base_itself_equals_the_base_layer_path(grad):
     lin = base()
     layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, backend="torch").train()
     x = torch.randn(2, 7, 40)
-    assert layer.computes_base_itself(x, (), {})
+    assert owns_base(layer.base_layer, x, (), {}, torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), lin(x), atol=0, rtol=0)
     layer.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
@@ -314,7 +315,7 @@ def test_a_layer_computing_its_base_itself_equals_the_base_layer_path(grad):
     for hooked in (False, True):
         capture = lambda mod, args, out: kept.append(out.detach().clone())  # noqa: E731
         handle = lin.register_forward_hook(capture) if hooked else None
-        assert layer.computes_base_itself(x, (), {}) is not hooked
+        assert owns_base(layer.base_layer, x, (), {}, torch.float32) is not hooked
         xi = x.clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             y = layer(xi)
@@ -334,29 +335,28 @@ def test_a_layer_computing_its_base_itself_equals_the_base_layer_path(grad):
 def test_the_base_layer_is_called_when_anything_could_see_it():
     """Hooks of any kind, a forward replaced on the instance, weights on another device, other call arguments,
     another dtype, a non-contiguous input or autocast: the layer calls its base layer as it is."""
-    from moe_lora.layer import computes_base_itself
 
     lin = base()
     layer = MoELoRALinear(lin, num_experts=4, top_k=2, rank=4, alpha=8, backend="torch")
     x = torch.randn(6, 40)
-    assert layer.computes_base_itself(x, (), {})
-    assert not layer.computes_base_itself(x.t().contiguous().t(), (), {})
-    assert not layer.computes_base_itself(x.double(), (), {})
-    assert not layer.computes_base_itself(x, (1,), {})
+    assert owns_base(layer.base_layer, x, (), {}, torch.float32)
+    assert not owns_base(layer.base_layer, x.t().contiguous().t(), (), {}, torch.float32)
+    assert not owns_base(layer.base_layer, x.double(), (), {}, torch.float32)
+    assert not owns_base(layer.base_layer, x, (1,), {}, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer.computes_base_itself(x, (), {})
+        assert not owns_base(layer.base_layer, x, (), {}, torch.float32)
     for register in (lin.register_forward_pre_hook, lin.register_full_backward_hook,
                      torch.nn.modules.module.register_module_forward_hook):
         handle = register(lambda *a: None)
-        assert not layer.computes_base_itself(x, (), {})
+        assert not owns_base(layer.base_layer, x, (), {}, torch.float32)
         handle.remove()
-    assert layer.computes_base_itself(x, (), {})
+    assert owns_base(layer.base_layer, x, (), {}, torch.float32)
     plain_forward = lin.forward
     lin.forward = lambda z: 2.0 * plain_forward(z)  # how accelerate's offload hooks wrap a module
-    assert not layer.computes_base_itself(x, (), {})
+    assert not owns_base(layer.base_layer, x, (), {}, torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), 2.0 * plain_forward(x), atol=0, rtol=0)  # fresh: the wrapped base
     del lin.forward
-    assert layer.computes_base_itself(x, (), {})
+    assert owns_base(layer.base_layer, x, (), {}, torch.float32)
     meta = torch.nn.Linear(40, 40, device="meta")  # weights elsewhere than x (offloaded)
-    assert not computes_base_itself(meta, x, (), {}, torch.float32)
+    assert not owns_base(meta, x, (), {}, torch.float32)

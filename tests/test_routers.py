@@ -176,7 +176,7 @@ def test_a_router_subclass_with_a_three_argument_select_works_on_the_fused_path(
     router = Uniform(16, 4)
     layer = MoELoRALinear(torch.nn.Linear(16, 8), num_experts=4, top_k=4, rank=2, alpha=4, router=router)
     x = torch.randn(5, 16)
-    assert layer.fuses_router_and_shrink(x)
+    assert layer.fusion(x).router
     layer(x)
     assert torch.all(layer.last_routing.weights_TK == 0.25)
     logits = x @ router.weight.t()

@@ -1,4 +1,4 @@
-"""Expert parallelism for MoE-LoRA linears on DeepSpeed's MoE machinery (DESIGN.md section 7).
+"""Expert parallelism for MoE-LoRA linears on DeepSpeed's MoE machinery (docs/ARCHITECTURE.md, "Training").
 
 Each MoELoRALinear of a converted model is replaced by an ExpertParallelMoELoRALinear, a subclass of
 ``deepspeed.moe.layer.MoE``, so that DeepSpeed's engine recognises it: expert-parallel and expert-data-parallel
@@ -35,7 +35,9 @@ route every token on its own, so any world size routes the same way; expert-choi
 batch, and the auxiliary losses below are per rank.
 
 Initialisation: the experts are sliced out of the MoELoRALinear built by ``moe_lora.convert``, which draws
-expert e from ``expert_generator(seed, e)``; every ep_size therefore starts from identical weights.
+expert e from ``expert_generator(seed, e)``; every ep_size therefore starts from identical weights. The layer
+keeps that layer's base, router and configs (ExpertConfig, AuxLossConfig), not the layer itself: ``to_plain``
+builds a plain MoELoRALinear from them when all experts are gathered.
 Auxiliary losses are computed per rank on its local tokens (as DeepSpeed's own gates do); the contrastive
 loss uses the per-pair expert outputs that come back from step 5, with prototypes over the local tokens.
 """
@@ -51,6 +53,7 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from moe_lora import losses
+from moe_lora.experts import RoutedModule
 from moe_lora.kernels import lora_expert_rows, lora_experts
 from moe_lora.layer import MoELoRALinear
 from moe_lora.model_hooks import attach_model_hooks
@@ -119,47 +122,40 @@ def dispatch_combine(
     return delta_TO, (y_PO, eid_P, tok_P)
 
 
-class ExpertParallelMoELoRALinear(MoE):
+class ExpertParallelMoELoRALinear(RoutedModule, MoE):
     """A MoELoRALinear whose E experts are spread over ep_size ranks (E_loc = E / ep_size each).
 
     Build it with ``from_moe_lora``; it exposes what the rest of the package reads from a routed module
-    (``router``, ``num_experts``, ``last_routing``, ``last_aux_terms``, ``last_aux_loss``, ``token_mask``).
+    (moe_lora.experts.RoutedModule: ``router``, ``num_experts``, ``last_routing``, ``last_aux_terms``,
+    ``last_aux_loss``, ``token_mask``).
     """
 
-    is_routing_source = True
-
-    def __init__(self, shell: MoELoRALinear, ep_size: int, ep_rank: int):
-        E = shell.num_experts
+    def __init__(self, layer: MoELoRALinear, ep_size: int, ep_rank: int):
+        E = layer.num_experts
         if E % ep_size != 0:
             raise ValueError(f"ep_size: {ep_size} does not divide num_experts={E} of this layer")
         if not 0 <= ep_rank < ep_size:
             raise ValueError(f"ep_rank: {ep_rank} must be in [0, ep_size={ep_size})")
         super().__init__(
-            hidden_size=shell.in_features,
-            expert=LoRAExpert(shell.in_features, shell.out_features, shell.rank),
+            hidden_size=layer.in_features,
+            expert=LoRAExpert(layer.in_features, layer.out_features, layer.rank),
             num_experts=E, ep_size=ep_size, k=1, min_capacity=0, drop_tokens=False, use_rts=False,
             top2_2nd_expert_sampling=False,
         )
-        self.deepspeed_moe.gate = shell.router
-        self.base_layer = shell.base_layer
-        self.lora_dropout = shell.lora_dropout
+        self.deepspeed_moe.gate = layer.router
+        self.base_layer = layer.base_layer
+        self.lora_dropout = layer.lora_dropout
         self.ep_rank = ep_rank
-        self.in_features, self.out_features, self.rank = shell.in_features, shell.out_features, shell.rank
-        self.scaling, self.backend = shell.scaling, shell.backend
-        self.coefs = dict(shell.coefs)
-        self.contrastive_temperature = shell.contrastive_temperature
-        # The converted layer, kept unregistered (not in state_dict, parameters() or modules()) and without its
-        # expert tensors: plain_view() refills it to hand a plain MoELoRALinear to moe_lora.save_adapter.
-        object.__setattr__(self, "_shell", shell)
-        self.token_mask: torch.Tensor | None = None
-        self.last_routing: Routing | None = None
-        self.last_aux_terms: dict[str, torch.Tensor] | None = None
-        self.last_aux_loss: torch.Tensor | None = None
-        self.train(shell.training)
+        self.expert_config = layer.expert_config
+        self.in_features, self.out_features, self.rank = layer.in_features, layer.out_features, layer.rank
+        self.scaling, self.backend = layer.scaling, layer.backend
+        self.init_routed(layer.aux)
+        self.train(layer.training)
 
     @classmethod
     def from_moe_lora(cls, layer: MoELoRALinear, ep_size: int, ep_rank: int) -> ExpertParallelMoELoRALinear:
-        """Take ``layer``'s base, router and dropout; keep experts ep_rank*E_loc .. (ep_rank+1)*E_loc - 1."""
+        """Take ``layer``'s base, router, dropout and configs; copy experts ep_rank*E_loc .. (ep_rank+1)*E_loc - 1
+        (the layer itself is not kept: replaced in the model, its all-expert tensors are freed with it)."""
         ep = cls(layer, ep_size, ep_rank)
         lo = ep_rank * ep.num_local_experts
         with torch.no_grad():
@@ -167,8 +163,6 @@ class ExpertParallelMoELoRALinear(MoE):
                 expert.lora_A.copy_(layer.lora_A[lo + i])
                 expert.lora_B.copy_(layer.lora_B[lo + i])
                 expert.to(layer.lora_A.device)
-        layer.lora_A = nn.Parameter(layer.lora_A.new_empty(0), requires_grad=False)
-        layer.lora_B = nn.Parameter(layer.lora_B.new_empty(0), requires_grad=False)
         return ep
 
     # ---- views ----------------------------------------------------------------------------------------------
@@ -202,9 +196,7 @@ class ExpertParallelMoELoRALinear(MoE):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         x_TD = x.reshape(-1, self.in_features)
-        T = x_TD.shape[0]
-        mask_T = self.token_mask if self.token_mask is not None and self.token_mask.numel() == T else None
-        routing = self.router(x_TD, mask_T)
+        routing = self.router(x_TD, self.token_mask_for(x_TD.shape[0]))
         xd_TD = self.lora_dropout(x_TD)
         A_LRD, B_LOR = self.local_experts()
         if self.ep_size == 1:
@@ -214,14 +206,10 @@ class ExpertParallelMoELoRALinear(MoE):
         else:
             delta_TO, pairs = dispatch_combine(xd_TD, routing.expert_ids_TK, routing.weights_TK, A_LRD, B_LOR,
                                                self.scaling, self.backend, self._group(), self.ep_size)
-        self.last_routing = routing.detach()
-        if self.training and torch.is_grad_enabled():
-            self.last_aux_terms = losses.aux_terms(routing, self.coefs)
-            if getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0:
-                self.last_aux_terms["contrastive"] = self._contrastive(routing, xd_TD, pairs, A_LRD, B_LOR)
-            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
-        else:
-            self.last_aux_terms = self.last_aux_loss = None
+        contrastive = None
+        if self.training and torch.is_grad_enabled() and self.wants_expert_outputs():
+            contrastive = self._contrastive(routing, xd_TD, pairs, A_LRD, B_LOR)
+        self.record(routing, contrastive=contrastive)
         return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
     def _contrastive(self, routing: Routing, x_TD: torch.Tensor, pairs, A_LRD: torch.Tensor, B_LOR: torch.Tensor
@@ -255,17 +243,11 @@ class ExpertParallelMoELoRALinear(MoE):
         """The equivalent MoELoRALinear holding all E experts (gathered: collective), sharing this layer's base
         layer, router and dropout modules."""
         A_ERD, B_EOR = self.gather_experts()
-        shell = self._shell
-        shell.base_layer, shell.router, shell.lora_dropout = self.base_layer, self.router, self.lora_dropout
-        shell.lora_A = nn.Parameter(A_ERD.float())
-        shell.lora_B = nn.Parameter(B_EOR.float())
-        return shell.train(self.training)
-
-    def release_plain(self) -> None:
-        """Drop the gathered tensors that to_plain() put into the shell."""
-        shell = self._shell
-        shell.lora_A = nn.Parameter(shell.lora_A.new_empty(0), requires_grad=False)
-        shell.lora_B = nn.Parameter(shell.lora_B.new_empty(0), requires_grad=False)
+        plain = MoELoRALinear(self.base_layer, self.expert_config, self.router, self.aux, init_seed=0)
+        plain.lora_dropout = self.lora_dropout
+        plain.lora_A = nn.Parameter(A_ERD.float())
+        plain.lora_B = nn.Parameter(B_EOR.float())
+        return plain.train(self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
@@ -321,5 +303,4 @@ def plain_view(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for name, layer, _ in swapped:
             model.set_submodule(name, layer)
-            layer.release_plain()
         attach_model_hooks(model)

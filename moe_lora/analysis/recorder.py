@@ -30,7 +30,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..routers import ROUTER_CLASSES
 from ..routing import Routing, iter_routed_modules
 from .stats import RoutingAccumulator, RoutingRecord, layer_metrics
 
@@ -38,17 +37,11 @@ from .stats import RoutingAccumulator, RoutingRecord, layer_metrics
 def router_info(module: nn.Module) -> dict:
     """num_experts, top_k (None for variable-k routers without a fixed k) and router name of a routed module."""
     router = getattr(module, "router", None)
-    name = None
-    for key, cls in ROUTER_CLASSES.items():
-        if type(router) is cls:
-            name = key
-    if name is None:
-        name = type(router).__name__ if router is not None else type(module).__name__
+    if router is None:
+        name, top_k = type(module).__name__, getattr(module, "top_k", None)
+    else:  # a router of this package names itself; another one goes by its class
+        name, top_k = getattr(type(router), "name", type(router).__name__), getattr(router, "k_per_token", None)
     num_experts = getattr(module, "num_experts", None) or getattr(router, "num_experts", None)
-    if router is not None and getattr(router, "variable_k", False):
-        top_k = getattr(router, "soft_top_k", None)
-    else:
-        top_k = getattr(router, "top_k", None) if router is not None else getattr(module, "top_k", None)
     return {"num_experts": None if num_experts is None else int(num_experts),
             "top_k": None if top_k is None else int(top_k), "router": name}
 

@@ -1,58 +1,54 @@
-"""Routers: map token rows x [T, d_in] to a Routing (weights, expert ids, probabilities, logits)."""
+"""Routers: map token rows x [T, d_in] to a Routing (weights, expert ids, probabilities, logits).
+
+Each router class carries its name (``TopKRouter.name == "topk"``) and holds its RouterConfig whole.
+"""
 
 from __future__ import annotations
 
-from ..errors import suggest
+from ..errors import ConfigError, suggest
 from .base import Router
+from .config import FIXED_K_ROUTERS, VARIABLE_K_ROUTERS, RouterConfig, k_problem
 from .expert_choice import ExpertChoiceRouter
 from .soft import SoftRouter
 from .threshold import ThresholdRouter
 from .topk import ContrastiveRouter, TopKRouter
 
 ROUTER_CLASSES: dict[str, type[Router]] = {
-    "topk": TopKRouter,
-    "soft": SoftRouter,
-    "threshold": ThresholdRouter,
-    "expert_choice": ExpertChoiceRouter,
-    "contrastive": ContrastiveRouter,
+    cls.name: cls for cls in (TopKRouter, SoftRouter, ThresholdRouter, ExpertChoiceRouter, ContrastiveRouter)
 }
 
 
-def build_router(
-    name: str,
-    in_features: int,
-    num_experts: int,
-    *,
-    top_k: int = 2,
-    temperature: float = 1.0,
-    jitter_noise: float = 0.0,
-    init_std: float = 0.02,
-    soft_top_k: int | None = None,
-    threshold_max: float | None = None,
-    capacity_factor: float = 2.0,
-) -> Router:
-    """Build the router called ``name`` with the options that method uses (others are ignored)."""
-    if name not in ROUTER_CLASSES:
-        raise ValueError(
-            f"router: unknown router {name!r}{suggest(name, ROUTER_CLASSES)}; allowed: {', '.join(ROUTER_CLASSES)}"
-        )
-    common = dict(temperature=temperature, jitter_noise=jitter_noise, init_std=init_std)
-    if name in ("topk", "contrastive"):
-        return ROUTER_CLASSES[name](in_features, num_experts, top_k=top_k, **common)
-    if name == "soft":
-        return SoftRouter(in_features, num_experts, top_k=soft_top_k, **common)
-    if name == "threshold":
-        return ThresholdRouter(in_features, num_experts, threshold_max=threshold_max, **common)
-    return ExpertChoiceRouter(in_features, num_experts, capacity_factor=capacity_factor, **common)
+def router_name_problem(name) -> str | None:
+    """A message when ``name`` is not a router of this package."""
+    if name in ROUTER_CLASSES:
+        return None
+    return f"router: unknown router {name!r}{suggest(name, ROUTER_CLASSES)}; allowed: {', '.join(ROUTER_CLASSES)}"
+
+
+def build_router(config: RouterConfig | str, in_features: int, num_experts: int, **options) -> Router:
+    """The router ``config.name`` over ``num_experts`` experts. ``config`` may also be a router name, with the
+    RouterConfig fields as keywords (``build_router("topk", 64, 8, top_k=2)``)."""
+    name = config.name if isinstance(config, RouterConfig) else config
+    problem = router_name_problem(name)
+    if problem is not None:
+        raise ConfigError([problem], "router")
+    if isinstance(config, RouterConfig):
+        return ROUTER_CLASSES[name](in_features, num_experts, config, **options)
+    return ROUTER_CLASSES[name](in_features, num_experts, **options)
 
 
 __all__ = [
+    "FIXED_K_ROUTERS",
     "ROUTER_CLASSES",
+    "VARIABLE_K_ROUTERS",
     "ContrastiveRouter",
     "ExpertChoiceRouter",
     "Router",
+    "RouterConfig",
     "SoftRouter",
     "ThresholdRouter",
     "TopKRouter",
     "build_router",
+    "k_problem",
+    "router_name_problem",
 ]

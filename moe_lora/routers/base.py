@@ -4,6 +4,9 @@
     p      = softmax(logits / temperature)
 
 Optional multiplicative jitter (Switch/MixLoRA) in training: x <- x * U(1 - eps, 1 + eps).
+
+A router holds its RouterConfig whole (``self.config``) and names itself by its class attribute ``name``.
+Subclasses implement ``select(probs_TE, x_TD, token_mask_T)``.
 """
 
 from __future__ import annotations
@@ -12,88 +15,82 @@ import torch
 from torch import nn
 
 from ..routing import Routing
+from .config import RouterConfig
 
 
 class Router(nn.Module):
-    """Base class. Subclasses implement ``select(probs_TE, x_TD, token_mask_T)`` (and take ``extra_TX`` as a keyword
-    when they append rows in ``linear_weights``).
+    """Base class. Subclasses set ``name`` and implement ``select``.
 
     Args:
         in_features: d_in of the router input.
         num_experts: E.
-        temperature: softmax temperature.
-        jitter_noise: eps of the multiplicative input jitter (training only).
-        init_std: std of the N(0, std) init of ``weight``.
+        config: the RouterConfig (validated here against E); or, instead of it, its fields as keywords
+            (``TopKRouter(64, 8, top_k=2, temperature=0.5)``).
     """
 
+    #: The router's name in MoELoRAConfig.router, saved adapters and the routing analysis.
+    name: str = "router"
     #: K = E slots per token with zero weights for unused experts (soft, threshold, expert choice).
     variable_k: bool = False
 
-    def __init__(
-        self,
-        in_features: int,
-        num_experts: int,
-        *,
-        temperature: float = 1.0,
-        jitter_noise: float = 0.0,
-        init_std: float = 0.02,
-    ):
+    def __init__(self, in_features: int, num_experts: int, config: RouterConfig | None = None, **options):
         super().__init__()
+        if config is None:
+            config = RouterConfig(name=self.name, **options)
+        elif options:
+            raise TypeError(f"{type(self).__name__}: give a RouterConfig or its fields, not both ({sorted(options)})")
+        config.check(num_experts)
         self.in_features = in_features
         self.num_experts = num_experts
-        self.temperature = temperature
-        self.jitter_noise = jitter_noise
-        self.init_std = init_std
+        self.config = config
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
-            self.weight.normal_(0.0, self.init_std, generator=generator)
+            self.weight.normal_(0.0, self.config.init_std, generator=generator)
+
+    @property
+    def temperature(self) -> float:
+        return self.config.temperature
 
     @property
     def top_k(self) -> int:
-        """Slots per token in the Routing this router returns."""
+        """K: slots per token in the Routing this router returns (E for the variable-k routers; the number a
+        token keeps is ``k_per_token``)."""
         return self.num_experts
+
+    @property
+    def k_per_token(self) -> int | None:
+        """The fixed number of experts a token keeps (None: the router decides per token)."""
+        return None
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         """[T, E] fp32 logits W_r x (with jitter in training)."""
         x = x_TD.float()
-        if self.training and self.jitter_noise > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        if self.training and self.config.jitter_noise > 0:
+            eps = self.config.jitter_noise
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         return x @ self.weight.float().t()
 
-    @property
-    def logits_are_linear(self) -> bool:
-        """True when logits == x.float() @ weight.float().t() exactly (no jitter now, ``logits`` not overridden),
-        so a caller may compute them inside a larger GEMM and pass them to forward."""
-        overridden = type(self).logits is not Router.logits or "logits" in vars(self)  # subclass or instance
-        return not overridden and not (self.training and self.jitter_noise > 0)
+    def linear_weight(self) -> torch.Tensor | None:
+        """W_r (fp32) when the logits are exactly x.float() @ W_r^T right now (no jitter in this mode, ``logits``
+        not overridden by a subclass or the instance), so that a caller may compute them inside a larger GEMM
+        and pass them to forward as ``logits_TE``; None otherwise."""
+        overridden = type(self).logits is not Router.logits or "logits" in vars(self)
+        if overridden or (self.training and self.config.jitter_noise > 0):
+            return None
+        return self.weight.float()
 
-    def linear_weights(self) -> list[torch.Tensor]:
-        """fp32 weights [N_i, d_in] whose products with x this router reads, W_r [E, d_in] first (subclasses
-        append theirs: the threshold router its w_tau [1, d_in]). A caller computing
-        linear = x @ cat(linear_weights())^T  ([T, N], N = sum N_i) inside a larger GEMM (only while
-        ``logits_are_linear``) passes it to forward: one GEMM reads x once and gives one dx."""
-        return [self.weight.float()]
-
-    def forward(
-        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None, linear_TN: torch.Tensor | None = None,
-        logits_TE: torch.Tensor | None = None,
-    ) -> Routing:
-        """Route the rows of x_TD. ``linear_TN``: precomputed x @ cat(linear_weights())^T (see there);
-        ``logits_TE``: precomputed logits alone (the same as linear_TN for a router that appends no rows)."""
-        E = self.num_experts
-        if linear_TN is None:
-            linear_TN = logits_TE
+    def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None,
+                logits_TE: torch.Tensor | None = None) -> Routing:
+        """Route the rows of x_TD. ``logits_TE``: the logits x @ linear_weight()^T, when the caller computed them."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = self.logits(x_TD) if linear_TN is None else linear_TN[:, :E]
-            scaled_TE = logits_TE if self.temperature == 1.0 else logits_TE / self.temperature
-            probs_TE = torch.softmax(scaled_TE, dim=-1)
-            if linear_TN is None or linear_TN.shape[1] == E:  # a subclass's three-argument select stays valid
-                weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
-            else:
-                weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T, extra_TX=linear_TN[:, E:])
+            if logits_TE is None:
+                logits_TE = self.logits(x_TD)
+            t = self.config.temperature
+            probs_TE = torch.softmax(logits_TE if t == 1.0 else logits_TE / t, dim=-1)
+            weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
         return Routing(
             weights_TK=weights_TK,
             expert_ids_TK=ids_TK,
@@ -104,11 +101,9 @@ class Router(nn.Module):
         )
 
     def select(
-        self, probs_TE: torch.Tensor, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None,
-        extra_TX: torch.Tensor | None = None,
+        self, probs_TE: torch.Tensor, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Return (weights_TK fp32, expert_ids_TK int64, thresholds_T or None). ``extra_TX``: x times the rows
-        ``linear_weights`` appends after W_r, when the caller computed them (None: compute them from x_TD)."""
+        """Return (weights_TK fp32, expert_ids_TK int64, thresholds_T or None)."""
         raise NotImplementedError
 
     def _set_ep_group(self, group) -> None:

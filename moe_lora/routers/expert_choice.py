@@ -23,16 +23,11 @@ from .base import Router, all_expert_ids
 
 
 class ExpertChoiceRouter(Router):
+    name = "expert_choice"
     variable_k = True
 
-    def __init__(self, in_features: int, num_experts: int, *, capacity_factor: float = 2.0, **kw):
-        if not capacity_factor > 0:
-            raise ValueError(f"capacity_factor: {capacity_factor!r} must be > 0")
-        super().__init__(in_features, num_experts, **kw)
-        self.capacity_factor = float(capacity_factor)
-
     def capacity(self, num_tokens: int) -> int:
-        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+        return min(num_tokens, math.ceil(self.config.capacity_factor * num_tokens / self.num_experts))
 
     def select(self, probs_TE, x_TD, token_mask_T):
         T, E = probs_TE.shape
@@ -49,4 +44,4 @@ class ExpertChoiceRouter(Router):
         return weights_TE, all_expert_ids(T, E, probs_TE.device), None
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", capacity_factor={self.capacity_factor}"
+        return super().extra_repr() + f", capacity_factor={self.config.capacity_factor}"

@@ -17,22 +17,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Router, all_expert_ids
+from .config import RouterConfig
 
 
 class ThresholdRouter(Router):
+    name = "threshold"
     variable_k = True
 
-    def __init__(self, in_features: int, num_experts: int, *, threshold_max: float | None = None, **kw):
-        super().__init__(in_features, num_experts, **kw)
-        self.threshold_max = 1.0 / num_experts if threshold_max is None else float(threshold_max)
-        if not 0.0 < self.threshold_max <= 1.0:
-            raise ValueError(f"threshold_max: {threshold_max!r} must be in (0, 1]")
+    def __init__(self, in_features: int, num_experts: int, config: RouterConfig | None = None, **options):
+        super().__init__(in_features, num_experts, config, **options)
+        tmax = self.config.threshold_max
+        self.threshold_max = 1.0 / num_experts if tmax is None else float(tmax)
         self.threshold = nn.Linear(in_features, 1, bias=True, dtype=torch.float32)
         self._reset_threshold()
 
     def _reset_threshold(self, generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
-            self.threshold.weight.normal_(0.0, self.init_std, generator=generator)
+            self.threshold.weight.normal_(0.0, self.config.init_std, generator=generator)
             self.threshold.bias.zero_()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -40,16 +41,10 @@ class ThresholdRouter(Router):
         if hasattr(self, "threshold"):
             self._reset_threshold(generator)
 
-    def linear_weights(self) -> list[torch.Tensor]:
-        """[W_r, w_tau]: the layer's fused GEMM computes w_tau . x with the logits and the experts' shrink (a
-        [T, 1] product of its own would cost a GEMV forward and two skinny GEMMs backward)."""
-        return [*super().linear_weights(), self.threshold.weight.float()]
-
-    def select(self, probs_TE, x_TD, token_mask_T, extra_TX=None):
+    def select(self, probs_TE, x_TD, token_mask_T):
         T, E = probs_TE.shape
         w_1D, b_1 = self.threshold.weight.float(), self.threshold.bias.float()  # fp32 even after model.to(bf16)
-        pre_T1 = F.linear(x_TD.float(), w_1D, b_1) if extra_TX is None else extra_TX + b_1
-        tau_T1 = self.threshold_max * torch.sigmoid(pre_T1)
+        tau_T1 = self.threshold_max * torch.sigmoid(F.linear(x_TD.float(), w_1D, b_1))
         shifted_TE = probs_TE - tau_T1
         active_TE = shifted_TE >= 0
         kept_TE = shifted_TE * active_TE

@@ -13,26 +13,27 @@ from .base import Router
 
 
 class TopKRouter(Router):
-    def __init__(self, in_features: int, num_experts: int, *, top_k: int = 2, **kw):
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k: {top_k} must be in [1, num_experts={num_experts}]")
-        super().__init__(in_features, num_experts, **kw)
-        self.k = top_k
+    name = "topk"
 
     @property
     def top_k(self) -> int:
-        return self.k
+        return self.config.top_k
+
+    @property
+    def k_per_token(self) -> int:
+        return self.config.top_k
 
     def select(self, probs_TE, x_TD, token_mask_T):
-        top_p_TK, ids_TK = torch.topk(probs_TE, self.k, dim=-1)
+        top_p_TK, ids_TK = torch.topk(probs_TE, self.config.top_k, dim=-1)
         weights_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)
         return weights_TK, ids_TK, None
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", top_k={self.k}"
+        return super().extra_repr() + f", top_k={self.config.top_k}"
 
 
 class ContrastiveRouter(TopKRouter):
     """Top-k routing whose layer adds the MoELoRA contrastive loss (arXiv 2402.12851; see losses.py)."""
 
+    name = "contrastive"
     needs_expert_outputs = True

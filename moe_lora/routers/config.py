@@ -1,0 +1,88 @@
+"""RouterConfig: every setting a router reads, validated in one place and handed to the router whole.
+
+    RouterConfig(name="topk", top_k=2, temperature=1.0, jitter_noise=0.0, init_std=0.02,
+                 threshold_max=None, capacity_factor=2.0)
+
+``top_k`` is the number of experts a token keeps: exactly k for the top-k and contrastive routers; for the soft
+router the k largest probabilities are kept and renormalised (None: all E); the threshold and expert-choice
+routers choose the count themselves and ignore it. ``MoELoRAConfig.router_config`` builds one from a
+MoELoRAConfig (its ``router_temperature``, ``router_init_std`` and, for the soft router, ``soft_top_k``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..checks import is_int, is_number
+from ..errors import ConfigError
+
+#: Routers that choose how many experts a token gets (the top_k of MoELoRAConfig is not used by them).
+VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice")
+#: Routers whose top_k must be an int in [1, E].
+FIXED_K_ROUTERS = ("topk", "contrastive")
+
+
+def k_problem(router: str, top_k, num_experts, where: str = "", subject: str | None = None) -> str | None:
+    """The rule k <= E, the one place it is written: a message when a fixed-k router's ``top_k`` exceeds
+    ``num_experts`` (``where`` names the module, ``subject`` replaces 'top_k: k'), else None. Types are checked
+    by the callers."""
+    if router in VARIABLE_K_ROUTERS or not (is_int(top_k) and is_int(num_experts)) or top_k <= num_experts:
+        return None
+    return f"{subject or f'top_k: {top_k}'} is larger than num_experts={num_experts}{where} (k <= E)"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    name: str = "topk"
+    top_k: int | None = 2
+    temperature: float = 1.0
+    jitter_noise: float = 0.0
+    init_std: float = 0.02
+    threshold_max: float | None = None
+    capacity_factor: float = 2.0
+
+    def problems(self, num_experts: int) -> list[str]:
+        """Every invalid setting for a router over ``num_experts`` experts, naming the field and the value (the
+        name is checked where the class is looked up: ``moe_lora.routers.router_class``)."""
+        p = []
+        if self.name in FIXED_K_ROUTERS or (self.name == "soft" and self.top_k is not None):
+            if not (is_int(self.top_k) and self.top_k >= 1):
+                p.append(f"top_k: {self.top_k!r} must be an int >= 1")
+            elif self.name == "soft" and self.top_k > num_experts:
+                p.append(f"top_k: {self.top_k} is larger than num_experts={num_experts} (the soft router keeps "
+                         "the k largest)")
+            elif (problem := k_problem(self.name, self.top_k, num_experts)) is not None:
+                p.append(problem)
+        if not (is_number(self.temperature) and self.temperature > 0):
+            p.append(f"temperature: {self.temperature!r} must be a number > 0")
+        if not (is_number(self.jitter_noise) and 0.0 <= self.jitter_noise < 1.0):
+            p.append(f"jitter_noise: {self.jitter_noise!r} must be in [0, 1)")
+        if not (is_number(self.init_std) and self.init_std >= 0):
+            p.append(f"init_std: {self.init_std!r} must be a number >= 0")
+        if self.threshold_max is not None and not (is_number(self.threshold_max) and 0 < self.threshold_max <= 1):
+            p.append(f"threshold_max: {self.threshold_max!r} must be null or in (0, 1]")
+        if not (is_number(self.capacity_factor) and self.capacity_factor > 0):
+            p.append(f"capacity_factor: {self.capacity_factor!r} must be a number > 0")
+        return p
+
+    def check(self, num_experts: int) -> RouterConfig:
+        """This config, or a ConfigError listing every problem."""
+        problems = self.problems(num_experts)
+        if problems:
+            raise ConfigError(problems, f"{self.name} router")
+        return self
+
+
+#: MoELoRAConfig's names of the router settings (the names MoELoRALinear's keywords take too).
+ROUTER_SETTINGS = ("router_temperature", "jitter_noise", "router_init_std", "soft_top_k", "threshold_max",
+                   "capacity_factor")
+
+
+def router_config_from_settings(router: str, top_k, router_temperature=1.0, jitter_noise=0.0, router_init_std=0.02,
+                                soft_top_k=None, threshold_max=None, capacity_factor=2.0) -> RouterConfig:
+    """The RouterConfig of MoELoRAConfig's router settings: the one place their names are translated
+    (router_temperature -> temperature, router_init_std -> init_std; the k a token keeps: ``top_k`` for the
+    top-k and contrastive routers, ``soft_top_k`` for the soft router, none for the others)."""
+    k = top_k if router in FIXED_K_ROUTERS else soft_top_k if router == "soft" else None
+    return RouterConfig(name=router, top_k=k, temperature=router_temperature, jitter_noise=jitter_noise,
+                        init_std=router_init_std, threshold_max=threshold_max, capacity_factor=capacity_factor)
