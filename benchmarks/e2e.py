@@ -1,4 +1,5 @@
-"""End-to-end training-step benchmark: a tiny Llama with adapters on q,k,v,o,gate,up,down (DESIGN.md section 10).
+"""End-to-end training-step benchmark: a tiny Llama with adapters on q,k,v,o,gate,up,down (setup:
+docs/ARCHITECTURE.md section 5).
 
     python benchmarks/e2e.py            # all contenders, 10 timed rounds (several minutes on 2 cores)
     python benchmarks/e2e.py --quick    # 2 layers, 128 tokens, 2 rounds: a CI smoke run

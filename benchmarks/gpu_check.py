@@ -158,7 +158,7 @@ def min_bytes(T, d, E, r, K, backward: bool) -> int:
 
 
 def triton_model_bytes(T, d, E, r, K, backward: bool) -> int:
-    """The Triton kernels' own traffic (DESIGN.md section 6), counting every gathered row as an HBM read.
+    """The Triton kernels' own traffic (docs/ARCHITECTURE.md section 4), counting every gathered row as an HBM read.
     Forward: x gathered per slot, per-slot outputs written and read back by the K-sum (K > 1) and y written, h saved
     in fp32, adapters, ids/weights. Backward, slot kernel: g gathered, h read, dh written (fp32), per-slot dx written
     and summed (K > 1), dw written; weight kernel: x and g gathered again, h and dh read, dA and dB written."""

@@ -6,7 +6,8 @@
     y [T, O]   = h @ B_cat                      B_cat [E*r, O], B_cat[e*r + j, o] = B[e, o, j]
 
 Two plain GEMMs: x is read once, y written once, no sort and no host sync. It computes E/K times the needed
-arithmetic, so it wins only while E*r is small (DESIGN.md section 6; the torch backend picks it by a cost rule).
+arithmetic, so it wins only while E*r is small (docs/ARCHITECTURE.md section 4; the torch backend picks it by a
+cost rule).
 
 The two halves are autograd Functions that save only their inputs (x, h, the gates and the parameters
 themselves) and rebuild the concatenated weights and the gated h in backward: autograd's own graph of the same

@@ -8,7 +8,7 @@ Forward, with the pairs sorted by expert (kernels/metadata.py)::
     u_SO  = hs_Sr @ B_e^T         per expert group        grouped_mm
     y[t] += u_SO[s] for s of t                            index_add
 
-Backward (closed form, DESIGN.md section 6), g = dL/dy::
+Backward (closed form, docs/ARCHITECTURE.md section 4), g = dL/dy::
 
     g_SO  = g[tok_S];  z_Sr = g_SO @ B_e                  (grouped)
     dw_S  = s * <z, h>;  dh_Sr = s * w_S * z

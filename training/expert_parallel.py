@@ -1,4 +1,4 @@
-"""Expert parallelism for MoE-LoRA linears on DeepSpeed's MoE machinery (docs/ARCHITECTURE.md, "Training").
+"""Expert parallelism for MoE-LoRA linears on DeepSpeed's MoE machinery (docs/ARCHITECTURE.md section 2).
 
 Each MoELoRALinear of a converted model is replaced by an ExpertParallelMoELoRALinear, a subclass of
 ``deepspeed.moe.layer.MoE``, so that DeepSpeed's engine recognises it: expert-parallel and expert-data-parallel
