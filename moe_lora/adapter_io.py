@@ -63,7 +63,8 @@ from .atomic_dir import backup_of, commit_dir, is_leftover, new_temp_dir, recove
 from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
 from .convert import Plan, convert, converted_plan, is_converted, plan
-from .layer import MoELoRALinear, base_dims
+from .experts import base_dims
+from .layer import MoELoRALinear
 from .targets import is_linear_like
 from .version import __version__
 

@@ -152,9 +152,8 @@ class LoRAExperts(nn.Module):
             p.requires_grad_(False)
         self.expert_config = config
         self.num_experts, self.rank, self.alpha = config.num_experts, config.rank, float(config.alpha)
-        self.use_rslora, self.backend, self.init_lora_weights = config.use_rslora, config.backend, \
-            config.init_lora_weights
-        self.scaling = config.scaling
+        self.use_rslora, self.backend = config.use_rslora, config.backend
+        self.init_lora_weights, self.scaling = config.init_lora_weights, config.scaling
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(config.num_experts, config.rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(config.num_experts, self.out_features, config.rank, device=device))

@@ -38,7 +38,8 @@ from .block import ExpertLinear
 from .config import MoELoRAConfig
 from .convert import PLAN_ATTR, convert, module_seed
 from .errors import ConfigError
-from .layer import MoELoRALinear, expert_generator
+from .experts import expert_generator
+from .layer import MoELoRALinear
 from .model_hooks import detach_model_hooks
 from .routing import Routing, iter_routed_modules
 

@@ -30,8 +30,6 @@ from .routers import Router, RouterConfig, build_router, router_name_problem
 from .routers.config import ROUTER_SETTINGS, router_config_from_settings
 from .routing import Routing
 
-__all__ = ["MoELoRALinear", "base_dims", "expert_generator", "layer_configs"]
-
 AUX_SETTINGS = {"load_balance_coef": "load_balance", "z_loss_coef": "z_loss", "cv_coef": "cv",
                 "contrastive_coef": "contrastive", "contrastive_temperature": "contrastive_temperature"}
 
