@@ -6,6 +6,7 @@ from .adapter_io import MoELoRAModel, load_adapter, save_adapter
 from .config import MoELoRAConfig
 from .convert import convert, load_config, plan
 from .errors import ConfigError
+from .export import ExportRefused, export, mean_routing
 from .interop import experts_from_peft, fixed_routing, merge_fixed_routing, upcycle_lora
 from .layer import MoELoRALinear
 from .routing import Routing, iter_routed_modules
@@ -17,6 +18,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "ConfigError",
+    "ExportRefused",
     "MoELoRAConfig",
     "MoELoRALinear",
     "MoELoRAModel",
@@ -24,10 +26,12 @@ __all__ = [
     "__version__",
     "convert",
     "experts_from_peft",
+    "export",
     "fixed_routing",
     "iter_routed_modules",
     "load_adapter",
     "load_config",
+    "mean_routing",
     "merge_fixed_routing",
     "plan",
     "save_adapter",

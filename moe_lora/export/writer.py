@@ -124,8 +124,12 @@ def write_shards(tmp: Path, entries: list[TensorEntry], max_bytes: int, progress
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors = {}
+        storages: set[int] = set()
         for e in shard:
             t = e.make().detach().to("cpu", e.dtype).contiguous()
+            if t.untyped_storage().data_ptr() in storages:  # copies of one tensor (a dense FFN as E experts)
+                t = t.clone()
+            storages.add(t.untyped_storage().data_ptr())
             if tuple(t.shape) != e.shape:
                 raise RuntimeError(f"export: {e.key} has shape {tuple(t.shape)}, planned {e.shape}")
             tensors[e.key] = t
