@@ -313,3 +313,13 @@ def test_cli_export(tmp_path, capsys):
     assert main([*common, "--format", "merged", "--expert", "1", "--routing", "1,0",
                  "--out", str(tmp_path / "m")]) == 2
     assert "--routing and --expert: give one" in capsys.readouterr().err
+    from moe_lora.zoo import load_tokenizer
+
+    load_tokenizer("tiny-llama").save_pretrained(base)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "one two three"}\n{"prompt": "add 2 3", "response": "5"}\n')
+    assert main([*common, "--format", "merged", "--routing-from", str(data), "--out", str(tmp_path / "m")]) == 0
+    assert "APPROXIMATE: fixed routing = mean routing over" in capsys.readouterr().out
+    record = json.loads((tmp_path / "m" / "moe_lora_export.json").read_text())
+    assert record["exact"] is False and record["routing_source"].startswith("mean routing over")
+    assert (tmp_path / "m" / "tokenizer_config.json").is_file()

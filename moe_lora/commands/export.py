@@ -18,8 +18,8 @@ list or {module name: [E]}), --expert e (one-hot), or, for models whose routed m
 nothing. --routing-from data.jsonl uses the mean routing over a data set ('text', or 'prompt' + 'response'
 records): an APPROXIMATE export, labelled so in its moe_lora_export.json. Whatever a format cannot represent
 exactly is refused before anything is written, naming what blocks it and the format that works instead.
-(--run RUN_DIR is not offered: training runs do not record their base model yet; pass --model and the
-checkpoint's adapter/ directory.)
+(--run RUN_DIR is not offered yet: a training run does not record its base model in a form this command can
+rebuild; pass --model and the checkpoint's adapter/ directory.)
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def export(model: nn.Module, out_dir: str | Path, format: str = "mixtral", *, ro
     weights = _weights(model, routing, expert, problems)
     if problems:
         raise ConfigError(problems, "export")
-    refusals = peft_format.fixed_routing_problems(model, weights, format)
+    refusals = peft_format.fixed_routing_problems(model, weights)
     if format == "peft" and converted_plan(model).config.modules_to_save:
         refusals.append(f"modules_to_save: {converted_plan(model).config.modules_to_save} are trained in full; "
                         "this export writes LoRA tensors only")
@@ -179,9 +179,13 @@ def _write_peft(model, out: Path, weights, rank, approximate_routing, tokenizer,
     from safetensors.torch import save as serialize
 
     tensors, config, errors = peft_format.peft_adapter(model, weights, rank)
-    exact = not errors and approximate_routing is None
+    lossy = {k: v for k, v in errors.items() if v > 0}
+    exact = not lossy and approximate_routing is None
     notes = [f"PEFT LoRA rank {config['r']} on {len(config['target_modules'])} modules"]
-    if errors:
+    if errors and not lossy:
+        notes.append(f"truncated to rank {config['r']} on {len(errors)} modules without loss (their deltas have "
+                     "lower rank)")
+    elif lossy:
         worst = max(errors, key=errors.get)
         notes.append(f"APPROXIMATE: SVD-truncated to rank {config['r']} on {len(errors)} modules; relative "
                      f"Frobenius error of the weight delta max {errors[worst]:.3e} ({worst}), mean "

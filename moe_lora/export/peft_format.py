@@ -54,15 +54,16 @@ def is_one_hot_or_zero(w_E: torch.Tensor) -> bool:
     return not nz or (len(nz) == 1 and float(w_E[nz[0]]) == 1.0)
 
 
-def fixed_routing_problems(model: nn.Module, weights: dict[str, torch.Tensor], fmt: str) -> list[str]:
-    """FFN-expert blocks whose fixed weights are not one-hot (or zero): not one FFN."""
-    p = []
-    for name, m in iter_routed_modules(model):
-        if isinstance(m, MoEBlock) and m.ffn_experts and not is_one_hot_or_zero(weights[name]):
-            p.append(f"routing: FFN-expert block {name!r} gets weights {[round(float(x), 4) for x in weights[name]]}; "
-                     f"MixLoRA experts combine non-linearly, so only a one-hot (or all-zero) routing is a single FFN "
-                     f"with one LoRA per projection")
-    return p
+def fixed_routing_problems(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """FFN-expert blocks whose fixed weights are not one-hot (or zero): not one FFN (one problem naming them)."""
+    bad = [(name, weights[name]) for name, m in iter_routed_modules(model)
+           if isinstance(m, MoEBlock) and m.ffn_experts and not is_one_hot_or_zero(weights[name])]
+    if not bad:
+        return []
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return [f"routing: FFN-expert blocks {', '.join(repr(n) for n, _ in bad[:3])}{more} get weights "
+            f"{[round(float(x), 4) for x in bad[0][1]]}; MixLoRA experts combine non-linearly, so only a one-hot "
+            f"(or all-zero) routing is a single FFN with one LoRA per projection"]
 
 
 def module_loras(model: nn.Module, weights: dict[str, torch.Tensor]):
