@@ -323,3 +323,55 @@ def test_cli_export(tmp_path, capsys):
     record = json.loads((tmp_path / "m" / "moe_lora_export.json").read_text())
     assert record["exact"] is False and record["routing_source"].startswith("mean routing over")
     assert (tmp_path / "m" / "tokenizer_config.json").is_file()
+
+
+@pytest.mark.parametrize("router,k", [("topk", 1), ("topk", 3), ("soft", None), ("soft_top_k", 2)])
+def test_our_routing_is_mixtrals_router_with_the_temperature_folded_in(router, k):
+    """p = softmax(W_r x / T), top k, renormalised (or soft) == MixtralTopKRouter with weight W_r / T and
+    num_experts_per_tok = k (E for soft): same experts, same weights (fp64 on both sides)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    from moe_lora.export.mixtral import mixtral_k
+    from moe_lora.routers import SoftRouter, TopKRouter
+
+    E, D, T, temp = 5, 16, 64, 0.6
+    ours = (TopKRouter(D, E, top_k=k, temperature=temp) if router == "topk"
+            else SoftRouter(D, E, top_k=k if router == "soft_top_k" else None, temperature=temp))
+    with torch.no_grad():
+        ours.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    theirs = MixtralTopKRouter(MixtralConfig(hidden_size=D, num_local_experts=E, num_experts_per_tok=mixtral_k(ours)))
+    theirs.double()
+    with torch.no_grad():
+        theirs.weight.copy_(ours.weight.double() / temp)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    r = ours(x.float())
+    _, scores_TK, ids_TK = theirs(x)
+    G_ours = r.gates_TE().double()
+    G_theirs = torch.zeros(T, E, dtype=torch.float64).scatter_add(1, ids_TK, scores_TK.double())
+    torch.testing.assert_close(G_ours, G_theirs, atol=1e-6, rtol=1e-6)  # fp32 router vs fp64: rounding only
+
+
+@pytest.mark.parametrize("case", ["gpt2_single_expert", "llama_block_scope"])
+def test_peft_in_process(case, tmp_path):
+    """GPT-2 with E = 1 on its Conv1D projections: no routing needed (weight 1), fan_in_fan_out set, PEFT
+    reproduces the MoE-LoRA model itself. Block scope without FFN experts: every projection of a block gets its
+    own LoRA under the block's fixed weights."""
+    from peft import PeftModel
+
+    if case == "gpt2_single_expert":
+        name, routing = "tiny-gpt2", None
+        config = MoELoRAConfig(target_modules=["c_attn", "mlp.c_proj"], num_experts=1, top_k=1, rank=4)
+    else:
+        name, routing = "tiny-llama", [0.3, 0.0, 0.7]
+        config = MoELoRAConfig(**{**MIXLORA, "ffn_experts": False}, num_experts=3, top_k=2)
+    model = _random_B(moe_lora.convert(tiny(name), config))
+    ids, mask, _ = batch()
+    assert export(model, tmp_path / "p", "peft", routing=routing).exact
+    adapter_config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert adapter_config["fan_in_fan_out"] is (name == "tiny-gpt2")
+    assert adapter_config["r"] == (4 if routing is None else 8)
+    peft_model = PeftModel.from_pretrained(tiny(name), tmp_path / "p").eval()
+    with torch.no_grad(), (fixed_routing(model, routing) if routing else torch.no_grad()):
+        _close(peft_model(input_ids=ids, attention_mask=mask).logits,
+               model(input_ids=ids, attention_mask=mask).logits, f"{case}: PEFT logits")
