@@ -111,6 +111,8 @@ def export(model: nn.Module, out_dir: str | Path, format: str = "mixtral", *, ro
         problems.append(f"rank: {rank!r} must be an int >= 1")
     if rank is not None and format != "peft":
         problems.append(f"rank: only --format peft takes a rank (got format {format!r})")
+    if dtype is not None and format == "peft":
+        problems.append("dtype: --format peft keeps the adapter's dtype (PEFT casts to the base model's on load)")
     base_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     out_dtype = dtype or base_dtype
     if format == "mixtral":

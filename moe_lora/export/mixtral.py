@@ -64,8 +64,8 @@ GATED_PATHS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 def mixtral_k(router: nn.Module) -> int | None:
     """Mixtral's num_experts_per_tok that reproduces ``router``, or None when none does."""
-    if type(router).logits is not Router.logits or "logits" in vars(router):
-        return None  # logits that are not W_r x
+    if getattr(type(router), "logits", None) is not Router.logits or "logits" in vars(router):
+        return None  # not a Router (fixed_routing's), or logits that are not W_r x
     if type(router) in (TopKRouter, ContrastiveRouter):
         return int(router.top_k)
     if type(router) is SoftRouter:
@@ -142,7 +142,7 @@ def plan_moe_export(model: nn.Module) -> tuple[MoEExportPlan | None, list[str]]:
     if per_linear:
         problems.append(f"per-linear routers on {len(per_linear)} modules, e.g. {', '.join(per_linear[:3])}: "
                         "outside the MoE blocks an export holds plain weights, so only single-expert (E=1) "
-                        "linears merge")
+                        "linears with a top-k or soft router (weight 1 for every token) merge")
     if not blocks and not any("block" in p for p in problems):
         problems.append("model: no MixLoRA FFN-expert block (router_scope: block, ffn_experts: true)")
     pairs = sorted(set(ek.values()))
