@@ -6,7 +6,7 @@ from .adapter_io import MoELoRAModel, load_adapter, save_adapter
 from .config import MoELoRAConfig
 from .convert import convert, load_config, plan
 from .errors import ConfigError
-from .export import ExportRefused, export, mean_routing
+from .exporters import ExportRefused, export, mean_routing
 from .interop import experts_from_peft, fixed_routing, merge_fixed_routing, upcycle_lora
 from .layer import MoELoRALinear
 from .routing import Routing, iter_routed_modules

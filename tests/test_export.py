@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 import moe_lora
 from moe_lora.config import MoELoRAConfig
 from moe_lora.errors import ConfigError
-from moe_lora.export import ExportRefused, export, mean_routing
-from moe_lora.export import peft_format as pf
+from moe_lora.exporters import ExportRefused, export, mean_routing
+from moe_lora.exporters import peft_format as pf
 from moe_lora.interop import fixed_routing
 from moe_lora.routing import iter_routed_modules
 from moe_lora.zoo import load_model
@@ -260,7 +260,7 @@ def test_out_dir_is_never_clobbered_and_a_failed_export_keeps_the_old_one(tmp_pa
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
 
-    from moe_lora.export import writer
+    from moe_lora.exporters import writer
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -332,7 +332,7 @@ def test_our_routing_is_mixtrals_router_with_the_temperature_folded_in(router, k
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
-    from moe_lora.export.mixtral import mixtral_k
+    from moe_lora.exporters.mixtral import mixtral_k
     from moe_lora.routers import SoftRouter, TopKRouter
 
     E, D, T, temp = 5, 16, 64, 0.6

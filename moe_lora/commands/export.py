@@ -33,7 +33,7 @@ HELP = "write a trained MoE-LoRA model as a Mixtral/Qwen2MoE checkpoint, a PEFT 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from moe_lora.export import FORMATS
+    from moe_lora.exporters import FORMATS
 
     parser.add_argument("--model", required=True,
                         help="the base model: a built-in name (tiny-llama, tiny-mistral, tiny-qwen2, tiny-gpt2, "
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moe_lora import load_adapter, zoo
     from moe_lora.commands.analyze import make_batches, read_jsonl
-    from moe_lora.export import export, mean_routing
+    from moe_lora.exporters import export, mean_routing
 
     problems: list[str] = []
     need_dir(problems, "--adapter", args.adapter)
