@@ -4,6 +4,7 @@ from .adapter_io import MoELoRAModel, load_adapter, save_adapter
 from .config import MoELoRAConfig
 from .convert import convert, load_config, plan
 from .errors import ConfigError
+from .exporters import ExportRefused, export, mean_routing
 from .interop import experts_from_peft, fixed_routing, merge_fixed_routing, upcycle_lora
 from .layer import MoELoRALinear
 from .routing import Routing, iter_routed_modules
@@ -11,6 +12,7 @@ from .version import __version__
 
 __all__ = [
     "ConfigError",
+    "ExportRefused",
     "MoELoRAConfig",
     "MoELoRALinear",
     "MoELoRAModel",
@@ -18,10 +20,12 @@ __all__ = [
     "__version__",
     "convert",
     "experts_from_peft",
+    "export",
     "fixed_routing",
     "iter_routed_modules",
     "load_adapter",
     "load_config",
+    "mean_routing",
     "merge_fixed_routing",
     "plan",
     "save_adapter",

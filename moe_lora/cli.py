@@ -14,7 +14,7 @@ import sys
 
 from .version import __version__
 
-COMMANDS = ("info", "convert", "train", "analyze", "bench", "demo")
+COMMANDS = ("info", "convert", "train", "analyze", "export", "bench", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
