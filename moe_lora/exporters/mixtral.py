@@ -69,7 +69,7 @@ def mixtral_k(router: nn.Module) -> int | None:
     if type(router) in (TopKRouter, ContrastiveRouter):
         return int(router.top_k)
     if type(router) is SoftRouter:
-        return int(router.soft_top_k or router.num_experts)
+        return int(router.k_per_token or router.num_experts)
     return None
 
 

@@ -43,7 +43,7 @@ def default_weights(model: nn.Module) -> dict[str, torch.Tensor] | None:
         router = access.router_of(m)
         if router.num_experts != 1:
             return None
-        if isinstance(router, ExpertChoiceRouter) and router.capacity_factor < 1:
+        if isinstance(router, ExpertChoiceRouter) and router.config.capacity_factor < 1:
             return None  # capacity ceil(c T) < T leaves some tokens without their expert
         out[name] = torch.ones(1)
     return out or None
@@ -69,12 +69,12 @@ def fixed_routing_problems(model: nn.Module, weights: dict[str, torch.Tensor]) -
 def module_loras(model: nn.Module, weights: dict[str, torch.Tensor]):
     """Yield (base path, module, A [n*r, in], B [out, n*r]) of every expert module under the fixed weights (fp32,
     the experts with zero weight left out; n = 0 gives empty factors)."""
-    block_name = {id(b): n for n, b in iter_routed_modules(model)}
+    block_of = {id(e): n for n, b in iter_routed_modules(model) if isinstance(b, MoEBlock) for e in b.experts()}
     for name, m in model.named_modules():
         if isinstance(m, MoELoRALinear):
             w = weights[name]
         elif isinstance(m, ExpertLinear):
-            w = weights[block_name[id(m.block)]]
+            w = weights[block_of[id(m)]]
         else:
             continue
         A, B, s = access.lora_A_ERI(m).float(), access.lora_B_EOR(m).float(), access.lora_scaling(m)
