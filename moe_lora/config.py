@@ -129,7 +129,8 @@ class MoELoRAConfig:
         return [*self._target_problems(), *self._allocation_problems(), *self._top_k_problems(),
                 *lora_problems(self.rank, self.alpha, self.dropout, self.use_rslora, self.init_lora_weights,
                                self.backend),
-                *self._seed_problems(), *self._router_problems(), *self._loss_problems(), *self._save_problems()]
+                *self._seed_problems(), *self._router_problems(), *self._router_setting_problems(),
+                *self._loss_problems(), *self._save_problems()]
 
     def _target_problems(self) -> list[str]:
         p = []
@@ -204,6 +205,10 @@ class MoELoRAConfig:
             p.append(f"ffn_experts: {self.ffn_experts!r} must be true or false")
         elif self.ffn_experts and self.router_scope != "block":
             p.append(f"ffn_experts: true needs router_scope='block', got router_scope={self.router_scope!r}")
+        return p
+
+    def _router_setting_problems(self) -> list[str]:
+        p = []
         if not (is_number(self.router_temperature) and self.router_temperature > 0):
             p.append(f"router_temperature: {self.router_temperature!r} must be a number > 0")
         if not (is_number(self.router_init_std) and self.router_init_std >= 0):
