@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from moe_lora.jsonl import iter_json_objects
+from moe_lora.long_text import CHUNK, tokenize_long
 
 from .synthetic import generate_corpus
 
@@ -80,8 +81,9 @@ def tokenize_examples(rows: list[dict], fmt: str, tokenizer) -> tuple[list[list[
     head = [] if bos is None else [bos]
     tail = [] if eos is None else [eos]
 
-    def tok(texts):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    def tok(texts):  # texts longer than CHUNK characters in pieces (bounded time and memory: long_text.py)
+        ids = tokenizer([t if len(t) <= CHUNK else "" for t in texts], add_special_tokens=False)["input_ids"]
+        return [tokenize_long(tokenizer, t) if len(t) > CHUNK else i for t, i in zip(texts, ids)]
 
     ids_out, labels_out = [], []
     if fmt == "prompt_response":

@@ -73,6 +73,9 @@ def make_batches(tokenizer, texts: list[str], labels: list[str | None], batch_si
         if tokenizer.eos_token is None:
             raise ValueError("tokenizer: has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
+    from moe_lora.long_text import clip_to_tokens
+
+    texts = [clip_to_tokens(tokenizer, t, max_length) for t in texts]  # a 10 MB record: its first tokens only
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     for start in range(0, len(order), batch_size):
