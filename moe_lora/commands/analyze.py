@@ -161,7 +161,14 @@ def check_analysis_args(args: argparse.Namespace):
     if not args.model:
         problems.append("--model: required (or use --compare A B)")
     need_file(problems, "--data", args.data)
-    writable_dir(problems, "--out", args.out)
+    if args.out is None:
+        problems.append("--out: required")
+    else:
+        from moe_lora.analysis.outputs import report_dir_problem
+
+        why = report_dir_problem(args.out, "--out")
+        if why:
+            problems.append(why)
     if args.adapter and args.config:
         problems.append("--adapter and --config: give one (a saved adapter, or a config to convert freshly)")
     elif not args.adapter and not args.config:
@@ -204,6 +211,9 @@ def run_compare(args: argparse.Namespace) -> int:
     from moe_lora.analysis.plots import plot_comparison
 
     path_a, path_b = args.compare
+    problems: list[str] = []
+    writable_dir(problems, "--out", args.out, required=False)
+    raise_problems(problems)
     a, b = read_report(path_a), read_report(path_b)
     print(f"A: {path_a} (model {a['model']}, adapter {a['adapter']}, {a['num_tokens']} tokens)")
     print(f"B: {path_b} (model {b['model']}, adapter {b['adapter']}, {b['num_tokens']} tokens)")
