@@ -26,6 +26,7 @@ from torch import nn
 from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
 from .layer import MoELoRALinear, base_dims, expert_generator
+from .memory_check import check_fits
 from .model_hooks import attach_model_hooks
 from .routers import build_router
 from .targets import (
@@ -281,11 +282,26 @@ def _coefs(config: MoELoRAConfig) -> dict[str, float]:
             "contrastive": config.contrastive_coef}
 
 
+def check_plan_fits(model: nn.Module, p: Plan) -> None:
+    """Refuse a conversion whose new parameters (routers and experts, in the dtype of the model's parameters)
+    exceed the free memory of the model's device, before any of them is allocated."""
+    first = next(model.parameters(), None)
+    if first is None:
+        return
+    nbytes = p.added_params * first.element_size()
+    biggest = max((e for e in p.entries if e.scope != "save"), key=lambda e: e.params, default=None)
+    where = "" if biggest is None else (f" (largest: {biggest.name} with {biggest.num_experts} experts of rank "
+                                        f"{biggest.rank}, {biggest.params:,} parameters)")
+    check_fits(nbytes, first.device, f"moe_lora: the conversion adds {p.added_params:,} parameters{where}, which",
+               "lower num_experts, rank or target_modules")
+
+
 def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     """Wrap the targeted linears of ``model`` in place, freeze the rest (except modules_to_save), attach the
     model hooks, and return the model. A fresh conversion computes exactly the base model's outputs (every
     lora_B is zero). See the module docstring for scopes and plan() for what is matched."""
     p = plan(model, config)
+    check_plan_fits(model, p)
     for param in model.parameters():
         param.requires_grad_(False)
     kw = _layer_kwargs(config)

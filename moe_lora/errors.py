@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import difflib
 
+#: A problem line longer than this is cut (a value quoted whole could be megabytes).
+MAX_PROBLEM_CHARS = 2000
+
 
 class ConfigError(ValueError):
     """One or more invalid settings. ``problems`` lists each as 'field: value ... (allowed ...)'."""
 
     def __init__(self, problems: list[str], what: str = "MoELoRAConfig"):
-        self.problems = list(problems)
+        self.problems = [p if len(p) <= MAX_PROBLEM_CHARS else p[: MAX_PROBLEM_CHARS - 3] + "..." for p in problems]
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid {what} ({len(self.problems)} problem{'s' if len(problems) != 1 else ''}):\n{lines}")
 

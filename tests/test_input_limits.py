@@ -148,3 +148,20 @@ def test_a_10_mb_record_is_read_and_clipped_without_tokenizing_all_of_it(tmp_pat
     monkeypatch.setattr(type(tok), "__call__", spy)
     batch = next(make_batches(tok, texts, labels, 8, 64))
     assert batch["input_ids"].shape == (1, 64) and max(seen) < 100_000
+
+
+def test_huge_but_consistent_config_fails_before_anything_is_allocated(monkeypatch):
+    from moe_lora import MoELoRAConfig, convert, zoo
+    from moe_lora.layer import MoELoRALinear
+
+    model = zoo.load_model("tiny-llama")
+    huge = MoELoRAConfig(num_experts=4096, top_k=2, rank=4096, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"^moe_lora: the conversion adds 68,727,865,344 parameters \(largest: "
+                                         r"model\.layers\.0\.self_attn\.q_proj with 4096 experts of rank 4096.*GiB "
+                                         r"on cpu, but only .* GiB is free; lower num_experts, rank or"):
+        convert(model, huge)
+    assert not any(isinstance(m, MoELoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())  # nothing was frozen either
+    monkeypatch.setattr("moe_lora.memory_check.free_bytes", lambda device: 10**12)
+    small = MoELoRAConfig(num_experts=2, top_k=1, rank=2, target_modules=["q_proj"])
+    assert any(isinstance(m, MoELoRALinear) for m in convert(model, small).modules())

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe_lora.checks import is_int
 from moe_lora.errors import suggest
+from moe_lora.json_file import read_json_object
 from moe_lora.zoo import BUILTIN, TINY
 
 from .framework import option
@@ -18,10 +18,10 @@ TINY_SIZES = ("vocab_size", "num_layers", "hidden", "intermediate", "heads")
 def _config_json_problems(path: Path) -> list[str]:
     """A local model's config.json must be a JSON object (transformers reads it the same way)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return [f"model.name: {str(path)!r} is not valid JSON ({e})"]
-    return [] if isinstance(data, dict) else [f"model.name: {str(path)!r} must hold a JSON object"]
+        read_json_object(path, "model.name")
+    except (OSError, ValueError) as e:  # not UTF-8, not JSON, too deep or too large, not an object: named
+        return [str(e)]
+    return []
 
 
 @dataclass
