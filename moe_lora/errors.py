@@ -21,3 +21,10 @@ def suggest(name: str, choices) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on, with a message that says what happened and what to do: the commands print it
+    without a traceback and exit with ``exit_code`` (moe_lora/cli.py, training/train.py)."""
+
+    exit_code = 1

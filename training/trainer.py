@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from moe_lora.errors import ConfigError
 from moe_lora.numerics import NonFiniteError, locate_nonfinite
 from moe_lora.paths import inside
+from moe_lora.run_lock import RunLock, RunLockedError
 
 from . import checkpoint as ckpt
 from .data import IGNORE, build_dataset, collate
 from .distributed import DistInfo, init_distributed, set_cpu_threads
 from .ds_config import build_deepspeed_config, precision, zero_stage
+from .health import HealthMonitor
 from .progress import RunLog
 from .recipe import Recipe, load_recipe
 from .sampler import StepSampler
@@ -124,6 +126,24 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train while holding the output directory's lock (moe_lora/run_lock.py: a second run into it stops)."""
+        lock, error = None, None
+        if self.info.rank == 0:
+            try:
+                lock = RunLock(self.out_dir).acquire()
+            except RunLockedError as e:
+                error = e
+        failed = torch.tensor([float(error is not None)], device=self.info.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            raise error or RunLockedError(f"output_dir: {self.out_dir} is in use by another run (see rank 0)")
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
         deepspeed = _import_deepspeed()
         r, info = self.recipe, self.info
         t_start = time.perf_counter()
@@ -179,11 +199,13 @@ class Trainer:
                   trainable_params=sum(p.numel() for p in params), cpu_threads=threads)
 
         losses, last, last_tag = {}, {}, None
+        health = HealthMonitor(t, log, info.device)
         try:
             for step in range(start, t.max_steps):
                 last = self.train_step(engine, data, sampler, step)
                 losses[step + 1] = last["loss"]
                 log.step(step + 1, last)
+                health.after_step(step + 1, last)
                 every = r.checkpoint.every
                 if (every and (step + 1) % every == 0) or step + 1 == t.max_steps:
                     last_tag = self.save(engine, step + 1, last, len(data))
@@ -196,6 +218,7 @@ class Trainer:
             from .export import export_adapter
 
             adapter_dir = export_adapter(engine.module, inside(self.out_dir, "adapter"), info.rank)
+        health.finish(engine.module, t.max_steps - start, r.ep_size)  # may raise: after the adapter is written
         dist.barrier()
         return {
             "output_dir": str(self.out_dir),
@@ -214,6 +237,7 @@ class Trainer:
             "ep_size": r.ep_size,
             "local_experts": layout,
             "wall_time_s": time.perf_counter() - t_start,
+            "health": health.summary(),
         }
 
     def train_step(self, engine, data, sampler: StepSampler, step: int) -> dict[str, float]:
@@ -234,6 +258,7 @@ class Trainer:
                 return self.on_nonfinite(engine, batch, step, m, ce, aux)
             engine.backward(ce * scale + aux)
             engine.step()
+            applied = engine.was_step_applied()
             stats += torch.stack([ce.detach().double(), aux.detach().double().to(ce.device),
                                   batch["attention_mask"].sum().double().to(ce.device)])
         self.skipped_in_a_row = 0
@@ -245,6 +270,10 @@ class Trainer:
         norm = engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)
+        metrics["step_applied"] = float(applied)  # False: DeepSpeed skipped the update (overflow; health.py)
+        scale = getattr(engine.optimizer, "cur_scale", None)
+        if isinstance(scale, int | float) and precision(self.ds_config) == "fp16":
+            metrics["loss_scale"] = float(scale)
         return metrics
 
     # ---- NaN / inf ----------------------------------------------------------------------------------------

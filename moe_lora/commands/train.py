@@ -45,4 +45,8 @@ def run(args: argparse.Namespace) -> int:
         loss = "n/a" if result["final_loss"] is None else f"{result['final_loss']:.4f}"
         print(f"final loss {loss} after {result['steps']} steps; adapter: {result['adapter_dir']}; "
               f"checkpoint: {result['last_checkpoint']}; metrics: {result['metrics_file']}")
+        findings = result["health"]["findings"]
+        if findings:  # train.on_unhealthy: warn
+            print(f"health: {len(findings)} warning(s), {result['health']['skipped_steps']} skipped update(s); "
+                  f"first: {findings[0]} (health events in {result['metrics_file']})")
     return 0

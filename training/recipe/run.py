@@ -35,7 +35,15 @@ class TrainSection:
     )
     max_skipped_steps: int = option(
         5,
-        "With on_nonfinite: skip_step, stop with a NonFiniteError after this many consecutive skipped steps.",
+        "With on_nonfinite: skip_step, stop with a NonFiniteError after this many consecutive skipped steps; with "
+        "on_unhealthy: error, stop after this many optimizer updates in a row skipped for gradient overflow.",
+    )
+    on_unhealthy: str = option(
+        "warn",
+        "What the health monitor (training/health.py) does when the optimizer skips updates (gradient overflow), "
+        "gradients are non-finite, the loss rises above its start, or experts' lora_B never left zero: 'warn' "
+        "logs a health event and goes on; 'error' stops with exit code 4. A run where no update was applied at "
+        "all always ends with an error.",
     )
 
     def problems(self) -> list[str]:
@@ -54,6 +62,9 @@ class TrainSection:
         elif self.on_nonfinite == "skip_step" and is_int(self.grad_accum) and self.grad_accum != 1:
             p.append(f"train.on_nonfinite: 'skip_step' needs train.grad_accum: 1 (got {self.grad_accum!r}): the "
                      "micro-batches before a bad one have already added their gradients")
+        if self.on_unhealthy not in ("warn", "error"):
+            p.append(f"train.on_unhealthy: {self.on_unhealthy!r} is not one of 'warn', 'error'"
+                     + suggest(self.on_unhealthy, ("warn", "error")))
         if not (is_int(self.max_skipped_steps) and self.max_skipped_steps >= 1):
             p.append(f"train.max_skipped_steps: {self.max_skipped_steps!r} must be an int >= 1")
         return p
