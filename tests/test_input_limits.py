@@ -165,3 +165,15 @@ def test_huge_but_consistent_config_fails_before_anything_is_allocated(monkeypat
     monkeypatch.setattr("moe_lora.memory_check.free_bytes", lambda device: 10**12)
     small = MoELoRAConfig(num_experts=2, top_k=1, rank=2, target_modules=["q_proj"])
     assert any(isinstance(m, MoELoRALinear) for m in convert(model, small).modules())
+
+
+def test_text_the_tokenizer_would_reject_is_named_by_line(tmp_path):
+    """A lone surrogate (a "\\ud800" escape without its pair) is valid JSON but not text: the tokenizer raises a
+    TypeError on it. The reader names the line; a proper pair (an emoji) is read."""
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 here"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"--data: {f} line 2: a \\u escape gives a lone surrogate "
+                                                   "('\\ud800'), which is not text")):
+        list(iter_json_objects(f, "--data"))
+    f.write_text('{"text": "ok \\ud83d\\ude00"}\n')
+    assert list(iter_json_objects(f, "--data")) == [(1, {"text": "ok \U0001f600"})]
