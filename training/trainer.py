@@ -271,7 +271,7 @@ class Trainer:
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         metrics["step_applied"] = float(applied)  # False: DeepSpeed skipped the update (overflow; health.py)
-        scale = getattr(engine.optimizer, "cur_scale", None)
+        scale = getattr(engine.optimizer, "loss_scale", None)
         if isinstance(scale, int | float) and precision(self.ds_config) == "fp16":
             metrics["loss_scale"] = float(scale)
         return metrics

@@ -7,7 +7,8 @@
     enospc     the checkpoint save of step 4 fails with OSError(ENOSPC) at its first write
     plain      no fault
 
-Exits with the command's exit code; its messages go to stderr.
+Exits with the command's exit code; its messages go to stderr. The caller's environment picks the accelerator
+(DS_ACCELERATOR=cpu on machines without a GPU).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main() -> int:

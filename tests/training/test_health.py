@@ -133,9 +133,10 @@ def test_out_of_space_recognises_the_zip_writers_message(tmp_path, monkeypatch):
 
 
 # ---- whole runs -----------------------------------------------------------------------------------------------
-def _train(tmp_path, scenario: str, recipe: dict) -> subprocess.CompletedProcess:
+def _train(tmp_path, scenario: str, recipe: dict, gpu: bool = False) -> subprocess.CompletedProcess:
     path = write_recipe(tmp_path / f"{scenario}.yaml", recipe)
-    env = {k: v for k, v in launcher_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    drop = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") + (("DS_ACCELERATOR",) if gpu else ())
+    env = {k: v for k, v in launcher_env().items() if k not in drop}
     return subprocess.run([sys.executable, str(WORKER), scenario, str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=400)
 
@@ -157,6 +158,25 @@ def test_bf16_run_whose_every_step_overflows_exits_4(tmp_path):
     assert [m["step_applied"] for m in read_metrics(out / "metrics.jsonl").values()] == [0.0, 0.0, 0.0]
     assert len(_health_events(out)) == 6  # a skipped update and an inf gradient norm per step
     assert (out / "adapter" / "adapter_config.json").is_file()  # written before the verdict
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fp16_run_whose_every_step_overflows_exits_4(tmp_path):
+    """fp16 with DeepSpeed's dynamic loss scaler (CUDA only: DeepSpeed's CPU accelerator has no fp16): every update
+    is skipped and the scale halves after each (hysteresis 1), which the health events report."""
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, ep_size=1, max_steps=3, deepspeed={
+        "zero_optimization": {"stage": 2},
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 1, "min_loss_scale": 1}})
+    proc = _train(tmp_path, "overflow", recipe, gpu=True)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "no optimizer step was applied: all 3 steps of this run were skipped" in proc.stderr
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step_applied"] for m in metrics.values()] == [0.0, 0.0, 0.0]
+    scales = [m["loss_scale"] for m in metrics.values()]
+    assert scales == sorted(scales, reverse=True) and scales[-1] < 65536, scales
+    assert any("loss scale" in e for e in _health_events(out))
 
 
 @pytest.mark.slow
