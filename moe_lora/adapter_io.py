@@ -193,7 +193,7 @@ def _read_config(path: Path) -> tuple[MoELoRAConfig, dict]:
     known = set(MoELoRAConfig.__dataclass_fields__)
     unknown = sorted(k for k in data if k not in known and k not in META_KEYS)
     if unknown:
-        warnings.warn(f"adapter: {file} has keys this moe-lora does not know, ignored: {unknown} "
+        warnings.warn(f"adapter: {file} has keys this moe-lora does not know, ignored: {short(unknown, 300)} "
                       "(saved by a newer version?)", stacklevel=3)
     return config, {k: data.get(k) for k in META_KEYS}
 
