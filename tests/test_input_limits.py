@@ -177,3 +177,13 @@ def test_text_the_tokenizer_would_reject_is_named_by_line(tmp_path):
         list(iter_json_objects(f, "--data"))
     f.write_text('{"text": "ok \\ud83d\\ude00"}\n')
     assert list(iter_json_objects(f, "--data")) == [(1, {"text": "ok \U0001f600"})]
+
+
+def test_config_from_json_and_yaml_text_are_bounded():
+    from moe_lora.config import MoELoRAConfig
+
+    with pytest.raises(ValueError, match=r"^MoELoRAConfig JSON is nested deeper than 64 levels \(at line 1 column 65"):
+        MoELoRAConfig.from_json("[" * 100_000)
+    with pytest.raises(ValueError, match="more than 200000 values once aliases are expanded"):
+        MoELoRAConfig.from_yaml(BOMB)
+    assert MoELoRAConfig.from_yaml("rank: 4\nalpha: 1e1\n").alpha == 10.0
