@@ -14,6 +14,7 @@ then next to the recipe file; output_dir is relative to the current directory.
 """
 
 from .data import DataSection, SyntheticSection
+from .evaluation import EvalSection
 from .framework import apply_overrides, parse_override
 from .model import ModelSection
 from .optim import OptimizerSection, ScheduleSection
@@ -25,6 +26,7 @@ __all__ = [
     "SECTIONS",
     "CheckpointSection",
     "DataSection",
+    "EvalSection",
     "LoggingSection",
     "ModelSection",
     "OptimizerSection",
