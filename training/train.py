@@ -39,8 +39,12 @@ def main(argv=None) -> int:
 
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
-        run_training(args.config, overrides)
+        result = run_training(args.config, overrides)
         finish_distributed()
+        if int(os.environ.get("RANK", "0")) == 0:  # one summary for the whole run
+            from moe_lora.training.progress import summary_line
+
+            print(summary_line(result), flush=True)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"training/train.py: error: {e}", file=sys.stderr)

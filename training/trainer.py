@@ -38,7 +38,7 @@ from moe_lora.numerics import NonFiniteError, locate_nonfinite
 from moe_lora.paths import inside
 
 from . import checkpoint as ckpt
-from .data import IGNORE, build_dataset, collate
+from .data import IGNORE, build_datasets, collate
 from .distributed import DistInfo, init_distributed, set_cpu_threads
 from .ds_config import build_deepspeed_config, precision, zero_stage
 from .progress import RunLog
@@ -138,8 +138,12 @@ class Trainer:
 
         from .model import build_model, build_tokenizer
 
-        tokenizer = build_tokenizer(r)
-        data = build_dataset(r.data, tokenizer, r.resolve)
+        tokenizer = self.tokenizer = build_tokenizer(r)
+        data, eval_data = build_datasets(r.data, r.eval, tokenizer, r.resolve)
+        if info.rank == 0:
+            from .run_record import write_run_record
+
+            write_run_record(self.out_dir, r, tokenizer)  # run.json + tokenizer/: other commands open the run
         t = r.train
         sampler = StepSampler(len(data), t.micro_batch_size, t.grad_accum, info.world_size, info.rank,
                               r.data.shuffle_seed)
@@ -178,12 +182,20 @@ class Trainer:
                   precision=precision(self.ds_config), sequences=len(data), global_batch=sampler.global_batch,
                   trainable_params=sum(p.numel() for p in params), cpu_threads=threads)
 
+        evals = None
+        if eval_data is not None and r.eval.every:
+            from .evaluation import EvalSchedule, Evaluator
+
+            evaluator = Evaluator(eval_data, r.eval.micro_batch_size or t.micro_batch_size, info)
+            evals = EvalSchedule(r.eval, evaluator, self.out_dir, info, t.max_steps, tokenizer)
         losses, last, last_tag = {}, {}, None
         try:
             for step in range(start, t.max_steps):
                 last = self.train_step(engine, data, sampler, step)
                 losses[step + 1] = last["loss"]
                 log.step(step + 1, last)
+                if evals is not None:
+                    evals.after_step(step + 1, engine, log)
                 every = r.checkpoint.every
                 if (every and (step + 1) % every == 0) or step + 1 == t.max_steps:
                     last_tag = self.save(engine, step + 1, last, len(data))
@@ -196,6 +208,10 @@ class Trainer:
             from .export import export_adapter
 
             adapter_dir = export_adapter(engine.module, inside(self.out_dir, "adapter"), info.rank)
+            if info.rank == 0:
+                from .run_record import save_tokenizer
+
+                save_tokenizer(tokenizer, self.out_dir / "tokenizer")
         dist.barrier()
         return {
             "output_dir": str(self.out_dir),
@@ -209,6 +225,9 @@ class Trainer:
             "losses": losses,
             "final_metrics": last,
             "final_loss": last.get("loss"),
+            "evals": {} if evals is None else evals.history,
+            "best_adapter_dir": str(self.out_dir / "best" / "adapter")
+            if evals is not None and (self.out_dir / "best" / "adapter").is_dir() else None,
             "resumed_from": None if resume is None else str(resume),
             "world_size": info.world_size,
             "ep_size": r.ep_size,
@@ -285,7 +304,11 @@ class Trainer:
         export = None
         if r.checkpoint.export_adapter:
             def export(d):
-                return export_adapter(engine.module, d, self.info.rank)
+                export_adapter(engine.module, d, self.info.rank)
+                if self.info.rank == 0:  # the tokenizer beside the adapter, committed with the checkpoint
+                    from .run_record import save_tokenizer
+
+                    save_tokenizer(self.tokenizer, d.parent / "tokenizer")
         return ckpt.save(engine, self.ckpt_root, step, state, rank=self.info.rank, keep=r.checkpoint.keep,
                          export_fn=export)
 
@@ -299,5 +322,7 @@ def run_training(recipe, overrides: dict | None = None) -> dict:
     _import_deepspeed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     info = init_distributed()
+    if info.rank != 0:  # every rank logs the same DeepSpeed warnings: rank 0's are enough
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     r.check_world(info.world_size)
     return Trainer(r, info).run()
