@@ -6,7 +6,7 @@ PY     ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= dev,triton,train
+EXTRAS ?= dev,triton,train,hf,quant
 
 .PHONY: install test test-fast demo lint bench bench-quick quality quality-quick clean
 

@@ -54,11 +54,24 @@ class MoELoRATrainerMixin:
     # ---- loss ---------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plain = self.accelerator.unwrap_model(model)
-        with aux_outside_loss(plain):
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
-        if plain.training and torch.is_grad_enabled():
-            raw = aux_loss_of(plain, loss.device)
+        seen: list[torch.Tensor] = []  # the aux loss of every training forward with grad inside the call
+
+        def capture(module, args, output):
+            if module.training and torch.is_grad_enabled():
+                seen.append(aux_loss_of(module))
+
+        handle = plain.register_forward_hook(capture)  # after moe-lora's own hook: the layers' losses are set
+        try:
+            with aux_outside_loss(plain):
+                result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                              num_items_in_batch=num_items_in_batch)
+        finally:
+            handle.remove()
+        loss, outputs = result if return_outputs else (result, None)
+        if seen:
+            # mean over the forwards that built the loss (one, unless a trainer runs several, e.g. an extra pass
+            # for metrics; a forward under no_grad, such as TRL's logits recomputation, does not count)
+            raw = torch.stack([a.float().to(loss.device) for a in seen]).mean()
             aux = raw.to(loss.dtype)
             if self._loss_scaled_for_accumulation(num_items_in_batch):
                 aux = aux / max(1, getattr(self, "current_gradient_accumulation_steps", 1))

@@ -133,3 +133,33 @@ def test_adapter_only_checkpoints_router_logs_and_resume(tmp_path):
     assert state["global_step"] == 6
     # the checkpoint's adapter opens in a fresh base model
     moe_lora.load_adapter(load_model("tiny-llama", **SIZES), tmp_path / "resumed" / "checkpoint-6" / "adapter")
+
+
+def test_trl_sft_trainer_with_the_mixin(tmp_path):
+    """TRL's SFTTrainer computes its loss outside the model (a fused LM head) and drops the aux loss; with the
+    mixin the loss is CE + aux, the logs carry the router metrics and the checkpoint holds the adapter only."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from moe_lora.zoo import load_tokenizer
+
+    class MoELoRASFTTrainer(MoELoRATrainerMixin, trl.SFTTrainer):
+        pass
+
+    model = converted()
+    rows = datasets.Dataset.from_list([{"input_ids": d["input_ids"].tolist()} for d in dataset()])
+    cfg = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                        max_steps=2, logging_steps=1, save_strategy="steps", save_steps=2, disable_tqdm=True,
+                        max_length=12, gradient_checkpointing=False)
+    plain = trl.SFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=load_tokenizer("tiny-llama"))
+    ours = MoELoRASFTTrainer(model=model, args=cfg, train_dataset=rows,
+                             processing_class=load_tokenizer("tiny-llama"))
+    batch = dict(next(iter(ours.get_train_dataloader())))
+    ref = reference_loss(model, batch)
+    aux = aux_loss_of(model)
+    torch.testing.assert_close(ours.compute_loss(model, dict(batch)), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain.compute_loss(model, dict(batch)), ref - aux, atol=1e-5, rtol=1e-5)
+    ours.train()
+    logs = [x for x in ours.state.log_history if "loss" in x]
+    assert logs and all("aux_loss" in x and "router/load_cv_mean" in x for x in logs)
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() and not any(ckpt.glob("model*.safetensors"))
