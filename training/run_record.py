@@ -8,7 +8,8 @@
 
 Layout of a run directory::
 
-    run.json          {"format": "moe-lora-run", "version": 1, "base_model": {"name", "path", "sizes", "seed"},
+    run.json          {"format": "moe-lora-run", "version": 1, "base_model": {"name", "path", "sizes", "seed",
+                       "quantization"},
                        "tokenizer": "tokenizer", "recipe": {...}}
     tokenizer/        the tokenizer (save_pretrained), with the chat template the data went through
     adapter/          the final adapter (moe_lora.save_adapter format)
@@ -38,7 +39,8 @@ def base_model_record(recipe) -> dict:
 
     name = recipe.model.name
     path = None if name in BUILTIN else str(Path(recipe.resolve(name)).resolve())
-    return {"name": name, "path": path, "sizes": dict(recipe.model.sizes), "seed": recipe.model.seed}
+    return {"name": name, "path": path, "sizes": dict(recipe.model.sizes), "seed": recipe.model.seed,
+            "quantization": recipe.model.quantization}
 
 
 def save_tokenizer(tokenizer, directory: Path) -> Path:
@@ -80,6 +82,12 @@ class Run:
 
         sizes = self.base_model.get("sizes") or {}
         extra = dict(sizes) if self.base_model["name"] in TINY else {}
+        if self.base_model.get("quantization"):
+            from moe_lora.quantization import load_quantized
+
+            kwargs.pop("dtype", None)
+            return load_quantized(self.model_name, self.base_model["quantization"],
+                                  seed=self.base_model.get("seed", 0), **extra, **kwargs)
         return load_model(self.model_name, seed=self.base_model.get("seed", 0), **extra, **kwargs)
 
     def load_tokenizer(self):

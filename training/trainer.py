@@ -116,6 +116,19 @@ class Trainer:
                     out.append(f"{name}: {va!r} in the checkpoint, {vb!r} now (this run's value is used)")
         return out
 
+    @staticmethod
+    def memory(model) -> dict:
+        """Model memory for the start event (moe_lora.quantization.memory_report), in MB."""
+        from moe_lora.quantization import memory_report
+
+        m = memory_report(model)
+        out = {"model_mb": round(m["total"] / 2**20, 2), "adapter_mb": round(m["trainable"] / 2**20, 2)}
+        if m["quantized_layers"]:
+            out.update(quantized_layers=m["quantized_layers"],
+                       quantized_weights_mb=round(m["quantized_weight_bytes"] / 2**20, 2),
+                       as_fp32_mb=round(m["quantized_weight_fp32_bytes"] / 2**20, 2))
+        return out
+
     def topology(self) -> dict:
         t = self.recipe.train
         return {"world_size": self.info.world_size, "ep_size": self.recipe.ep_size,
@@ -180,7 +193,7 @@ class Trainer:
             log.event(event="init_from", checkpoint=str(init))
         log.event(event="start", world_size=info.world_size, ep_size=r.ep_size, zero_stage=zero_stage(self.ds_config),
                   precision=precision(self.ds_config), sequences=len(data), global_batch=sampler.global_batch,
-                  trainable_params=sum(p.numel() for p in params), cpu_threads=threads)
+                  trainable_params=sum(p.numel() for p in params), cpu_threads=threads, **self.memory(engine.module))
 
         evals = None
         if eval_data is not None and r.eval.every:

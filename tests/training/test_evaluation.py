@@ -91,7 +91,8 @@ def test_best_adapter_metrics_file_and_checkpoint_tokenizer(chat_run):
     for tag in ("step00000002", "step00000004"):
         assert (out / "checkpoints" / tag / "tokenizer" / "tokenizer_config.json").is_file()
     record = json.loads((out / "run.json").read_text())
-    assert record["base_model"] == {"name": "tiny-llama", "path": None, "sizes": recipe.model.sizes, "seed": 0}
+    assert record["base_model"] == {"name": "tiny-llama", "path": None, "sizes": recipe.model.sizes, "seed": 0,
+                                   "quantization": None}
 
 
 def test_analyze_opens_the_run(chat_run, tmp_path, capsys):
