@@ -29,11 +29,13 @@ from moe_lora.paths import inside
 
 
 class RunLog:
-    def __init__(self, out_dir: Path, rank: int, settings, *, max_steps: int, start_step: int, model: nn.Module):
+    def __init__(self, out_dir: Path, rank: int, settings, *, max_steps: int, start_step: int, model: nn.Module,
+                 config: dict | None = None):
         self.rank = rank
         self.settings = settings
         self.enabled = rank == 0
         self.bar = self.writer = self.monitor = None
+        self.reporters: list = []
         self.metrics_path = inside(out_dir, "metrics.jsonl")
         self.eval_postfix: dict[str, str] = {}
         self._warnings = warnings.catch_warnings()
@@ -54,7 +56,13 @@ class RunLog:
         self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not settings.progress_bar, file=sys.stderr)
         warnings.showwarning = self._show_warning
-        if settings.tensorboard:
+        report_to = getattr(settings, "report_to", ["tensorboard"])
+        if report_to:
+            from .reporters import build_reporters
+
+            self.reporters = build_reporters(report_to, out_dir, project=getattr(settings, "project", "moe-lora"),
+                                             run_name=Path(out_dir).name, config=config or {})
+        if settings.tensorboard and "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events of steps a resumed run is about to redo
@@ -98,9 +106,14 @@ class RunLog:
         if self.writer is not None:
             from moe_lora.analysis import write_tensorboard
 
-            scalars = {"eval/loss": metrics["eval_loss"], "eval/ppl": metrics["eval_ppl"],
-                       **{k: v for k, v in metrics.items() if k.startswith("eval/router/")}}
-            write_tensorboard(self.writer, step, scalars)
+            write_tensorboard(self.writer, step, self._eval_scalars(metrics))
+        for r in self.reporters:
+            r.log(step, self._eval_scalars(metrics))
+
+    @staticmethod
+    def _eval_scalars(metrics: dict[str, float]) -> dict[str, float]:
+        return {"eval/loss": metrics["eval_loss"], "eval/ppl": metrics["eval_ppl"],
+                **{k: v for k, v in metrics.items() if k.startswith("eval/router/")}}
 
     def step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Record step ``step`` (1-based count of finished optimizer steps); returns the router scalars."""
@@ -124,6 +137,8 @@ class RunLog:
             scalars = {f"train/{k}": v for k, v in metrics.items()}
             write_tensorboard(self.writer, step, {**scalars, **router},
                               self.monitor.histograms() if router else None)
+        for r in self.reporters:
+            r.log(step, {**{f"train/{k}": v for k, v in metrics.items()}, **router})
         return router
 
     def _append(self, record: dict) -> None:
@@ -140,6 +155,9 @@ class RunLog:
             self.writer.close()
         if self.monitor is not None:
             self.monitor.close()
+        for r in self.reporters:
+            r.close()
+        self.reporters = []
 
 
 def read_metrics(path: str | Path) -> dict[int, dict]:

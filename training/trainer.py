@@ -184,7 +184,7 @@ class Trainer:
             sched.step(max(sched.last_batch_iteration, 0))
 
         self.log = log = RunLog(self.out_dir, info.rank, r.logging, max_steps=t.max_steps, start_step=start,
-                                model=engine.module)
+                                model=engine.module, config=r.to_dict())
         if resume is not None:
             log.event(event="resume", from_step=start, checkpoint=str(resume))
             for line in self.resume_differences(self.resume_state, len(data)):
