@@ -3,6 +3,8 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 training/train.py --config configs/train_tiny.yaml \
         [--set train.max_steps=20 --set ep_size=2 ...]
     torchrun --nproc_per_node 2 training/train.py --config ...          (also works)
+    deepspeed --hostfile hostfile --no_ssh --node_rank i --master_addr NODE0 --master_port 29500 \
+        training/train.py --config ...                                    (node i of several, no ssh; README)
 
 The launcher runs this file as a script, so it imports the package by its installed name
 (``moe_lora.training``) and first drops its own folder from sys.path: the folder's modules (data, model,
