@@ -44,6 +44,7 @@ def chat_run(tmp_path_factory):
     recipe["data"]["chat_template"] = "plain"
     del recipe["data"]["synthetic"]
     recipe["eval"] = {"every": 2, "fraction": 0.25, "micro_batch_size": 8}
+    recipe["logging"]["tensorboard"] = True
     r = load_recipe(recipe)
     result = Trainer(r, init_distributed()).run()
     return r, result
@@ -88,6 +89,13 @@ def test_best_adapter_metrics_file_and_checkpoint_tokenizer(chat_run):
     logged = read_evals(out / "metrics.jsonl")
     assert sorted(logged) == [2, 4] and logged[4]["eval_loss"] == evals[4]["eval_loss"]
     assert sorted(read_metrics(out / "metrics.jsonl")) == [1, 2, 3, 4]  # eval events are not steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == [
+        (s, pytest.approx(evals[s]["eval_loss"])) for s in (2, 4)]
+    assert "eval/router/all/load_cv_mean" in events.Tags()["scalars"]
     for tag in ("step00000002", "step00000004"):
         assert (out / "checkpoints" / tag / "tokenizer" / "tokenizer_config.json").is_file()
     record = json.loads((out / "run.json").read_text())
