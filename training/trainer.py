@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -338,4 +339,7 @@ def run_training(recipe, overrides: dict | None = None) -> dict:
     if info.rank != 0:  # every rank logs the same DeepSpeed warnings: rank 0's are enough
         logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     r.check_world(info.world_size)
-    return Trainer(r, info).run()
+    with warnings.catch_warnings():
+        if info.rank != 0:  # the ranks run the same code: rank 0 prints each warning once for all of them
+            warnings.simplefilter("ignore")
+        return Trainer(r, info).run()
