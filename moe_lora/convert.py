@@ -139,6 +139,13 @@ class Plan:
     def fingerprint(self) -> str:
         return fingerprint(self.targets)
 
+    def __str__(self) -> str:  # print(plan(...)) shows the table
+        return self.table()
+
+    def __repr__(self) -> str:  # the dataclass repr would spell out every entry and the whole config
+        return (f"Plan({len(self.entries)} modules, {self.num_layers} layers, trainable {self.trainable_params:,} "
+                f"= {100 * self.trainable_share:.2f}%; print() it for the table)")
+
     def table(self) -> str:
         """The plan as a fixed-width table plus the trainable share."""
         rows = [("module", "scope", "part", "layer", "E", "k", "rank", "params")]

@@ -3,6 +3,8 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 training/train.py --config configs/train_tiny.yaml \
         [--set train.max_steps=20 --set ep_size=2 ...]
     torchrun --nproc_per_node 2 training/train.py --config ...          (also works)
+    deepspeed --hostfile hostfile --no_ssh --node_rank i --master_addr NODE0 --master_port 29500 \
+        training/train.py --config ...                                    (node i of several, no ssh; README)
 
 The launcher runs this file as a script, so it imports the package by its installed name
 (``moe_lora.training``) and first drops its own folder from sys.path: the folder's modules (data, model,
@@ -41,8 +43,12 @@ def main(argv=None) -> int:
 
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
-        run_training(args.config, overrides)
+        result = run_training(args.config, overrides)
         finish_distributed()
+        if int(os.environ.get("RANK", "0")) == 0:  # one summary for the whole run
+            from moe_lora.training.progress import summary_line
+
+            print(summary_line(result), flush=True)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"training/train.py: error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ the home directory or the current directory or an ancestor of it.
 """
 
 from .data import DataSection, SyntheticSection
+from .evaluation import EvalSection
 from .framework import apply_overrides, parse_override
 from .model import ModelSection
 from .optim import OptimizerSection, ScheduleSection
@@ -27,6 +28,7 @@ __all__ = [
     "SECTIONS",
     "CheckpointSection",
     "DataSection",
+    "EvalSection",
     "LoggingSection",
     "ModelSection",
     "OptimizerSection",

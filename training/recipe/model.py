@@ -36,6 +36,12 @@ class ModelSection:
         f"Built-in tiny models only: sizes for moe_lora.zoo.tiny_config ({', '.join(TINY_SIZES)}).",
     )
     seed: int = option(0, "Seed of the built-in tiny models' random weights (identical on every rank).")
+    quantization: dict | None = option(
+        None,
+        "Quantized frozen base (bitsandbytes through transformers' BitsAndBytesConfig): null, or {bits: 4 | 8, "
+        "quant_type: nf4 | fp4, compute_dtype: float32 | bfloat16 | float16, double_quant: bool}; experts stay in "
+        "full precision (moe_lora/quantization.py). Needs pip install 'moe-lora[quant]'.",
+    )
 
     def problems(self, resolve) -> list[str]:
         p = []
@@ -61,5 +67,8 @@ class ModelSection:
                     p.append(f"model.sizes.{k}: {v!r} must be an int >= 1")
         if not is_int(self.seed):
             p.append(f"model.seed: {self.seed!r} must be an int")
+        from moe_lora.quantization import spec_problems
+
+        p += spec_problems(self.quantization)
         return p
 

@@ -27,6 +27,7 @@ from moe_lora.zoo import TINY
 
 from ..ds_config import deepspeed_problems, load_deepspeed_json
 from .data import DataSection
+from .evaluation import EvalSection
 from .framework import apply_overrides, build_section, default_of, option, section, section_dict, section_help
 from .model import ModelSection
 from .optim import OptimizerSection, ScheduleSection
@@ -67,6 +68,7 @@ class Recipe:
         "configs/molora.yaml).",
     )
     data: DataSection = section(DataSection, "Training data.")
+    eval: EvalSection = section(EvalSection, "Evaluation during training (eval loss, perplexity, router load).")
     optimizer: OptimizerSection = section(OptimizerSection, "AdamW settings.")
     schedule: ScheduleSection = section(ScheduleSection, "Learning-rate schedule.")
     train: TrainSection = section(TrainSection, "Steps, batch sizes and seed.")
@@ -132,6 +134,7 @@ class Recipe:
         config, moe_problems = read_moe_lora(self.moe_lora, self.resolve)
         p += moe_problems
         p += self.data.problems(self.resolve)
+        p += self.eval.problems(self.resolve, self.data.source)
         p += self.optimizer.problems()
         p += self.schedule.problems(self.train.max_steps)
         p += self.train.problems()

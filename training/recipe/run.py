@@ -115,6 +115,13 @@ class LoggingSection:
     router_every: int = option(10, "Per-layer router load (moe_lora.analysis.RouterMonitor) every N steps; 0 = off.")
     tensorboard: bool = option(True, "Write TensorBoard events to output_dir/tensorboard (rank 0).")
     progress_bar: bool = option(True, "tqdm progress bar on rank 0.")
+    report_to: list = option(
+        ["tensorboard"],
+        "Where scalars go besides metrics.jsonl: any of tensorboard, wandb, mlflow (through their own libraries; "
+        "wandb honours WANDB_MODE=offline, mlflow MLFLOW_TRACKING_URI, else output_dir/mlruns). "
+        "logging.tensorboard: false also turns TensorBoard off.",
+    )
+    project: str = option("moe-lora", "The wandb project / mlflow experiment name.")
 
     def problems(self) -> list[str]:
         p = []
@@ -125,5 +132,10 @@ class LoggingSection:
         for name in ("tensorboard", "progress_bar"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"logging.{name}: {getattr(self, name)!r} must be true or false")
+        from ..reporters import report_to_problems
+
+        p += report_to_problems(self.report_to)
+        if not (isinstance(self.project, str) and self.project):
+            p.append(f"logging.project: {self.project!r} must be a non-empty string")
         return p
 
