@@ -18,9 +18,11 @@ from .allocation import SHAPES
 from .checks import is_int, is_number
 from .errors import ConfigError, suggest
 from .experts import INITS, AuxLossConfig, ExpertConfig, lora_problems
+from .json_file import parse_json
 from .kernels.api import BACKENDS
 from .routers import ROUTER_CLASSES, VARIABLE_K_ROUTERS, RouterConfig, k_problem
 from .routers.config import router_config_from_settings
+from .text_limits import read_limited
 from .yaml_file import parse_yaml
 
 __all__ = ["BACKENDS", "INITS", "LIST_FIELDS", "ROUTERS", "ROUTER_SCOPES", "VARIABLE_K_ROUTERS", "MoELoRAConfig"]
@@ -44,12 +46,12 @@ def _int_list(v) -> bool:
 def _read_or_text(path_or_text: str | Path) -> str:
     """The file's text for a Path or a one-line string naming an existing file; otherwise the string itself."""
     if isinstance(path_or_text, Path):
-        return path_or_text.read_text()
+        return read_limited(path_or_text, "MoELoRAConfig")
     try:
         is_file = "\n" not in path_or_text and Path(path_or_text).is_file()
     except (OSError, ValueError):  # too long for a file name (one-line JSON/YAML text), or a NUL byte: text
         is_file = False
-    return Path(path_or_text).read_text() if is_file else path_or_text
+    return read_limited(path_or_text, "MoELoRAConfig") if is_file else path_or_text
 
 
 @dataclass
@@ -278,7 +280,7 @@ class MoELoRAConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> MoELoRAConfig:
-        return cls.from_dict(json.loads(_read_or_text(path_or_text)))
+        return cls.from_dict(parse_json(_read_or_text(path_or_text), "MoELoRAConfig JSON"))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -28,7 +28,13 @@ def build_tokenizer(recipe):
 
 def build_model(recipe, ep_rank: int) -> nn.Module:
     """The converted (and, for linear scope, expert-parallel) model in training mode."""
-    model = load_model(model_source(recipe), seed=recipe.model.seed, **recipe.model.sizes)
+    if recipe.model.quantization is not None:
+        from moe_lora.quantization import load_quantized
+
+        model = load_quantized(model_source(recipe), recipe.model.quantization, seed=recipe.model.seed,
+                               **recipe.model.sizes)
+    else:
+        model = load_model(model_source(recipe), seed=recipe.model.seed, **recipe.model.sizes)
     moe_lora.convert(model, recipe.moe_lora)
     if recipe.moe_lora.router_scope == "linear":
         to_expert_parallel(model, recipe.ep_size, ep_rank)
