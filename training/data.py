@@ -143,11 +143,15 @@ def classification_rows(section, resolve, num_labels: int | None = None) -> list
 def build_classification_dataset(section, tokenizer, resolve, num_labels: int | None = None) -> TokenizedData:
     """The tokenised sequence-classification training set (see the module docstring)."""
     rows = classification_rows(section, resolve, num_labels)
-    bos, eos, pad = special_ids(tokenizer)
+    ids = encode_texts(tokenizer, [r["text"] for r in rows], section.seq_len)
+    return TokenizedData(ids, [[r["label"]] for r in rows], special_ids(tokenizer)[2], label_counts=[1] * len(rows))
+
+
+def encode_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
+    """Token ids of whole texts: [bos] + tok(text) + [eos], truncated to ``seq_len`` (sequence classification)."""
+    bos, eos, _ = special_ids(tokenizer)
     head, tail = ([] if bos is None else [bos]), ([] if eos is None else [eos])
-    ids = [(head + t + tail)[:section.seq_len]
-           for t in tokenizer([r["text"] for r in rows], add_special_tokens=False)["input_ids"]]
-    return TokenizedData(ids, [[r["label"]] for r in rows], pad, label_counts=[1] * len(rows))
+    return [(head + t + tail)[:seq_len] for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def build_dataset(section, tokenizer, resolve, task: str = "causal_lm", num_labels: int | None = None

@@ -53,6 +53,11 @@ def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Ten
                            ignore_index=IGNORE, reduction="sum")
 
 
+def sequence_ce_sum(logits_BC: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of -log softmax(logits[b])[labels[b]] (fp32): sequence classification."""
+    return F.cross_entropy(logits_BC.float(), labels_B, reduction="sum")
+
+
 def _import_deepspeed():
     try:
         import deepspeed
@@ -139,7 +144,7 @@ class Trainer:
         from .model import build_model, build_tokenizer
 
         tokenizer = build_tokenizer(r)
-        data = build_dataset(r.data, tokenizer, r.resolve)
+        data = build_dataset(r.data, tokenizer, r.resolve, r.model.task, r.num_labels())
         t = r.train
         sampler = StepSampler(len(data), t.micro_batch_size, t.grad_accum, info.world_size, info.rank,
                               r.data.shuffle_seed)
@@ -223,11 +228,13 @@ class Trainer:
         scale = info.world_size * t.grad_accum / n_global
         lr = float(engine.get_lr()[0])
         stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # cross-entropy sum, aux sum, real tokens
+        classify = self.recipe.model.task == "sequence_classification"
+        ce_sum = sequence_ce_sum if classify else token_ce_sum
         for m in range(t.grad_accum):
-            batch = collate([data[i] for i in sampler.indices(step, m)], data.pad_id)
+            batch = collate([data[i] for i in sampler.indices(step, m)], data.pad_id, classification=classify)
             out = engine(input_ids=batch["input_ids"].to(info.device),
                          attention_mask=batch["attention_mask"].to(info.device), use_cache=False)
-            ce = token_ce_sum(out.logits, batch["labels"].to(info.device))
+            ce = ce_sum(out.logits, batch["labels"].to(info.device))
             aux = getattr(out, "aux_loss", None)
             aux = torch.zeros((), device=ce.device) if aux is None else aux.float()
             if self.nonfinite_anywhere(ce, aux):
