@@ -16,10 +16,10 @@ def run(argv, capsys) -> tuple[int, str]:
 def test_demo_reports_every_bad_flag(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     code, err = run(["demo", "--recipe", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "file"),
-                     "--steps", "0", "--eval-examples", "-1"], capsys)
+                     "--steps", "0", "--test-per-task", "-1"], capsys)
     assert code == 2 and "invalid command line (4 problems)" in err and "Traceback" not in err
     for problem in ("--recipe: file", "none.yaml' does not exist", "--out:", "exists and is not a directory",
-                    "--steps: 0 must be >= 1", "--eval-examples: -1 must be >= 1"):
+                    "--steps: 0 must be >= 1", "--test-per-task: -1 must be >= 1"):
         assert problem in err, (problem, err)
 
 

@@ -107,7 +107,8 @@ def head_only_floor(model: nn.Module, tokenizer, train_rows: list[dict], test_ro
 
 def parity_rank(model: nn.Module, config) -> tuple[int, int, int]:
     """(R, parameters of config's adapter, parameters of the E=1/k=1 rank-R adapter) with R the rank whose count is
-    closest to config's (routers and experts; the saved head is the same in both). ``model`` is not converted."""
+    closest to config's (routers and experts; the saved head is the same in both), the larger rank on a tie (the
+    baseline gets the benefit of the doubt). ``model`` is not converted."""
     target = plan(model, config).added_params
 
     def count(r: int) -> int:
@@ -117,6 +118,6 @@ def parity_rank(model: nn.Module, config) -> tuple[int, int, int]:
     c1, c2 = count(1), count(2)
     slope, offset = c2 - c1, c1 - (c2 - c1)
     R = max(1, round((target - offset) / slope)) if slope > 0 else 1
-    best = min((r for r in (R - 1, R, R + 1) if r >= 1), key=lambda r: (abs(count(r) - target), r))
+    best = min((r for r in (R - 1, R, R + 1) if r >= 1), key=lambda r: (abs(count(r) - target), -r))
     return best, target, count(best)
 

@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="learning rate of the plain-LoRA run (default: the recipe's optimizer.lr)")
     parser.add_argument("--floor-steps", type=int, default=300,
                         help="full-batch AdamW steps of the head-only floor (default 300)")
+    parser.add_argument("--floor-lr", type=float, default=1e-2, help="learning rate of the head-only floor (1e-2)")
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="CPU runs: torch threads (default: the CPU count; 1 on a machine other jobs share)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -74,8 +75,9 @@ def run(args: argparse.Namespace) -> int:
     at_least(problems, "--test-per-task", args.test_per_task, 1)
     at_least(problems, "--floor-steps", args.floor_steps, 1)
     at_least(problems, "--cpu-threads", args.cpu_threads, 1)
-    if args.lora_lr is not None and not args.lora_lr > 0:
-        problems.append(f"--lora-lr: {args.lora_lr!r} must be > 0")
+    for flag, value in (("--lora-lr", args.lora_lr), ("--floor-lr", args.floor_lr)):
+        if value is not None and not value > 0:
+            problems.append(f"{flag}: {value!r} must be > 0")
     out = Path(args.out)
     for sub in ("moe", "lora"):
         if (out / sub / "checkpoints").exists():
@@ -134,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[3/4] head-only floor: frozen encoder, the head trained alone ({args.floor_steps} full-batch steps)",
           flush=True)
     floor = head_only_floor(base, tokenizer, train_rows, test_rows, seq_len, steps=args.floor_steps,
-                            lr=recipe.optimizer.lr * 5, seed=args.seed)
+                            lr=args.floor_lr, seed=args.seed)
 
     print(f"[4/4] reloading both adapters into fresh base models; accuracy on {len(test_rows)} held-out sentences "
           f"({args.test_per_task} per task); router report", flush=True)
@@ -156,11 +158,12 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     print(f"held-out accuracy (%), {args.test_per_task} unseen sentences per task, seed {args.seed}:")
-    header = ["method", "trainable", *tasks, "mean"]
+    header = ["method", "trainable", "lr", *tasks, "mean"]
+    lrs = {"head-only floor": args.floor_lr, lora_name: lora_recipe.optimizer.lr, moe_name: recipe.optimizer.lr}
     trainable = {"head-only floor": sum(p.numel() for p in getattr(base, head_name(base)).parameters())}
     trainable[lora_name] = lora_params + trainable["head-only floor"]
     trainable[moe_name] = moe_params + trainable["head-only floor"]
-    rows = [[name, f"{trainable[name]:,}", *(f"{100 * a[t]:.1f}" for t in tasks),
+    rows = [[name, f"{trainable[name]:,}", f"{lrs[name]:g}", *(f"{100 * a[t]:.1f}" for t in tasks),
              f"{100 * sum(a[t] for t in tasks) / len(tasks):.1f}"] for name, a in acc.items()]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
@@ -175,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
           f"{moe_run['wall_time_s']:.0f} s, LoRA {lora_run['wall_time_s']:.0f} s wall)")
     results = {"seed": args.seed, "recipe": args.recipe, "steps": moe_run["steps"], "tasks": tasks,
                "accuracy": acc, "trainable": trainable, "lora_rank": R,
-               "optimizer_lr": {"moe": recipe.optimizer.lr, "lora": lora_recipe.optimizer.lr},
+               "lr": lrs,
                "dead_experts": s["total_dead_experts"], "mean_cv": s["mean_cv"], "max_cv": s["max_cv"],
                "task_expert_nmi_mean": mean_nmi, "task_expert_nmi_max": max(nmi) if nmi else None,
                "wall_time_s": wall, "cpu_time_s": cpu,
