@@ -171,9 +171,10 @@ def run(args: argparse.Namespace) -> int:
         print("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     s = report["summary"]
     mean_nmi = sum(nmi) / len(nmi) if nmi else None
-    print(f"router report of the MoE-LoRA model ({s['num_layers']} routed linears): dead experts "
-          f"{s['total_dead_experts']}, load CV mean {s['mean_cv']:.3f} / max {s['max_cv']:.3f}, task-expert nMI "
-          + ("n/a" if mean_nmi is None else f"mean {mean_nmi:.3f} / max {max(nmi):.3f}"))
+    fixed = isinstance(E, int) and isinstance(k, int) and config.router in ("topk", "contrastive")
+    print("router report of the MoE-LoRA model over the held-out sentences"
+          + (f" (a load CV of {(E / k - 1) ** 0.5:.2f} would be every token on the same {k} experts):" if fixed
+             else ":"))
     print_summary(report, paths)
     print(f"wall time {wall:.0f} s, CPU time {cpu:.0f} s (this process, all threads; training: MoE-LoRA "
           f"{moe_run['wall_time_s']:.0f} s, LoRA {lora_run['wall_time_s']:.0f} s wall)")
