@@ -14,8 +14,6 @@ they are computed once (the base in eval mode, one forward per example) and the 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
@@ -106,18 +104,15 @@ def head_only_floor(model: nn.Module, tokenizer, train_rows: list[dict], test_ro
 
 
 def parity_rank(model: nn.Module, config) -> tuple[int, int, int]:
-    """(R, parameters of config's adapter, parameters of the E=1/k=1 rank-R adapter) with R the rank whose count is
-    closest to config's (routers and experts; the saved head is the same in both), the larger rank on a tie (the
-    baseline gets the benefit of the doubt). ``model`` is not converted."""
-    target = plan(model, config).added_params
+    """(R, trainable parameters of ``config``'s adapter, parameters of a plain LoRA of rank R on the same targets)
+    with R the rank whose count is closest, the larger one on a tie (the baseline gets the benefit of the doubt).
 
-    def count(r: int) -> int:
-        return plan(model, dataclasses.replace(config, num_experts=1, top_k=1, rank=r, modules_to_save=[])
-                    ).added_params
-
-    c1, c2 = count(1), count(2)
-    slope, offset = c2 - c1, c1 - (c2 - c1)
-    R = max(1, round((target - offset) / slope)) if slope > 0 else 1
-    best = min((r for r in (R - 1, R, R + 1) if r >= 1), key=lambda r: (abs(count(r) - target), -r))
-    return best, target, count(best)
-
+    config's count is its routers and experts (``plan(...).added_params``); plain LoRA's is R * sum over the targets
+    of (in + out). (Run as moe-lora's E=1, k=1 case, the LoRA also holds a one-expert router, whose softmax is
+    constantly 1 and whose weights never change: not counted.) The saved head is the same in both. ``model`` is not
+    converted."""
+    p = plan(model, config)
+    per_rank = sum(i + o for _, i, o in p.targets)
+    R = max(1, round(p.added_params / per_rank))
+    best = min((r for r in (R - 1, R, R + 1) if r >= 1), key=lambda r: (abs(r * per_rank - p.added_params), -r))
+    return best, p.added_params, best * per_rank

@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
           f"-> {out / 'moe'}", flush=True)
     moe_run = run_training(recipe)
     print(f"      final loss {moe_run['final_loss']:.4f} after {moe_run['steps']} steps", flush=True)
-    print(f"[2/4] {lora_name}: {lora_params:,} adapter parameters + the head -> {out / 'lora'}", flush=True)
+    print(f"[2/4] {lora_name}: {lora_params:,} adapter parameters + the head (plain LoRA's count; the E=1 case "
+          f"also holds a one-expert router whose softmax is constantly 1) -> {out / 'lora'}", flush=True)
     lora_run = run_training(lora_recipe)
     print(f"      final loss {lora_run['final_loss']:.4f} after {lora_run['steps']} steps", flush=True)
 

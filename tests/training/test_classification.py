@@ -184,10 +184,13 @@ def test_parity_rank_matches_parameter_counts():
     model = load_model("minilm", task="sequence_classification", num_labels=6)
     config = MoELoRAConfig(target_modules=BERT_TARGETS, num_experts=4, top_k=2, rank=4)
     R, moe, lora = parity_rank(model, config)
-    # per attention linear (384 -> 384): experts 4 * 4 * 768 + router 4 * 384 = 13,824; E=1 rank R: 768 R + 384,
-    # 384 away at R = 17 and at R = 18: the tie goes to the larger rank
-    assert moe == 24 * 13_824 and R == 18 and lora == 24 * (768 * 18 + 384)
-    assert plan(model, MoELoRAConfig(target_modules=BERT_TARGETS, num_experts=1, top_k=1, rank=R)).added_params == lora
+    # per attention linear (384 -> 384): experts 4 * 4 * 768 + router 4 * 384 = 13,824 = plain LoRA rank 18 (768 R)
+    assert moe == 24 * 13_824 and R == 18 and lora == moe
+    e1 = plan(model, MoELoRAConfig(target_modules=BERT_TARGETS, num_experts=1, top_k=1, rank=R)).added_params
+    assert e1 == lora + 24 * 384  # the E=1 case adds its constant one-expert router
+    R, moe, lora = parity_rank(model, MoELoRAConfig(target_modules=BERT_TARGETS, num_experts=2, top_k=1, rank=3))
+    # 2 * 3 * 768 + 2 * 384 = 5,376 = 7 * 768: rank 7 exactly
+    assert (R, moe, lora) == (7, 24 * 5_376, 24 * 5_376)
 
 
 def test_unmatched_target_lists_the_linear_modules():
