@@ -1,7 +1,8 @@
 """The model of a run: base model -> moe_lora.convert -> expert-parallel layers.
 
-With ``model.task: sequence_classification`` the base is the model's *ForSequenceClassification class (its new
-head initialised from ``model.seed``, the same on every rank) and the head joins ``modules_to_save``: trained in
+With ``model.task: sequence_classification`` the base is the model's *ForSequenceClassification class (MiniLM:
+moe_lora.sentence_classifier, mean-pooled as it was trained; the new head initialised from ``model.seed``, the same
+on every rank) and the head joins ``modules_to_save``: trained in
 full, kept in every checkpoint and saved in the adapter, restored by ``load_adapter``.
 
 Every rank builds the same base (built-in tiny models are seeded; directories are read from disk) and the same

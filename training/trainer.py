@@ -15,7 +15,9 @@ Loss. With N_g predicted tokens in the global batch, each rank backpropagates, p
 DeepSpeed averages gradients over the data-parallel world and the accumulation steps (expert gradients too:
 summed over the expert-data-parallel group, divided by the world size), so the update is the gradient of the
 mean cross-entropy over the global batch plus the mean auxiliary loss: the same for every world size and
-ep_size given the same global batch. The logged ``loss`` is that global mean cross-entropy.
+ep_size given the same global batch. The logged ``loss`` is that global mean cross-entropy. With
+``model.task: sequence_classification`` the cross-entropy is per sequence (one label each, ``sequence_ce_sum``) and
+N_g counts sequences.
 
 Resuming restores the module, optimizer, scheduler (DeepSpeed), each rank's RNG states and the data position
 (the step: see sampler.py), so the following steps compute what an uninterrupted run computes. Resuming needs
