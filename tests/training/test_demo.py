@@ -13,10 +13,11 @@ import yaml
 from safetensors.torch import load_file
 from training_testutils import REPO, launcher_env
 
-from moe_lora import load_adapter
+from moe_lora import convert, load_adapter
 from moe_lora.analysis import read_report
 from moe_lora.training import conflict, load_recipe
-from moe_lora.training.model import base_model
+from moe_lora.training.export import load_deepspeed_checkpoint
+from moe_lora.training.model import base_model, moe_config
 
 
 @pytest.mark.slow
@@ -48,8 +49,14 @@ def test_demo_runs_end_to_end_at_toy_sizes(tmp_path):
 
     # the head trained in full and restored from the adapter (a fresh base has the seed's initial head)
     saved = load_file(out / "moe" / "adapter" / "adapter_model.safetensors")
-    fresh = base_model(load_recipe(str(path)))
+    recipe = load_recipe(str(path))
+    fresh = base_model(recipe)
     assert not torch.equal(saved["classifier.weight"], fresh.classifier.weight)
     loaded = load_adapter(fresh, out / "moe" / "adapter")
     assert torch.equal(loaded.classifier.weight, saved["classifier.weight"])
     assert torch.equal(loaded.classifier.bias, saved["classifier.bias"])
+    # ... and from the DeepSpeed checkpoint, without DeepSpeed
+    plain = base_model(recipe)
+    convert(plain, moe_config(recipe, plain))
+    load_deepspeed_checkpoint(plain, out / "moe" / "checkpoints" / "step00000002")
+    assert torch.equal(plain.classifier.weight, saved["classifier.weight"])
