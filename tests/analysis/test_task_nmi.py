@@ -41,3 +41,4 @@ def test_undefined_cases_are_none():
     assert task_expert_nmi(layer({"a": [1.0]}, {"a": 5}, 1)) is None                       # one expert
     assert task_expert_nmi(layer({"a": [0.5, 0.5]}, {"a": 5}, 2)) is None                  # one task
     assert task_expert_nmi(layer({"a": [0.5, 0.5], "b": [0.5, 0.5]}, {"a": 1, "b": 1}, 2, active=2.0)) is None
+
