@@ -6,7 +6,7 @@ head-only floor, on a multi-task set whose tasks conflict. About 130 s of CPU ti
      classification on four generated tasks that label the same kind of sentence by conflicting rules
      (sentiment, negation, sarcasm = inverted sentiment, topic; training/conflict.py), the task name first;
      the classification head trains in full and is saved with the adapter (modules_to_save);
-  2. plain LoRA of (nearly) equal trainable parameters, through the same trainer and recipe at its own learning
+  2. plain LoRA of equal trainable parameters, through the same trainer and recipe at its own learning
      rate (--lora-lr): the package's own E=1, k=1 degenerate case, which computes exactly a plain LoRA (rank
      chosen for parameter parity);
   3. the head-only floor: the frozen encoder, only the classification head trained;
