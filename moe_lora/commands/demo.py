@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for sub in ("moe", "lora"):
         if (out / sub / "checkpoints").exists():
-            problems.append(f"--out: {out / sub} holds a previous run; remove it or choose another --out")
+            problems.append(f"--out: {out / sub} holds a previous run (nothing is overwritten); remove {out} or "
+                            "pass another --out")
     raise_problems(problems)
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     import torch
