@@ -115,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
     R, moe_params, lora_params = parity_rank(base, config)
     lora_over = {**_overrides(args, out / "lora"), "moe_lora.num_experts": 1, "moe_lora.top_k": 1,
                  "moe_lora.rank": R, "moe_lora.alpha": config.alpha / config.rank * R,
-                 "moe_lora.load_balance_coef": 0.0}
-    lora_over["optimizer.lr"] = args.lora_lr
+                 "moe_lora.load_balance_coef": 0.0, "optimizer.lr": args.lora_lr}
     lora_recipe = load_recipe(args.recipe, lora_over)
     syn = recipe.data.synthetic
     tasks = syn.tasks or list(conflict.TASKS)
@@ -181,8 +180,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wall time {wall:.0f} s, CPU time {cpu:.0f} s (this process, all threads; training: MoE-LoRA "
           f"{moe_run['wall_time_s']:.0f} s, LoRA {lora_run['wall_time_s']:.0f} s wall)")
     results = {"seed": args.seed, "recipe": args.recipe, "steps": moe_run["steps"], "tasks": tasks,
-               "accuracy": acc, "trainable": trainable, "lora_rank": R,
-               "lr": lrs,
+               "accuracy": acc, "trainable": trainable, "lora_rank": R, "lr": lrs,
                "dead_experts": s["total_dead_experts"], "mean_cv": s["mean_cv"], "max_cv": s["max_cv"],
                "task_expert_nmi_mean": mean_nmi, "task_expert_nmi_max": max(nmi) if nmi else None,
                "wall_time_s": wall, "cpu_time_s": cpu,
