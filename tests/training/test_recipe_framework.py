@@ -25,5 +25,5 @@ def test_validation_reads_and_conversion_is_its_own_step(tmp_path):
 
 def test_sections_and_help_come_from_the_fields():
     text = Recipe.help()
-    assert "  data.synthetic.num_examples (default 4000):  Number of generated examples." in text
+    assert "  data.synthetic.num_examples (default 4000):  Number of generated examples" in text
     assert "model:  The base model." in text and "ep_size (default 1):" in text
