@@ -9,6 +9,7 @@ from .errors import ConfigError
 from .exporters import ExportRefused, export, mean_routing
 from .interop import experts_from_peft, fixed_routing, merge_fixed_routing, upcycle_lora
 from .layer import MoELoRALinear
+from .optim import param_groups
 from .routing import Routing, iter_routed_modules
 
 try:
@@ -33,6 +34,7 @@ __all__ = [
     "load_config",
     "mean_routing",
     "merge_fixed_routing",
+    "param_groups",
     "plan",
     "save_adapter",
     "upcycle_lora",

@@ -53,6 +53,35 @@ def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Ten
                            ignore_index=IGNORE, reduction="sum")
 
 
+def optimizer_groups(model, o) -> list[dict] | None:
+    """LoRA+ / router-lr parameter groups (moe_lora.optim.param_groups) when the optimizer section asks for
+    different learning rates; None otherwise (one group, as DeepSpeed builds it)."""
+    if o.loraplus_lambda == 1.0 and o.router_lr in (None, o.lr):
+        return None
+    from moe_lora.optim import param_groups
+
+    return param_groups(model, o.lr, loraplus_lambda=o.loraplus_lambda, router_lr=o.router_lr,
+                        weight_decay=o.weight_decay)
+
+
+def scale_schedule_per_group(sched, optimizer, lr: float) -> None:
+    """Give each parameter group its own peak lr (lr * group['lr_scale']) in DeepSpeed's schedule: WarmupLR and
+    WarmupDecayLR hold one max lr for every group (warmup_max_lr), WarmupCosineLR the groups' lrs at init (which
+    DeepSpeed's MoE group split keeps). Groups without ``lr_scale`` keep the scale 1."""
+    if sched is None:
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return
+    scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+    if hasattr(sched, "org_lrs"):  # WarmupCosineLR
+        sched.org_lrs = [lr * s for s in scales]
+    if hasattr(sched, "max_lrs") and hasattr(sched, "delta_lrs"):  # WarmupLR, WarmupDecayLR
+        lo = sched.min_lrs[0] if sched.min_lrs else 0.0
+        sched.min_lrs = [lo * s for s in scales]
+        sched.max_lrs = [lr * s for s in scales]
+        sched.delta_lrs = [hi - lo for hi, lo in zip(sched.max_lrs, sched.min_lrs)]
+
+
 def _import_deepspeed():
     try:
         import deepspeed
@@ -148,7 +177,10 @@ class Trainer:
         torch.manual_seed(t.seed + info.rank)
         model = build_model(r, self.ep_rank)
         params = [p for p in model.parameters() if p.requires_grad]
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        groups = optimizer_groups(model, r.optimizer)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups or params, config=self.ds_config)
+        if groups:
+            scale_schedule_per_group(engine.lr_scheduler, engine.optimizer, r.optimizer.lr)
         self.engine = engine
         from .expert_parallel import check_expert_parallel_ranks, expert_parallel_layers
 
