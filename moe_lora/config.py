@@ -19,9 +19,9 @@ from .errors import ConfigError, suggest
 from .kernels.api import BACKENDS
 from .yaml_file import parse_yaml
 
-ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive")
+ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive", "task")
 #: Routers that choose how many experts a token gets (top_k is not used by them).
-VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice")
+VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice", "task")
 ROUTER_SCOPES = ("linear", "block")
 
 INITS = ("kaiming", "gaussian")
@@ -78,7 +78,8 @@ class MoELoRAConfig:
     router: str = _f(
         "topk",
         "Routing method: 'topk' (MixLoRA/MoLA), 'soft' (dense softmax: MoLoRA/LoRAMoE), 'threshold' "
-        "(AdaMoLE), 'expert_choice' (Zhou et al. 2022), 'contrastive' (top-k + MoELoRA contrastive loss).",
+        "(AdaMoLE), 'expert_choice' (Zhou et al. 2022), 'contrastive' (top-k + MoELoRA contrastive loss), 'task' "
+        "(MOELoRA: dense weights from a task-id embedding; needs num_tasks).",
     )
     router_scope: str = _f(
         "linear", "'linear': one router per adapted linear (MoLA, AdaMoLE); 'block': one router per MLP block "
@@ -96,6 +97,8 @@ class MoELoRAConfig:
         None, "Threshold router: tau(x) = threshold_max * sigmoid(w.x + b); default 1/E (at least one expert fires)."
     )
     capacity_factor: float = _f(2.0, "Expert-choice router: each expert takes ceil(capacity_factor * T / E) tokens.")
+    num_tasks: int | None = _f(None, "Router 'task' (MOELoRA): number of task ids (0 .. num_tasks - 1).")
+    task_embedding_dim: int = _f(64, "Router 'task' (MOELoRA): size of the task embedding the gate reads.")
     load_balance_coef: float = _f(1e-3, "Coefficient of the Switch load-balancing loss (balanced value 1).")
     z_loss_coef: float = _f(0.0, "Coefficient of the ST-MoE router z-loss (1e-3 when on).")
     cv_coef: float = _f(0.0, "Coefficient of the importance CV^2 loss (LoRAMoE).")
@@ -221,6 +224,12 @@ class MoELoRAConfig:
             p.append(f"soft_top_k: {self.soft_top_k} is larger than num_experts={ne}")
         if self.threshold_max is not None and not (is_num(self.threshold_max) and 0 < self.threshold_max <= 1):
             p.append(f"threshold_max: {self.threshold_max!r} must be null or in (0, 1]")
+        if self.router == "task" and not (is_int(self.num_tasks) and self.num_tasks >= 1):
+            p.append(f"num_tasks: {self.num_tasks!r} must be an int >= 1 with router 'task'")
+        elif self.num_tasks is not None and not (is_int(self.num_tasks) and self.num_tasks >= 1):
+            p.append(f"num_tasks: {self.num_tasks!r} must be null or an int >= 1")
+        if not (is_int(self.task_embedding_dim) and self.task_embedding_dim >= 1):
+            p.append(f"task_embedding_dim: {self.task_embedding_dim!r} must be an int >= 1")
         if not (is_num(self.capacity_factor) and self.capacity_factor > 0):
             p.append(f"capacity_factor: {self.capacity_factor!r} must be a number > 0")
         for name in ("load_balance_coef", "z_loss_coef", "cv_coef", "contrastive_coef"):

@@ -71,13 +71,16 @@ def routing_label(config: MoELoRAConfig, num_experts: int, top_k: int) -> str:
         return "all" if config.soft_top_k is None else f"soft {config.soft_top_k}"
     if config.router == "threshold":
         return "adaptive"
+    if config.router == "task":
+        return "all (task)"
     return f"cap {config.capacity_factor:g}"
 
 
 def _router_kwargs(config: MoELoRAConfig) -> dict:
     return dict(temperature=config.router_temperature, jitter_noise=config.jitter_noise,
                 init_std=config.router_init_std, soft_top_k=config.soft_top_k,
-                threshold_max=config.threshold_max, capacity_factor=config.capacity_factor)
+                threshold_max=config.threshold_max, capacity_factor=config.capacity_factor,
+                num_tasks=config.num_tasks, task_embedding_dim=config.task_embedding_dim)
 
 
 def _build_router(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str):
@@ -300,7 +303,8 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
                 contrastive_temperature=config.contrastive_temperature, router_temperature=config.router_temperature,
                 jitter_noise=config.jitter_noise, router_init_std=config.router_init_std,
                 soft_top_k=config.soft_top_k, threshold_max=config.threshold_max,
-                capacity_factor=config.capacity_factor, **kw,
+                capacity_factor=config.capacity_factor, num_tasks=config.num_tasks,
+                task_embedding_dim=config.task_embedding_dim, **kw,
             )
             model.set_submodule(e.name, layer.train(base.training))
         elif e.scope in ("block", "ffn") and e.part == "experts":

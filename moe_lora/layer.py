@@ -31,7 +31,7 @@ from .routers import ROUTER_CLASSES, Router, build_router
 from .routing import Routing
 
 ROUTER_OPTIONS = ("router_temperature", "jitter_noise", "router_init_std", "soft_top_k", "threshold_max",
-                  "capacity_factor")
+                  "capacity_factor", "num_tasks", "task_embedding_dim")
 
 
 def base_dims(base_layer: nn.Module) -> tuple[int, int]:
@@ -201,6 +201,8 @@ class MoELoRALinear(nn.Module):
                 soft_top_k=router_options.get("soft_top_k"),
                 threshold_max=router_options.get("threshold_max"),
                 capacity_factor=router_options.get("capacity_factor", 2.0),
+                num_tasks=router_options.get("num_tasks"),
+                task_embedding_dim=router_options.get("task_embedding_dim", 64),
             ).to(device)
         self.reset_parameters(init_seed, reset_router=not isinstance(router, Router))  # a given router is kept
 

@@ -6,8 +6,11 @@ Two hooks on the top-level model (never a patched ``forward``, never module-glob
   ``token_mask`` to the mask of the tokens of this forward, [T] bool with T = batch * new tokens. With a KV
   cache the mask covers past + new positions, so the last L columns (L = input length) are used. Routed
   modules ignore a mask whose numel differs from their token count. It also clears each module's
-  ``last_aux_loss`` so that a module that does not run cannot contribute a stale value.
-* forward hook (always called, also on error): clears the masks and sets
+  ``last_aux_loss`` so that a module that does not run cannot contribute a stale value. The task ids set with
+  ``set_task_ids`` (MOELoRA's and MoCLE's task- and cluster-conditioned routers) travel the same way: every
+  routed module gets ``task_ids`` ([B] per sequence or [B, S] per token, or None), and so does its router when
+  it reads them (``uses_task_ids``).
+* forward hook (always called, also on error): clears the masks and the task ids and sets
 
       aux_loss = mean over routed modules m that recorded one of m.last_aux_loss      (0 when none)
 
@@ -32,6 +35,8 @@ from torch import nn
 from .routing import iter_routed_modules
 
 ROUTED_ATTR = "_moe_lora_routed_modules"
+TASK_IDS_ATTR = "_moe_lora_task_ids"
+KEPT_TASK_IDS_ATTR = "_moe_lora_kept_task_ids"
 
 
 def _argument(names: tuple[str, ...], args: tuple, kwargs: dict, key: str):
@@ -63,8 +68,41 @@ def routed_modules(model: nn.Module) -> tuple[nn.Module, ...]:
     return getattr(model, ROUTED_ATTR, ())
 
 
+def set_task_ids(model: nn.Module, task_ids: torch.Tensor | None, *, keep: bool = False) -> None:
+    """Task ids of the samples of the NEXT forward of ``model``: [B] (one per sequence) or [B, S] (one per token,
+    e.g. packed sequences), integers in [0, num_tasks) of every task-conditioned router. Used by one forward, then
+    cleared (set them before every forward); ``keep=True`` keeps them for every forward until set again (use it
+    around ``generate()``, whose steps are forwards of their own). None clears both."""
+    if task_ids is not None:
+        if not torch.is_tensor(task_ids) or task_ids.dim() not in (1, 2) or task_ids.is_floating_point():
+            what = f"a {task_ids.dtype} tensor of shape {tuple(task_ids.shape)}" if torch.is_tensor(task_ids) \
+                else type(task_ids).__name__
+            raise ValueError(f"task_ids: expected an integer tensor [B] or [B, S], got {what}")
+        limits = [r.num_tasks for r in task_routers(model)]
+        if limits and task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= min(limits)):
+            raise ValueError(f"task_ids: values {int(task_ids.min())}..{int(task_ids.max())} are outside "
+                             f"[0, num_tasks={min(limits)})")
+    setattr(model, TASK_IDS_ATTR, task_ids)
+    setattr(model, KEPT_TASK_IDS_ATTR, task_ids if keep else None)
+
+
+def task_routers(model: nn.Module) -> list[nn.Module]:
+    """The routers of ``model`` that read task ids (set_task_ids)."""
+    return [r for m in routed_modules(model) if getattr(r := getattr(m, "router", None), "uses_task_ids", False)]
+
+
+def _hand_task_ids(model: nn.Module, task_ids: torch.Tensor | None) -> None:
+    for m in routed_modules(model):
+        m.task_ids = task_ids
+        router = getattr(m, "router", None)
+        if getattr(router, "uses_task_ids", False):
+            router.task_ids = task_ids
+
+
 def _pre_hook(names: tuple[str, ...], model: nn.Module, args: tuple, kwargs: dict):
     mask_T = token_mask_from_inputs(names, args, kwargs)
+    task_ids = model.__dict__.get(TASK_IDS_ATTR)
+    _hand_task_ids(model, task_ids if task_ids is not None else model.__dict__.get(KEPT_TASK_IDS_ATTR))
     for m in routed_modules(model):
         m.token_mask = mask_T
         m.last_aux_loss = None
@@ -93,6 +131,9 @@ def _post_hook(names: tuple[str, ...], model: nn.Module, args: tuple, kwargs: di
     routed = routed_modules(model)
     for m in routed:
         m.token_mask = None
+    _hand_task_ids(model, None)
+    if TASK_IDS_ATTR in model.__dict__:
+        delattr(model, TASK_IDS_ATTR)
     aux = aux_loss_of(model, _first_device(output))
     if routed and model.training and torch.is_grad_enabled() and all(m.last_aux_loss is None for m in routed):
         warnings.warn(

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from moe_lora.errors import ConfigError
+from moe_lora.model_hooks import set_task_ids, task_routers
 from moe_lora.numerics import NonFiniteError, locate_nonfinite
 from moe_lora.paths import inside
 
@@ -80,6 +81,18 @@ def scale_schedule_per_group(sched, optimizer, lr: float) -> None:
         sched.min_lrs = [lo * s for s in scales]
         sched.max_lrs = [lr * s for s in scales]
         sched.delta_lrs = [hi - lo for hi, lo in zip(sched.max_lrs, sched.min_lrs)]
+
+
+def check_task_data(data, config) -> None:
+    """Task-conditioned routers need a task id per example within [0, num_tasks)."""
+    if data.task_ids is None:
+        raise ConfigError([f"data: router {config.router!r} routes by task, but the examples have no 'task' field "
+                           "(every JSONL line needs one; the synthetic corpus has it)"], "training recipe")
+    top = max((max(s) for s in data.task_ids if s), default=0)
+    if top >= config.num_tasks:
+        names = "" if data.task_names is None else f" ({', '.join(data.task_names)})"
+        raise ConfigError([f"moe_lora.num_tasks: {config.num_tasks}, but the data has task ids up to {top}{names}"],
+                          "training recipe")
 
 
 def _import_deepspeed():
@@ -184,6 +197,9 @@ class Trainer:
         self.engine = engine
         from .expert_parallel import check_expert_parallel_ranks, expert_parallel_layers
 
+        self.task_routed = bool(task_routers(engine.module))
+        if self.task_routed:
+            check_task_data(data, r.moe_lora)
         check_expert_parallel_ranks(engine.module)
         layout = {name: layer.global_expert_ids for name, layer in expert_parallel_layers(engine.module)}
         start = 0
@@ -209,6 +225,8 @@ class Trainer:
         log.event(event="start", world_size=info.world_size, ep_size=r.ep_size, zero_stage=zero_stage(self.ds_config),
                   precision=precision(self.ds_config), sequences=len(data), global_batch=sampler.global_batch,
                   trainable_params=sum(p.numel() for p in params), cpu_threads=threads)
+        if self.task_routed:  # which task each id is (export --task T, set_task_ids at inference)
+            log.event(event="tasks", task_names=data.task_names)
 
         losses, last, last_tag = {}, {}, None
         try:
@@ -257,6 +275,7 @@ class Trainer:
         stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # cross-entropy sum, aux sum, real tokens
         for m in range(t.grad_accum):
             batch = collate([data[i] for i in sampler.indices(step, m)], data.pad_id)
+            self.hand_task_ids(engine.module, batch)
             out = engine(input_ids=batch["input_ids"].to(info.device),
                          attention_mask=batch["attention_mask"].to(info.device), use_cache=False)
             ce = token_ce_sum(out.logits, batch["labels"].to(info.device))
@@ -279,6 +298,11 @@ class Trainer:
             metrics["grad_norm"] = float(norm)
         return metrics
 
+    def hand_task_ids(self, model, batch: dict) -> None:
+        """The batch's per-token task ids to the task-conditioned routers for the next forward (MOELoRA)."""
+        if getattr(self, "task_routed", False):
+            set_task_ids(model, batch["task_ids"].to(self.info.device))
+
     # ---- NaN / inf ----------------------------------------------------------------------------------------
     def nonfinite_anywhere(self, ce: torch.Tensor, aux: torch.Tensor) -> bool:
         """Whether the loss of this micro-batch is NaN/inf on any rank (all ranks agree, so they all take the
@@ -292,6 +316,7 @@ class Trainer:
         then raise NonFiniteError ('error') or skip the step ('skip_step': no backward, no optimizer step)."""
         t, device = self.recipe.train, self.info.device
         model = engine.module
+        self.hand_task_ids(model, batch)
         where = locate_nonfinite(model, lambda: model(input_ids=batch["input_ids"].to(device),
                                                       attention_mask=batch["attention_mask"].to(device),
                                                       use_cache=False))

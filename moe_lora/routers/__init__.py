@@ -6,6 +6,7 @@ from ..errors import suggest
 from .base import Router
 from .expert_choice import ExpertChoiceRouter
 from .soft import SoftRouter
+from .task import TaskRouter
 from .threshold import ThresholdRouter
 from .topk import ContrastiveRouter, TopKRouter
 
@@ -15,6 +16,7 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "threshold": ThresholdRouter,
     "expert_choice": ExpertChoiceRouter,
     "contrastive": ContrastiveRouter,
+    "task": TaskRouter,
 }
 
 
@@ -30,6 +32,8 @@ def build_router(
     soft_top_k: int | None = None,
     threshold_max: float | None = None,
     capacity_factor: float = 2.0,
+    num_tasks: int | None = None,
+    task_embedding_dim: int = 64,
 ) -> Router:
     """Build the router called ``name`` with the options that method uses (others are ignored)."""
     if name not in ROUTER_CLASSES:
@@ -43,6 +47,9 @@ def build_router(
         return SoftRouter(in_features, num_experts, top_k=soft_top_k, **common)
     if name == "threshold":
         return ThresholdRouter(in_features, num_experts, threshold_max=threshold_max, **common)
+    if name == "task":
+        return TaskRouter(in_features, num_experts, num_tasks=num_tasks, task_embedding_dim=task_embedding_dim,
+                          **common)
     return ExpertChoiceRouter(in_features, num_experts, capacity_factor=capacity_factor, **common)
 
 
@@ -52,6 +59,7 @@ __all__ = [
     "ExpertChoiceRouter",
     "Router",
     "SoftRouter",
+    "TaskRouter",
     "ThresholdRouter",
     "TopKRouter",
     "build_router",
