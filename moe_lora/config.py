@@ -19,9 +19,9 @@ from .errors import ConfigError, suggest
 from .kernels.api import BACKENDS
 from .yaml_file import parse_yaml
 
-ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive", "task")
+ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive", "task", "mole")
 #: Routers that choose how many experts a token gets (top_k is not used by them).
-VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice", "task")
+VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice", "task", "mole")
 ROUTER_SCOPES = ("linear", "block")
 
 INITS = ("kaiming", "gaussian")
@@ -79,7 +79,8 @@ class MoELoRAConfig:
         "topk",
         "Routing method: 'topk' (MixLoRA/MoLA), 'soft' (dense softmax: MoLoRA/LoRAMoE), 'threshold' "
         "(AdaMoLE), 'expert_choice' (Zhou et al. 2022), 'contrastive' (top-k + MoELoRA contrastive loss), 'task' "
-        "(MOELoRA: dense weights from a task-id embedding; needs num_tasks).",
+        "(MOELoRA: dense weights from a task-id embedding; needs num_tasks), 'mole' (MoLE: a gate on the "
+        "experts' outputs, for pretrained LoRAs from experts_from_peft).",
     )
     router_scope: str = _f(
         "linear", "'linear': one router per adapted linear (MoLA, AdaMoLE); 'block': one router per MLP block "
@@ -103,6 +104,7 @@ class MoELoRAConfig:
     z_loss_coef: float = _f(0.0, "Coefficient of the ST-MoE router z-loss (1e-3 when on).")
     cv_coef: float = _f(0.0, "Coefficient of the importance CV^2 loss (LoRAMoE).")
     contrastive_coef: float = _f(1e-3, "Coefficient of the contrastive expert loss (router='contrastive' only).")
+    gate_balance_coef: float = _f(0.0, "Coefficient of MoLE's gating balance loss -sum_i log(mean gate of i).")
     contrastive_temperature: float = _f(0.1, "Temperature tau of the contrastive loss.")
     backend: str = _f(
         "auto", "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
@@ -232,7 +234,7 @@ class MoELoRAConfig:
             p.append(f"task_embedding_dim: {self.task_embedding_dim!r} must be an int >= 1")
         if not (is_num(self.capacity_factor) and self.capacity_factor > 0):
             p.append(f"capacity_factor: {self.capacity_factor!r} must be a number > 0")
-        for name in ("load_balance_coef", "z_loss_coef", "cv_coef", "contrastive_coef"):
+        for name in ("load_balance_coef", "z_loss_coef", "cv_coef", "contrastive_coef", "gate_balance_coef"):
             v = getattr(self, name)
             if not (is_num(v) and v >= 0):
                 p.append(f"{name}: {v!r} must be a number >= 0")

@@ -83,16 +83,19 @@ def _router_kwargs(config: MoELoRAConfig) -> dict:
                 num_tasks=config.num_tasks, task_embedding_dim=config.task_embedding_dim)
 
 
-def _build_router(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str):
+def _build_router(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str,
+                  out_features: int | None = None):
     try:
-        return build_router(config.router, in_features, E, top_k=k, **_router_kwargs(config))
+        return build_router(config.router, in_features, E, top_k=k, out_features=out_features,
+                            **_router_kwargs(config))
     except ValueError as e:
         raise ValueError(f"{e} (for {where}, which has num_experts={E})") from None
 
 
-def _router_params(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str) -> int:
+def _router_params(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str,
+                   out_features: int | None = None) -> int:
     with torch.device("meta"):
-        return sum(p.numel() for p in _build_router(config, in_features, E, k, where).parameters())
+        return sum(p.numel() for p in _build_router(config, in_features, E, k, where, out_features).parameters())
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,8 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
                 f"router_scope: 'block' but none of the {len(names)} matched modules is a projection of a recognised "
                 "MLP block (gate_proj/up_proj/down_proj + act_fn, GPT-2 c_fc/c_proj, BERT intermediate/output dense)"
             )
+        if config.router == "mole":
+            raise ValueError("router: 'mole' gates each linear's own LoRA outputs; use router_scope: 'linear'")
         if config.router == "contrastive" and not config.ffn_experts:
             raise ValueError("router: 'contrastive' with router_scope='block' needs ffn_experts: true (the expert "
                              "output it contrasts is the FFN expert's down-projection delta)")
@@ -263,7 +268,7 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
         else:
             layer = layer_index(n)
             E, k = e_and_k(n, layer)
-            params = E * r * (d_in + d_out) + _router_params(config, d_in, E, k, n)
+            params = E * r * (d_in + d_out) + _router_params(config, d_in, E, k, n, d_out)
             entries.append(PlanEntry(n, "linear", "router+experts", layer, E, k, r, d_in, d_out, params,
                                      k_label=routing_label(config, E, k)))
     seen: set[int] = set()
@@ -281,7 +286,7 @@ def _layer_kwargs(config: MoELoRAConfig) -> dict:
 
 def _coefs(config: MoELoRAConfig) -> dict[str, float]:
     return {"load_balance": config.load_balance_coef, "z_loss": config.z_loss_coef, "cv": config.cv_coef,
-            "contrastive": config.contrastive_coef}
+            "contrastive": config.contrastive_coef, "gate_balance": config.gate_balance_coef}
 
 
 def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
@@ -300,6 +305,7 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
                 base, num_experts=e.num_experts, top_k=e.top_k, router=config.router,
                 init_seed=module_seed(config.init_seed, e.name), load_balance_coef=config.load_balance_coef,
                 z_loss_coef=config.z_loss_coef, cv_coef=config.cv_coef, contrastive_coef=config.contrastive_coef,
+                gate_balance_coef=config.gate_balance_coef,
                 contrastive_temperature=config.contrastive_temperature, router_temperature=config.router_temperature,
                 jitter_noise=config.jitter_noise, router_init_std=config.router_init_std,
                 soft_top_k=config.soft_top_k, threshold_max=config.threshold_max,

@@ -131,6 +131,7 @@ class MoELoRALinear(nn.Module):
         cv_coef: float = 0.0,
         contrastive_coef: float = 1e-3,
         contrastive_temperature: float = 0.1,
+        gate_balance_coef: float = 0.0,
         **router_options,
     ):
         super().__init__()
@@ -183,6 +184,7 @@ class MoELoRALinear(nn.Module):
             "z_loss": float(z_loss_coef),
             "cv": float(cv_coef),
             "contrastive": float(contrastive_coef),
+            "gate_balance": float(gate_balance_coef),
         }
         self.contrastive_temperature = float(contrastive_temperature)
 
@@ -203,7 +205,10 @@ class MoELoRALinear(nn.Module):
                 capacity_factor=router_options.get("capacity_factor", 2.0),
                 num_tasks=router_options.get("num_tasks"),
                 task_embedding_dim=router_options.get("task_embedding_dim", 64),
+                out_features=out_features,
             ).to(device)
+        if hasattr(self.router, "bind_experts"):  # a gate on the experts' outputs (MoLE)
+            self.router.bind_experts(self)
         self.reset_parameters(init_seed, reset_router=not isinstance(router, Router))  # a given router is kept
 
         self.token_mask: torch.Tensor | None = None  # [T] bool, set per forward by the converted model

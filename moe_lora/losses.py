@@ -67,6 +67,19 @@ def importance_cv2_loss(routing: Routing, eps: float = 1e-10) -> torch.Tensor:
     return imp_E.var(correction=0) / (imp_E.mean().square() + eps)
 
 
+def gating_balance_loss(routing: Routing, eps: float = 1e-12) -> torch.Tensor:
+    """MoLE's gating balance loss (Wu et al. 2024, arXiv 2404.13628, Eq. 9) over one layer's real tokens:
+
+        q_i = mean over real tokens of G_i(x)         (the mean gate value of LoRA i)
+        L   = -log prod_i q_i = -sum_i log q_i         (minimal, E log E, when every q_i = 1/E)
+
+    It grows without bound as one LoRA's mean gate goes to 0 (the entropy collapse it counters). The paper
+    averages q over its M gated blocks; here over the tokens of one layer (the model averages the layers)."""
+    m_T = _mask(routing)
+    q_E = (routing.probs_TE * m_T[:, None]).sum(0) / m_T.sum().clamp_min(1.0)
+    return -torch.log(q_E.clamp_min(eps)).sum()
+
+
 def contrastive_loss(
     u_SO: torch.Tensor,
     expert_ids_S: torch.Tensor,
@@ -190,6 +203,8 @@ def aux_terms(
         terms["z_loss"] = z_loss(routing)
     if coefs.get("cv", 0.0) > 0:
         terms["cv"] = importance_cv2_loss(routing)
+    if coefs.get("gate_balance", 0.0) > 0:
+        terms["gate_balance"] = gating_balance_loss(routing)
     if expert_outputs is not None or expert_factors is not None:
         terms["contrastive"] = slot_contrastive_loss(routing, expert_outputs, expert_factors, contrastive_temperature)
     return terms

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import suggest
 from .base import Router
 from .expert_choice import ExpertChoiceRouter
+from .mole import MoLERouter
 from .soft import SoftRouter
 from .task import TaskRouter
 from .threshold import ThresholdRouter
@@ -17,6 +18,7 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "expert_choice": ExpertChoiceRouter,
     "contrastive": ContrastiveRouter,
     "task": TaskRouter,
+    "mole": MoLERouter,
 }
 
 
@@ -34,6 +36,7 @@ def build_router(
     capacity_factor: float = 2.0,
     num_tasks: int | None = None,
     task_embedding_dim: int = 64,
+    out_features: int | None = None,
 ) -> Router:
     """Build the router called ``name`` with the options that method uses (others are ignored)."""
     if name not in ROUTER_CLASSES:
@@ -47,6 +50,8 @@ def build_router(
         return SoftRouter(in_features, num_experts, top_k=soft_top_k, **common)
     if name == "threshold":
         return ThresholdRouter(in_features, num_experts, threshold_max=threshold_max, **common)
+    if name == "mole":
+        return MoLERouter(in_features, num_experts, out_features=out_features, **common)
     if name == "task":
         return TaskRouter(in_features, num_experts, num_tasks=num_tasks, task_embedding_dim=task_embedding_dim,
                           **common)
@@ -57,6 +62,7 @@ __all__ = [
     "ROUTER_CLASSES",
     "ContrastiveRouter",
     "ExpertChoiceRouter",
+    "MoLERouter",
     "Router",
     "SoftRouter",
     "TaskRouter",
