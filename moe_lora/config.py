@@ -19,9 +19,9 @@ from .errors import ConfigError, suggest
 from .kernels.api import BACKENDS
 from .yaml_file import parse_yaml
 
-ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive", "task", "mole")
+ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive", "task", "mole", "xlora")
 #: Routers that choose how many experts a token gets (top_k is not used by them).
-VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice", "task", "mole")
+VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice", "task", "mole", "xlora")
 ROUTER_SCOPES = ("linear", "block")
 
 INITS = ("kaiming", "gaussian")
@@ -80,7 +80,8 @@ class MoELoRAConfig:
         "Routing method: 'topk' (MixLoRA/MoLA), 'soft' (dense softmax: MoLoRA/LoRAMoE), 'threshold' "
         "(AdaMoLE), 'expert_choice' (Zhou et al. 2022), 'contrastive' (top-k + MoELoRA contrastive loss), 'task' "
         "(MOELoRA: dense weights from a task-id embedding; needs num_tasks), 'mole' (MoLE: a gate on the "
-        "experts' outputs, for pretrained LoRAs from experts_from_peft).",
+        "experts' outputs, for pretrained LoRAs from experts_from_peft), 'xlora' (X-LoRA: two passes, scalings "
+        "from the first pass's last hidden state; needs classifier_hidden_size).",
     )
     router_scope: str = _f(
         "linear", "'linear': one router per adapted linear (MoLA, AdaMoLE); 'block': one router per MLP block "
@@ -93,7 +94,11 @@ class MoELoRAConfig:
     router_temperature: float = _f(1.0, "Softmax temperature of the router: p = softmax(W_r x / temperature).")
     router_init_std: float = _f(0.02, "Std of the normal init of the router weight W_r [E, d_in].")
     jitter_noise: float = _f(0.0, "Multiplicative jitter x * U(1-eps, 1+eps) on the router input in training.")
-    soft_top_k: int | None = _f(None, "Soft router only: keep the top-k probabilities and renormalise (X-LoRA).")
+    soft_top_k: int | None = _f(
+        None, "Soft router: keep the top-k probabilities and renormalise; 'xlora': keep the top-k scalings "
+        "(not renormalised, X-LoRA's top_k_lora).")
+    classifier_hidden_size: int | None = _f(
+        None, "Router 'xlora': hidden size of the model (its last hidden state feeds the per-layer classifiers).")
     threshold_max: float | None = _f(
         None, "Threshold router: tau(x) = threshold_max * sigmoid(w.x + b); default 1/E (at least one expert fires)."
     )
@@ -230,6 +235,9 @@ class MoELoRAConfig:
             p.append(f"num_tasks: {self.num_tasks!r} must be an int >= 1 with router 'task'")
         elif self.num_tasks is not None and not (is_int(self.num_tasks) and self.num_tasks >= 1):
             p.append(f"num_tasks: {self.num_tasks!r} must be null or an int >= 1")
+        if self.router == "xlora" and not (is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1):
+            p.append(f"classifier_hidden_size: {self.classifier_hidden_size!r} must be the model's hidden size "
+                     "(an int >= 1) with router 'xlora'")
         if not (is_int(self.task_embedding_dim) and self.task_embedding_dim >= 1):
             p.append(f"task_embedding_dim: {self.task_embedding_dim!r} must be an int >= 1")
         if not (is_num(self.capacity_factor) and self.capacity_factor > 0):

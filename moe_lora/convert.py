@@ -80,7 +80,8 @@ def _router_kwargs(config: MoELoRAConfig) -> dict:
     return dict(temperature=config.router_temperature, jitter_noise=config.jitter_noise,
                 init_std=config.router_init_std, soft_top_k=config.soft_top_k,
                 threshold_max=config.threshold_max, capacity_factor=config.capacity_factor,
-                num_tasks=config.num_tasks, task_embedding_dim=config.task_embedding_dim)
+                num_tasks=config.num_tasks, task_embedding_dim=config.task_embedding_dim,
+                classifier_hidden_size=config.classifier_hidden_size)
 
 
 def _build_router(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str,
@@ -222,6 +223,10 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
             raise ValueError(f"top_k: {k} is larger than num_experts={E} for {where!r} (layer {layer}); k <= E")
         return E, k
 
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if config.router == "xlora" and hidden is not None and hidden != config.classifier_hidden_size:
+        raise ValueError(f"classifier_hidden_size: {config.classifier_hidden_size} but {type(model).__name__}'s "
+                         f"hidden size is {hidden}")
     block_of: dict[str, tuple[BlockLayout, str]] = {}
     if config.router_scope == "block":
         for n in names:
@@ -233,8 +238,9 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
                 f"router_scope: 'block' but none of the {len(names)} matched modules is a projection of a recognised "
                 "MLP block (gate_proj/up_proj/down_proj + act_fn, GPT-2 c_fc/c_proj, BERT intermediate/output dense)"
             )
-        if config.router == "mole":
-            raise ValueError("router: 'mole' gates each linear's own LoRA outputs; use router_scope: 'linear'")
+        if config.router in ("mole", "xlora"):
+            raise ValueError(f"router: {config.router!r} gates each adapted linear's LoRAs; use router_scope: "
+                             "'linear'")
         if config.router == "contrastive" and not config.ffn_experts:
             raise ValueError("router: 'contrastive' with router_scope='block' needs ffn_experts: true (the expert "
                              "output it contrasts is the FFN expert's down-projection delta)")
@@ -310,7 +316,8 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
                 jitter_noise=config.jitter_noise, router_init_std=config.router_init_std,
                 soft_top_k=config.soft_top_k, threshold_max=config.threshold_max,
                 capacity_factor=config.capacity_factor, num_tasks=config.num_tasks,
-                task_embedding_dim=config.task_embedding_dim, **kw,
+                task_embedding_dim=config.task_embedding_dim,
+                classifier_hidden_size=config.classifier_hidden_size, **kw,
             )
             model.set_submodule(e.name, layer.train(base.training))
         elif e.scope in ("block", "ffn") and e.part == "experts":
@@ -338,6 +345,10 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
                 param.requires_grad_(True)
     setattr(model, PLAN_ATTR, p)
     attach_model_hooks(model)
+    if config.router == "xlora":
+        from .xlora import attach_xlora_hooks
+
+        attach_xlora_hooks(model)
     return model
 
 

@@ -31,7 +31,7 @@ from .routers import ROUTER_CLASSES, Router, build_router
 from .routing import Routing
 
 ROUTER_OPTIONS = ("router_temperature", "jitter_noise", "router_init_std", "soft_top_k", "threshold_max",
-                  "capacity_factor", "num_tasks", "task_embedding_dim")
+                  "capacity_factor", "num_tasks", "task_embedding_dim", "classifier_hidden_size")
 
 
 def base_dims(base_layer: nn.Module) -> tuple[int, int]:
@@ -206,6 +206,7 @@ class MoELoRALinear(nn.Module):
                 num_tasks=router_options.get("num_tasks"),
                 task_embedding_dim=router_options.get("task_embedding_dim", 64),
                 out_features=out_features,
+                classifier_hidden_size=router_options.get("classifier_hidden_size"),
             ).to(device)
         if hasattr(self.router, "bind_experts"):  # a gate on the experts' outputs (MoLE)
             self.router.bind_experts(self)

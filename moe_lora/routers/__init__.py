@@ -10,6 +10,7 @@ from .soft import SoftRouter
 from .task import TaskRouter
 from .threshold import ThresholdRouter
 from .topk import ContrastiveRouter, TopKRouter
+from .xlora import XLoRARouter
 
 ROUTER_CLASSES: dict[str, type[Router]] = {
     "topk": TopKRouter,
@@ -19,6 +20,7 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "contrastive": ContrastiveRouter,
     "task": TaskRouter,
     "mole": MoLERouter,
+    "xlora": XLoRARouter,
 }
 
 
@@ -37,6 +39,7 @@ def build_router(
     num_tasks: int | None = None,
     task_embedding_dim: int = 64,
     out_features: int | None = None,
+    classifier_hidden_size: int | None = None,
 ) -> Router:
     """Build the router called ``name`` with the options that method uses (others are ignored)."""
     if name not in ROUTER_CLASSES:
@@ -50,6 +53,9 @@ def build_router(
         return SoftRouter(in_features, num_experts, top_k=soft_top_k, **common)
     if name == "threshold":
         return ThresholdRouter(in_features, num_experts, threshold_max=threshold_max, **common)
+    if name == "xlora":
+        return XLoRARouter(in_features, num_experts, classifier_hidden_size=classifier_hidden_size, top_k=soft_top_k,
+                           **common)
     if name == "mole":
         return MoLERouter(in_features, num_experts, out_features=out_features, **common)
     if name == "task":
@@ -68,5 +74,6 @@ __all__ = [
     "TaskRouter",
     "ThresholdRouter",
     "TopKRouter",
+    "XLoRARouter",
     "build_router",
 ]
