@@ -38,7 +38,7 @@ REQUIRED_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_
                    "router_temperature", "soft_top_k", "threshold_max", "capacity_factor", "modules_to_save")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SCOPES = ("linear", "block", "ffn")
+SCOPES = ("linear", "block", "ffn", "ia3")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -64,6 +64,7 @@ from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
 from .convert import Plan, convert, converted_plan, is_converted, plan
 from .layer import MoELoRALinear, base_dims
+from .mov import MoVLinear
 from .targets import is_linear_like
 
 FORMAT_VERSION = 1
@@ -91,7 +92,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
     save_names = {e.name for e in p.entries if e.scope == "save"}
     for name, module in model.named_modules():
-        if isinstance(module, MoELoRALinear | ExpertLinear | MoEBlock):
+        if isinstance(module, MoELoRALinear | ExpertLinear | MoEBlock | MoVLinear):
             for pname, param in module.named_parameters():
                 if not pname.startswith("base_layer."):
                     add(f"{base_path(name)}.{pname}", param, f"{name}.{pname}")

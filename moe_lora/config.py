@@ -26,7 +26,8 @@ ROUTER_SCOPES = ("linear", "block")
 
 INITS = ("kaiming", "gaussian")
 #: Fields that take a list (or a tuple, stored as a list).
-LIST_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_k", "modules_to_save")
+LIST_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_k", "modules_to_save",
+               "ia3_feedforward_modules")
 
 
 def _f(default, help: str, **kw):
@@ -83,6 +84,12 @@ class MoELoRAConfig:
         "experts' outputs, for pretrained LoRAs from experts_from_peft), 'xlora' (X-LoRA: two passes, scalings "
         "from the first pass's last hidden state; needs classifier_hidden_size).",
     )
+    expert_type: str = _f(
+        "lora", "'lora': every expert is a LoRA; 'ia3': MoV's (IA)^3 vectors, one learned scaling vector per expert "
+        "on the targets' outputs (keys, values) or inputs (ia3_feedforward_modules), mixed by the router.")
+    ia3_feedforward_modules: list[str] = _f(
+        ["down_proj", "fc2", "mlp.c_proj", "wo"], "expert_type 'ia3': targets whose INPUT is scaled (the FFN's "
+        "intermediate activation); the other targets have their output scaled.")
     router_scope: str = _f(
         "linear", "'linear': one router per adapted linear (MoLA, AdaMoLE); 'block': one router per MLP block "
         "shared by its projections (MixLoRA)."
@@ -238,6 +245,12 @@ class MoELoRAConfig:
         if self.router == "xlora" and not (is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1):
             p.append(f"classifier_hidden_size: {self.classifier_hidden_size!r} must be the model's hidden size "
                      "(an int >= 1) with router 'xlora'")
+        if self.expert_type not in ("lora", "ia3"):
+            p.append(f"expert_type: {self.expert_type!r}{suggest(self.expert_type, ('lora', 'ia3'))}; "
+                     "allowed: lora, ia3")
+        fm = self.ia3_feedforward_modules
+        if not (isinstance(fm, list | tuple) and all(isinstance(m, str) and m for m in fm)):
+            p.append(f"ia3_feedforward_modules: {fm!r} must be a list of module names")
         if not (is_int(self.task_embedding_dim) and self.task_embedding_dim >= 1):
             p.append(f"task_embedding_dim: {self.task_embedding_dim!r} must be an int >= 1")
         if not (is_num(self.capacity_factor) and self.capacity_factor > 0):

@@ -27,6 +27,7 @@ from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
 from .layer import MoELoRALinear, base_dims, expert_generator
 from .model_hooks import attach_model_hooks
+from .mov import MoVLinear
 from .routers import build_router
 from .targets import (
     BlockLayout,
@@ -173,7 +174,7 @@ def fingerprint(targets: list[tuple[str, int, int]]) -> str:
 
 
 def is_converted(model: nn.Module) -> bool:
-    return any(isinstance(m, MoELoRALinear | ExpertLinear | MoEBlock) for m in model.modules())
+    return any(isinstance(m, MoELoRALinear | ExpertLinear | MoEBlock | MoVLinear) for m in model.modules())
 
 
 def _unique_params(modules: list[nn.Module], seen: set[int]) -> int:
@@ -227,6 +228,9 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
     if config.router == "xlora" and hidden is not None and hidden != config.classifier_hidden_size:
         raise ValueError(f"classifier_hidden_size: {config.classifier_hidden_size} but {type(model).__name__}'s "
                          f"hidden size is {hidden}")
+    if config.expert_type == "ia3" and (config.router_scope != "linear" or config.router in ("mole", "xlora")):
+        raise ValueError(f"expert_type: 'ia3' (MoV) needs router_scope 'linear' and a router that reads the "
+                         f"activation (got router_scope={config.router_scope!r}, router={config.router!r})")
     block_of: dict[str, tuple[BlockLayout, str]] = {}
     if config.router_scope == "block":
         for n in names:
@@ -271,6 +275,14 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
             lora = E * r * (d_in + d_out)
             entries.append(PlanEntry(n, scope, "experts", layer, E, k, r, d_in, d_out, lora, block=layout.entry,
                                      role=role, k_label=routing_label(config, E, k)))
+        elif config.expert_type == "ia3":  # MoV: vectors at the output (keys, values) or input (FFN down) site
+            layer = layer_index(n)
+            E, k = e_and_k(n, layer)
+            site = "input" if any(matches_target(n, f) for f in config.ia3_feedforward_modules) else "output"
+            d = d_in if site == "input" else d_out
+            entries.append(PlanEntry(n, "ia3", "router+vectors", layer, E, k, None, d_in, d_out,
+                                     E * d + _router_params(config, d, E, k, n), role=site,
+                                     k_label=routing_label(config, E, k)))
         else:
             layer = layer_index(n)
             E, k = e_and_k(n, layer)
@@ -320,6 +332,13 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
                 classifier_hidden_size=config.classifier_hidden_size, **kw,
             )
             model.set_submodule(e.name, layer.train(base.training))
+        elif e.scope == "ia3":
+            base = model.get_submodule(e.name)
+            d = e.in_features if e.role == "input" else e.out_features
+            router = _build_router(config, d, e.num_experts, e.top_k, e.name)
+            router.reset_parameters(expert_generator(module_seed(config.init_seed, e.name), -1))
+            mov = MoVLinear(base, router.to(base.weight.device), e.role, _coefs(config))
+            model.set_submodule(e.name, mov.train(base.training))
         elif e.scope in ("block", "ffn") and e.part == "experts":
             by_block.setdefault(e.block, []).append(e)
     for entry_name, layout in p.blocks.items():

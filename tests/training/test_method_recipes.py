@@ -12,12 +12,14 @@ from moe_lora import load_adapter, save_adapter, set_task_ids
 from moe_lora.zoo import load_model
 
 
-def _round_trip(adapter_dir, tmp_path, task_ids=None):
+def _round_trip(adapter_dir, tmp_path, task_ids=None, trained="lora_B"):
     def fresh():
         return load_model("tiny-llama", seed=0, **TINY_SIZES)
 
     model = load_adapter(fresh(), adapter_dir).eval()
-    assert any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+    moved = [float((p.detach() - (1.0 if trained == "ia3_vectors" else 0.0)).abs().max())
+             for n, p in model.named_parameters() if n.endswith(trained)]
+    assert moved and max(moved) > 0, "training changed the adapter"
     save_adapter(model, tmp_path / "again")
     again = load_adapter(fresh(), tmp_path / "again").eval()
     ids = torch.randint(5, 500, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -38,3 +40,12 @@ def test_moelora_task_recipe(tmp_path):
     model = _round_trip(out["result"]["adapter_dir"], tmp_path, task_ids=torch.tensor([0, 5]))
     gates = [p for n, p in model.named_parameters() if n.endswith("router.task_embedding.weight")]
     assert len(gates) == 14  # seven projections x two layers, one task embedding each
+
+
+@pytest.mark.slow
+def test_mov_recipe(tmp_path):
+    recipe = recipe_file_for_test("mov", tmp_path)
+    recipe["optimizer"]["lr"] = 1e-2  # two steps must move the vectors visibly
+    out = train_one_rank(tmp_path, recipe=recipe)
+    assert all(v == v for v in out["result"]["losses"].values())
+    _round_trip(out["result"]["adapter_dir"], tmp_path, trained="ia3_vectors")
