@@ -71,6 +71,8 @@ class MoELoRAConfig:
     rank: int = _f(8, "LoRA rank r of every expert.")
     alpha: float = _f(16.0, "LoRA alpha; the expert output is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
     dropout: float = _f(0.0, "Dropout on the expert input (shared by the experts of a module), like lora_dropout.")
+    use_dora: bool = _f(False, "DoRA experts: each expert has a magnitude m_e [out] and the direction W0 + s B_e A_e "
+                        "(router_scope 'linear').")
     use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
     init_lora_weights: str = _f(
         "kaiming", "Init of lora_A: 'kaiming' (uniform, a=sqrt(5), as PEFT) or 'gaussian' (N(0, 1/r)); lora_B is zero."
@@ -245,6 +247,8 @@ class MoELoRAConfig:
         if self.router == "xlora" and not (is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1):
             p.append(f"classifier_hidden_size: {self.classifier_hidden_size!r} must be the model's hidden size "
                      "(an int >= 1) with router 'xlora'")
+        if not isinstance(self.use_dora, bool):
+            p.append(f"use_dora: {self.use_dora!r} must be true or false")
         if self.expert_type not in ("lora", "ia3"):
             p.append(f"expert_type: {self.expert_type!r}{suggest(self.expert_type, ('lora', 'ia3'))}; "
                      "allowed: lora, ia3")

@@ -25,6 +25,7 @@ from torch import nn
 
 from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
+from .dora import DoRAMoELoRALinear
 from .layer import MoELoRALinear, base_dims, expert_generator
 from .model_hooks import attach_model_hooks
 from .mov import MoVLinear
@@ -228,6 +229,9 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
     if config.router == "xlora" and hidden is not None and hidden != config.classifier_hidden_size:
         raise ValueError(f"classifier_hidden_size: {config.classifier_hidden_size} but {type(model).__name__}'s "
                          f"hidden size is {hidden}")
+    if config.use_dora and (config.router_scope != "linear" or config.expert_type != "lora"):
+        raise ValueError(f"use_dora: true needs router_scope 'linear' and LoRA experts (got router_scope="
+                         f"{config.router_scope!r}, expert_type={config.expert_type!r})")
     if config.expert_type == "ia3" and (config.router_scope != "linear" or config.router in ("mole", "xlora")):
         raise ValueError(f"expert_type: 'ia3' (MoV) needs router_scope 'linear' and a router that reads the "
                          f"activation (got router_scope={config.router_scope!r}, router={config.router!r})")
@@ -287,6 +291,7 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
             layer = layer_index(n)
             E, k = e_and_k(n, layer)
             params = E * r * (d_in + d_out) + _router_params(config, d_in, E, k, n, d_out)
+            params += E * d_out if config.use_dora else 0  # DoRA's magnitudes
             entries.append(PlanEntry(n, "linear", "router+experts", layer, E, k, r, d_in, d_out, params,
                                      k_label=routing_label(config, E, k)))
     seen: set[int] = set()
@@ -319,7 +324,7 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     for e in p.entries:
         if e.scope == "linear":
             base = model.get_submodule(e.name)
-            layer = MoELoRALinear(
+            layer = (DoRAMoELoRALinear if config.use_dora else MoELoRALinear)(
                 base, num_experts=e.num_experts, top_k=e.top_k, router=config.router,
                 init_seed=module_seed(config.init_seed, e.name), load_balance_coef=config.load_balance_coef,
                 z_loss_coef=config.z_loss_coef, cv_coef=config.cv_coef, contrastive_coef=config.contrastive_coef,

@@ -49,3 +49,12 @@ def test_mov_recipe(tmp_path):
     out = train_one_rank(tmp_path, recipe=recipe)
     assert all(v == v for v in out["result"]["losses"].values())
     _round_trip(out["result"]["adapter_dir"], tmp_path, trained="ia3_vectors")
+
+
+@pytest.mark.slow
+def test_dora_experts_recipe(tmp_path):
+    recipe = recipe_file_for_test("dora_experts", tmp_path)
+    recipe["optimizer"]["lr"] = 1e-2
+    out = train_one_rank(tmp_path, recipe=recipe)
+    assert all(v == v for v in out["result"]["losses"].values())
+    _round_trip(out["result"]["adapter_dir"], tmp_path)
