@@ -14,7 +14,7 @@ import sys
 
 from . import __version__
 
-COMMANDS = ("info", "convert", "train", "analyze", "export", "bench", "demo")
+COMMANDS = ("info", "convert", "train", "analyze", "export", "cluster", "bench", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

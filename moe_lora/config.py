@@ -19,7 +19,7 @@ from .errors import ConfigError, suggest
 from .kernels.api import BACKENDS
 from .yaml_file import parse_yaml
 
-ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive", "task", "mole", "xlora")
+ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive", "task", "mole", "xlora", "cluster")
 #: Routers that choose how many experts a token gets (top_k is not used by them).
 VARIABLE_K_ROUTERS = ("soft", "threshold", "expert_choice", "task", "mole", "xlora")
 ROUTER_SCOPES = ("linear", "block")
@@ -84,7 +84,8 @@ class MoELoRAConfig:
         "(AdaMoLE), 'expert_choice' (Zhou et al. 2022), 'contrastive' (top-k + MoELoRA contrastive loss), 'task' "
         "(MOELoRA: dense weights from a task-id embedding; needs num_tasks), 'mole' (MoLE: a gate on the "
         "experts' outputs, for pretrained LoRAs from experts_from_peft), 'xlora' (X-LoRA: two passes, scalings "
-        "from the first pass's last hidden state; needs classifier_hidden_size).",
+        "from the first pass's last hidden state; needs classifier_hidden_size), 'cluster' (MoCLE: the sample's "
+        "cluster id picks top_k experts, the last expert is universal; needs num_tasks).",
     )
     expert_type: str = _f(
         "lora", "'lora': every expert is a LoRA; 'ia3': MoV's (IA)^3 vectors, one learned scaling vector per expert "
@@ -112,7 +113,8 @@ class MoELoRAConfig:
         None, "Threshold router: tau(x) = threshold_max * sigmoid(w.x + b); default 1/E (at least one expert fires)."
     )
     capacity_factor: float = _f(2.0, "Expert-choice router: each expert takes ceil(capacity_factor * T / E) tokens.")
-    num_tasks: int | None = _f(None, "Router 'task' (MOELoRA): number of task ids (0 .. num_tasks - 1).")
+    num_tasks: int | None = _f(
+        None, "Routers 'task' (MOELoRA) and 'cluster' (MoCLE): number of task or cluster ids (0 .. num_tasks - 1).")
     task_embedding_dim: int = _f(64, "Router 'task' (MOELoRA): size of the task embedding the gate reads.")
     load_balance_coef: float = _f(1e-3, "Coefficient of the Switch load-balancing loss (balanced value 1).")
     z_loss_coef: float = _f(0.0, "Coefficient of the ST-MoE router z-loss (1e-3 when on).")
@@ -240,8 +242,8 @@ class MoELoRAConfig:
             p.append(f"soft_top_k: {self.soft_top_k} is larger than num_experts={ne}")
         if self.threshold_max is not None and not (is_num(self.threshold_max) and 0 < self.threshold_max <= 1):
             p.append(f"threshold_max: {self.threshold_max!r} must be null or in (0, 1]")
-        if self.router == "task" and not (is_int(self.num_tasks) and self.num_tasks >= 1):
-            p.append(f"num_tasks: {self.num_tasks!r} must be an int >= 1 with router 'task'")
+        if self.router in ("task", "cluster") and not (is_int(self.num_tasks) and self.num_tasks >= 1):
+            p.append(f"num_tasks: {self.num_tasks!r} must be an int >= 1 with router {self.router!r}")
         elif self.num_tasks is not None and not (is_int(self.num_tasks) and self.num_tasks >= 1):
             p.append(f"num_tasks: {self.num_tasks!r} must be null or an int >= 1")
         if self.router == "xlora" and not (is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1):

@@ -41,7 +41,7 @@ from .targets import (
 from .targets import _matches as matches_target
 from .yaml_file import read_yaml
 
-FIXED_K_ROUTERS = ("topk", "contrastive")
+FIXED_K_ROUTERS = ("topk", "contrastive", "cluster")
 PLAN_ATTR = "moe_lora_plan"
 
 

@@ -17,10 +17,10 @@ Packing concatenates the sequences of all examples (in file order) and cuts the 
 Without packing each sequence is truncated to ``seq_len`` and ``collate`` pads a batch to its longest sequence
 (right padding, attention_mask 0, labels -100).
 
-Task ids: when every example has a ``task`` field, each token carries its example's task id (packed blocks may
-mix tasks), and ``collate`` adds ``task_ids`` [B, S] (padding 0), which the trainer hands to task-conditioned
-routers (moe_lora.set_task_ids). Ids are the index of the task in ``task_names``: the synthetic corpus's task
-list in its recipe order; for JSONL the sorted distinct values (ints are taken as the ids themselves).
+Task ids: when every example has a ``task`` field (``data.task_field``), each token carries its example's task id
+(packed blocks may mix tasks), and ``collate`` adds ``task_ids`` [B, S] (padding 0), which the trainer hands to
+task-conditioned routers (moe_lora.set_task_ids). Ids are the index of the task in ``task_names``: the synthetic
+corpus's task list in its recipe order; for JSONL the sorted distinct values (ints are taken as the ids themselves).
 """
 
 from __future__ import annotations
@@ -59,12 +59,13 @@ class TokenizedData:
         return self.input_ids[i], self.labels[i], self.task_ids[i]
 
 
-def task_ids_of_rows(rows: list[dict], names: list[str] | None = None) -> tuple[list[int], list[str] | None] | None:
-    """(task id per row, task names) when every row has a ``task`` field, else None. ``names``: the id order
+def task_ids_of_rows(rows: list[dict], names: list[str] | None = None, field: str = "task"
+                     ) -> tuple[list[int], list[str] | None] | None:
+    """(task id per row, task names) when every row has the field ``field``, else None. ``names``: the id order
     (the synthetic corpus's task list); otherwise ints are ids and other values are numbered in sorted order."""
-    if not rows or any("task" not in r for r in rows):
+    if not rows or any(field not in r for r in rows):
         return None
-    tasks = [r["task"] for r in rows]
+    tasks = [r[field] for r in rows]
     if names is None and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tasks):
         return tasks, None
     names = names or sorted({str(t) for t in tasks})
@@ -139,7 +140,8 @@ def build_dataset(section, tokenizer, resolve) -> TokenizedData:
             rows = [{"text": f"{r['prompt']} {r['response']}"} for r in rows]
     else:
         rows, fmt = read_jsonl(resolve(section.path), section.format)
-    tasks = task_ids_of_rows(rows, list(section.synthetic.tasks) if section.source == "synthetic" else None)
+    tasks = task_ids_of_rows(rows, list(section.synthetic.tasks) if section.source == "synthetic" else None,
+                             section.task_field)
     ids, labels = tokenize_examples(rows, fmt, tokenizer)
     task_tok = None if tasks is None else [[t] * len(s) for t, s in zip(tasks[0], ids)]
     if section.packing:

@@ -86,8 +86,9 @@ def scale_schedule_per_group(sched, optimizer, lr: float) -> None:
 def check_task_data(data, config) -> None:
     """Task-conditioned routers need a task id per example within [0, num_tasks)."""
     if data.task_ids is None:
-        raise ConfigError([f"data: router {config.router!r} routes by task, but the examples have no 'task' field "
-                           "(every JSONL line needs one; the synthetic corpus has it)"], "training recipe")
+        raise ConfigError([f"data.task_field: router {config.router!r} routes by task or cluster, but not every "
+                           "example has that field (the synthetic corpus has 'task'; moe-lora cluster writes "
+                           "'cluster')"], "training recipe")
     top = max((max(s) for s in data.task_ids if s), default=0)
     if top >= config.num_tasks:
         names = "" if data.task_names is None else f" ({', '.join(data.task_names)})"

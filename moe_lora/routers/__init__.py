@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import suggest
 from .base import Router
+from .cluster import ClusterRouter
 from .expert_choice import ExpertChoiceRouter
 from .mole import MoLERouter
 from .soft import SoftRouter
@@ -21,6 +22,7 @@ ROUTER_CLASSES: dict[str, type[Router]] = {
     "task": TaskRouter,
     "mole": MoLERouter,
     "xlora": XLoRARouter,
+    "cluster": ClusterRouter,
 }
 
 
@@ -53,6 +55,9 @@ def build_router(
         return SoftRouter(in_features, num_experts, top_k=soft_top_k, **common)
     if name == "threshold":
         return ThresholdRouter(in_features, num_experts, threshold_max=threshold_max, **common)
+    if name == "cluster":
+        return ClusterRouter(in_features, num_experts, top_k=top_k, num_tasks=num_tasks,
+                             task_embedding_dim=task_embedding_dim, **common)
     if name == "xlora":
         return XLoRARouter(in_features, num_experts, classifier_hidden_size=classifier_hidden_size, top_k=soft_top_k,
                            **common)
@@ -66,6 +71,7 @@ def build_router(
 
 __all__ = [
     "ROUTER_CLASSES",
+    "ClusterRouter",
     "ContrastiveRouter",
     "ExpertChoiceRouter",
     "MoLERouter",

@@ -58,3 +58,22 @@ def test_dora_experts_recipe(tmp_path):
     out = train_one_rank(tmp_path, recipe=recipe)
     assert all(v == v for v in out["result"]["losses"].values())
     _round_trip(out["result"]["adapter_dir"], tmp_path)
+
+
+@pytest.mark.slow
+def test_mocle_recipe(tmp_path):
+    import json
+
+    from moe_lora.cli import main
+    from moe_lora.training.synthetic import generate_corpus
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in generate_corpus(64, 0)))
+    clustered = tmp_path / "train_clustered.jsonl"
+    assert main(["cluster", "--data", str(data), "--k", "8", "--out", str(clustered), "--no-progress"]) == 0
+    recipe = recipe_file_for_test("mocle", tmp_path)
+    recipe["data"]["path"] = str(clustered)
+    recipe["optimizer"]["lr"] = 1e-2
+    out = train_one_rank(tmp_path, recipe=recipe)
+    assert all(v == v for v in out["result"]["losses"].values())
+    _round_trip(out["result"]["adapter_dir"], tmp_path, task_ids=torch.tensor([7, 0]))
