@@ -6,16 +6,21 @@ PY     ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS ?= dev,triton,train
+EXTRAS ?= dev,triton,train,hf,quant
 
 .PHONY: install test test-fast demo lint bench bench-quick quality quality-quick clean
 
 $(STAMP): pyproject.toml Makefile
+	@echo "==> [1/4] virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	@echo "==> [2/4] pip"
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	@echo "==> [3/4] torch 2.13.0 (the CPU build; a few minutes on a fresh machine)"
+	$(BIN)/python -m pip install --progress-bar on torch==2.13.0
+	@echo "==> [4/4] moe-lora with the extras $(EXTRAS) (DeepSpeed builds from source with its CUDA ops off)"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --progress-bar on -e ".[$(EXTRAS)]"
 	touch $(STAMP)
+	@echo "==> installed: $(BIN)/moe-lora"
 
 install: $(STAMP)  ## create .venv and install the package with all CPU extras
 

@@ -20,6 +20,8 @@ from safetensors.torch import load as safetensors_load
 from .config import MoELoRAConfig
 from .convert import fingerprint
 from .errors import ConfigError
+from .json_file import parse_json
+from .text_limits import MAX_CONFIG_BYTES, short
 
 #: Keys every adapter_config.json of format_version 1 records besides the config fields (see adapter_io).
 REQUIRED_META = ("adapter_type", "format_version", "moe_lora_version", "base_model_name_or_path", "fingerprint",
@@ -40,12 +42,6 @@ REQUIRED_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SCOPES = ("linear", "block", "ffn", "ia3")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def short(value, limit: int = 80) -> str:
-    """repr(value), cut to ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(v) -> bool:
@@ -73,16 +69,19 @@ def looks_pickled(head: bytes) -> str | None:
 
 
 def read_json_object(file: Path, who: str) -> dict:
-    """The JSON object in ``file``; ValueError naming the file and the position when it is not one."""
+    """The JSON object in ``file``; ValueError naming the file and the position when it is not one (or is too
+    large or too deeply nested: moe_lora/json_file.py)."""
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{who}: {file} is {file.stat().st_size / 2**20:.1f} MiB; a JSON config may be at most "
+                         f"{MAX_CONFIG_BYTES // 2**20} MiB")
     try:
         text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{who}: {file} is not UTF-8 text (byte {e.start}); expected a JSON object") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{who}: {file} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}; "
-                         "expected a JSON object") from None
+        data = parse_json(text, f"{who}: {file}")
+    except ValueError as e:
+        raise ValueError(f"{e}; expected a JSON object") from None
     if not isinstance(data, dict):
         raise ValueError(f"{who}: {file} holds a JSON {type(data).__name__}; expected a JSON object")
     return data

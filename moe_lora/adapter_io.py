@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -59,7 +58,7 @@ from .adapter_checks import (
     read_safetensors,
     short,
 )
-from .atomic_dir import backup_of, commit_dir, is_leftover, new_temp_dir, recover, write_new_file
+from .atomic_dir import backup_of, commit_dir, is_leftover, new_temp_dir, publish_modes, recover, write_new_file
 from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
 from .convert import Plan, convert, converted_plan, is_converted, plan
@@ -129,17 +128,6 @@ def adapter_metadata(model: nn.Module) -> dict:
     return {**p.config.to_dict(), **meta}
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (os.umask would set it, briefly, for every thread)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 def save_adapter(model: nn.Module, path: str | Path) -> Path:
     """Write the adapter of a converted model to directory ``path`` (atomically; see the module docstring).
 
@@ -168,10 +156,7 @@ def save_adapter(model: nn.Module, path: str | Path) -> Path:
         weights = tmp / WEIGHTS_NAME
         write_new_file(weights, data)
         write_new_file(tmp / CONFIG_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-        mask = _umask()  # mkdtemp made the directory 0o700; give the files and it the usual modes
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.chmod(tmp / name, 0o666 & ~mask)
-        os.chmod(tmp, 0o777 & ~mask)
+        publish_modes(tmp)  # mkdtemp made the directory 0o700; give the files and it the usual modes
         commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the unfinished new adapter, or the old one after a swap
@@ -209,7 +194,7 @@ def _read_config(path: Path) -> tuple[MoELoRAConfig, dict]:
     known = set(MoELoRAConfig.__dataclass_fields__)
     unknown = sorted(k for k in data if k not in known and k not in META_KEYS)
     if unknown:
-        warnings.warn(f"adapter: {file} has keys this moe-lora does not know, ignored: {unknown} "
+        warnings.warn(f"adapter: {file} has keys this moe-lora does not know, ignored: {short(unknown, 300)} "
                       "(saved by a newer version?)", stacklevel=3)
     return config, {k: data.get(k) for k in META_KEYS}
 

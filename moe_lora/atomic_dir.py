@@ -96,6 +96,27 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"renameat2(RENAME_EXCHANGE) failed: {os.strerror(err)}", str(a), None, str(b))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask would set it, briefly, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def publish_modes(tmp: Path) -> None:
+    """Give a finished temporary directory (mkdtemp makes it 0o700) and the files in it the modes that a plain
+    mkdir / open would have given them under the current umask."""
+    mask = current_umask()
+    for f in tmp.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~mask)
+    os.chmod(tmp, 0o777 & ~mask)
+
+
 def new_temp_dir(path: Path) -> Path:
     """A fresh hidden directory beside ``path`` for the next version of it."""
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))

@@ -13,6 +13,7 @@ import importlib.util
 import sys
 
 from . import __version__
+from .errors import RunError
 
 COMMANDS = ("info", "convert", "train", "analyze", "export", "cluster", "bench", "demo")
 
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # moe_lora.numerics.NonFiniteError: NaN/inf, with where it appeared
         print(f"moe-lora {args.command}: error: {e}", file=sys.stderr)
         return 3
+    except RunError as e:  # output_dir locked (2), disk full (1), training did not happen or diverged (4)
+        print(f"moe-lora {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import yaml
 
 from .allocation import SHAPES
 from .errors import ConfigError, suggest
+from .json_file import parse_json
 from .kernels.api import BACKENDS
+from .text_limits import read_limited
 from .yaml_file import parse_yaml
 
 ROUTERS = ("topk", "soft", "threshold", "expert_choice", "contrastive", "task", "mole", "xlora", "cluster")
@@ -39,12 +41,12 @@ def _f(default, help: str, **kw):
 def _read_or_text(path_or_text: str | Path) -> str:
     """The file's text for a Path or a one-line string naming an existing file; otherwise the string itself."""
     if isinstance(path_or_text, Path):
-        return path_or_text.read_text()
+        return read_limited(path_or_text, "MoELoRAConfig")
     try:
         is_file = "\n" not in path_or_text and Path(path_or_text).is_file()
     except (OSError, ValueError):  # too long for a file name (one-line JSON/YAML text), or a NUL byte: text
         is_file = False
-    return Path(path_or_text).read_text() if is_file else path_or_text
+    return read_limited(path_or_text, "MoELoRAConfig") if is_file else path_or_text
 
 
 @dataclass
@@ -304,7 +306,7 @@ class MoELoRAConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> MoELoRAConfig:
-        return cls.from_dict(json.loads(_read_or_text(path_or_text)))
+        return cls.from_dict(parse_json(_read_or_text(path_or_text), "MoELoRAConfig JSON"))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)

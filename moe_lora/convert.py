@@ -27,6 +27,7 @@ from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
 from .dora import DoRAMoELoRALinear
 from .layer import MoELoRALinear, base_dims, expert_generator
+from .memory_check import check_fits
 from .model_hooks import attach_model_hooks
 from .mov import MoVLinear
 from .routers import build_router
@@ -146,6 +147,13 @@ class Plan:
 
     def fingerprint(self) -> str:
         return fingerprint(self.targets)
+
+    def __str__(self) -> str:  # print(plan(...)) shows the table
+        return self.table()
+
+    def __repr__(self) -> str:  # the dataclass repr would spell out every entry and the whole config
+        return (f"Plan({len(self.entries)} modules, {self.num_layers} layers, trainable {self.trainable_params:,} "
+                f"= {100 * self.trainable_share:.2f}%; print() it for the table)")
 
     def table(self) -> str:
         """The plan as a fixed-width table plus the trainable share."""
@@ -312,11 +320,26 @@ def _coefs(config: MoELoRAConfig) -> dict[str, float]:
             "contrastive": config.contrastive_coef, "gate_balance": config.gate_balance_coef}
 
 
+def check_plan_fits(model: nn.Module, p: Plan) -> None:
+    """Refuse a conversion whose new parameters (routers and experts, in the dtype of the model's parameters)
+    exceed the free memory of the model's device, before any of them is allocated."""
+    first = next(model.parameters(), None)
+    if first is None:
+        return
+    nbytes = p.added_params * first.element_size()
+    biggest = max((e for e in p.entries if e.scope != "save"), key=lambda e: e.params, default=None)
+    where = "" if biggest is None else (f" (largest: {biggest.name} with {biggest.num_experts} experts of rank "
+                                        f"{biggest.rank}, {biggest.params:,} parameters)")
+    check_fits(nbytes, first.device, f"moe_lora: the conversion adds {p.added_params:,} parameters{where}, which",
+               "lower num_experts, rank or target_modules")
+
+
 def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     """Wrap the targeted linears of ``model`` in place, freeze the rest (except modules_to_save), attach the
     model hooks, and return the model. A fresh conversion computes exactly the base model's outputs (every
     lora_B is zero). See the module docstring for scopes and plan() for what is matched."""
     p = plan(model, config)
+    check_plan_fits(model, p)
     for param in model.parameters():
         param.requires_grad_(False)
     kw = _layer_kwargs(config)

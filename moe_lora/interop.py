@@ -322,6 +322,9 @@ def merge_fixed_routing(model: nn.Module, weights) -> nn.Module:
         ValueError: a weight vector does not fit its module, or an FFN-expert block got weights that are not
             one-hot (MixLoRA experts combine non-linearly, so only a single expert folds into one FFN).
     """
+    from .quantization import check_not_quantized
+
+    check_not_quantized(model, "merge_fixed_routing")
     resolved = resolve_fixed_weights(model, weights)
     merged = copy.deepcopy(model)
     detach_model_hooks(merged)

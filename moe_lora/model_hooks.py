@@ -16,7 +16,9 @@ Two hooks on the top-level model (never a patched ``forward``, never module-glob
 
   on the output (``output.aux_loss``; ``output.moe_lora_aux_loss`` instead when the base model already returns
   its own aux_loss, e.g. Mixtral) and, when the output has a loss (labels given), ``loss <- loss + aux_loss``,
-  as Mixtral does in transformers. ``last_aux_loss`` is already coefficient-weighted by each layer.
+  as Mixtral does in transformers. ``last_aux_loss`` is already coefficient-weighted by each layer. Inside
+  ``aux_outside_loss(model)`` the loss is left as it is (the aux loss is still set): for a trainer that adds the
+  aux loss itself, whoever computed the loss (moe_lora.hf_trainer).
 
 Layers overwrite their ``last_aux_loss`` in every forward and the hook reads it once per model forward, so the
 recomputation of activation checkpointing (which happens during backward, after the hook) cannot count a loss
@@ -25,6 +27,7 @@ twice. Reentrant checkpointing runs the forward under no_grad, where layers reco
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from functools import partial
@@ -37,6 +40,7 @@ from .routing import iter_routed_modules
 ROUTED_ATTR = "_moe_lora_routed_modules"
 TASK_IDS_ATTR = "_moe_lora_task_ids"
 KEPT_TASK_IDS_ATTR = "_moe_lora_kept_task_ids"
+AUX_OUTSIDE_ATTR = "_moe_lora_aux_outside_loss"
 
 
 def _argument(names: tuple[str, ...], args: tuple, kwargs: dict, key: str):
@@ -145,14 +149,27 @@ def _post_hook(names: tuple[str, ...], model: nn.Module, args: tuple, kwargs: di
         key = "moe_lora_aux_loss" if output.get("aux_loss") is not None else "aux_loss"
         output[key] = aux
         loss = output.get("loss")
-        if loss is not None:
+        if loss is not None and not getattr(model, AUX_OUTSIDE_ATTR, False):
             output["loss"] = loss + aux.to(loss.dtype)
+        return output
+    if getattr(model, AUX_OUTSIDE_ATTR, False):
         return output
     labels = _argument(names, args, kwargs, "labels")
     if isinstance(output, tuple) and labels is not None and output and torch.is_tensor(output[0]) \
             and output[0].dim() == 0:
         return (output[0] + aux.to(output[0].dtype), *output[1:])
     return output
+
+
+@contextlib.contextmanager
+def aux_outside_loss(model: nn.Module):
+    """Within the block, the model's forward hook does not add the aux loss into ``output.loss``."""
+    before = getattr(model, AUX_OUTSIDE_ATTR, False)
+    setattr(model, AUX_OUTSIDE_ATTR, True)
+    try:
+        yield model
+    finally:
+        setattr(model, AUX_OUTSIDE_ATTR, before)
 
 
 def attach_model_hooks(model: nn.Module) -> None:

@@ -70,6 +70,18 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def linear_suffixes(linears: list[str], limit: int = 16) -> str:
+    """The distinct target names of a model's linear modules: the part after the block index ('layers.3.'),
+    else the whole name; e.g. 'attention.self.query, attention.self.key, ..., intermediate.dense'."""
+    out: list[str] = []
+    for name in linears:
+        m = _LAYER_RE.search(name)
+        rest = name[m.end():].lstrip(".") if m else name
+        if rest and rest not in out:
+            out.append(rest)
+    return ", ".join(out[:limit]) + (f", ... ({len(out)} in all)" if len(out) > limit else "") if out else "none"
+
+
 def match_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
     """Qualified names of the linear modules ``config`` targets, in module order.
 
@@ -91,7 +103,8 @@ def match_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
         if not found:
             others = [n for n, _ in model.named_modules() if n and regex.fullmatch(n)]
             hint = f" (it matches only non-linear modules, e.g. {others[0]!r})" if others else ""
-            raise ValueError(f"target_modules: the regex {tm!r} matches no linear module{where}{hint}")
+            raise ValueError(f"target_modules: the regex {tm!r} matches no linear module{where}{hint}; the "
+                             f"linear modules, as targets: {linear_suffixes(linears)}")
         return found
     found: list[str] = []
     unmatched: list[str] = []
@@ -109,7 +122,7 @@ def match_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
         hint = f" ({'; '.join(examples)})" if examples else ""
         raise ValueError(
             f"target_modules: {', '.join(repr(p) for p in unmatched)} matched no linear module of "
-            f"{type(model).__name__}{where}{hint}"
+            f"{type(model).__name__}{where}{hint}; its linear modules, as targets: {linear_suffixes(linears)}"
         )
     order = {n: i for i, n in enumerate(linears)}
     return sorted(set(found), key=order.__getitem__)

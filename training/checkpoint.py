@@ -23,6 +23,7 @@ The frozen base weights are not saved (``exclude_frozen_parameters``): they come
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from moe_lora.atomic_dir import commit_dir, fsync_path, is_leftover, write_text_atomic
+from moe_lora.errors import RunError
 
 MANIFEST = "COMPLETE.json"
 STATE = "trainer_state.json"
@@ -132,12 +134,56 @@ def clean_stale(root: Path, rank: int) -> None:
     dist.barrier()
 
 
+class DiskFullError(RunError):
+    """A checkpoint could not be written for lack of space (or quota); the message says what survived."""
+
+
+def _out_of_space(e: BaseException, root: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT, or a torch.save whose zip writer lost the errno
+    ('file write failed' from inline_container.cc) on a file system that is now (nearly) full."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, RuntimeError) and ("write failed" in str(e) or "No space left" in str(e)):
+        try:
+            return shutil.disk_usage(root).free < 64 * 2**20
+        except OSError:
+            return False
+    return False
+
+
+def disk_full_message(root: Path, step: int, e: BaseException) -> str:
+    """What happened and what survived, for a checkpoint save that ran out of space."""
+    newest = newest_complete(root)
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free now"
+    except OSError:
+        free = "free space unknown"
+    kept = (f"the newest complete checkpoint, {newest.name}, is intact and a rerun of the same command resumes "
+            "from it" if newest is not None else "no earlier checkpoint exists, so a rerun starts from step 0")
+    return (f"checkpoint step {step} could not be written to {root}: no space left on device ({free}; "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Nothing of step {step} was "
+            f"committed and its partial files were removed; {kept}. Free space (or lower checkpoint.keep) and "
+            "rerun")
+
+
 def save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, export_fn=None) -> Path:
     """Write and commit checkpoint ``step`` (collective: every rank calls it). Returns the committed tag dir.
 
     ``export_fn(dir)`` (collective) writes extra content into the temporary directory before the commit,
-    e.g. the gathered adapter.
+    e.g. the gathered adapter. A write that runs out of space removes the partial ``.tmp-<tag>`` and raises
+    DiskFullError saying which checkpoint survived (on the rank that hit it; the other ranks of a multi-rank
+    run may then wait at the next collective until the launcher ends them).
     """
+    try:
+        return _save(engine, root, step, state, rank=rank, keep=keep, export_fn=export_fn)
+    except (OSError, RuntimeError) as e:
+        if not _out_of_space(e, root):
+            raise
+        shutil.rmtree(root / f".tmp-{tag_name(step)}", ignore_errors=True)
+        raise DiskFullError(disk_full_message(root, step, e)) from e
+
+
+def _save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, export_fn=None) -> Path:
     name = tag_name(step)
     tmp_name = f".tmp-{name}"
     tmp = root / tmp_name

@@ -1,6 +1,8 @@
-"""Training data: JSONL or the synthetic corpus, tokenised with the model's tokenizer, packed or padded.
+"""Training data: a data file (JSONL, parquet, arrow; formats in formats.py) or the synthetic corpus, tokenised
+with the model's tokenizer, packed or padded.
 
     data = build_dataset(recipe.data, tokenizer, resolve)       # TokenizedData, identical on every rank
+    train, held_out = build_datasets(recipe.data, recipe.eval, tokenizer, resolve)   # with the eval set (or None)
     batch = collate([data[i] for i in indices], data.pad_id)    # input_ids / attention_mask / labels [B, S]
 
 Example -> token sequence (labels = -100 where no loss is taken)::
@@ -8,6 +10,7 @@ Example -> token sequence (labels = -100 where no loss is taken)::
     text             ids = [bos] + tok(text) + [eos]                  labels = ids (bos excluded)
     prompt/response  ids = [bos] + tok(prompt) + tok(" " + response) + [eos]
                      labels = -100 on bos and the prompt, the response and eos otherwise
+    messages         the chat template's rendering; labels on the assistant turns only (formats.py)
 
 The loss at position t predicts ids[t+1] from ids[<=t] (labels shift inside the loss), so ``label_counts[i]``
 counts the positions 1..S-1 of item i whose label is not -100: the number of predicted tokens.
@@ -20,7 +23,8 @@ Without packing each sequence is truncated to ``seq_len`` and ``collate`` pads a
 Task ids: when every example has a ``task`` field (``data.task_field``), each token carries its example's task id
 (packed blocks may mix tasks), and ``collate`` adds ``task_ids`` [B, S] (padding 0), which the trainer hands to
 task-conditioned routers (moe_lora.set_task_ids). Ids are the index of the task in ``task_names``: the synthetic
-corpus's task list in its recipe order; for JSONL the sorted distinct values (ints are taken as the ids themselves).
+corpus's task list in its recipe order; for data files the sorted distinct values (ints are taken as the ids
+themselves).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from pathlib import Path
 import torch
 
 from moe_lora.jsonl import iter_json_objects
+from moe_lora.long_text import CHUNK, tokenize_long
 
+from . import formats
 from .synthetic import generate_corpus
 
 IGNORE = -100
@@ -103,8 +109,9 @@ def tokenize_examples(rows: list[dict], fmt: str, tokenizer) -> tuple[list[list[
     head = [] if bos is None else [bos]
     tail = [] if eos is None else [eos]
 
-    def tok(texts):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    def tok(texts):  # texts longer than CHUNK characters in pieces (bounded time and memory: long_text.py)
+        ids = tokenizer([t if len(t) <= CHUNK else "" for t in texts], add_special_tokens=False)["input_ids"]
+        return [tokenize_long(tokenizer, t) if len(t) > CHUNK else i for t, i in zip(texts, ids)]
 
     ids_out, labels_out = [], []
     if fmt == "prompt_response":
@@ -130,19 +137,36 @@ def pack(ids: list[list[int]], labels: list[list[int]], seq_len: int) -> tuple[l
             [flat_labels[i * seq_len:(i + 1) * seq_len] for i in range(n)])
 
 
-def build_dataset(section, tokenizer, resolve) -> TokenizedData:
-    """The tokenised training set of a recipe's ``data`` section."""
-    if section.source == "synthetic":
+def load_rows(section, resolve, path=None) -> tuple[list[dict], str]:
+    """Canonical rows (formats.py) of the data section's source (or of ``path``, read like data.path) and
+    their resolved format."""
+    if section.source == "synthetic" and path is None:
         s = section.synthetic
         rows = generate_corpus(s.num_examples, s.seed, s.tasks)
         fmt = "prompt_response" if section.format == "auto" else section.format
         if fmt == "text":
-            rows = [{"text": f"{r['prompt']} {r['response']}"} for r in rows]
+            rows = [{"text": f"{r['prompt']} {r['response']}", "task": r["task"]} for r in rows]
+        elif fmt != "prompt_response":
+            raise ValueError(f"data.format: {fmt!r} does not apply to the synthetic corpus (text or prompt_response)")
+        return rows, fmt
+    source = "jsonl" if section.source == "synthetic" else section.source
+    return formats.read_examples(resolve(path or section.path), source, section.format, keep=(section.task_field,))
+
+
+def to_dataset(rows: list[dict], fmt: str, section, tokenizer, resolve) -> TokenizedData:
+    """Tokenise (``messages`` through the chat template, which is set on the tokenizer so that it is saved with
+    it), then pack or truncate."""
+    kind = formats.kind_of(fmt)
+    if kind == "messages":
+        template = formats.resolve_chat_template(section.chat_template, tokenizer, resolve)
+        if section.chat_template is not None:
+            tokenizer.chat_template = template
+        bos, eos, _ = special_ids(tokenizer)
+        ids, labels = formats.tokenize_conversations([r["messages"] for r in rows], tokenizer, template, bos, eos)
     else:
-        rows, fmt = read_jsonl(resolve(section.path), section.format)
+        ids, labels = tokenize_examples(rows, kind, tokenizer)
     tasks = task_ids_of_rows(rows, list(section.synthetic.tasks) if section.source == "synthetic" else None,
                              section.task_field)
-    ids, labels = tokenize_examples(rows, fmt, tokenizer)
     task_tok = None if tasks is None else [[t] * len(s) for t, s in zip(tasks[0], ids)]
     if section.packing:
         if task_tok is not None:
@@ -154,9 +178,37 @@ def build_dataset(section, tokenizer, resolve) -> TokenizedData:
     data = TokenizedData(ids, labels, special_ids(tokenizer)[2], task_ids=task_tok,
                          task_names=None if tasks is None else tasks[1])
     if len(data) == 0:
-        raise ValueError(f"data: no training sequence of length {section.seq_len} (data.seq_len) could be formed "
+        raise ValueError(f"data: no sequence of length {section.seq_len} (data.seq_len) could be formed "
                          f"from {len(rows)} examples; lower data.seq_len or add data")
     return data
+
+
+def build_dataset(section, tokenizer, resolve) -> TokenizedData:
+    """The tokenised training set of a recipe's ``data`` section (all of it: no eval split)."""
+    rows, fmt = load_rows(section, resolve)
+    return to_dataset(rows, fmt, section, tokenizer, resolve)
+
+
+def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows: a seeded choice of max(1, round(fraction * n)) examples held out, both in file order."""
+    n_eval = max(1, round(fraction * len(rows)))
+    if n_eval >= len(rows):
+        raise ValueError(f"eval.fraction: {fraction} of {len(rows)} examples leaves no training example")
+    held = set(torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n_eval].tolist())
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def build_datasets(section, eval_section, tokenizer, resolve) -> tuple[TokenizedData, TokenizedData | None]:
+    """(training set, eval set or None) of a recipe's ``data`` and ``eval`` sections: the eval set is
+    eval.path (read and tokenised like the training data) or a held-out eval.fraction of the examples."""
+    rows, fmt = load_rows(section, resolve)
+    held, held_fmt = None, fmt
+    if eval_section is not None and eval_section.path is not None:
+        held, held_fmt = load_rows(section, resolve, eval_section.path)
+    elif eval_section is not None and eval_section.fraction > 0:
+        rows, held = split_rows(rows, eval_section.fraction, section.shuffle_seed)
+    train = to_dataset(rows, fmt, section, tokenizer, resolve)
+    return train, None if held is None else to_dataset(held, held_fmt, section, tokenizer, resolve)
 
 
 def collate(items: list[tuple[list[int], ...]], pad_id: int) -> dict[str, torch.Tensor]:

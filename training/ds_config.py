@@ -20,8 +20,9 @@ starts with lr 0 at the first step.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from moe_lora.json_file import read_json
 
 RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping", "optimizer", "scheduler")
@@ -37,9 +38,9 @@ def load_deepspeed_json(spec, resolve) -> tuple[dict | None, list[str]]:
     if path is None or not Path(path).is_file():
         return None, [f"deepspeed: file {spec!r} does not exist"]
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        return None, [f"deepspeed: {spec!r} is not valid JSON ({e})"]
+        data = read_json(path, "deepspeed")
+    except (OSError, ValueError) as e:  # not UTF-8, not JSON, too deep or too large: named with the position
+        return None, [str(e)]
     if not isinstance(data, dict):
         return None, [f"deepspeed: {spec!r} must hold a JSON object"]
     return data, []
@@ -136,7 +137,7 @@ def deepspeed_problems(ds: dict, recipe) -> list[str]:
 
 def build_deepspeed_config(recipe, world_size: int) -> dict:
     """The config passed to deepspeed.initialize: the recipe's JSON with the recipe-owned keys written in."""
-    ds, problems = load_deepspeed_json(recipe.deepspeed, recipe.resolve)
+    ds, problems = load_deepspeed_json(recipe.deepspeed, recipe.resolve_beside)
     if problems:
         raise ValueError("; ".join(problems))
     owned = recipe_owned_values(recipe, world_size)

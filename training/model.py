@@ -28,7 +28,13 @@ def build_tokenizer(recipe):
 
 def build_model(recipe, ep_rank: int) -> nn.Module:
     """The converted (and, for linear scope, expert-parallel) model in training mode."""
-    model = load_model(model_source(recipe), seed=recipe.model.seed, **recipe.model.sizes)
+    if recipe.model.quantization is not None:
+        from moe_lora.quantization import load_quantized
+
+        model = load_quantized(model_source(recipe), recipe.model.quantization, seed=recipe.model.seed,
+                               **recipe.model.sizes)
+    else:
+        model = load_model(model_source(recipe), seed=recipe.model.seed, **recipe.model.sizes)
     moe_lora.convert(model, recipe.moe_lora)
     c = recipe.moe_lora
     if c.router_scope == "linear" and c.expert_type == "lora" and not c.use_dora:  # MoV and DoRA: ep_size 1

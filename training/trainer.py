@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,11 +38,13 @@ from moe_lora.errors import ConfigError
 from moe_lora.model_hooks import set_task_ids, task_routers
 from moe_lora.numerics import NonFiniteError, locate_nonfinite
 from moe_lora.paths import inside
+from moe_lora.run_lock import RunLock, RunLockedError
 
 from . import checkpoint as ckpt
-from .data import IGNORE, build_dataset, collate
+from .data import IGNORE, build_datasets, collate
 from .distributed import DistInfo, init_distributed, set_cpu_threads
 from .ds_config import build_deepspeed_config, precision, zero_stage
+from .health import HealthMonitor
 from .progress import RunLog
 from .recipe import Recipe, load_recipe
 from .sampler import StepSampler
@@ -159,6 +162,19 @@ class Trainer:
                     out.append(f"{name}: {va!r} in the checkpoint, {vb!r} now (this run's value is used)")
         return out
 
+    @staticmethod
+    def memory(model) -> dict:
+        """Model memory for the start event (moe_lora.quantization.memory_report), in MB."""
+        from moe_lora.quantization import memory_report
+
+        m = memory_report(model)
+        out = {"model_mb": round(m["total"] / 2**20, 2), "adapter_mb": round(m["trainable"] / 2**20, 2)}
+        if m["quantized_layers"]:
+            out.update(quantized_layers=m["quantized_layers"],
+                       quantized_weights_mb=round(m["quantized_weight_bytes"] / 2**20, 2),
+                       as_fp32_mb=round(m["quantized_weight_fp32_bytes"] / 2**20, 2))
+        return out
+
     def topology(self) -> dict:
         t = self.recipe.train
         return {"world_size": self.info.world_size, "ep_size": self.recipe.ep_size,
@@ -167,6 +183,24 @@ class Trainer:
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train while holding the output directory's lock (moe_lora/run_lock.py: a second run into it stops)."""
+        lock, error = None, None
+        if self.info.rank == 0:
+            try:
+                lock = RunLock(self.out_dir).acquire()
+            except RunLockedError as e:
+                error = e
+        failed = torch.tensor([float(error is not None)], device=self.info.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            raise error or RunLockedError(f"output_dir: {self.out_dir} is in use by another run (see rank 0)")
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
         deepspeed = _import_deepspeed()
         r, info = self.recipe, self.info
         t_start = time.perf_counter()
@@ -181,8 +215,12 @@ class Trainer:
 
         from .model import build_model, build_tokenizer
 
-        tokenizer = build_tokenizer(r)
-        data = build_dataset(r.data, tokenizer, r.resolve)
+        tokenizer = self.tokenizer = build_tokenizer(r)
+        data, eval_data = build_datasets(r.data, r.eval, tokenizer, r.resolve)
+        if info.rank == 0:
+            from .run_record import write_run_record
+
+            write_run_record(self.out_dir, r, tokenizer)  # run.json + tokenizer/: other commands open the run
         t = r.train
         sampler = StepSampler(len(data), t.micro_batch_size, t.grad_accum, info.world_size, info.rank,
                               r.data.shuffle_seed)
@@ -216,7 +254,7 @@ class Trainer:
             sched.step(max(sched.last_batch_iteration, 0))
 
         self.log = log = RunLog(self.out_dir, info.rank, r.logging, max_steps=t.max_steps, start_step=start,
-                                model=engine.module)
+                                model=engine.module, config=r.to_dict())
         if resume is not None:
             log.event(event="resume", from_step=start, checkpoint=str(resume))
             for line in self.resume_differences(self.resume_state, len(data)):
@@ -225,16 +263,26 @@ class Trainer:
             log.event(event="init_from", checkpoint=str(init))
         log.event(event="start", world_size=info.world_size, ep_size=r.ep_size, zero_stage=zero_stage(self.ds_config),
                   precision=precision(self.ds_config), sequences=len(data), global_batch=sampler.global_batch,
-                  trainable_params=sum(p.numel() for p in params), cpu_threads=threads)
+                  trainable_params=sum(p.numel() for p in params), cpu_threads=threads, **self.memory(engine.module))
         if self.task_routed:  # which task each id is (export --task T, set_task_ids at inference)
             log.event(event="tasks", task_names=data.task_names)
 
+        evals = None
+        if eval_data is not None and r.eval.every:
+            from .evaluation import EvalSchedule, Evaluator
+
+            evaluator = Evaluator(eval_data, r.eval.micro_batch_size or t.micro_batch_size, info)
+            evals = EvalSchedule(r.eval, evaluator, self.out_dir, info, t.max_steps, tokenizer)
         losses, last, last_tag = {}, {}, None
+        health = HealthMonitor(t, log, info.device)
         try:
             for step in range(start, t.max_steps):
                 last = self.train_step(engine, data, sampler, step)
                 losses[step + 1] = last["loss"]
                 log.step(step + 1, last)
+                health.after_step(step + 1, last)
+                if evals is not None:
+                    evals.after_step(step + 1, engine, log)
                 every = r.checkpoint.every
                 if (every and (step + 1) % every == 0) or step + 1 == t.max_steps:
                     last_tag = self.save(engine, step + 1, last, len(data))
@@ -247,6 +295,11 @@ class Trainer:
             from .export import export_adapter
 
             adapter_dir = export_adapter(engine.module, inside(self.out_dir, "adapter"), info.rank)
+            if info.rank == 0:
+                from .run_record import save_tokenizer
+
+                save_tokenizer(tokenizer, self.out_dir / "tokenizer")
+        health.finish(engine.module, t.max_steps - start, r.ep_size)  # may raise: after the adapter is written
         dist.barrier()
         return {
             "output_dir": str(self.out_dir),
@@ -260,11 +313,15 @@ class Trainer:
             "losses": losses,
             "final_metrics": last,
             "final_loss": last.get("loss"),
+            "evals": {} if evals is None else evals.history,
+            "best_adapter_dir": str(self.out_dir / "best" / "adapter")
+            if evals is not None and (self.out_dir / "best" / "adapter").is_dir() else None,
             "resumed_from": None if resume is None else str(resume),
             "world_size": info.world_size,
             "ep_size": r.ep_size,
             "local_experts": layout,
             "wall_time_s": time.perf_counter() - t_start,
+            "health": health.summary(),
         }
 
     def train_step(self, engine, data, sampler: StepSampler, step: int) -> dict[str, float]:
@@ -286,6 +343,7 @@ class Trainer:
                 return self.on_nonfinite(engine, batch, step, m, ce, aux)
             engine.backward(ce * scale + aux)
             engine.step()
+            applied = engine.was_step_applied()
             stats += torch.stack([ce.detach().double(), aux.detach().double().to(ce.device),
                                   batch["attention_mask"].sum().double().to(ce.device)])
         self.skipped_in_a_row = 0
@@ -297,6 +355,10 @@ class Trainer:
         norm = engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)
+        metrics["step_applied"] = float(applied)  # False: DeepSpeed skipped the update (overflow; health.py)
+        scale = getattr(engine.optimizer, "loss_scale", None)
+        if isinstance(scale, int | float) and precision(self.ds_config) == "fp16":
+            metrics["loss_scale"] = float(scale)
         return metrics
 
     def hand_task_ids(self, model, batch: dict) -> None:
@@ -343,7 +405,11 @@ class Trainer:
         export = None
         if r.checkpoint.export_adapter:
             def export(d):
-                return export_adapter(engine.module, d, self.info.rank)
+                export_adapter(engine.module, d, self.info.rank)
+                if self.info.rank == 0:  # the tokenizer beside the adapter, committed with the checkpoint
+                    from .run_record import save_tokenizer
+
+                    save_tokenizer(self.tokenizer, d.parent / "tokenizer")
         return ckpt.save(engine, self.ckpt_root, step, state, rank=self.info.rank, keep=r.checkpoint.keep,
                          export_fn=export)
 
@@ -357,5 +423,10 @@ def run_training(recipe, overrides: dict | None = None) -> dict:
     _import_deepspeed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     info = init_distributed()
+    if info.rank != 0:  # every rank logs the same DeepSpeed warnings: rank 0's are enough
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     r.check_world(info.world_size)
-    return Trainer(r, info).run()
+    with warnings.catch_warnings():
+        if info.rank != 0:  # the ranks run the same code: rank 0 prints each warning once for all of them
+            warnings.simplefilter("ignore")
+        return Trainer(r, info).run()

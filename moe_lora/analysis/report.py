@@ -12,6 +12,8 @@ import os
 import uuid
 from pathlib import Path
 
+from ..json_file import read_json
+
 SCHEMA_VERSION = 1
 
 #: top-level key -> accepted types
@@ -190,10 +192,7 @@ def read_report(path: str | Path) -> dict:
         path = path / "report.json"
     if not path.exists():
         raise FileNotFoundError(f"report: {path} does not exist")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"report: {path} is not valid JSON ({e})") from None
+    report = read_json(path, "report", max_bytes=256 * 2**20)
     problems = validate_report(report)
     if problems:
         raise ValueError(f"report: {path} does not follow schema {SCHEMA_VERSION}:\n  " + "\n  ".join(problems))

@@ -1,6 +1,8 @@
 """Analyse how the routers of an MoE-LoRA model spread the load over a dataset.
 
     moe-lora analyze --model tiny-llama --adapter runs/a/adapter --data data.jsonl --out runs/a/analysis
+    moe-lora analyze --run runs/train_tiny --data data.jsonl     (a training run: its base model, tokenizer and
+                                                                  adapter; the report goes to RUN/analysis)
     moe-lora analyze --model minilm --config configs/method.yaml --data data.jsonl --out out/   (fresh conversion)
     moe-lora analyze --compare runs/a/analysis/report.json runs/b/analysis/report.json --out runs/compare
 
@@ -24,6 +26,8 @@ HELP = "router load statistics, plots and an HTML report over a dataset (or --co
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="built-in model name (tiny-llama, minilm, ...) or a local model directory")
+    parser.add_argument("--run", help="a training output_dir (moe-lora train): its base model, tokenizer and adapter "
+                        "(instead of --model/--adapter; --out defaults to RUN/analysis)")
     parser.add_argument("--adapter", help="saved MoE-LoRA adapter directory (moe_lora.save_adapter output)")
     parser.add_argument("--config", help="MoELoRAConfig YAML/JSON to convert the model freshly (without --adapter)")
     parser.add_argument("--data", help="JSONL file: 'text' (or 'prompt' + 'response'), optional 'task'/'label'")
@@ -73,6 +77,9 @@ def make_batches(tokenizer, texts: list[str], labels: list[str | None], batch_si
         if tokenizer.eos_token is None:
             raise ValueError("tokenizer: has neither a pad nor an eos token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
+    from moe_lora.long_text import clip_to_tokens
+
+    texts = [clip_to_tokens(tokenizer, t, max_length) for t in texts]  # a 10 MB record: its first tokens only
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     for start in range(0, len(order), batch_size):
@@ -155,13 +162,26 @@ def check_analysis_args(args: argparse.Namespace):
     import torch
 
     problems: list[str] = []
-    if not args.model:
-        problems.append("--model: required (or use --compare A B)")
+    if getattr(args, "run", None):
+        if args.model or args.adapter or args.config:
+            problems.append("--run: give it alone, without --model, --adapter or --config (the run records them)")
+        need_dir(problems, "--run", args.run)
+        if args.out is None:
+            args.out = str(Path(args.run) / "analysis")
+    elif not args.model:
+        problems.append("--model: required (or --run RUN_DIR, or --compare A B)")
     need_file(problems, "--data", args.data)
-    writable_dir(problems, "--out", args.out)
+    if args.out is None:
+        problems.append("--out: required")
+    else:
+        from moe_lora.analysis.outputs import report_dir_problem
+
+        why = report_dir_problem(args.out, "--out")
+        if why:
+            problems.append(why)
     if args.adapter and args.config:
         problems.append("--adapter and --config: give one (a saved adapter, or a config to convert freshly)")
-    elif not args.adapter and not args.config:
+    elif not args.adapter and not args.config and not getattr(args, "run", None):
         problems.append("--adapter or --config: required (a saved adapter, or a config to convert freshly)")
     need_dir(problems, "--adapter", args.adapter)
     need_file(problems, "--config", args.config, required=False)
@@ -187,8 +207,18 @@ def run_analysis(args: argparse.Namespace) -> int:
 
     device = check_analysis_args(args)
     texts, labels = read_jsonl(args.data, args.max_samples)
-    model = load_moe_model(args).to(device).eval()
-    report = analyse(model, zoo.load_tokenizer(args.model), texts, labels, batch_size=args.batch_size,
+    if args.run:
+        import torch
+
+        from moe_lora.training.run_record import load_run
+
+        run = load_run(args.run)
+        model, tokenizer = run.load_model(dtype=getattr(torch, args.dtype)), run.load_tokenizer()
+        args.model, args.adapter = run.model_name, str(run.adapter_dir)
+    else:
+        model, tokenizer = load_moe_model(args), zoo.load_tokenizer(args.model)
+    model = model.to(device).eval()
+    report = analyse(model, tokenizer, texts, labels, batch_size=args.batch_size,
                      max_length=args.max_length, model_name=args.model, adapter=args.adapter,
                      data=str(args.data), progress=not args.no_progress)
     paths = write_report_dir(report, args.out, plots=not args.no_plots)
@@ -201,6 +231,9 @@ def run_compare(args: argparse.Namespace) -> int:
     from moe_lora.analysis.plots import plot_comparison
 
     path_a, path_b = args.compare
+    problems: list[str] = []
+    writable_dir(problems, "--out", args.out, required=False)
+    raise_problems(problems)
     a, b = read_report(path_a), read_report(path_b)
     print(f"A: {path_a} (model {a['model']}, adapter {a['adapter']}, {a['num_tokens']} tokens)")
     print(f"B: {path_b} (model {b['model']}, adapter {b['adapter']}, {b['num_tokens']} tokens)")

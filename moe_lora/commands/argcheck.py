@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moe_lora.errors import ConfigError
+from moe_lora.paths import dangerous_output_dir, symlinks_in, unwritable_reason
 
 
 def need_file(problems: list[str], flag: str, value: str | None, required: bool = True) -> None:
@@ -26,13 +27,31 @@ def need_dir(problems: list[str], flag: str, value: str | None) -> None:
         problems.append(f"{flag}: directory {value!r} does not exist")
 
 
-def writable_dir(problems: list[str], flag: str, value: str | None, required: bool = True) -> None:
-    """An output directory: given (when required) and not an existing file."""
+def writable_dir(problems: list[str], flag: str, value: str | None, required: bool = True,
+                 owned: tuple[str, ...] | None = None) -> None:
+    """An output directory: given (when required), not an existing file, not the root / home / current directory
+    or an ancestor of it, creatable and writable (no parent that is a file, no read-only mount). With ``owned``
+    (the names a command writes there), an existing directory must hold nothing else and no symbolic link."""
     if value is None:
         if required:
             problems.append(f"{flag}: required")
-    elif Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
+        return
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
         problems.append(f"{flag}: {value!r} exists and is not a directory")
+        return
+    why = dangerous_output_dir(path) or unwritable_reason(path)
+    if why:
+        problems.append(f"{flag}: {why}")
+    elif owned is not None and path.is_dir():
+        links = symlinks_in(path)
+        foreign = sorted(c.name for c in path.iterdir() if c.name not in owned)
+        if path.is_symlink() or links:
+            problems.append(f"{flag}: {value!r} is or holds a symbolic link ({', '.join(links[:5]) or value}); "
+                            "outputs are never written through links: remove them or use another directory")
+        elif foreign:
+            problems.append(f"{flag}: {value!r} is not empty ({', '.join(foreign[:5])}"
+                            f"{' ...' if len(foreign) > 5 else ''}); give a new or empty directory")
 
 
 def at_least(problems: list[str], flag: str, value: int | None, minimum: int) -> None:

@@ -27,13 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_lora.adapter_io import save_adapter
+    from moe_lora.adapter_io import ADAPTER_FILES, save_adapter
     from moe_lora.convert import convert, load_config, plan, trainable_parameters
     from moe_lora.zoo import load_model
 
     problems: list[str] = []
     need_file(problems, "--config", args.config)
-    writable_dir(problems, "--out", args.out, required=not args.dry_run)
+    writable_dir(problems, "--out", args.out, required=not args.dry_run, owned=ADAPTER_FILES)
     raise_problems(problems)
     config = load_config(args.config, "--config")
     model = load_model(args.model)

@@ -42,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, default=str))
     else:
-        loss = "n/a" if result["final_loss"] is None else f"{result['final_loss']:.4f}"
-        print(f"final loss {loss} after {result['steps']} steps; adapter: {result['adapter_dir']}; "
-              f"checkpoint: {result['last_checkpoint']}; metrics: {result['metrics_file']}")
+        from moe_lora.training.progress import summary_line
+
+        print(summary_line(result))
+        findings = result["health"]["findings"]
+        if findings:  # train.on_unhealthy: warn
+            print(f"health: {len(findings)} warning(s), {result['health']['skipped_steps']} skipped update(s); "
+                  f"first: {findings[0]} (health events in {result['metrics_file']})")
     return 0

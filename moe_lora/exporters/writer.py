@@ -15,7 +15,6 @@ the new one, never a part.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,8 +25,7 @@ import torch
 from safetensors.torch import save as serialize
 from torch import nn
 
-from ..adapter_io import _umask
-from ..atomic_dir import commit_dir, fsync_path, new_temp_dir, recover, write_new_file
+from ..atomic_dir import commit_dir, fsync_path, new_temp_dir, publish_modes, recover, write_new_file
 
 RECORD_NAME = "moe_lora_export.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -65,15 +63,6 @@ def check_out_dir(path: str | Path) -> list[str]:
     return []
 
 
-def _mode_files(tmp: Path) -> None:
-    """mkdtemp made the directory 0o700: give it and its files the modes of the process umask."""
-    mask = _umask()
-    for f in tmp.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~mask)
-    os.chmod(tmp, 0o777 & ~mask)
-
-
 @contextmanager
 def staged(path: str | Path) -> Iterator[Path]:
     """A fresh hidden directory beside ``path``; committed onto ``path`` when the block succeeds, removed when it
@@ -87,7 +76,7 @@ def staged(path: str | Path) -> Iterator[Path]:
         for f in tmp.rglob("*"):
             if f.is_file():
                 fsync_path(f)
-        _mode_files(tmp)
+        publish_modes(tmp)  # mkdtemp made the directory 0o700: the modes of the process umask
         commit_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -225,7 +225,7 @@ def test_config_loaders_validate_or_name_the_field(case, unknown):
 # ---------------------------------------------------------------- training recipes
 
 TINY_RECIPE = yaml.safe_load((REPO / "configs" / "train_tiny.yaml").read_text())
-TINY_RECIPE["deepspeed"] = str(REPO / TINY_RECIPE["deepspeed"])  # absolute: resolvable from any directory
+TINY_RECIPE["deepspeed"] = str(REPO / "configs" / TINY_RECIPE["deepspeed"])  # absolute: resolvable from anywhere
 
 
 def _leaves(node: dict, prefix: str = "") -> list[str]:

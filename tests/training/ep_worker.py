@@ -6,11 +6,11 @@ Scenarios:
     dispatch   ExpertParallelMoELoRALinear on 2 ranks against one MoELoRALinear holding every token, with unequal
                token counts (9 vs 2, 5 vs 0) and a routing that sends nothing to rank 1's experts; no DeepSpeed
                engine, only the process group. Writes dispatch_rank{r}.json with the largest differences.
-    ep2        world 2, ep_size 2: the tiny recipe under ZeRO 0, 1 (micro 2 x accumulation 2), 2 and 2 with bf16
-               for 3 steps, and under ZeRO 2 for 16 steps with a checkpoint every 4 (the uninterrupted run of the
-               kill test).
-    ep1        world 1, ep_size 1: the reference (micro batch 8 = the same global batch) and a run that starts
-               from the ep_size-2 ZeRO-2 checkpoint (checkpoint.init_from).
+    ep2        world 2, ep_size 2: the tiny recipe under ZeRO 0 (with an evaluation after steps 2 and 3 on 37
+               sequences: unequal shares per rank), 1 (micro 2 x accumulation 2), 2 and 2 with bf16 for 3 steps,
+               and under ZeRO 2 for 16 steps with a checkpoint every 4 (the uninterrupted run of the kill test).
+    ep1        world 1, ep_size 1: the reference (micro batch 8 = the same global batch; the same evaluation) and
+               a run that starts from the ep_size-2 ZeRO-2 checkpoint (checkpoint.init_from).
     numerics   world 1: the same recipe twice (losses must match), then with an inf injected into one layer's
                output at one step, under train.on_nonfinite skip_step and error. Writes numerics.json.
 Each training run writes <name>_rank{r}.pt: the run_training result, this rank's trainable non-expert
@@ -20,6 +20,7 @@ parameters and its local experts (global ids, lora_A, lora_B).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,8 +62,19 @@ def train(name: str, out: Path, recipe: dict) -> dict:
     return result
 
 
+def with_eval(recipe: dict, out: Path) -> dict:
+    """The recipe with an evaluation every 2 steps on a JSONL file of 37 synthetic examples."""
+    from moe_lora.training.synthetic import generate_corpus
+
+    path = out / f"eval_rank{os.environ.get('RANK', '0')}.jsonl"  # one file per rank (the same lines): no race
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in generate_corpus(37, seed=9)))
+    recipe["eval"] = {"every": 2, "path": str(path), "micro_batch_size": 4}
+    return recipe
+
+
 def scenario_ep2(out: Path) -> None:
-    train("z0", out, tiny_recipe(out / "z0", stage=0))
+    train("z0", out, with_eval(tiny_recipe(out / "z0", stage=0), out))
     train("z1", out, tiny_recipe(out / "z1", stage=1, micro=2, grad_accum=2))
     train("z2", out, tiny_recipe(out / "z2", stage=2))
     train("z2_bf16", out, tiny_recipe(out / "z2_bf16", deepspeed={"zero_optimization": {"stage": 2},
@@ -71,7 +83,7 @@ def scenario_ep2(out: Path) -> None:
 
 
 def scenario_ep1(out: Path) -> None:
-    train("ref", out, tiny_recipe(out / "ref", ep_size=1, stage=0, micro=8))
+    train("ref", out, with_eval(tiny_recipe(out / "ref", ep_size=1, stage=0, micro=8), out))
     init = str(out.parent / "ep2" / "z2" / "checkpoints")
     train("init_from_ep2", out, tiny_recipe(out / "init_from_ep2", ep_size=1, stage=2, micro=8, max_steps=1,
                                             checkpoint__init_from=init))

@@ -69,6 +69,26 @@ def test_ep2_matches_single_rank(stage, ep2_runs, ep1_runs):
 
 
 @pytest.mark.slow
+def test_ep2_eval_matches_single_rank(ep2_runs, ep1_runs):
+    """The eval loss (37 sequences: 19 on rank 0, 18 + 1 padding on rank 1), perplexity, token count and router
+    statistics after steps 2 and 3 equal the one-process values, on both ranks."""
+    ref = load(ep1_runs / "ref_rank0.pt")["result"]["evals"]
+    assert sorted(ref) == [2, 3] and ref[3]["eval_loss"] < ref[2]["eval_loss"] + 1.0
+    for r in (0, 1):
+        evals = load(ep2_runs / f"z0_rank{r}.pt")["result"]["evals"]
+        assert sorted(evals) == [2, 3]
+        for step, metrics in ref.items():
+            got = evals[step]
+            assert got.keys() == metrics.keys()
+            assert got["eval_tokens"] == metrics["eval_tokens"] > 0
+            assert abs(got["eval_loss"] - metrics["eval_loss"]) < LOSS_ATOL, (step, got["eval_loss"],
+                                                                                 metrics["eval_loss"])
+            for key, value in metrics.items():
+                if key.startswith("eval/router/"):
+                    assert abs(got[key] - value) < 1e-4, (step, key, got[key], value)
+
+
+@pytest.mark.slow
 def test_ep2_bf16_runs_close_to_fp32(ep2_runs, ep1_runs):
     """bf16 (DeepSpeed casts the module; routers still compute in fp32): the same losses to bf16 precision
     (8 mantissa bits: ~4e-3 relative on a loss of 10, plus what 3 steps of rounded updates add), routers

@@ -9,11 +9,14 @@ group of sections: model, data, optim, run; recipe.py: the whole). Loading colle
 DeepSpeed MoE layers, an ep_size that does not divide a layer's experts, a missing data file or DeepSpeed JSON)
 and raises one ConfigError that lists them all, before any model is loaded.
 
-Relative paths (data.path, deepspeed, checkpoint.init_from) are looked up in the current directory first,
-then next to the recipe file; output_dir is relative to the current directory.
+Relative paths (data.path, checkpoint.init_from) are looked up in the current directory first, then next to
+the recipe file; the DeepSpeed JSON next to the recipe file first (a shipped recipe run from anywhere finds its
+JSON), then in the current directory; output_dir is relative to the current directory and may not be the root,
+the home directory or the current directory or an ancestor of it.
 """
 
 from .data import DataSection, SyntheticSection
+from .evaluation import EvalSection
 from .framework import apply_overrides, parse_override
 from .model import ModelSection
 from .optim import OptimizerSection, ScheduleSection
@@ -25,6 +28,7 @@ __all__ = [
     "SECTIONS",
     "CheckpointSection",
     "DataSection",
+    "EvalSection",
     "LoggingSection",
     "ModelSection",
     "OptimizerSection",

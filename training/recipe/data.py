@@ -1,4 +1,5 @@
-"""The ``data`` section: what is trained on (the synthetic corpus or a JSONL file) and how it is batched."""
+"""The ``data`` section: what is trained on (the synthetic corpus or a JSONL / parquet / arrow file, in one of the
+formats of training/formats.py) and how it is batched."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from dataclasses import dataclass
 from moe_lora.checks import is_int
 from moe_lora.errors import suggest
 
+from ..formats import BUILTIN_TEMPLATES, FILE_SOURCES, FORMATS, template_problems
 from ..synthetic import TASKS
 from .framework import option, section
 
-DATA_SOURCES = ("synthetic", "jsonl")
-DATA_FORMATS = ("auto", "text", "prompt_response")
+DATA_SOURCES = ("synthetic", *FILE_SOURCES)
+DATA_FORMATS = FORMATS
 
 
 @dataclass
@@ -38,15 +40,23 @@ class SyntheticSection:
 
 @dataclass
 class DataSection:
-    source: str = option("synthetic", "'synthetic' (the built-in multi-task corpus) or 'jsonl' (data.path).")
-    path: str | None = option(
-        None,
-        "JSONL file, one object per line: {'text': ...} or {'prompt': ..., 'response': ...}.",
+    source: str = option(
+        "synthetic",
+        "'synthetic' (the built-in multi-task corpus), or a local file at data.path: 'jsonl' (one object per "
+        "line), 'parquet', or 'arrow' (an Arrow IPC file/stream or a `datasets` save_to_disk directory).",
     )
+    path: str | None = option(None, "The data file (see data.source and data.format).")
     format: str = option(
         "auto",
-        "'text' (loss on every token), 'prompt_response' (loss on the response only) or 'auto' (from the "
-        "first line's keys).",
+        "'text' {text} (loss on every token); 'prompt_response' {prompt, response} (loss on the response); "
+        "'alpaca' {instruction, input?, output} (Alpaca's prompt, loss on the output); 'messages' {messages: "
+        "[{role, content}]} and 'sharegpt' {conversations: [{from, value}]} (through the chat template, loss on "
+        "the assistant turns); 'auto' (from the first example's keys).",
+    )
+    chat_template: str | None = option(
+        None,
+        "Chat template for messages/sharegpt data: null (the tokenizer's own), a built-in "
+        f"({', '.join(BUILTIN_TEMPLATES)}), a .jinja file, or Jinja text. It is saved with the tokenizer.",
     )
     seq_len: int = option(128, "Tokens per sequence (packed block length, or the truncation length without packing).")
     packing: bool = option(True, "Concatenate examples into full seq_len blocks (else pad each batch to its longest).")
@@ -61,16 +71,19 @@ class DataSection:
         if self.source not in DATA_SOURCES:
             p.append(f"data.source: {self.source!r}{suggest(self.source, DATA_SOURCES)}; allowed: "
                      f"{', '.join(DATA_SOURCES)}")
-        if self.source == "jsonl":
-            if not isinstance(self.path, str) or not self.path:
-                p.append(f"data.path: {self.path!r} must name a JSONL file when data.source is 'jsonl'")
-            elif resolve(self.path) is None or not resolve(self.path).is_file():
-                p.append(f"data.path: file {self.path!r} does not exist")
+        if self.source in FILE_SOURCES:
+            p += file_problems("data.path", self.path, self.source, resolve)
         elif self.path is not None:
-            p.append(f"data.path: {self.path!r} is only used with data.source: jsonl (source is {self.source!r})")
+            p.append(f"data.path: {self.path!r} is only used with a file source ({', '.join(FILE_SOURCES)}; source "
+                     f"is {self.source!r})")
         if self.format not in DATA_FORMATS:
             p.append(f"data.format: {self.format!r}{suggest(self.format, DATA_FORMATS)}; allowed: "
                      f"{', '.join(DATA_FORMATS)}")
+        p += template_problems(self.chat_template)
+        if (isinstance(self.chat_template, str) and self.chat_template not in BUILTIN_TEMPLATES
+                and "{" not in self.chat_template and resolve(self.chat_template) is None):
+            p.append(f"data.chat_template: {self.chat_template!r} is neither a built-in "
+                     f"({', '.join(BUILTIN_TEMPLATES)}), an existing file, nor Jinja text")
         if not (is_int(self.seq_len) and self.seq_len >= 8):
             p.append(f"data.seq_len: {self.seq_len!r} must be an int >= 8")
         if not isinstance(self.packing, bool):
@@ -81,3 +94,13 @@ class DataSection:
             p.append(f"data.shuffle_seed: {self.shuffle_seed!r} must be an int")
         return p + self.synthetic.problems()
 
+
+
+def file_problems(name: str, path, source: str, resolve) -> list[str]:
+    """A data file setting: a path that exists (a file; for arrow also a save_to_disk directory)."""
+    if not isinstance(path, str) or not path:
+        return [f"{name}: {path!r} must name a {source} file when data.source is {source!r}"]
+    found = resolve(path)
+    if found is None or not (found.is_file() or (source == "arrow" and found.is_dir())):
+        return [f"{name}: file {path!r} does not exist"]
+    return []

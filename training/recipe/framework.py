@@ -13,6 +13,7 @@ from dataclasses import MISSING, field, fields
 from typing import Any
 
 from moe_lora.errors import ConfigError, suggest
+from moe_lora.text_limits import short
 from moe_lora.yaml_file import parse_yaml
 
 
@@ -62,7 +63,7 @@ def build_section(cls, value, prefix: str):
     if value is None:
         return cls(), []
     if not isinstance(value, dict):
-        return cls(), [f"{prefix}: expected a mapping, got {type(value).__name__} {value!r}"]
+        return cls(), [f"{prefix}: expected a mapping, got {type(value).__name__} {short(value)}"]
     known = [f.name for f in fields(cls)]
     nested = subsections(cls)
     problems, kwargs = [], {}
@@ -102,11 +103,12 @@ def apply_overrides(data: dict, overrides: dict[str, Any] | None) -> dict:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """'train.max_steps=5' -> ('train.max_steps', 5); the value is parsed as YAML."""
+    """'train.max_steps=5' -> ('train.max_steps', 5); the value is parsed as YAML (bounded, and exponent numbers
+    such as 1e-4 are floats: moe_lora/yaml_file.py)."""
     if "=" not in text:
-        raise ConfigError([f"--set: {text!r} must look like section.field=value"], "command line")
+        raise ConfigError([f"--set: {short(text)} must look like section.field=value"], "command line")
     key, raw = text.split("=", 1)
     try:
-        return key.strip(), parse_yaml(raw, f"--set {text!r}: the value")
+        return key.strip(), parse_yaml(raw, f"--set {short(text)}: the value")
     except ValueError as e:
         raise ConfigError([str(e)], "command line") from None

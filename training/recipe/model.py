@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from moe_lora.checks import is_int
 from moe_lora.errors import suggest
+from moe_lora.json_file import read_json_object
 from moe_lora.zoo import BUILTIN, TINY
 
 from .framework import option
@@ -18,10 +18,10 @@ TINY_SIZES = ("vocab_size", "num_layers", "hidden", "intermediate", "heads")
 def _config_json_problems(path: Path) -> list[str]:
     """A local model's config.json must be a JSON object (transformers reads it the same way)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return [f"model.name: {str(path)!r} is not valid JSON ({e})"]
-    return [] if isinstance(data, dict) else [f"model.name: {str(path)!r} must hold a JSON object"]
+        read_json_object(path, "model.name")
+    except (OSError, ValueError) as e:  # not UTF-8, not JSON, too deep or too large, not an object: named
+        return [str(e)]
+    return []
 
 
 @dataclass
@@ -36,6 +36,12 @@ class ModelSection:
         f"Built-in tiny models only: sizes for moe_lora.zoo.tiny_config ({', '.join(TINY_SIZES)}).",
     )
     seed: int = option(0, "Seed of the built-in tiny models' random weights (identical on every rank).")
+    quantization: dict | None = option(
+        None,
+        "Quantized frozen base (bitsandbytes through transformers' BitsAndBytesConfig): null, or {bits: 4 | 8, "
+        "quant_type: nf4 | fp4, compute_dtype: float32 | bfloat16 | float16, double_quant: bool}; experts stay in "
+        "full precision (moe_lora/quantization.py). Needs pip install 'moe-lora[quant]'.",
+    )
 
     def problems(self, resolve) -> list[str]:
         p = []
@@ -61,5 +67,8 @@ class ModelSection:
                     p.append(f"model.sizes.{k}: {v!r} must be an int >= 1")
         if not is_int(self.seed):
             p.append(f"model.seed: {self.seed!r} must be an int")
+        from moe_lora.quantization import spec_problems
+
+        p += spec_problems(self.quantization)
         return p
 

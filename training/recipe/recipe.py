@@ -8,7 +8,6 @@ YAML path) into a MoELoRAConfig (``read_moe_lora``).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,11 +19,15 @@ from moe_lora.checks import is_int
 from moe_lora.config import MoELoRAConfig
 from moe_lora.convert import load_config
 from moe_lora.errors import ConfigError, suggest
-from moe_lora.yaml_file import parse_yaml
+from moe_lora.json_file import read_json
+from moe_lora.paths import dangerous_output_dir
+from moe_lora.text_limits import short
+from moe_lora.yaml_file import read_yaml
 from moe_lora.zoo import TINY
 
 from ..ds_config import deepspeed_problems, load_deepspeed_json
 from .data import DataSection
+from .evaluation import EvalSection
 from .framework import apply_overrides, build_section, default_of, option, section, section_dict, section_help
 from .model import ModelSection
 from .optim import OptimizerSection, ScheduleSection
@@ -65,6 +68,7 @@ class Recipe:
         "configs/molora.yaml).",
     )
     data: DataSection = section(DataSection, "Training data.")
+    eval: EvalSection = section(EvalSection, "Evaluation during training (eval loss, perplexity, router load).")
     optimizer: OptimizerSection = section(OptimizerSection, "AdamW settings.")
     schedule: ScheduleSection = section(ScheduleSection, "Learning-rate schedule.")
     train: TrainSection = section(TrainSection, "Steps, batch sizes and seed.")
@@ -75,8 +79,9 @@ class Recipe:
     )
     deepspeed: str | dict = option(
         "configs/deepspeed/zero2_fp32.json",
-        "DeepSpeed JSON config (a path) or an inline mapping. The recipe sets batch sizes, optimizer, "
-        "scheduler and gradient clipping; the JSON sets ZeRO stage and precision.",
+        "DeepSpeed JSON config (a path, looked up next to the recipe file first, then in the current directory) "
+        "or an inline mapping. The recipe sets batch sizes, optimizer, scheduler and gradient clipping; the JSON "
+        "sets ZeRO stage and precision.",
     )
     output_dir: str = option("runs/train", "Where checkpoints/, adapter/, tensorboard/ and metrics.jsonl go.")
     checkpoint: CheckpointSection = section(CheckpointSection, "Checkpointing and resuming.")
@@ -110,6 +115,18 @@ class Recipe:
             return None
         return None
 
+    def resolve_beside(self, path: str | None) -> Path | None:
+        """A path that belongs to the recipe (its DeepSpeed JSON): next to the recipe file first, so that a recipe
+        run from another directory finds it, then as given; None if absent."""
+        if self.source is not None and isinstance(path, str) and path:
+            try:
+                q = Path(self.source).parent / Path(path).expanduser()
+                if not Path(path).expanduser().is_absolute() and q.exists():
+                    return q
+            except (OSError, ValueError):
+                return None
+        return self.resolve(path)
+
     # ---- validation -----------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -117,20 +134,25 @@ class Recipe:
         config, moe_problems = read_moe_lora(self.moe_lora, self.resolve)
         p += moe_problems
         p += self.data.problems(self.resolve)
+        p += self.eval.problems(self.resolve, self.data.source)
         p += self.optimizer.problems()
         p += self.schedule.problems(self.train.max_steps)
         p += self.train.problems()
         p += self.checkpoint.problems(self.resolve)
         p += self.logging.problems()
         if not isinstance(self.output_dir, str) or not self.output_dir:
-            p.append(f"output_dir: {self.output_dir!r} must be a directory path")
+            p.append(f"output_dir: {short(self.output_dir)} must be a directory path")
         else:
             try:
                 out = Path(self.output_dir).expanduser()
+                why = dangerous_output_dir(self.output_dir)
                 if out.exists() and not out.is_dir():
                     p.append(f"output_dir: {self.output_dir!r} exists and is not a directory")
-            except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
-                p.append(f"output_dir: {self.output_dir!r} is not a usable path ({getattr(e, 'strerror', None) or e})")
+                elif why:
+                    p.append(f"output_dir: {why}")
+            except (OSError, ValueError, RuntimeError) as e:  # too long for the file system, a NUL byte, a loop
+                p.append(f"output_dir: {short(self.output_dir)} is not a usable path "
+                         f"({getattr(e, 'strerror', None) or e})")
         if not (is_int(self.ep_size) and self.ep_size >= 1):
             p.append(f"ep_size: {self.ep_size!r} must be an int >= 1")
         elif config is not None:
@@ -139,7 +161,7 @@ class Recipe:
             defaults = {f.name: default_of(f) for f in fields(MoELoRAConfig)}
             given = {k: v for k, v in self.moe_lora.items() if k in defaults}  # unknown keys: reported already
             p += self._expert_problems(SimpleNamespace(**{**defaults, **given}), raw=True)
-        ds, ds_problems = load_deepspeed_json(self.deepspeed, self.resolve)
+        ds, ds_problems = load_deepspeed_json(self.deepspeed, self.resolve_beside)
         p += ds_problems
         if ds is not None:
             p += deepspeed_problems(ds, self)
@@ -154,8 +176,8 @@ class Recipe:
         if path is None or not (path / "config.json").exists():
             return None
         try:
-            cfg = json.loads((path / "config.json").read_text())
-        except (OSError, UnicodeDecodeError, ValueError):  # reported by model.name's check
+            cfg = read_json(path / "config.json", "model.name")
+        except (OSError, ValueError):  # reported by model.name's check
             return None
         if not isinstance(cfg, dict):
             return None
@@ -277,8 +299,8 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: dict[str, Any] | 
     if not path.is_file():
         raise ConfigError([f"config: recipe file {str(recipe)!r} does not exist"], "command line")
     try:
-        data = parse_yaml(path.read_text(encoding="utf-8"), f"config: {str(recipe)!r}") or {}
-    except ValueError as e:
+        data = read_yaml(path, "config") or {}
+    except (ValueError, FileNotFoundError) as e:
         raise ConfigError([str(e)], "command line") from None
     return Recipe.from_dict(apply_overrides(data, overrides), str(path))
 

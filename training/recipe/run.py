@@ -35,7 +35,15 @@ class TrainSection:
     )
     max_skipped_steps: int = option(
         5,
-        "With on_nonfinite: skip_step, stop with a NonFiniteError after this many consecutive skipped steps.",
+        "With on_nonfinite: skip_step, stop with a NonFiniteError after this many consecutive skipped steps; with "
+        "on_unhealthy: error, stop after this many optimizer updates in a row skipped for gradient overflow.",
+    )
+    on_unhealthy: str = option(
+        "warn",
+        "What the health monitor (training/health.py) does when the optimizer skips updates (gradient overflow), "
+        "gradients are non-finite, the loss rises above its start, or experts' lora_B never left zero: 'warn' "
+        "logs a health event and goes on; 'error' stops with exit code 4. A run where no update was applied at "
+        "all always ends with an error.",
     )
 
     def problems(self) -> list[str]:
@@ -54,6 +62,9 @@ class TrainSection:
         elif self.on_nonfinite == "skip_step" and is_int(self.grad_accum) and self.grad_accum != 1:
             p.append(f"train.on_nonfinite: 'skip_step' needs train.grad_accum: 1 (got {self.grad_accum!r}): the "
                      "micro-batches before a bad one have already added their gradients")
+        if self.on_unhealthy not in ("warn", "error"):
+            p.append(f"train.on_unhealthy: {self.on_unhealthy!r} is not one of 'warn', 'error'"
+                     + suggest(self.on_unhealthy, ("warn", "error")))
         if not (is_int(self.max_skipped_steps) and self.max_skipped_steps >= 1):
             p.append(f"train.max_skipped_steps: {self.max_skipped_steps!r} must be an int >= 1")
         return p
@@ -104,6 +115,13 @@ class LoggingSection:
     router_every: int = option(10, "Per-layer router load (moe_lora.analysis.RouterMonitor) every N steps; 0 = off.")
     tensorboard: bool = option(True, "Write TensorBoard events to output_dir/tensorboard (rank 0).")
     progress_bar: bool = option(True, "tqdm progress bar on rank 0.")
+    report_to: list = option(
+        ["tensorboard"],
+        "Where scalars go besides metrics.jsonl: any of tensorboard, wandb, mlflow (through their own libraries; "
+        "wandb honours WANDB_MODE=offline, mlflow MLFLOW_TRACKING_URI, else output_dir/mlruns). "
+        "logging.tensorboard: false also turns TensorBoard off.",
+    )
+    project: str = option("moe-lora", "The wandb project / mlflow experiment name.")
 
     def problems(self) -> list[str]:
         p = []
@@ -114,5 +132,10 @@ class LoggingSection:
         for name in ("tensorboard", "progress_bar"):
             if not isinstance(getattr(self, name), bool):
                 p.append(f"logging.{name}: {getattr(self, name)!r} must be true or false")
+        from ..reporters import report_to_problems
+
+        p += report_to_problems(self.report_to)
+        if not (isinstance(self.project, str) and self.project):
+            p.append(f"logging.project: {self.project!r} must be a non-empty string")
         return p
 
