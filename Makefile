@@ -30,7 +30,7 @@ test: $(STAMP)  ## the whole suite (GPU tests skip without CUDA)
 test-fast: $(STAMP)  ## the suite without the slow tests
 	$(BIN)/python -m pytest -m "not slow"
 
-demo: $(STAMP)  ## convert a tiny model, train it briefly, write a router report (runs/demo)
+demo: $(STAMP)  ## MoE-LoRA vs LoRA vs head-only on the pretrained MiniLM, conflicting tasks, router report (runs/demo)
 	$(BIN)/moe-lora demo
 
 lint: $(STAMP)

@@ -8,7 +8,8 @@ Matching rules (PEFT's, so recipes carry over):
 * ``layers_to_transform``: only modules whose layer index is in the list (modules without one are skipped).
 
 Only linear-like modules are targets: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; weight stored
-[in, out]). A pattern that matches no linear raises ValueError naming the pattern.
+[in, out]). A pattern that matches no linear raises ValueError naming the pattern and listing the linear modules
+the model does have (``linear_names_hint``: one entry per name with the layer index written as ``<i>``).
 
 MLP-block layouts (for ``router_scope='block'`` and ``ffn_experts``) recognised from the module tree:
 
@@ -66,20 +67,25 @@ def num_hidden_layers(model: nn.Module) -> int:
     )
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.endswith("." + pattern)
-
-
-def linear_suffixes(linears: list[str], limit: int = 16) -> str:
-    """The distinct target names of a model's linear modules: the part after the block index ('layers.3.'),
-    else the whole name; e.g. 'attention.self.query, attention.self.key, ..., intermediate.dense'."""
-    out: list[str] = []
+def linear_names_hint(linears: list[str], limit: int = 24) -> str:
+    """The model's linear module names for an error message: layer indices folded into ``<i>`` (with the index
+    range), first-seen order, at most ``limit`` entries."""
+    folded: dict[str, list[int]] = {}
     for name in linears:
         m = _LAYER_RE.search(name)
-        rest = name[m.end():].lstrip(".") if m else name
-        if rest and rest not in out:
-            out.append(rest)
-    return ", ".join(out[:limit]) + (f", ... ({len(out)} in all)" if len(out) > limit else "") if out else "none"
+        if m is None:
+            folded.setdefault(name, [])
+            continue
+        key = name[:m.start(1)] + "<i>" + name[m.end(1):]
+        folded.setdefault(key, []).append(int(m.group(1)))
+    items = [f"{k} (i = {min(v)}..{max(v)})" if v and min(v) != max(v) else k.replace("<i>", str(v[0])) if v else k
+             for k, v in folded.items()]
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more if items else "none"
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
 
 
 def match_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
@@ -103,8 +109,8 @@ def match_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
         if not found:
             others = [n for n, _ in model.named_modules() if n and regex.fullmatch(n)]
             hint = f" (it matches only non-linear modules, e.g. {others[0]!r})" if others else ""
-            raise ValueError(f"target_modules: the regex {tm!r} matches no linear module{where}{hint}; the "
-                             f"linear modules, as targets: {linear_suffixes(linears)}")
+            raise ValueError(f"target_modules: the regex {tm!r} matches no linear module{where}{hint}; the linear "
+                             f"modules of {type(model).__name__}: {linear_names_hint(linears)}")
         return found
     found: list[str] = []
     unmatched: list[str] = []
@@ -122,7 +128,7 @@ def match_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
         hint = f" ({'; '.join(examples)})" if examples else ""
         raise ValueError(
             f"target_modules: {', '.join(repr(p) for p in unmatched)} matched no linear module of "
-            f"{type(model).__name__}{where}{hint}; its linear modules, as targets: {linear_suffixes(linears)}"
+            f"{type(model).__name__}{where}{hint}; its linear modules: {linear_names_hint(linears)}"
         )
     order = {n: i for i, n in enumerate(linears)}
     return sorted(set(found), key=order.__getitem__)

@@ -3,6 +3,8 @@ one message per problem naming the flag (or field) and the value, no traceback."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from moe_lora.cli import main
@@ -16,11 +18,19 @@ def run(argv, capsys) -> tuple[int, str]:
 def test_demo_reports_every_bad_flag(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
     code, err = run(["demo", "--recipe", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "file"),
-                     "--steps", "0", "--eval-examples", "-1"], capsys)
+                     "--steps", "0", "--test-per-task", "-1"], capsys)
     assert code == 2 and "invalid command line (4 problems)" in err and "Traceback" not in err
     for problem in ("--recipe: file", "none.yaml' does not exist", "--out:", "exists and is not a directory",
-                    "--steps: 0 must be >= 1", "--eval-examples: -1 must be >= 1"):
+                    "--steps: 0 must be >= 1", "--test-per-task: -1 must be >= 1"):
         assert problem in err, (problem, err)
+
+
+def test_demo_refuses_to_overwrite_a_previous_run(capsys, tmp_path):
+    (tmp_path / "demo" / "moe" / "checkpoints").mkdir(parents=True)
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "demo_minilm.yaml"
+    code, err = run(["demo", "--recipe", str(recipe), "--out", str(tmp_path / "demo"), "--lora-lr", "0"], capsys)
+    assert code == 2 and "invalid command line (2 problems)" in err, err
+    assert "holds a previous run (nothing is overwritten)" in err and "--lora-lr: 0.0 must be > 0" in err
 
 
 def test_convert_reports_a_missing_config_and_out(capsys, tmp_path):

@@ -5,6 +5,9 @@ with the model's tokenizer, packed or padded.
     train, held_out = build_datasets(recipe.data, recipe.eval, tokenizer, resolve)   # with the eval set (or None)
     batch = collate([data[i] for i in indices], data.pad_id)    # input_ids / attention_mask / labels [B, S]
 
+    data = build_dataset(recipe.data, tokenizer, resolve, task="sequence_classification")
+    batch = collate(items, data.pad_id, classification=True)    # ... labels [B]: one class index per sequence
+
 Example -> token sequence (labels = -100 where no loss is taken)::
 
     text             ids = [bos] + tok(text) + [eos]                  labels = ids (bos excluded)
@@ -25,6 +28,11 @@ Task ids: when every example has a ``task`` field (``data.task_field``), each to
 task-conditioned routers (moe_lora.set_task_ids). Ids are the index of the task in ``task_names``: the synthetic
 corpus's task list in its recipe order; for data files the sorted distinct values (ints are taken as the ids
 themselves).
+
+Sequence classification (``task='sequence_classification'``): an example is {"text", "label"} (an int class index;
+JSONL rows may also carry "task"), or the built-in conflicting multi-task set (training/conflict.py) for
+``source: synthetic``; ids = [bos] + tok(text) + [eos] truncated to ``seq_len`` (never packed), the item's labels
+are [label] and ``label_counts[i]`` is 1: the loss is the mean cross-entropy over the sequences of a batch.
 """
 
 from __future__ import annotations
@@ -37,8 +45,8 @@ import torch
 from moe_lora.jsonl import iter_json_objects
 from moe_lora.long_text import CHUNK, tokenize_long
 
-from . import formats
-from .synthetic import generate_corpus
+from . import conflict, formats
+from .synthetic import TASKS, generate_corpus
 
 IGNORE = -100
 
@@ -137,12 +145,50 @@ def pack(ids: list[list[int]], labels: list[list[int]], seq_len: int) -> tuple[l
             [flat_labels[i * seq_len:(i + 1) * seq_len] for i in range(n)])
 
 
+def read_classification_jsonl(path: Path, num_labels: int | None) -> list[dict]:
+    """Rows {"text": str, "label": int in [0, num_labels)} of a JSONL file; errors name the file, line and key."""
+    rows = list(iter_json_objects(path, "data.path"))
+    if not rows:
+        raise ValueError(f"data.path: {path} has no examples")
+    for n, row in rows:
+        if not isinstance(row.get("text"), str):
+            raise ValueError(f"data.path: {path} line {n} has no string 'text' (model.task: sequence_classification)")
+        y = row.get("label")
+        if isinstance(y, bool) or not isinstance(y, int) or y < 0 or (num_labels is not None and y >= num_labels):
+            upper = "" if num_labels is None else f" < {num_labels} (model.num_labels)"
+            raise ValueError(f"data.path: {path} line {n}: 'label' {y!r} must be an int class index >= 0{upper}")
+    return [row for _, row in rows]
+
+
+def classification_rows(section, resolve, num_labels: int | None = None) -> list[dict]:
+    """The {"text", "label"[, "task"]} examples of a sequence-classification run's ``data`` section."""
+    if section.source == "synthetic":
+        s = section.synthetic
+        tasks = s.tasks if s.tasks is not None else conflict.TASKS
+        return conflict.generate(max(1, s.num_examples // len(tasks)), s.seed, tasks, "train")
+    return read_classification_jsonl(resolve(section.path), num_labels)
+
+
+def build_classification_dataset(section, tokenizer, resolve, num_labels: int | None = None) -> TokenizedData:
+    """The tokenised sequence-classification training set (see the module docstring)."""
+    rows = classification_rows(section, resolve, num_labels)
+    ids = encode_texts(tokenizer, [r["text"] for r in rows], section.seq_len)
+    return TokenizedData(ids, [[r["label"]] for r in rows], special_ids(tokenizer)[2], label_counts=[1] * len(rows))
+
+
+def encode_texts(tokenizer, texts: list[str], seq_len: int) -> list[list[int]]:
+    """Token ids of whole texts: [bos] + tok(text) + [eos], truncated to ``seq_len`` (sequence classification)."""
+    bos, eos, _ = special_ids(tokenizer)
+    head, tail = ([] if bos is None else [bos]), ([] if eos is None else [eos])
+    return [(head + t + tail)[:seq_len] for t in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
 def load_rows(section, resolve, path=None) -> tuple[list[dict], str]:
     """Canonical rows (formats.py) of the data section's source (or of ``path``, read like data.path) and
     their resolved format."""
     if section.source == "synthetic" and path is None:
         s = section.synthetic
-        rows = generate_corpus(s.num_examples, s.seed, s.tasks)
+        rows = generate_corpus(s.num_examples, s.seed, TASKS if s.tasks is None else s.tasks)
         fmt = "prompt_response" if section.format == "auto" else section.format
         if fmt == "text":
             rows = [{"text": f"{r['prompt']} {r['response']}", "task": r["task"]} for r in rows]
@@ -165,8 +211,8 @@ def to_dataset(rows: list[dict], fmt: str, section, tokenizer, resolve) -> Token
         ids, labels = formats.tokenize_conversations([r["messages"] for r in rows], tokenizer, template, bos, eos)
     else:
         ids, labels = tokenize_examples(rows, kind, tokenizer)
-    tasks = task_ids_of_rows(rows, list(section.synthetic.tasks) if section.source == "synthetic" else None,
-                             section.task_field)
+    synthetic_names = list(section.synthetic.tasks or TASKS) if section.source == "synthetic" else None
+    tasks = task_ids_of_rows(rows, synthetic_names, section.task_field)
     task_tok = None if tasks is None else [[t] * len(s) for t, s in zip(tasks[0], ids)]
     if section.packing:
         if task_tok is not None:
@@ -183,8 +229,12 @@ def to_dataset(rows: list[dict], fmt: str, section, tokenizer, resolve) -> Token
     return data
 
 
-def build_dataset(section, tokenizer, resolve) -> TokenizedData:
-    """The tokenised training set of a recipe's ``data`` section (all of it: no eval split)."""
+def build_dataset(section, tokenizer, resolve, task: str = "causal_lm", num_labels: int | None = None
+                  ) -> TokenizedData:
+    """The tokenised training set of a recipe's ``data`` section for ``task`` (the recipe's model.task; all of
+    it: no eval split)."""
+    if task == "sequence_classification":
+        return build_classification_dataset(section, tokenizer, resolve, num_labels)
     rows, fmt = load_rows(section, resolve)
     return to_dataset(rows, fmt, section, tokenizer, resolve)
 
@@ -198,9 +248,13 @@ def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict]
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def build_datasets(section, eval_section, tokenizer, resolve) -> tuple[TokenizedData, TokenizedData | None]:
+def build_datasets(section, eval_section, tokenizer, resolve, task: str = "causal_lm", num_labels: int | None = None
+                   ) -> tuple[TokenizedData, TokenizedData | None]:
     """(training set, eval set or None) of a recipe's ``data`` and ``eval`` sections: the eval set is
-    eval.path (read and tokenised like the training data) or a held-out eval.fraction of the examples."""
+    eval.path (read and tokenised like the training data) or a held-out eval.fraction of the examples.
+    Sequence classification has no eval set here (the recipe refuses an eval section for it)."""
+    if task == "sequence_classification":
+        return build_classification_dataset(section, tokenizer, resolve, num_labels), None
     rows, fmt = load_rows(section, resolve)
     held, held_fmt = None, fmt
     if eval_section is not None and eval_section.path is not None:
@@ -211,9 +265,11 @@ def build_datasets(section, eval_section, tokenizer, resolve) -> tuple[Tokenized
     return train, None if held is None else to_dataset(held, held_fmt, section, tokenizer, resolve)
 
 
-def collate(items: list[tuple[list[int], ...]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest item: input_ids [B, S] int64, attention_mask [B, S] int64, labels [B, S] int64, and
-    task_ids [B, S] int64 (padding 0) when the items carry them (a third list)."""
+def collate(items: list[tuple[list[int], ...]], pad_id: int, classification: bool = False
+            ) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item: input_ids [B, S] int64, attention_mask [B, S] int64, labels [B, S] int64
+    (``classification``: labels [B] int64, the class of each sequence), and task_ids [B, S] int64 (padding 0) when
+    the items carry them (a third list)."""
     S = max(len(item[0]) for item in items)
     B = len(items)
     input_ids = torch.full((B, S), pad_id, dtype=torch.long)
@@ -227,6 +283,8 @@ def collate(items: list[tuple[list[int], ...]], pad_id: int) -> dict[str, torch.
         attention_mask[b, :len(ids)] = 1
         if with_tasks:
             task_ids[b, :len(rest[0])] = torch.tensor(rest[0], dtype=torch.long)
+    if classification:
+        labels = labels[:, 0].clone()
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if with_tasks:
         out["task_ids"] = task_ids

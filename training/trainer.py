@@ -15,7 +15,9 @@ Loss. With N_g predicted tokens in the global batch, each rank backpropagates, p
 DeepSpeed averages gradients over the data-parallel world and the accumulation steps (expert gradients too:
 summed over the expert-data-parallel group, divided by the world size), so the update is the gradient of the
 mean cross-entropy over the global batch plus the mean auxiliary loss: the same for every world size and
-ep_size given the same global batch. The logged ``loss`` is that global mean cross-entropy.
+ep_size given the same global batch. The logged ``loss`` is that global mean cross-entropy. With
+``model.task: sequence_classification`` the cross-entropy is per sequence (one label each, ``sequence_ce_sum``) and
+N_g counts sequences.
 
 Resuming restores the module, optimizer, scheduler (DeepSpeed), each rank's RNG states and the data position
 (the step: see sampler.py), so the following steps compute what an uninterrupted run computes. Resuming needs
@@ -97,6 +99,11 @@ def check_task_data(data, config) -> None:
         names = "" if data.task_names is None else f" ({', '.join(data.task_names)})"
         raise ConfigError([f"moe_lora.num_tasks: {config.num_tasks}, but the data has task ids up to {top}{names}"],
                           "training recipe")
+
+
+def sequence_ce_sum(logits_BC: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of -log softmax(logits[b])[labels[b]] (fp32): sequence classification."""
+    return F.cross_entropy(logits_BC.float(), labels_B, reduction="sum")
 
 
 def _import_deepspeed():
@@ -216,7 +223,8 @@ class Trainer:
         from .model import build_model, build_tokenizer
 
         tokenizer = self.tokenizer = build_tokenizer(r)
-        data, eval_data = build_datasets(r.data, r.eval, tokenizer, r.resolve)
+        data, eval_data = build_datasets(r.data, r.eval, tokenizer, r.resolve, r.model.task,
+                                         r.num_labels())
         if info.rank == 0:
             from .run_record import write_run_record
 
@@ -331,12 +339,14 @@ class Trainer:
         scale = info.world_size * t.grad_accum / n_global
         lr = float(engine.get_lr()[0])
         stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # cross-entropy sum, aux sum, real tokens
+        classify = self.recipe.model.task == "sequence_classification"
+        ce_sum = sequence_ce_sum if classify else token_ce_sum
         for m in range(t.grad_accum):
-            batch = collate([data[i] for i in sampler.indices(step, m)], data.pad_id)
+            batch = collate([data[i] for i in sampler.indices(step, m)], data.pad_id, classification=classify)
             self.hand_task_ids(engine.module, batch)
             out = engine(input_ids=batch["input_ids"].to(info.device),
                          attention_mask=batch["attention_mask"].to(info.device), use_cache=False)
-            ce = token_ce_sum(out.logits, batch["labels"].to(info.device))
+            ce = ce_sum(out.logits, batch["labels"].to(info.device))
             aux = getattr(out, "aux_loss", None)
             aux = torch.zeros((), device=ce.device) if aux is None else aux.float()
             if self.nonfinite_anywhere(ce, aux):

@@ -25,7 +25,7 @@ from .report import (
     summarize,
     validate_report,
 )
-from .stats import RoutingAccumulator, RoutingRecord, layer_metrics
+from .stats import RoutingAccumulator, RoutingRecord, layer_metrics, task_expert_nmi
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -41,6 +41,7 @@ __all__ = [
     "read_report",
     "router_info",
     "summarize",
+    "task_expert_nmi",
     "validate_report",
     "write_report_dir",
     "write_tensorboard",

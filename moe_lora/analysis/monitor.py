@@ -94,7 +94,9 @@ class RouterMonitor:
             out[f"{p}/{name}/entropy_norm"] = float(m["entropy_mean_dist_norm"])
             out[f"{p}/{name}/token_entropy_norm"] = float(m["token_entropy_norm"])
             out[f"{p}/{name}/active_experts"] = float(m["mean_active_experts"])
-            is_collapsed = max(m["weighted_load"]) > self.collapse_threshold or bool(m["dead_experts"])
+            # one expert (plain LoRA as the E=1 case) takes everything by construction: not a collapse
+            is_collapsed = len(m["load"]) > 1 and (max(m["weighted_load"]) > self.collapse_threshold
+                                                   or bool(m["dead_experts"]))
             collapsed += is_collapsed
             self._track(name, m, is_collapsed, step_idx)
         cvs = [float(m["cv"]) for m in metrics.values()]

@@ -196,3 +196,22 @@ def layer_metrics(acc: RoutingAccumulator, label_names: list[str] | None = None)
                 out["load_by_task"][name] = [c / s for c in row]
                 out["tokens_by_task"][name] = round(n)
     return out
+
+
+def task_expert_nmi(layer: dict) -> float | None:
+    """Normalised mutual information between a token's task and the experts it is routed to, from a report layer
+    entry (``load_by_task``, ``tokens_by_task``), over chosen (token, expert) pairs:
+
+        p(t) = tokens of t / tokens,   p(e) = sum_t p(t) f_t[e]      (f_t = load_by_task[t])
+        I = H(p(e)) - sum_t p(t) H(f_t),   nMI = I / log min(E, #tasks)
+
+    0 = every task spreads over the experts alike, 1 = tasks use disjoint experts. None when undefined: fewer than
+    two experts or tasks, or every token uses every expert (a dense router)."""
+    by_task, tokens, E = layer["load_by_task"], layer["tokens_by_task"], layer["num_experts"]
+    if E < 2 or len(by_task) < 2 or layer["mean_active_experts"] >= E - 1e-9:
+        return None
+    n = sum(tokens[t] for t in by_task)
+    pt = {t: tokens[t] / n for t in by_task}
+    pe = [sum(pt[t] * by_task[t][e] for t in by_task) for e in range(E)]
+    mi = _entropy(pe) - sum(pt[t] * _entropy(by_task[t]) for t in by_task)
+    return max(0.0, mi) / math.log(min(E, len(by_task)))

@@ -148,12 +148,19 @@ def analyse(model, tokenizer, texts: list[str], labels: list[str | None], *, bat
 
 
 def print_summary(report: dict, paths: dict) -> None:
+    from moe_lora.analysis import task_expert_nmi
+
     s = report["summary"]
     print(f"analysed {report['num_sequences']} sequences, {report['num_tokens']} tokens, "
           f"{s['num_layers']} routed layers")
     print(f"mean load CV {s['mean_cv']:.4f} (max {s['max_cv']:.4f} in {s['max_cv_layer']}), "
           f"dead experts {s['total_dead_experts']} in {s['layers_with_dead_experts']} layers, "
           f"mean H(P)/log E {s['mean_entropy_mean_dist_norm']:.4f}")
+    nmi = [(v, layer["name"]) for layer in report["layers"] if (v := task_expert_nmi(layer)) is not None]
+    if nmi:
+        best = max(nmi)
+        print(f"task-expert nMI (0: tasks share the experts alike, 1: disjoint experts per task) mean "
+              f"{sum(v for v, _ in nmi) / len(nmi):.4f}, max {best[0]:.4f} in {best[1]}")
     print(f"report: {paths['report']}\npage:   {paths['index']}")
 
 

@@ -90,6 +90,16 @@ def test_balanced_training_never_warns():
             assert monitor.step(step)["router/all/collapsed_layers"] == 0.0
 
 
+def test_one_expert_is_not_a_collapse():
+    """Plain LoRA as the E=1, k=1 case routes everything to its one expert by construction."""
+    model = Stack([("topk", 1, 1)]).train()
+    with warnings.catch_warnings(), RouterMonitor(model, log_every=1, collapse_patience=1) as monitor:
+        warnings.simplefilter("error")
+        for step in range(2):
+            _train_step(model, torch.randn(2, 4, D))
+            assert monitor.step(step)["router/all/collapsed_layers"] == 0.0
+
+
 def test_monitor_rejects_bad_settings():
     model = Stack([("topk", 4, 1)])
     with pytest.raises(ValueError, match="log_every"):

@@ -8,7 +8,7 @@ from pathlib import Path
 from moe_lora.checks import is_int
 from moe_lora.errors import suggest
 from moe_lora.json_file import read_json_object
-from moe_lora.zoo import BUILTIN, TINY
+from moe_lora.zoo import BUILTIN, TASKS, TINY
 
 from .framework import option
 
@@ -35,7 +35,19 @@ class ModelSection:
         {},
         f"Built-in tiny models only: sizes for moe_lora.zoo.tiny_config ({', '.join(TINY_SIZES)}).",
     )
-    seed: int = option(0, "Seed of the built-in tiny models' random weights (identical on every rank).")
+    seed: int = option(0, "Seed of the built-in tiny models' random weights and of a new classification head "
+                          "(identical on every rank).")
+    task: str = option(
+        "causal_lm",
+        "'causal_lm' (next-token loss; the model's causal-LM class) or 'sequence_classification' (its "
+        "*ForSequenceClassification class: one label per sequence, cross-entropy; the head is trained in full "
+        "and saved with the adapter, as PEFT's modules_to_save).",
+    )
+    num_labels: int | None = option(
+        None,
+        "sequence_classification only: classes of the head. null with data.source synthetic = the built-in "
+        "set's label count (training/conflict.py); required with JSONL data.",
+    )
     quantization: dict | None = option(
         None,
         "Quantized frozen base (bitsandbytes through transformers' BitsAndBytesConfig): null, or {bits: 4 | 8, "
@@ -70,5 +82,13 @@ class ModelSection:
         from moe_lora.quantization import spec_problems
 
         p += spec_problems(self.quantization)
+        if self.task not in TASKS:
+            p.append(f"model.task: {self.task!r}{suggest(str(self.task), TASKS)}; allowed: {', '.join(TASKS)}")
+        elif self.task == "causal_lm" and self.num_labels is not None:
+            p.append(f"model.num_labels: {self.num_labels!r} is only used with model.task: sequence_classification")
+        if self.task == "sequence_classification" and self.quantization is not None:
+            p.append("model.quantization: a quantized base is supported for model.task causal_lm only")
+        if self.num_labels is not None and not (is_int(self.num_labels) and self.num_labels >= 2):
+            p.append(f"model.num_labels: {self.num_labels!r} must be null or an int >= 2")
         return p
 

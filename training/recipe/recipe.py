@@ -25,6 +25,7 @@ from moe_lora.text_limits import short
 from moe_lora.yaml_file import read_yaml
 from moe_lora.zoo import TINY
 
+from .. import conflict
 from ..ds_config import deepspeed_problems, load_deepspeed_json
 from .data import DataSection
 from .evaluation import EvalSection
@@ -133,8 +134,19 @@ class Recipe:
         p += self.model.problems(self.resolve)
         config, moe_problems = read_moe_lora(self.moe_lora, self.resolve)
         p += moe_problems
-        p += self.data.problems(self.resolve)
+        p += self.data.problems(self.resolve, self.model.task)
         p += self.eval.problems(self.resolve, self.data.source)
+        if self.model.task == "sequence_classification" and (self.eval.every or self.eval.path or self.eval.fraction):
+            p.append("eval: evaluation during training is for causal_lm; a sequence-classification run is scored on "
+                     "held-out data afterwards (moe-lora demo shows how)")
+        if (self.model.task == "sequence_classification" and self.model.num_labels is None
+                and self.data.source == "jsonl"):
+            p.append("model.num_labels: required for model.task sequence_classification with JSONL data")
+        elif (self.model.task == "sequence_classification" and self.data.source == "synthetic"
+              and self.model.num_labels not in (None, len(conflict.LABELS))):
+            n = len(conflict.LABELS)
+            p.append(f"model.num_labels: {self.model.num_labels!r}, but the built-in classification set has {n} "
+                     f"labels ({', '.join(conflict.LABELS)}); use {n} or null")
         p += self.optimizer.problems()
         p += self.schedule.problems(self.train.max_steps)
         p += self.train.problems()
@@ -166,6 +178,13 @@ class Recipe:
         if ds is not None:
             p += deepspeed_problems(ds, self)
         return p
+
+    def num_labels(self) -> int | None:
+        """Classes of a sequence-classification run (model.num_labels, else the built-in set's); None for
+        causal_lm."""
+        if self.model.task != "sequence_classification":
+            return None
+        return self.model.num_labels if self.model.num_labels is not None else len(conflict.LABELS)
 
     def num_layers(self) -> int | None:
         """Transformer layers of the base model, read without loading it (None when unknown)."""
