@@ -26,6 +26,7 @@ from torch import nn
 from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
 from .layer import MoELoRALinear, base_dims, expert_generator
+from .loss_forms import LossForm
 from .memory_check import check_fits
 from .model_hooks import attach_model_hooks
 from .routers import build_router
@@ -78,7 +79,8 @@ def routing_label(config: MoELoRAConfig, num_experts: int, top_k: int) -> str:
 def _router_kwargs(config: MoELoRAConfig) -> dict:
     return dict(temperature=config.router_temperature, jitter_noise=config.jitter_noise,
                 init_std=config.router_init_std, soft_top_k=config.soft_top_k,
-                threshold_max=config.threshold_max, capacity_factor=config.capacity_factor)
+                threshold_max=config.threshold_max, capacity_factor=config.capacity_factor,
+                bias_update_rate=config.bias_update_rate)
 
 
 def _build_router(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str):
@@ -303,6 +305,10 @@ def check_plan_fits(model: nn.Module, p: Plan) -> None:
                "lower num_experts, rank or target_modules")
 
 
+def _loss_form(config: MoELoRAConfig) -> LossForm:
+    return LossForm(config.loss_form, config.lbc_alpha)
+
+
 def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     """Wrap the targeted linears of ``model`` in place, freeze the rest (except modules_to_save), attach the
     model hooks, and return the model. A fresh conversion computes exactly the base model's outputs (every
@@ -323,7 +329,8 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
                 contrastive_temperature=config.contrastive_temperature, router_temperature=config.router_temperature,
                 jitter_noise=config.jitter_noise, router_init_std=config.router_init_std,
                 soft_top_k=config.soft_top_k, threshold_max=config.threshold_max,
-                capacity_factor=config.capacity_factor, **kw,
+                capacity_factor=config.capacity_factor, bias_update_rate=config.bias_update_rate,
+                loss_form=_loss_form(config), **kw,
             )
             model.set_submodule(e.name, layer.train(base.training))
         elif e.scope in ("block", "ffn") and e.part == "experts":
@@ -341,7 +348,8 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
         router = _build_router(config, head.in_features, head.num_experts, head.top_k, entry_name)
         router.reset_parameters(expert_generator(module_seed(config.init_seed, entry_name), -1))
         block = MoEBlock(model.get_submodule(entry_name), layout, router.to(device), ffn_experts=config.ffn_experts,
-                         coefs=_coefs(config), contrastive_temperature=config.contrastive_temperature)
+                         coefs=_coefs(config), contrastive_temperature=config.contrastive_temperature,
+                         loss_form=_loss_form(config))
         model.set_submodule(entry_name, block.train(block.base_layer.training))
         for ex in experts:
             ex.bind(block)

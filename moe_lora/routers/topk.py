@@ -3,6 +3,9 @@
     p = softmax(W_r x / temperature)
     S = indices of the k largest p
     w_i = p_i / sum_{j in S} p_j   for i in S      (renormalised: the k weights sum to 1)
+
+With a selection bias b (auxiliary-loss-free balancing, DeepSeek-V3; moe_lora/balancing.py) S is the k largest
+p + b instead; the weights keep the formula above, on p alone.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ class TopKRouter(Router):
         return self.k
 
     def select(self, probs_TE, x_TD, token_mask_T):
-        top_p_TK, ids_TK = torch.topk(probs_TE, self.k, dim=-1)
+        if self.selection_bias is None:
+            top_p_TK, ids_TK = torch.topk(probs_TE, self.k, dim=-1)
+        else:  # select on p + b, weigh with p
+            ids_TK = torch.topk(probs_TE.detach() + self.selection_bias, self.k, dim=-1).indices
+            top_p_TK = probs_TE.gather(1, ids_TK)
         weights_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)
         return weights_TK, ids_TK, None
 
