@@ -109,6 +109,11 @@ def num_samples_of(x: torch.Tensor) -> int:
     return int(x.shape[0]) if x.dim() >= 3 else 1
 
 
+def _f32(v: torch.Tensor, device) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64) on ``device``."""
+    return v.to(device=device, dtype=torch.promote_types(v.dtype, torch.float32))
+
+
 def _scaled(coefs: dict[str, float], scale: float) -> dict[str, float]:
     if scale == 1.0:
         return coefs
@@ -133,7 +138,7 @@ def model_aux_loss(entries: list[tuple[nn.Module, int | None]], scale: float = 1
         fallback = stats.psum_E if stats is not None else torch.zeros(())
         device = next(iter(first.last_aux_terms.values()), fallback).device
     own = [losses.weighted_sum(m.last_aux_terms, _scaled(m.coefs, scale)) for m, _ in active]
-    own = [torch.as_tensor(v, dtype=torch.float32, device=device) if not torch.is_tensor(v) else v.float().to(device)
+    own = [torch.as_tensor(v, dtype=torch.float32, device=device) if not torch.is_tensor(v) else _f32(v, device)
            for v in own]
     total = torch.stack(own).mean() if form == "normalized" else torch.stack(own).sum()
     if form in POOLED:
@@ -146,9 +151,9 @@ def model_aux_loss(entries: list[tuple[nn.Module, int | None]], scale: float = 1
             coefs = _scaled(members[0].coefs, scale)
             if coefs.get("load_balance", 0.0) > 0:
                 lb = losses.pooled_switch_loss(stats, per_token=form == "mixlora")
-                total = total + coefs["load_balance"] * lb.float().to(device)
+                total = total + coefs["load_balance"] * _f32(lb, device)
             if coefs.get("z_loss", 0.0) > 0:
-                total = total + coefs["z_loss"] * losses.pooled_z_loss(stats).float().to(device)
+                total = total + coefs["z_loss"] * _f32(losses.pooled_z_loss(stats), device)
     return total
 
 

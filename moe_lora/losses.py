@@ -42,7 +42,7 @@ def load_balance_loss(routing: Routing) -> torch.Tensor:
     top-k form, whose balanced value is k, f is normalised over all k slots.
     """
     E = routing.num_experts
-    used_S = (routing.weights_TK > 0).reshape(-1).float()
+    used_S = (routing.weights_TK > 0).reshape(-1).to(routing.probs_TE.dtype)
     if routing.token_mask_T is None:
         P_E = routing.probs_TE.mean(0)
     else:
