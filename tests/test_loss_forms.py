@@ -229,3 +229,70 @@ def test_forms_reject_mixed_or_missing_inputs():
     d = fake_module(r, {"load_balance": 1.0}, LossForm("mixlora"))
     with pytest.raises(ValueError, match="same num_experts"):
         model_aux_loss([(c, 0), (d, 1)])
+
+
+# ---- through a converted model -------------------------------------------------------------------------------------
+def _converted(**fields):
+    from convert_testutils import tiny
+
+    from moe_lora import MoELoRAConfig, convert
+
+    model = convert(tiny("tiny-llama"), MoELoRAConfig(**fields)).train()
+    for name, p in model.named_parameters():
+        if name.endswith("lora_B"):
+            with torch.no_grad():
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def _routed(model):
+    from moe_lora.routing import iter_routed_modules
+
+    return list(iter_routed_modules(model))
+
+
+def test_converted_mixlora_model_aux_loss_is_moe_peft_on_its_blocks_logits():
+    from convert_testutils import LLAMA_MLP, tokens
+
+    model = _converted(target_modules=LLAMA_MLP, router_scope="block", ffn_experts=True, num_experts=5, top_k=2,
+                       loss_form="mixlora", load_balance_coef=1e-3)
+    ids = tokens(3, 7)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    out = model(input_ids=ids, attention_mask=mask)
+    logits = [m.last_routing.logits_TE.double() for _, m in _routed(model)]
+    assert len(logits) == 2
+    assert_close(out.aux_loss, 1e-3 * moe_peft_mixlora_loss(logits, 5, 2, mask), torch.float32, "model aux_loss")
+
+
+def test_converted_mola_model_aux_loss_is_molas_per_layer_sum():
+    from convert_testutils import LLAMA_ALL, tokens
+
+    model = _converted(target_modules=LLAMA_ALL, num_experts=[3, 6], top_k=2, loss_form="mola", load_balance_coef=1e-3)
+    out = model(input_ids=tokens(2, 5))
+    by_layer = {}
+    for name, m in _routed(model):
+        by_layer.setdefault(int(name.split("layers.")[1].split(".")[0]), []).append(m.last_routing.logits_TE.double())
+    ref = 1e-3 * mola_loss([torch.cat(by_layer[i]) for i in (0, 1)], [3, 6], [2, 2])
+    assert_close(out.aux_loss, ref, torch.float32, "model aux_loss")
+
+
+def test_converted_loramoe_model_reads_task_ids_set_on_the_model_for_one_forward():
+    from convert_testutils import LLAMA_MLP, tokens
+
+    from moe_lora.model_hooks import set_task_ids
+
+    model = _converted(target_modules=LLAMA_MLP, router="soft", num_experts=4, loss_form="loramoe", lbc_alpha=0.4,
+                       load_balance_coef=0.0, cv_coef=1e-2)
+    ids, types = tokens(3, 6), torch.tensor([1, 0, 1])
+    set_task_ids(model, types)
+    with_types = model(input_ids=ids).aux_loss
+    mods = [m for _, m in _routed(model)]
+    assert len(mods) == 6 and all(m.task_ids is None for m in mods)  # cleared after the forward
+    ref = sum(loramoe_blcls(m.last_routing.logits_TE.double().view(3, 6, 4), types, 0.4, 1e-2) for m in mods)
+    assert_close(with_types, ref, torch.float32, "model aux_loss with the LBC")
+    without = model(input_ids=ids).aux_loss  # the types were used once: plain per-sample CV^2 now
+    ref0 = sum(loramoe_blcls(m.last_routing.logits_TE.double().view(3, 6, 4), types, 0.0, 1e-2) for m in mods)
+    assert_close(without, ref0, torch.float32, "model aux_loss without task types")
+    with pytest.raises(ValueError, match="task_ids"):
+        set_task_ids(model, torch.zeros(2, 3))

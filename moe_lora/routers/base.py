@@ -55,10 +55,9 @@ class Router(nn.Module):
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32))
         self.bias_update_rate = float(bias_update_rate)
-        self.selection_bias: torch.Tensor | None = None
-        if self.bias_update_rate > 0:
-            self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
-            self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        bias = torch.zeros(num_experts, dtype=torch.float32) if self.bias_update_rate > 0 else None
+        self.register_buffer("selection_bias", bias)  # None: not in the state dict
+        self.register_buffer("load_counts", None if bias is None else torch.zeros_like(bias), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -133,7 +132,7 @@ class Router(nn.Module):
         used_TK = (weights_TK > 0).float()
         if token_mask_T is not None:
             used_TK = used_TK * token_mask_T[:, None].float()
-        self.load_counts.index_add_(0, ids_TK.reshape(-1), used_TK.reshape(-1))
+        self.load_counts.index_add_(0, ids_TK.reshape(-1), used_TK.reshape(-1).to(self.load_counts.dtype))
 
     def _set_ep_group(self, group) -> None:
         """DeepSpeed's MoE layer hands its expert-parallel group to the gate; routers need none."""
