@@ -6,12 +6,13 @@
 
 A tiny Llama (random weights, hidden 64, 2 layers, word-level vocabulary of the built-in synthetic corpus) gets
 top-2-of-4 MoE-LoRA experts on all 7 projections (14 routers) and learns the seven synthetic tasks (copy, reverse,
-sort, sentiment, topic, count, add) as a language model with Adam (lr 5e-3, batch 16 sequences). Each variant
-changes only the balancing. After training, the routing of 256 held-out sequences is recorded with the task of
-each sequence as its label (moe_lora.analysis.RoutingRecorder) and summarised per run:
+sort, sentiment, topic, count, add) as a language model with Adam (lr 2e-2, batch 16 sequences, 150 steps). Each
+variant changes only the balancing. After training, the routing of 256 held-out sequences is recorded with the task
+of each sequence as its label (moe_lora.analysis.RoutingRecorder) and summarised per run:
 
     dead      experts that received no held-out token, summed over the 14 routers (56 experts in all)
-    cv_mean   mean over routers of the load's CV (0 balanced; sqrt(E/k - 1) = 1 when every token picks the same 2)
+    cv_mean   mean over routers of the load's CV (0 balanced; sqrt(E/k - 1) = 1 when every token picks the same 2;
+              up to sqrt(E - 1) = 1.73 when the second weight underflows to 0 and only one expert is chosen)
     cv_max    the largest router CV
     nmi       mean over routers of the normalised task-expert mutual information (0: tasks route alike)
     loss      held-out cross-entropy of the response tokens
@@ -61,8 +62,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants (default: all)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
-    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
+    p.add_argument("--lr", type=float, default=2e-2,
+                   help="Adam learning rate (default 2e-2: high enough for unbalanced routers to collapse)")
     p.add_argument("--quick", action="store_true", help="seed 0 only and 60 steps")
     p.add_argument("--out", default="benchmarks/results/collapse.json", help="where to write the JSON table")
     return p.parse_args(argv)
