@@ -54,6 +54,7 @@ VARIANTS = {
     "zloss": dict(load_balance_coef=1e-3, z_loss_coef=1e-3),
     "warmup": dict(load_balance_coef=1e-3, balance_warmup_steps=50, balance_warmup_start=10.0),
     "auxfree": dict(bias_update_rate=1e-3),
+    "auxfree1e-2": dict(bias_update_rate=1e-2),
     "auxfree+lb1e-3": dict(bias_update_rate=1e-3, load_balance_coef=1e-3),
 }
 
