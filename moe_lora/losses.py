@@ -90,6 +90,12 @@ def pooled_switch_loss(stats: list[BalanceStats], per_token: bool) -> torch.Tens
         f_e = sum_m counts_m,e / N                   per_token=True: sum_e f_e = k (HF Mixtral's top-k form, which
                                                      MoE-PEFT's MixLoRA loss is; balanced value k)
         f_e = sum_m counts_m,e / sum_{m,e} counts    per_token=False: sum_e f_e = 1 (MoLA's code; balanced value 1)
+
+    Where these differ from the papers: MixLoRA's paper (Eqs. 8-9) writes the Switch loss with argmax (top-1)
+    counts; MoE-PEFT's code, followed here, counts all k slots (HF Mixtral's form) and pools the logits of every
+    layer, masking padding as we do. MoLA's paper only cites the Switch loss; its code, followed here, pools the
+    modules of a layer and counts the k slots, without a padding mask (here padding is left out: the same
+    value on batches without padding).
     """
     E = stats[0].psum_E.shape[0]
     if any(s.psum_E.shape[0] != E for s in stats):
