@@ -8,11 +8,18 @@ with the adapter) that enters the selection only:
 
 and, after every optimizer step, moves towards balance from the load the router saw in that step:
 
-    c_e  = real tokens routed to e in the step's training forwards (every micro-batch, every data-parallel rank)
+    c_e  = real tokens that selected e in the step's training forwards (every micro-batch, every data-parallel rank)
     b_e <- b_e + u * sign(mean_e' c_e' - c_e)          (an underloaded expert's bias rises, an overloaded one's falls)
 
 No gradient reaches b and b does not bias the gradient of the router, unlike a balance loss; the router's own
 loss gradient is left alone (DeepSeek-V3 pairs it with a tiny sequence-wise balance loss, here any loss form).
+
+Where it differs from DeepSeek-V3: its affinities are sigmoid scores, here softmax probabilities, which can
+underflow to exactly 0 when a router has collapsed; the bias may then select an expert with p = 0, which gets
+weight 0 (and a token whose k selected p are all 0 gets no expert: zero weights, not 0 / 0). Such a selection
+counts as load, so the bias of an expert no bias can revive stops rising. u must be small against the gap
+between probabilities: with u = 1e-2 over 150 steps (benchmarks/collapse.py) the bias outgrows them and
+routes tokens to experts of p ~ 0; DeepSeek-V3 uses u = 1e-3.
 
 Why after each optimizer step and not in every forward: DeepSeek-V3 updates at the end of each step; within a
 step the selection must stay the same between a forward and activation checkpointing's recomputation of it (an

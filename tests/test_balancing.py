@@ -135,3 +135,16 @@ def test_bias_is_saved_with_the_adapter_and_restored(tmp_path):
     ids = tokens(2, 6)
     with torch.no_grad():
         assert torch.equal(model.eval()(input_ids=ids).logits, loaded.eval()(input_ids=ids).logits)
+
+
+def test_bias_selecting_experts_whose_probability_underflowed_gives_zero_weights_not_nan():
+    r = TopKRouter(2, 4, top_k=2, bias_update_rate=1e-2).train()
+    logits = torch.tensor([[200.0, 100.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    with torch.no_grad():
+        r.selection_bias.copy_(torch.tensor([-5.0, -5.0, 1.0, 1.0]))  # selects experts 2, 3: p = 0 for token 0
+    routing = r(torch.zeros(2, 2), logits_TE=logits)
+    assert torch.isfinite(routing.weights_TK).all()
+    assert routing.weights_TK[0].tolist() == [0.0, 0.0] and routing.weights_TK[1].tolist() == [0.5, 0.5]
+    (g,) = torch.autograd.grad(routing.weights_TK.sum(), logits)
+    assert torch.isfinite(g).all()
+    assert r.load_counts.tolist() == [0.0, 0.0, 2.0, 2.0]  # selections count, whatever their weight

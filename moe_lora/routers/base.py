@@ -8,7 +8,7 @@ Optional multiplicative jitter (Switch/MixLoRA) in training: x <- x * U(1 - eps,
 Optional auxiliary-loss-free balancing (DeepSeek-V3; routers that select, see moe_lora/balancing.py): with
 ``bias_update_rate`` > 0 the router holds a per-expert ``selection_bias`` [E] (a buffer, saved with the adapter)
 that its ``select`` adds to the scores it ranks, never to the weights, and counts in ``load_counts`` [E] (not
-saved) the real tokens each expert received in training forwards since the last update.
+saved) the real tokens that selected each expert in training forwards since the last update.
 """
 
 from __future__ import annotations
@@ -128,11 +128,13 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def _count_load(self, weights_TK: torch.Tensor, ids_TK: torch.Tensor, token_mask_T: torch.Tensor | None) -> None:
-        """load_counts[e] += real tokens with a non-zero-weight slot on e (no host sync)."""
-        used_TK = (weights_TK > 0).float()
+        """load_counts[e] += real tokens that selected e (no host sync). Selections, as DeepSeek-V3 counts them,
+        not non-zero weights: an expert the bias selects but whose p underflowed to 0 counts as loaded, so that its
+        bias stops rising (no bias can give it weight)."""
+        used_TK = torch.ones_like(weights_TK, dtype=self.load_counts.dtype)
         if token_mask_T is not None:
-            used_TK = used_TK * token_mask_T[:, None].float()
-        self.load_counts.index_add_(0, ids_TK.reshape(-1), used_TK.reshape(-1).to(self.load_counts.dtype))
+            used_TK = used_TK * token_mask_T[:, None].to(used_TK.dtype)
+        self.load_counts.index_add_(0, ids_TK.reshape(-1), used_TK.reshape(-1))
 
     def _set_ep_group(self, group) -> None:
         """DeepSpeed's MoE layer hands its expert-parallel group to the gate; routers need none."""

@@ -29,10 +29,13 @@ class TopKRouter(Router):
     def select(self, probs_TE, x_TD, token_mask_T):
         if self.selection_bias is None:
             top_p_TK, ids_TK = torch.topk(probs_TE, self.k, dim=-1)
-        else:  # select on p + b, weigh with p
-            ids_TK = torch.topk(probs_TE.detach() + self.selection_bias, self.k, dim=-1).indices
-            top_p_TK = probs_TE.gather(1, ids_TK)
-        weights_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)
+            return top_p_TK / top_p_TK.sum(-1, keepdim=True), ids_TK, None
+        # select on p + b, weigh with p; the bias may select experts whose p underflowed to 0 (all k of them:
+        # the token then gets zero weights rather than 0 / 0)
+        ids_TK = torch.topk(probs_TE.detach() + self.selection_bias, self.k, dim=-1).indices
+        top_p_TK = probs_TE.gather(1, ids_TK)
+        den_T1 = top_p_TK.sum(-1, keepdim=True)
+        weights_TK = top_p_TK / torch.where(den_T1 > 0, den_T1, torch.ones_like(den_T1))
         return weights_TK, ids_TK, None
 
     def extra_repr(self) -> str:
