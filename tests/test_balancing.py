@@ -43,14 +43,16 @@ def test_bias_changes_the_selection_but_not_the_weights_formula():
     assert not r.selection_bias.requires_grad
 
 
-def test_zero_bias_routes_exactly_as_without():
+def test_zero_bias_selects_exactly_as_without():
+    """The same experts; the same weights up to rounding (softmax of the selected logits vs p / sum p)."""
     torch.manual_seed(1)
     a = TopKRouter(8, 6, top_k=2)
     b = TopKRouter(8, 6, top_k=2, bias_update_rate=1e-3)
     b.load_state_dict(a.state_dict(), strict=False)
     x = torch.randn(11, 8)
     ra, rb = a(x), b(x)
-    assert torch.equal(ra.expert_ids_TK, rb.expert_ids_TK) and torch.equal(ra.weights_TK, rb.weights_TK)
+    assert torch.equal(ra.expert_ids_TK, rb.expert_ids_TK)
+    assert_close(rb.weights_TK, ra.weights_TK, torch.float32, "weights")
 
 
 def test_update_drives_a_skewed_router_towards_balance():
@@ -137,14 +139,20 @@ def test_bias_is_saved_with_the_adapter_and_restored(tmp_path):
         assert torch.equal(model.eval()(input_ids=ids).logits, loaded.eval()(input_ids=ids).logits)
 
 
-def test_bias_selecting_experts_whose_probability_underflowed_gives_zero_weights_not_nan():
+def test_bias_selecting_experts_whose_probability_underflowed_keeps_the_formula_and_finite_gradients():
+    """p of experts 2, 3 underflows to 0 for token 0 (and is ~1e-44 for token 2): the weights are still
+    p_i / sum_S p_j, computed as the softmax of the selected logits, with finite gradients (p / sum p would give
+    0 / 0, and a gradient of 1 / sum p that overflows)."""
     r = TopKRouter(2, 4, top_k=2, bias_update_rate=1e-2).train()
-    logits = torch.tensor([[200.0, 100.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    logits = torch.tensor([[200.0, 100.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, -0.5]],
+                          requires_grad=True)
     with torch.no_grad():
-        r.selection_bias.copy_(torch.tensor([-5.0, -5.0, 1.0, 1.0]))  # selects experts 2, 3: p = 0 for token 0
-    routing = r(torch.zeros(2, 2), logits_TE=logits)
-    assert torch.isfinite(routing.weights_TK).all()
-    assert routing.weights_TK[0].tolist() == [0.0, 0.0] and routing.weights_TK[1].tolist() == [0.5, 0.5]
-    (g,) = torch.autograd.grad(routing.weights_TK.sum(), logits)
+        r.selection_bias.copy_(torch.tensor([-5.0, -5.0, 1.0, 1.0]))  # selects experts 2 and 3
+    routing = r(torch.zeros(3, 2), logits_TE=logits)
+    assert (routing.expert_ids_TK.sort(-1).values == torch.tensor([2, 3])).all()
+    expect = torch.softmax(logits.detach()[:, 2:], -1)
+    assert_close(routing.weights_TK.gather(1, routing.expert_ids_TK.argsort(-1)), expect, torch.float32,
+                 "w = p_i / sum_S p_j")
+    (g,) = torch.autograd.grad((routing.weights_TK * torch.tensor([1.0, 2.0])).sum(), logits)
     assert torch.isfinite(g).all()
-    assert r.load_counts.tolist() == [0.0, 0.0, 2.0, 2.0]  # selections count, whatever their weight
+    assert r.load_counts.tolist() == [0.0, 0.0, 3.0, 3.0]  # selections count, whatever their weight

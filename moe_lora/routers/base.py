@@ -103,7 +103,9 @@ class Router(nn.Module):
             logits_TE = self.logits(x_TD) if linear_TN is None else linear_TN[:, :E]
             scaled_TE = logits_TE if self.temperature == 1.0 else logits_TE / self.temperature
             probs_TE = torch.softmax(scaled_TE, dim=-1)
-            if linear_TN is None or linear_TN.shape[1] == E:  # a subclass's three-argument select stays valid
+            if self.selection_bias is not None:  # top-k with a selection bias: weights from the logits (stable)
+                weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T, scaled_TE=scaled_TE)
+            elif linear_TN is None or linear_TN.shape[1] == E:  # a subclass's three-argument select stays valid
                 weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
             else:
                 weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T, extra_TX=linear_TN[:, E:])

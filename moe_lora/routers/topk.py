@@ -26,17 +26,17 @@ class TopKRouter(Router):
     def top_k(self) -> int:
         return self.k
 
-    def select(self, probs_TE, x_TD, token_mask_T):
+    def select(self, probs_TE, x_TD, token_mask_T, scaled_TE=None):
         if self.selection_bias is None:
             top_p_TK, ids_TK = torch.topk(probs_TE, self.k, dim=-1)
             return top_p_TK / top_p_TK.sum(-1, keepdim=True), ids_TK, None
-        # select on p + b, weigh with p; the bias may select experts whose p underflowed to 0 (all k of them:
-        # the token then gets zero weights rather than 0 / 0)
+        # select on p + b, weigh with p: w = p_S / sum p_S = softmax of the selected (scaled) logits, computed so:
+        # the bias may select experts whose p is tiny or 0, where p / sum p would divide by a vanishing sum (and
+        # its gradient overflow)
         ids_TK = torch.topk(probs_TE.detach() + self.selection_bias, self.k, dim=-1).indices
-        top_p_TK = probs_TE.gather(1, ids_TK)
-        den_T1 = top_p_TK.sum(-1, keepdim=True)
-        weights_TK = top_p_TK / torch.where(den_T1 > 0, den_T1, torch.ones_like(den_T1))
-        return weights_TK, ids_TK, None
+        if scaled_TE is None:
+            scaled_TE = probs_TE.log()
+        return torch.softmax(scaled_TE.gather(1, ids_TK), dim=-1), ids_TK, None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", top_k={self.k}"
