@@ -49,12 +49,12 @@ import math
 import torch
 from torch import nn
 
-from . import losses
 from .kernels import choose_torch_path, lora_expert_rows, lora_experts
 from .kernels.api import resolve_backend, resolve_path
 from .kernels.dense_gated import base_and_shrink, dense_gated_expand
 from .kernels.pair_rows import PairLayout, gather_pairs, grouped_rows_mm, sum_pairs
 from .layer import base_dims, computes_base_itself, init_lora_A_
+from .loss_forms import LossForm, num_samples_of, record_aux
 from .routers import Router
 from .routing import Routing
 from .targets import BlockLayout
@@ -171,12 +171,13 @@ class MoEBlock(nn.Module):
         ffn_experts: MixLoRA FFN experts instead of per-projection deltas (gated and plain layouts).
         coefs: auxiliary-loss coefficients by name (load_balance, z_loss, cv, contrastive).
         contrastive_temperature: tau of the contrastive loss (FFN mode; u = the down projection's pair delta).
+        loss_form: how the auxiliary terms are computed and added up over a model (moe_lora.loss_forms).
     """
 
     is_routing_source = True
 
     def __init__(self, base_layer: nn.Module, layout: BlockLayout, router: Router, *, ffn_experts: bool,
-                 coefs: dict[str, float], contrastive_temperature: float = 0.1):
+                 coefs: dict[str, float], contrastive_temperature: float = 0.1, loss_form: LossForm | None = None):
         super().__init__()
         if ffn_experts and layout.kind not in ("gated", "plain"):
             raise ValueError(
@@ -190,9 +191,12 @@ class MoEBlock(nn.Module):
         self.num_experts = router.num_experts
         self.coefs = dict(coefs)
         self.contrastive_temperature = float(contrastive_temperature)
+        self.loss_form = loss_form or LossForm()
         prefix = layout.entry + "."
         self.role_paths = {role: name[len(prefix):] for role, name in layout.roles if name.startswith(prefix)}
         self.token_mask: torch.Tensor | None = None
+        self.task_ids: torch.Tensor | None = None
+        self.last_balance_stats = None
         self.current_routing: Routing | None = None
         self.last_routing: Routing | None = None
         self.last_aux_terms: dict[str, torch.Tensor] | None = None
@@ -227,12 +231,9 @@ class MoEBlock(nn.Module):
             outputs = None
             if u_SO is not None and self.coefs.get("contrastive", 0.0) > 0:
                 outputs = (u_SO, routing.expert_ids_TK.reshape(-1))
-            self.last_aux_terms = losses.aux_terms(
-                routing, self.coefs, expert_outputs=outputs, contrastive_temperature=self.contrastive_temperature
-            )
-            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
+            record_aux(self, routing, num_samples=num_samples_of(x), expert_outputs=outputs)
         else:
-            self.last_aux_terms = self.last_aux_loss = None
+            self.last_aux_terms = self.last_aux_loss = self.last_balance_stats = None
         return out
 
     def pair_layout(self, routing: Routing, x_TD: torch.Tensor, experts: list[ExpertLinear | None]) -> PairLayout:

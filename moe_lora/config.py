@@ -124,6 +124,28 @@ class MoELoRAConfig:
     contrastive_coef: float = _f(1e-3, "Coefficient of the contrastive expert loss (router='contrastive' only).")
     gate_balance_coef: float = _f(0.0, "Coefficient of MoLE's gating balance loss -sum_i log(mean gate of i).")
     contrastive_temperature: float = _f(0.1, "Temperature tau of the contrastive loss.")
+    loss_form: str = _f(
+        "normalized",
+        "How the auxiliary losses are computed and added up over the model (moe_lora/loss_forms.py): 'normalized' "
+        "(this package's: a mean over modules, balanced value 1), or a reference's exact form: 'mixlora' (MoE-PEFT: "
+        "pooled over all layers, balanced value k), 'mola' (pooled per layer, summed over layers), 'adamole' "
+        "(on p - tau, summed over modules), 'loramoe' (per-sample CV^2 with its LBC, summed over modules).",
+    )
+    lbc_alpha: float = _f(
+        0.0, "LoRAMoE's localized balancing constraint (loss_form 'loramoe'): importance weights 1 + alpha on the "
+        "experts of a sample's task type (type 1: the first E/2 experts, type 0: the others), 1 - alpha elsewhere. "
+        "Task types come from model_hooks.set_task_ids.",
+    )
+    balance_warmup_steps: int = _f(
+        0, "Balance-loss warm-up: the balance coefficients (load_balance, cv) go linearly from "
+        "balance_warmup_start times their value at step 0 to their value at this step (0: no warm-up).",
+    )
+    balance_warmup_start: float = _f(0.0, "Factor of the balance coefficients at step 0 of the warm-up.")
+    bias_update_rate: float = _f(
+        0.0, "Auxiliary-loss-free balancing (DeepSeek-V3), top-k routers: a per-expert bias added to the selection "
+        "scores only (not to the gate weights), b_e += rate * sign(mean load - load_e) after every optimizer step "
+        "(moe_lora.balancing). 0: off. DeepSeek-V3 uses 1e-3.",
+    )
     backend: str = _f(
         "auto", "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
         "cost), 'dense', 'grouped', 'reference', 'triton', 'megablocks'."
@@ -269,6 +291,7 @@ class MoELoRAConfig:
                 p.append(f"{name}: {v!r} must be a number >= 0")
         if not (is_num(self.contrastive_temperature) and self.contrastive_temperature > 0):
             p.append(f"contrastive_temperature: {self.contrastive_temperature!r} must be a number > 0")
+        p += self._balance_problems(is_int, is_num)
         if self.backend not in BACKENDS:
             p.append(
                 f"backend: unknown backend {self.backend!r}{suggest(self.backend, BACKENDS)}; "
@@ -277,6 +300,37 @@ class MoELoRAConfig:
         mts = self.modules_to_save
         if not (isinstance(mts, list | tuple) and all(isinstance(m, str) for m in mts)):
             p.append(f"modules_to_save: {self.modules_to_save!r} must be a list of module names")
+        return p
+
+    def _balance_problems(self, is_int, is_num) -> list[str]:
+        """Problems of the loss-form and balancing fields."""
+        from .loss_forms import LOSS_FORMS
+
+        p = []
+        if self.loss_form not in LOSS_FORMS:
+            p.append(f"loss_form: unknown form {self.loss_form!r}{suggest(str(self.loss_form), LOSS_FORMS)}; "
+                     f"allowed: {', '.join(LOSS_FORMS)}")
+        elif self.loss_form == "adamole" and self.router != "threshold":
+            p.append(f"loss_form: 'adamole' needs router='threshold' (its balance loss is on p - tau), got "
+                     f"router={self.router!r}")
+        elif self.loss_form == "mixlora":
+            ne = self.num_experts
+            if not (is_int(ne) or (isinstance(ne, list | tuple) and len(set(ne)) == 1)):
+                p.append(f"loss_form: 'mixlora' pools the balance loss over all layers and needs the same "
+                         f"num_experts everywhere, got num_experts={ne!r}")
+        if not (is_num(self.lbc_alpha) and 0.0 <= self.lbc_alpha <= 1.0):
+            p.append(f"lbc_alpha: {self.lbc_alpha!r} must be in [0, 1]")
+        elif self.lbc_alpha > 0 and self.loss_form != "loramoe":
+            p.append(f"lbc_alpha: {self.lbc_alpha} needs loss_form='loramoe', got loss_form={self.loss_form!r}")
+        if not (is_int(self.balance_warmup_steps) and self.balance_warmup_steps >= 0):
+            p.append(f"balance_warmup_steps: {self.balance_warmup_steps!r} must be an int >= 0")
+        if not (is_num(self.balance_warmup_start) and self.balance_warmup_start >= 0):
+            p.append(f"balance_warmup_start: {self.balance_warmup_start!r} must be a number >= 0")
+        if not (is_num(self.bias_update_rate) and self.bias_update_rate >= 0):
+            p.append(f"bias_update_rate: {self.bias_update_rate!r} must be a number >= 0")
+        elif self.bias_update_rate > 0 and self.router not in ("topk", "contrastive"):
+            p.append(f"bias_update_rate: {self.bias_update_rate} needs a top-k router ('topk', 'contrastive'), "
+                     f"got router={self.router!r}")
         return p
 
     # ---- serialisation ----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from .block import ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
 from .dora import DoRAMoELoRALinear
 from .layer import MoELoRALinear, base_dims, expert_generator
+from .loss_forms import LossForm
 from .memory_check import check_fits
 from .model_hooks import attach_model_hooks
 from .mov import MoVLinear
@@ -83,8 +84,8 @@ def _router_kwargs(config: MoELoRAConfig) -> dict:
     return dict(temperature=config.router_temperature, jitter_noise=config.jitter_noise,
                 init_std=config.router_init_std, soft_top_k=config.soft_top_k,
                 threshold_max=config.threshold_max, capacity_factor=config.capacity_factor,
-                num_tasks=config.num_tasks, task_embedding_dim=config.task_embedding_dim,
-                classifier_hidden_size=config.classifier_hidden_size)
+                bias_update_rate=config.bias_update_rate, num_tasks=config.num_tasks,
+                task_embedding_dim=config.task_embedding_dim, classifier_hidden_size=config.classifier_hidden_size)
 
 
 def _build_router(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str,
@@ -334,6 +335,10 @@ def check_plan_fits(model: nn.Module, p: Plan) -> None:
                "lower num_experts, rank or target_modules")
 
 
+def _loss_form(config: MoELoRAConfig) -> LossForm:
+    return LossForm(config.loss_form, config.lbc_alpha)
+
+
 def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     """Wrap the targeted linears of ``model`` in place, freeze the rest (except modules_to_save), attach the
     model hooks, and return the model. A fresh conversion computes exactly the base model's outputs (every
@@ -355,7 +360,8 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
                 contrastive_temperature=config.contrastive_temperature, router_temperature=config.router_temperature,
                 jitter_noise=config.jitter_noise, router_init_std=config.router_init_std,
                 soft_top_k=config.soft_top_k, threshold_max=config.threshold_max,
-                capacity_factor=config.capacity_factor, num_tasks=config.num_tasks,
+                capacity_factor=config.capacity_factor, bias_update_rate=config.bias_update_rate,
+                loss_form=_loss_form(config), num_tasks=config.num_tasks,
                 task_embedding_dim=config.task_embedding_dim,
                 classifier_hidden_size=config.classifier_hidden_size, **kw,
             )
@@ -365,7 +371,7 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
             d = e.in_features if e.role == "input" else e.out_features
             router = _build_router(config, d, e.num_experts, e.top_k, e.name)
             router.reset_parameters(expert_generator(module_seed(config.init_seed, e.name), -1))
-            mov = MoVLinear(base, router.to(base.weight.device), e.role, _coefs(config))
+            mov = MoVLinear(base, router.to(base.weight.device), e.role, _coefs(config), _loss_form(config))
             model.set_submodule(e.name, mov.train(base.training))
         elif e.scope in ("block", "ffn") and e.part == "experts":
             by_block.setdefault(e.block, []).append(e)
@@ -382,7 +388,8 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
         router = _build_router(config, head.in_features, head.num_experts, head.top_k, entry_name)
         router.reset_parameters(expert_generator(module_seed(config.init_seed, entry_name), -1))
         block = MoEBlock(model.get_submodule(entry_name), layout, router.to(device), ffn_experts=config.ffn_experts,
-                         coefs=_coefs(config), contrastive_temperature=config.contrastive_temperature)
+                         coefs=_coefs(config), contrastive_temperature=config.contrastive_temperature,
+                         loss_form=_loss_form(config))
         model.set_submodule(entry_name, block.train(block.base_layer.training))
         for ex in experts:
             ex.bind(block)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import losses
 from .kernels import lora_experts
 from .layer import MoELoRALinear
+from .loss_forms import num_samples_of, record_aux
 
 
 def base_weight_OD(base_layer: nn.Module) -> torch.Tensor:
@@ -73,8 +73,7 @@ class DoRAMoELoRALinear(MoELoRALinear):
         delta_TO = (routing.gates_TE() @ (ratio_EO - 1.0)) * w0x_TO + lora_TO.float()
         self.last_routing = routing.detach()
         if self.training and torch.is_grad_enabled():
-            self.last_aux_terms = losses.aux_terms(routing, self.coefs)
-            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
+            record_aux(self, routing, num_samples=num_samples_of(x))
         else:
-            self.last_aux_terms = self.last_aux_loss = None
+            self.last_aux_terms = self.last_aux_loss = self.last_balance_stats = None
         return result + delta_TO.view(out_shape).to(result.dtype)

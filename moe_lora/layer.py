@@ -21,17 +21,17 @@ import math
 import torch
 from torch import nn
 
-from . import losses
 from .config import BACKENDS, INITS, VARIABLE_K_ROUTERS
 from .errors import ConfigError, suggest
 from .kernels import lora_expert_rows, lora_experts
 from .kernels.api import resolve_path
 from .kernels.dense_gated import base_and_shrink, dense_gated_expand, shrink
+from .loss_forms import LossForm, num_samples_of, record_aux
 from .routers import ROUTER_CLASSES, Router, build_router
 from .routing import Routing
 
 ROUTER_OPTIONS = ("router_temperature", "jitter_noise", "router_init_std", "soft_top_k", "threshold_max",
-                  "capacity_factor", "num_tasks", "task_embedding_dim", "classifier_hidden_size")
+                  "capacity_factor", "bias_update_rate", "num_tasks", "task_embedding_dim", "classifier_hidden_size")
 
 
 def base_dims(base_layer: nn.Module) -> tuple[int, int]:
@@ -106,8 +106,9 @@ class MoELoRALinear(nn.Module):
         init_lora_weights: 'kaiming' or 'gaussian' init of lora_A.
         init_seed: seed of the per-expert init; None uses the global RNG.
         load_balance_coef, z_loss_coef, cv_coef, contrastive_coef, contrastive_temperature: auxiliary losses.
+        loss_form: how the auxiliary terms are computed and added up over a model (moe_lora.loss_forms).
         **router_options: router_temperature, jitter_noise, router_init_std, soft_top_k, threshold_max,
-            capacity_factor.
+            capacity_factor, bias_update_rate.
     """
 
     is_routing_source = True
@@ -132,6 +133,7 @@ class MoELoRALinear(nn.Module):
         contrastive_coef: float = 1e-3,
         contrastive_temperature: float = 0.1,
         gate_balance_coef: float = 0.0,
+        loss_form: LossForm | None = None,
         **router_options,
     ):
         super().__init__()
@@ -187,6 +189,7 @@ class MoELoRALinear(nn.Module):
             "gate_balance": float(gate_balance_coef),
         }
         self.contrastive_temperature = float(contrastive_temperature)
+        self.loss_form = loss_form or LossForm()
 
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device))
@@ -203,6 +206,7 @@ class MoELoRALinear(nn.Module):
                 soft_top_k=router_options.get("soft_top_k"),
                 threshold_max=router_options.get("threshold_max"),
                 capacity_factor=router_options.get("capacity_factor", 2.0),
+                bias_update_rate=router_options.get("bias_update_rate", 0.0),
                 num_tasks=router_options.get("num_tasks"),
                 task_embedding_dim=router_options.get("task_embedding_dim", 64),
                 out_features=out_features,
@@ -213,6 +217,8 @@ class MoELoRALinear(nn.Module):
         self.reset_parameters(init_seed, reset_router=not isinstance(router, Router))  # a given router is kept
 
         self.token_mask: torch.Tensor | None = None  # [T] bool, set per forward by the converted model
+        self.task_ids: torch.Tensor | None = None  # [B] int task types, set per forward (model_hooks.set_task_ids)
+        self.last_balance_stats = None
         self.last_routing: Routing | None = None
         self.last_aux_terms: dict[str, torch.Tensor] | None = None
         self.last_aux_loss: torch.Tensor | None = None
@@ -259,11 +265,9 @@ class MoELoRALinear(nn.Module):
                     factors = (h_TEr, self.lora_B, self.scaling)
                 else:
                     outputs = self.expert_outputs(routing, xd_TD)
-            self.last_aux_terms = losses.aux_terms(routing, self.coefs, expert_outputs=outputs, expert_factors=factors,
-                                                   contrastive_temperature=self.contrastive_temperature)
-            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
+            record_aux(self, routing, num_samples=num_samples_of(x), expert_outputs=outputs, expert_factors=factors)
         else:
-            self.last_aux_terms = self.last_aux_loss = None
+            self.last_aux_terms = self.last_aux_loss = self.last_balance_stats = None
         return out_TO.view(out_shape)
 
     def fuses_router_and_shrink(self, x_TD: torch.Tensor) -> bool:

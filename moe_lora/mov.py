@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import losses
 from .layer import base_dims
+from .loss_forms import LossForm, num_samples_of, record_aux
 from .routers import Router
 from .routing import Routing
 
@@ -38,12 +38,14 @@ class MoVLinear(nn.Module):
         base_layer: nn.Linear or a transformers Conv1D (frozen, kept as ``base_layer``).
         router: a Router over d = the rescaled activation's size.
         site: 'output' (keys, values) or 'input' (the FFN's down projection).
-        coefs: auxiliary-loss coefficients by name (see moe_lora.losses.aux_terms).
+        coefs: auxiliary-loss coefficients by name (see moe_lora.loss_forms.module_terms).
+        loss_form: how the terms are computed and added up over a model (moe_lora.loss_forms).
     """
 
     is_routing_source = True
 
-    def __init__(self, base_layer: nn.Module, router: Router, site: str, coefs: dict[str, float]):
+    def __init__(self, base_layer: nn.Module, router: Router, site: str, coefs: dict[str, float],
+                 loss_form: LossForm | None = None):
         super().__init__()
         if site not in ("output", "input"):
             raise ValueError(f"site: {site!r}; allowed: output, input")
@@ -59,6 +61,8 @@ class MoVLinear(nn.Module):
         self.router = router
         self.ia3_vectors = nn.Parameter(torch.ones(router.num_experts, d, device=base_layer.weight.device))
         self.coefs = dict(coefs)
+        self.loss_form = loss_form or LossForm()
+        self.last_balance_stats = None
         self.token_mask: torch.Tensor | None = None
         self.task_ids: torch.Tensor | None = None
         self.last_routing: Routing | None = None
@@ -69,7 +73,7 @@ class MoVLinear(nn.Module):
         with torch.no_grad():
             self.ia3_vectors.fill_(1.0)
 
-    def scale(self, a: torch.Tensor) -> torch.Tensor:
+    def scale(self, a: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
         """a * sum_e p_e(a) l_e for the rows of a [..., d]; records the routing and the auxiliary terms."""
         a_TD = a.reshape(-1, a.shape[-1])
         T = a_TD.shape[0]
@@ -78,16 +82,15 @@ class MoVLinear(nn.Module):
         v_TD = 1.0 + routing.gates_TE() @ (self.ia3_vectors.float() - 1.0)  # == sum_e p_e l_e when sum_e p_e = 1
         self.last_routing = routing.detach()
         if self.training and torch.is_grad_enabled():
-            self.last_aux_terms = losses.aux_terms(routing, self.coefs)
-            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
+            record_aux(self, routing, num_samples=num_samples)
         else:
-            self.last_aux_terms = self.last_aux_loss = None
+            self.last_aux_terms = self.last_aux_loss = self.last_balance_stats = None
         return (a_TD * v_TD.to(a.dtype)).view(a.shape)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.site == "input":
-            return self.base_layer(self.scale(x), *args, **kwargs)
-        return self.scale(self.base_layer(x, *args, **kwargs))
+            return self.base_layer(self.scale(x, num_samples_of(x)), *args, **kwargs)
+        return self.scale(self.base_layer(x, *args, **kwargs), num_samples_of(x))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "

@@ -53,6 +53,7 @@ from torch import nn
 from moe_lora import losses
 from moe_lora.kernels import lora_expert_rows, lora_experts
 from moe_lora.layer import MoELoRALinear
+from moe_lora.loss_forms import module_terms, num_samples_of
 from moe_lora.model_hooks import attach_model_hooks
 from moe_lora.routing import Routing
 
@@ -148,6 +149,9 @@ class ExpertParallelMoELoRALinear(MoE):
         self.scaling, self.backend = shell.scaling, shell.backend
         self.coefs = dict(shell.coefs)
         self.contrastive_temperature = shell.contrastive_temperature
+        self.loss_form = shell.loss_form
+        self.task_ids: torch.Tensor | None = None
+        self.last_balance_stats = None
         # The converted layer, kept unregistered (not in state_dict, parameters() or modules()) and without its
         # expert tensors: plain_view() refills it to hand a plain MoELoRALinear to moe_lora.save_adapter.
         object.__setattr__(self, "_shell", shell)
@@ -216,12 +220,14 @@ class ExpertParallelMoELoRALinear(MoE):
                                                self.scaling, self.backend, self._group(), self.ep_size)
         self.last_routing = routing.detach()
         if self.training and torch.is_grad_enabled():
-            self.last_aux_terms = losses.aux_terms(routing, self.coefs)
+            terms, self.last_balance_stats = module_terms(routing, self.coefs, self.loss_form,
+                                                          num_samples=num_samples_of(x), task_types_B=self.task_ids)
             if getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0:
-                self.last_aux_terms["contrastive"] = self._contrastive(routing, xd_TD, pairs, A_LRD, B_LOR)
-            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
+                terms["contrastive"] = self._contrastive(routing, xd_TD, pairs, A_LRD, B_LOR)
+            self.last_aux_terms = terms
+            self.last_aux_loss = losses.weighted_sum(terms, self.coefs)
         else:
-            self.last_aux_terms = self.last_aux_loss = None
+            self.last_aux_terms = self.last_aux_loss = self.last_balance_stats = None
         return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
     def _contrastive(self, routing: Routing, x_TD: torch.Tensor, pairs, A_LRD: torch.Tensor, B_LOR: torch.Tensor

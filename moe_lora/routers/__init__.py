@@ -42,15 +42,18 @@ def build_router(
     task_embedding_dim: int = 64,
     out_features: int | None = None,
     classifier_hidden_size: int | None = None,
+    bias_update_rate: float = 0.0,
 ) -> Router:
-    """Build the router called ``name`` with the options that method uses (others are ignored)."""
+    """Build the router called ``name`` with the options that method uses (others are ignored; the selection
+    bias of auxiliary-loss-free balancing exists for the top-k routers only)."""
     if name not in ROUTER_CLASSES:
         raise ValueError(
             f"router: unknown router {name!r}{suggest(name, ROUTER_CLASSES)}; allowed: {', '.join(ROUTER_CLASSES)}"
         )
     common = dict(temperature=temperature, jitter_noise=jitter_noise, init_std=init_std)
     if name in ("topk", "contrastive"):
-        return ROUTER_CLASSES[name](in_features, num_experts, top_k=top_k, **common)
+        return ROUTER_CLASSES[name](in_features, num_experts, top_k=top_k, bias_update_rate=bias_update_rate,
+                                    **common)
     if name == "soft":
         return SoftRouter(in_features, num_experts, top_k=soft_top_k, **common)
     if name == "threshold":

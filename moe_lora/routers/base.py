@@ -4,6 +4,11 @@
     p      = softmax(logits / temperature)
 
 Optional multiplicative jitter (Switch/MixLoRA) in training: x <- x * U(1 - eps, 1 + eps).
+
+Optional auxiliary-loss-free balancing (DeepSeek-V3; routers that select, see moe_lora/balancing.py): with
+``bias_update_rate`` > 0 the router holds a per-expert ``selection_bias`` [E] (a buffer, saved with the adapter)
+that its ``select`` adds to the scores it ranks, never to the weights, and counts in ``load_counts`` [E] (not
+saved) the real tokens that selected each expert in training forwards since the last update.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class Router(nn.Module):
         temperature: softmax temperature.
         jitter_noise: eps of the multiplicative input jitter (training only).
         init_std: std of the N(0, std) init of ``weight``.
+        bias_update_rate: u of the auxiliary-loss-free balancing (0: no selection bias).
     """
 
     #: K = E slots per token with zero weights for unused experts (soft, threshold, expert choice).
@@ -37,14 +43,21 @@ class Router(nn.Module):
         temperature: float = 1.0,
         jitter_noise: float = 0.0,
         init_std: float = 0.02,
+        bias_update_rate: float = 0.0,
     ):
         super().__init__()
+        if not bias_update_rate >= 0:
+            raise ValueError(f"bias_update_rate: {bias_update_rate!r} must be >= 0")
         self.in_features = in_features
         self.num_experts = num_experts
         self.temperature = temperature
         self.jitter_noise = jitter_noise
         self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32))
+        self.bias_update_rate = float(bias_update_rate)
+        bias = torch.zeros(num_experts, dtype=torch.float32) if self.bias_update_rate > 0 else None
+        self.register_buffer("selection_bias", bias)  # None: not in the state dict
+        self.register_buffer("load_counts", None if bias is None else torch.zeros_like(bias), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -90,10 +103,14 @@ class Router(nn.Module):
             logits_TE = self.logits(x_TD) if linear_TN is None else linear_TN[:, :E]
             scaled_TE = logits_TE if self.temperature == 1.0 else logits_TE / self.temperature
             probs_TE = torch.softmax(scaled_TE, dim=-1)
-            if linear_TN is None or linear_TN.shape[1] == E:  # a subclass's three-argument select stays valid
+            if self.selection_bias is not None:  # top-k with a selection bias: weights from the logits (stable)
+                weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T, scaled_TE=scaled_TE)
+            elif linear_TN is None or linear_TN.shape[1] == E:  # a subclass's three-argument select stays valid
                 weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
             else:
                 weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T, extra_TX=linear_TN[:, E:])
+        if self.selection_bias is not None and self.training:
+            self._count_load(weights_TK, ids_TK, token_mask_T)
         return Routing(
             weights_TK=weights_TK,
             expert_ids_TK=ids_TK,
@@ -110,6 +127,16 @@ class Router(nn.Module):
         """Return (weights_TK fp32, expert_ids_TK int64, thresholds_T or None). ``extra_TX``: x times the rows
         ``linear_weights`` appends after W_r, when the caller computed them (None: compute them from x_TD)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def _count_load(self, weights_TK: torch.Tensor, ids_TK: torch.Tensor, token_mask_T: torch.Tensor | None) -> None:
+        """load_counts[e] += real tokens that selected e (no host sync). Selections, as DeepSeek-V3 counts them,
+        not non-zero weights: an expert the bias selects but whose p underflowed to 0 counts as loaded, so that its
+        bias stops rising (no bias can give it weight)."""
+        used_TK = torch.ones_like(weights_TK, dtype=self.load_counts.dtype)
+        if token_mask_T is not None:
+            used_TK = used_TK * token_mask_T[:, None].to(used_TK.dtype)
+        self.load_counts.index_add_(0, ids_TK.reshape(-1), used_TK.reshape(-1))
 
     def _set_ep_group(self, group) -> None:
         """DeepSpeed's MoE layer hands its expert-parallel group to the gate; routers need none."""
