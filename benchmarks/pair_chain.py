@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, nargs="+", default=[256, 2048], help="S values (pairs = tokens x K)")
     p.add_argument("--ffn", type=int, default=1376, help="F, the FFN width (tiny Llama: 1376)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per S (default 10)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own choice)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "pair_chain.json")
     return p.parse_args(argv)
 
@@ -47,6 +48,8 @@ def inputs(S: int, F_: int, seed: int = 0):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for S in args.pairs:
         data = inputs(S, args.ffn)

@@ -31,7 +31,19 @@ from moe_lora.atomic_dir import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KERNEL_ORDER = ("forward", "backward_slots", "backward_weights")
-ROW_KEY = ("kernel", "dtype", "arch", "source", "variant", "tiles", "num_warps", "num_stages", "ranks")
+ROW_KEY = ("kernel", "dtype", "arch", "source", "variant", "tiles", "num_warps", "num_stages")
+
+
+def _row_key(row: dict) -> tuple:
+    """What identifies a compile: ROW_KEY and whether r is a multiple of 16 (R's divisibility hint)."""
+    return (*(row[k] for k in ROW_KEY), min(row["ranks"]) % 16 == 0)
+
+
+def job_row(aot, job) -> dict:
+    """The identifying fields of a job, as a row has them."""
+    return {"kernel": job.kernel, "dtype": job.dtype, "arch": aot.ARCHS[job.capability].name, "source": job.source,
+            "variant": job.variant, "tiles": job.tiles, "num_warps": job.num_warps, "num_stages": job.num_stages,
+            "ranks": list(job.ranks)}
 BEGIN, END = "<!-- triton-aot-table -->", "<!-- /triton-aot-table -->"
 
 
@@ -50,9 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=RESULTS / "triton_aot.json", help="JSON table (a .md goes beside)")
     p.add_argument("--readme", type=Path, default=None, metavar="PATH",
                    help=f"also write the summary table into this markdown file between {BEGIN} and {END}")
-    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
-                   help="compile nothing: merge the rows of these earlier --out files (later ones win) and write the "
-                        "tables from them")
+    p.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="JSON",
+                   help="take the rows of these earlier --out files for the configs they hold (same kernel, dtype, "
+                        "arch, tiles, warps, stages, variant, rank class) and compile only the others")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="compile nothing: write the tables from the --reuse rows alone and list the configs they lack")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -143,16 +157,25 @@ def main(argv=None) -> int:
     if not ok:
         print(f"triton_aot: cannot compile: {why}", file=sys.stderr)
         return 2
+    jobs = aot.enumerate_jobs(kernels=args.kernels, dtypes=args.dtypes, capabilities=args.archs, ranks=args.ranks,
+                              autotune=not args.no_autotune, variants=args.variants)
+    old = {}
+    for path in args.reuse:
+        for row in json.loads(path.read_text())["rows"]:
+            old[_row_key(row)] = row
     rows = []
-    jobs = [] if args.merge else aot.enumerate_jobs(
-        kernels=args.kernels, dtypes=args.dtypes, capabilities=args.archs, ranks=args.ranks,
-        autotune=not args.no_autotune, variants=args.variants)
-    if args.merge:
-        merged = {}
-        for path in args.merge:
-            for row in json.loads(path.read_text())["rows"]:
-                merged[tuple(str(row[k]) for k in ROW_KEY)] = row
-        rows = list(merged.values())
+    for job in jobs:
+        row = old.get(_row_key(job_row(aot, job)))
+        if row is not None:
+            rows.append({**row, "ranks": list(job.ranks), "reused": True})
+    jobs = [job for job in jobs if _row_key(job_row(aot, job)) not in old]
+    missing = []
+    if args.reuse_only:
+        missing, jobs = [f"{j.kernel} {j.dtype} {aot.ARCHS[j.capability].name} {j.source}/{j.variant} {j.tiles} "
+                         f"w{j.num_warps}" for j in jobs], []
+    if args.reuse:
+        print(f"reusing {len(rows)} rows of {', '.join(map(str, args.reuse))}; compiling {len(jobs)}"
+              + (f"; {len(missing)} configs not compiled (listed in the .md)" if missing else ""))
     bar = tqdm(total=len(jobs), desc="compile", unit="cfg", disable=args.no_progress or not jobs)
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -170,14 +193,16 @@ def main(argv=None) -> int:
     summary = summary_table(rows)
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "triton": triton.__version__,
             "host": platform.node(), "model_dim": aot.MODEL_DIM, "argv": sys.argv[1:],
-            "compiles": len(rows), "problems": bad}
+            "compiles": len(rows), "problems": bad, "not_compiled": missing}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     md = args.out.with_suffix(".md")
+    not_compiled = "".join(f"- {m}\n" for m in missing)
     write_text_atomic(md, f"# Triton kernels compiled ahead of time ({meta['date']}, triton {meta['triton']})\n\n"
                           f"Command: `python benchmarks/triton_aot.py {' '.join(sys.argv[1:])}`\n\n"
                           f"## Summary\n\n{summary}\n\n## By rank block\n\n{summary_table(rows, True)}\n\n"
-                          f"## Every compile\n\n{full_table(rows)}\n")
+                          f"## Every compile\n\n{full_table(rows)}\n"
+                          + (f"\n## Not compiled in this run ({len(missing)})\n\n{not_compiled}" if missing else ""))
     print(summary)
     print(f"{len(rows)} compiles, {sum(r['compile_s'] for r in rows):.0f} s; wrote {args.out} and {md}")
     if args.readme:

@@ -116,7 +116,8 @@ def choose_tile_config(
     programs per SM and the backward splits D to reach about 1 (its splits repeat the z = g B_e product).
 
     Register-resident tiles (``tile_class`` "unaligned": d_in or d_out not a multiple of 16, or "fp32") get smaller
-    tiles: BLOCK_M <= 64, and BLOCK_K = BLOCK_N = BLOCK_MW = BLOCK_W = 32 for fp32. Then 4 warps, or 8 when the
+    tiles: BLOCK_M <= 64, and BLOCK_K = BLOCK_N = BLOCK_MW = BLOCK_W = 32 for fp32 (BLOCK_K = BLOCK_N = 16 at
+    BLOCK_R = 128). Then 4 warps, or 8 when the
     tiles exceed ``slot_tiles_fit`` / ``weight_tiles_fit`` at 4, or fewer rows when they exceed them at 8.
     Compiled for sm_80 and sm_90 (benchmarks/triton_aot.py), none of the configs this returns spills.
     """
@@ -135,6 +136,8 @@ def choose_tile_config(
         block_m = 64
     # Keep the per-thread register tiles within the limits (slot_tiles_fit): more warps first, then fewer rows.
     block_k = block_n = 64 if block_r <= 64 and element_size < 4 else 32
+    if element_size >= 4 and block_r >= 128:
+        block_k = block_n = 16  # the fp32 [BLOCK_R, BLOCK_N] weight tile: 32 wide spilled in the atomic forward
     block_mw = 64 if rows_per_expert >= 64 and element_size < 4 else 32
     block_w = 64 if element_size < 4 else 32
     num_warps = 4
@@ -183,10 +186,11 @@ def tile_class(d_in: int, d_out: int, element_size: int) -> str:
 
 # Register budget, in elements per thread (32 * num_warps threads), of the kernels' two largest register tiles,
 # per tile_class(...). Fitted to the kernels compiled for sm_80 and sm_90 by benchmarks/triton_aot.py:
-# within these no config spills (16-bit tiles reach ~200 registers at the limits, resident ones ~190).
+# within these no config spills (16-bit tiles reach ~200 registers at the limits; at twice the resident limits
+# fp32 spilled 8 B on sm_80 and an unaligned bf16 forward reached 168 registers at r <= 16).
 #   slot kernels:  the streamed operand [BLOCK_M, max(BLOCK_K, BLOCK_N)] and the fp32 accumulator [BLOCK_M, BLOCK_R]
 #   weight kernel: the streamed operand [BLOCK_MW, BLOCK_W] and the fp32 accumulator [BLOCK_R, BLOCK_W]
-SLOT_TILE_LIMITS = {"tensor_core": (64, 32), "unaligned": (16, 16), "fp32": (16, 16)}
+SLOT_TILE_LIMITS = {"tensor_core": (64, 32), "unaligned": (8, 16), "fp32": (8, 8)}
 WEIGHT_TILE_LIMITS = {"tensor_core": (32, 64), "unaligned": (16, 32), "fp32": (8, 16)}
 
 
