@@ -26,7 +26,9 @@ import torch
 
 #: Compile only from this many elements of [S, F]. Measured with benchmarks/pair_chain.py (F = 1376, 2 shared CPU
 #: cores, results/pair_chain.json): compiled/eager forward + backward x34 at S = 16 (22K elements: the compiled
-#: call's overhead), x1.10 at S = 64 (88K), x0.15 at S = 256 (352K), x0.40 at S = 2048.
+#: call's overhead), x1.10 at S = 64 (88K), x0.15 at S = 256 (352K), x0.40 at S = 2048; with one torch thread
+#: (results/pair_chain_1thread.json) x0.88 at S = 64, x0.43 at 256, x0.27 at 2048. The machine was shared by other
+#: jobs (eager's OpenMP regions suffer most from that), so the ratios are wide; the rule keeps the safe side.
 MIN_COMPILED_ELEMENTS = 1 << 18
 
 
