@@ -1,8 +1,8 @@
 """Ahead-of-time compile of the Triton LoRA-expert kernels for sm_80 and sm_90 on a machine without a GPU:
 registers, spills, shared memory and occupancy of every tile config the launcher can pick.
 
-    python benchmarks/triton_aot.py                       # full sweep: heuristic + autotune configs (~2600 compiles)
-    python benchmarks/triton_aot.py --no-autotune         # only what the heuristic picks (600 compiles, a few min)
+    python benchmarks/triton_aot.py                       # full sweep: heuristic + autotune configs (2548 compiles)
+    python benchmarks/triton_aot.py --no-autotune         # only what the heuristic picks (868 compiles)
     python benchmarks/triton_aot.py --readme kernels/README.md   # also rewrite the README's summary table
 
 Every kernel (forward, backward slots, backward weights) x dtype (bf16, fp16, fp32) x architecture (sm_80, sm_90)

@@ -6,7 +6,8 @@ config the heuristic picks (``choose_tile_config`` at r in {4, ..., 128} and eve
 * it compiles (a config that stops compiling fails here, with the compiler's message) and can launch;
 * no bf16/fp16 config spills registers (stack 0, no spill stores);
 * no fp32 config the heuristic picks spills either (fp32 gets smaller tiles, configs.py);
-* the forward at r <= 16 stays within 128 registers per thread.
+* the forward at r <= 16 stays within 128 registers per thread (but for the opt-in atomic path, whose fp32 atomic
+  adds keep an address per output element: 140 at BLOCK_M = 128, see kernels/README.md).
 
 sm_90 in bf16 and fp32 runs in the default suite (~80 compiles); fp16 (the same code as bf16 but for the dot's
 input type), sm_80 with every variant, and the autotune spaces are ``slow``; the full sweep with its table is
@@ -38,7 +39,8 @@ def _check(rows: list[dict]) -> None:
             problems.append(f"{name}: {r.get('error')}")
         elif r["spills"] and (r["dtype"] != "fp32" or r["source"] == "heuristic"):
             problems.append(f"{name}: spills ({r['stack_bytes']} B stack, {r['spill_store_bytes']} B spill stores)")
-        elif r["kernel"] == "forward" and r["source"] == "heuristic" and min(r["ranks"]) <= 16 and r["regs"] > 128:
+        elif (r["kernel"] == "forward" and r["source"] == "heuristic" and r["variant"] != "atomic"
+              and min(r["ranks"]) <= 16 and r["regs"] > 128):  # the atomic path: kernels/README.md says why
             problems.append(f"{name}: {r['regs']} registers at r <= 16 (limit 128)")
     assert not problems, "\n".join(problems)
 
