@@ -210,6 +210,23 @@ def enumerate_jobs(
                                                 j.num_stages))
 
 
+def representative_jobs(*, capabilities=(90, 80), rank: int = 16, rows_per_expert: int = 512,
+                        kernels=KERNELS, dtypes=DTYPES) -> list[Job]:
+    """One compilation per kernel x dtype x architecture: the config ``choose_tile_config`` picks for one
+    prefill-like launch (E = 8 experts with ``rows_per_expert`` slots each, d_in = d_out = 4096, rank r) on that
+    architecture's SM count. The cheap subset of ``enumerate_jobs`` (the default test run compiles it)."""
+    jobs = []
+    for cap in capabilities:
+        for dtype in dtypes:
+            cfg = choose_tile_config(rows_per_expert * _NUM_EXPERTS, _NUM_EXPERTS, rank, MODEL_DIM, MODEL_DIM,
+                                     num_sms=ARCHS[cap].sms, element_size=4 if dtype == "fp32" else 2)
+            for kernel in kernels:
+                base = dict(kernel=kernel, dtype=dtype, capability=cap, ranks=(rank,), block_r=cfg.block_r,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                jobs += _heuristic_jobs(kernel, cfg, base, "det")
+    return jobs
+
+
 # ------------------------------------------------------------------------------------------------ the signatures
 
 # Pointer roles: "in" = the input dtype (x, A, B, g and the outputs in it), "f32", "i32" (sorted order, tile map).

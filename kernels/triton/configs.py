@@ -117,7 +117,7 @@ def choose_tile_config(
 
     Register-resident tiles (``tile_class`` "unaligned": d_in or d_out not a multiple of 16, or "fp32") get smaller
     tiles: BLOCK_M <= 64, and BLOCK_K = BLOCK_N = BLOCK_MW = BLOCK_W = 32 for fp32 (BLOCK_K = BLOCK_N = 16 at
-    BLOCK_R = 128). Then 4 warps, or 8 when the
+    BLOCK_R = 128; r = 32 gets BLOCK_M <= 32 from the joint fp32 budget). Then 4 warps, or 8 when the
     tiles exceed ``slot_tiles_fit`` / ``weight_tiles_fit`` at 4, or fewer rows when they exceed them at 8.
     Compiled for sm_80 and sm_90 (benchmarks/triton_aot.py), none of the configs this returns spills.
     """
@@ -192,13 +192,20 @@ def tile_class(d_in: int, d_out: int, element_size: int) -> str:
 #   weight kernel: the streamed operand [BLOCK_MW, BLOCK_W] and the fp32 accumulator [BLOCK_R, BLOCK_W]
 SLOT_TILE_LIMITS = {"tensor_core": (64, 32), "unaligned": (8, 16), "fp32": (8, 8)}
 WEIGHT_TILE_LIMITS = {"tensor_core": (32, 64), "unaligned": (16, 32), "fp32": (8, 16)}
+# fp32 slot kernels also bound the two tiles together: both at their limit (8 + 8, e.g. BLOCK_M 64, BLOCK_R 32,
+# 8 warps) spilled 8 B in the sm_80 backward at an odd d; 12 keeps M64 R16 and M32 R64 (8 + 4, 4 + 8) at 8 warps.
+SLOT_TILE_TOTAL_LIMITS = {"fp32": 12}
 
 
 def slot_tiles_fit(block_m: int, block_r: int, block_k: int, block_n: int, num_warps: int, tiles: str) -> bool:
-    """Whether the forward / backward-slot kernels' register tiles stay within SLOT_TILE_LIMITS."""
+    """Whether the forward / backward-slot kernels' register tiles stay within SLOT_TILE_LIMITS (and together within
+    SLOT_TILE_TOTAL_LIMITS)."""
     operand, accumulator = SLOT_TILE_LIMITS[tiles]
     threads = 32 * num_warps
-    return block_m * max(block_k, block_n) <= operand * threads and block_m * block_r <= accumulator * threads
+    operand_elements, accumulator_elements = block_m * max(block_k, block_n), block_m * block_r
+    total = SLOT_TILE_TOTAL_LIMITS.get(tiles, operand + accumulator)
+    return (operand_elements <= operand * threads and accumulator_elements <= accumulator * threads
+            and operand_elements + accumulator_elements <= total * threads)
 
 
 def weight_tiles_fit(block_mw: int, block_w: int, block_r: int, num_warps: int, tiles: str) -> bool:
