@@ -15,7 +15,7 @@ import sys
 from .errors import RunError
 from .version import __version__
 
-COMMANDS = ("info", "convert", "train", "analyze", "export", "bench", "demo")
+COMMANDS = ("info", "convert", "train", "analyze", "export", "cluster", "bench", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,9 @@ __all__ = ["BACKENDS", "INITS", "LIST_FIELDS", "ROUTERS", "ROUTER_SCOPES", "VARI
 ROUTERS = tuple(ROUTER_CLASSES)
 ROUTER_SCOPES = ("linear", "block")
 #: Fields that take a list (or a tuple, stored as a list).
-LIST_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_k", "modules_to_save")
+LIST_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_k", "modules_to_save",
+               "ia3_feedforward_modules")
+EXPERT_TYPES = ("lora", "ia3")
 
 
 def _f(default, help: str, **kw):
@@ -79,6 +81,14 @@ class MoELoRAConfig:
     alpha: float = _f(16.0, "LoRA alpha; the expert output is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
     dropout: float = _f(0.0, "Dropout on the expert input (shared by the experts of a module), like lora_dropout.")
     use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
+    use_dora: bool = _f(False, "DoRA experts: each expert has a magnitude m_e [out] and the direction W0 + s B_e A_e "
+                        "(router_scope 'linear').")
+    expert_type: str = _f(
+        "lora", "'lora': every expert is a LoRA; 'ia3': MoV's (IA)^3 vectors, one learned scaling vector per expert "
+        "on the targets' outputs (keys, values) or inputs (ia3_feedforward_modules), mixed by the router.")
+    ia3_feedforward_modules: list[str] = _f(
+        ["down_proj", "fc2", "mlp.c_proj", "wo"], "expert_type 'ia3': targets whose INPUT is scaled (the FFN's "
+        "intermediate activation); the other targets have their output scaled.")
     init_lora_weights: str = _f(
         "kaiming", "Init of lora_A: 'kaiming' (uniform, a=sqrt(5), as PEFT) or 'gaussian' (N(0, 1/r)); lora_B is zero."
     )
@@ -86,7 +96,11 @@ class MoELoRAConfig:
     router: str = _f(
         "topk",
         "Routing method: 'topk' (MixLoRA/MoLA), 'soft' (dense softmax: MoLoRA/LoRAMoE), 'threshold' "
-        "(AdaMoLE), 'expert_choice' (Zhou et al. 2022), 'contrastive' (top-k + MoELoRA contrastive loss).",
+        "(AdaMoLE), 'expert_choice' (Zhou et al. 2022), 'contrastive' (top-k + MoELoRA contrastive loss), 'task' "
+        "(MOELoRA: dense weights from a task-id embedding; needs num_tasks), 'mole' (MoLE: a gate on the "
+        "experts' outputs, for pretrained LoRAs from experts_from_peft), 'xlora' (X-LoRA: two passes, scalings "
+        "from the first pass's last hidden state; needs classifier_hidden_size), 'cluster' (MoCLE: the sample's "
+        "cluster id picks top_k experts, the last expert is universal; needs num_tasks).",
     )
     router_scope: str = _f(
         "linear", "'linear': one router per adapted linear (MoLA, AdaMoLE); 'block': one router per MLP block "
@@ -99,7 +113,14 @@ class MoELoRAConfig:
     router_temperature: float = _f(1.0, "Softmax temperature of the router: p = softmax(W_r x / temperature).")
     router_init_std: float = _f(0.02, "Std of the normal init of the router weight W_r [E, d_in].")
     jitter_noise: float = _f(0.0, "Multiplicative jitter x * U(1-eps, 1+eps) on the router input in training.")
-    soft_top_k: int | None = _f(None, "Soft router only: keep the top-k probabilities and renormalise (X-LoRA).")
+    soft_top_k: int | None = _f(
+        None, "Soft router: keep the top-k probabilities and renormalise; 'xlora': keep the top-k scalings "
+        "(not renormalised, X-LoRA's top_k_lora).")
+    classifier_hidden_size: int | None = _f(
+        None, "Router 'xlora': hidden size of the model (its last hidden state feeds the per-layer classifiers).")
+    num_tasks: int | None = _f(
+        None, "Routers 'task' (MOELoRA) and 'cluster' (MoCLE): number of task or cluster ids (0 .. num_tasks - 1).")
+    task_embedding_dim: int = _f(64, "Routers 'task' and 'cluster': size of the task embedding the gate reads.")
     threshold_max: float | None = _f(
         None, "Threshold router: tau(x) = threshold_max * sigmoid(w.x + b); default 1/E (at least one expert fires)."
     )
@@ -108,7 +129,30 @@ class MoELoRAConfig:
     z_loss_coef: float = _f(0.0, "Coefficient of the ST-MoE router z-loss (1e-3 when on).")
     cv_coef: float = _f(0.0, "Coefficient of the importance CV^2 loss (LoRAMoE).")
     contrastive_coef: float = _f(1e-3, "Coefficient of the contrastive expert loss (router='contrastive' only).")
+    gate_balance_coef: float = _f(0.0, "Coefficient of MoLE's gating balance loss -sum_i log(mean gate of i).")
     contrastive_temperature: float = _f(0.1, "Temperature tau of the contrastive loss.")
+    loss_form: str = _f(
+        "normalized",
+        "How the auxiliary losses are computed and added up over the model (moe_lora/loss_forms.py): 'normalized' "
+        "(this package's: a mean over modules, balanced value 1), or a reference's exact form: 'mixlora' (MoE-PEFT: "
+        "pooled over all layers, balanced value k), 'mola' (pooled per layer, summed over layers), 'adamole' "
+        "(on p - tau, summed over modules), 'loramoe' (per-sample CV^2 with its LBC, summed over modules).",
+    )
+    lbc_alpha: float = _f(
+        0.0, "LoRAMoE's localized balancing constraint (loss_form 'loramoe'): importance weights 1 + alpha on the "
+        "experts of a sample's task type (type 1: the first E/2 experts, type 0: the others), 1 - alpha elsewhere. "
+        "Task types come from model_hooks.set_task_ids.",
+    )
+    balance_warmup_steps: int = _f(
+        0, "Balance-loss warm-up: the balance coefficients (load_balance, cv) go linearly from "
+        "balance_warmup_start times their value at step 0 to their value at this step (0: no warm-up).",
+    )
+    balance_warmup_start: float = _f(0.0, "Factor of the balance coefficients at step 0 of the warm-up.")
+    bias_update_rate: float = _f(
+        0.0, "Auxiliary-loss-free balancing (DeepSeek-V3), top-k routers: a per-expert bias added to the selection "
+        "scores only (not to the gate weights), b_e += rate * sign(mean load - load_e) after every optimizer step "
+        "(moe_lora.balancing). 0: off. DeepSeek-V3 uses 1e-3.",
+    )
     backend: str = _f(
         "auto", "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
         "cost), 'dense', 'grouped', 'reference', 'triton', 'megablocks'."
@@ -132,7 +176,7 @@ class MoELoRAConfig:
                 *lora_problems(self.rank, self.alpha, self.dropout, self.use_rslora, self.init_lora_weights,
                                self.backend),
                 *self._seed_problems(), *self._router_problems(), *self._router_setting_problems(),
-                *self._loss_problems(), *self._save_problems()]
+                *self._loss_problems(), *self._expert_type_problems(), *self._save_problems()]
 
     def _target_problems(self) -> list[str]:
         p = []
@@ -225,10 +269,34 @@ class MoELoRAConfig:
             p.append(f"threshold_max: {self.threshold_max!r} must be null or in (0, 1]")
         if not (is_number(self.capacity_factor) and self.capacity_factor > 0):
             p.append(f"capacity_factor: {self.capacity_factor!r} must be a number > 0")
+        if self.router in ("task", "cluster") and not (is_int(self.num_tasks) and self.num_tasks >= 1):
+            p.append(f"num_tasks: {self.num_tasks!r} must be an int >= 1 with router {self.router!r}")
+        elif self.num_tasks is not None and not (is_int(self.num_tasks) and self.num_tasks >= 1):
+            p.append(f"num_tasks: {self.num_tasks!r} must be null or an int >= 1")
+        if self.router == "xlora" and not (is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1):
+            p.append(f"classifier_hidden_size: {self.classifier_hidden_size!r} must be the model's hidden size "
+                     "(an int >= 1) with router 'xlora'")
+        elif self.classifier_hidden_size is not None and not (
+                is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1):
+            p.append(f"classifier_hidden_size: {self.classifier_hidden_size!r} must be null or an int >= 1")
+        if not (is_int(self.task_embedding_dim) and self.task_embedding_dim >= 1):
+            p.append(f"task_embedding_dim: {self.task_embedding_dim!r} must be an int >= 1")
+        return p
+
+    def _expert_type_problems(self) -> list[str]:
+        p = []
+        if not isinstance(self.use_dora, bool):
+            p.append(f"use_dora: {self.use_dora!r} must be true or false")
+        if self.expert_type not in EXPERT_TYPES:
+            p.append(f"expert_type: {self.expert_type!r}{suggest(self.expert_type, EXPERT_TYPES)}; "
+                     f"allowed: {', '.join(EXPERT_TYPES)}")
+        fm = self.ia3_feedforward_modules
+        if not (isinstance(fm, list | tuple) and all(isinstance(m, str) and m for m in fm)):
+            p.append(f"ia3_feedforward_modules: {fm!r} must be a list of module names")
         return p
 
     def _loss_problems(self) -> list[str]:
-        return self.aux_loss_config().problems()
+        return [*self.aux_loss_config().problems(), *self._balance_problems()]
 
     def _save_problems(self) -> list[str]:
         mts = self.modules_to_save
@@ -247,11 +315,37 @@ class MoELoRAConfig:
         return router_config_from_settings(
             self.router, top_k, router_temperature=self.router_temperature, jitter_noise=self.jitter_noise,
             router_init_std=self.router_init_std, soft_top_k=self.soft_top_k, threshold_max=self.threshold_max,
-            capacity_factor=self.capacity_factor)
+            capacity_factor=self.capacity_factor, num_tasks=self.num_tasks, task_embedding_dim=self.task_embedding_dim,
+            classifier_hidden_size=self.classifier_hidden_size, bias_update_rate=self.bias_update_rate)
 
     def aux_loss_config(self) -> AuxLossConfig:
         return AuxLossConfig(self.load_balance_coef, self.z_loss_coef, self.cv_coef, self.contrastive_coef,
-                             self.contrastive_temperature)
+                             self.contrastive_temperature, self.gate_balance_coef, self.loss_form, self.lbc_alpha)
+
+    def _balance_problems(self) -> list[str]:
+        """Problems of the loss-form and balancing fields that depend on other fields (the loss form's name and
+        lbc_alpha's range are AuxLossConfig's)."""
+        p = []
+        if self.loss_form == "adamole" and self.router != "threshold":
+            p.append(f"loss_form: 'adamole' needs router='threshold' (its balance loss is on p - tau), got "
+                     f"router={self.router!r}")
+        elif self.loss_form == "mixlora":
+            ne = self.num_experts
+            if not (is_int(ne) or (isinstance(ne, list | tuple) and len(set(ne)) == 1)):
+                p.append(f"loss_form: 'mixlora' pools the balance loss over all layers and needs the same "
+                         f"num_experts everywhere, got num_experts={ne!r}")
+        if is_number(self.lbc_alpha) and 0 < self.lbc_alpha <= 1 and self.loss_form != "loramoe":
+            p.append(f"lbc_alpha: {self.lbc_alpha} needs loss_form='loramoe', got loss_form={self.loss_form!r}")
+        if not (is_int(self.balance_warmup_steps) and self.balance_warmup_steps >= 0):
+            p.append(f"balance_warmup_steps: {self.balance_warmup_steps!r} must be an int >= 0")
+        if not (is_number(self.balance_warmup_start) and self.balance_warmup_start >= 0):
+            p.append(f"balance_warmup_start: {self.balance_warmup_start!r} must be a number >= 0")
+        if not (is_number(self.bias_update_rate) and self.bias_update_rate >= 0):
+            p.append(f"bias_update_rate: {self.bias_update_rate!r} must be a number >= 0")
+        elif self.bias_update_rate > 0 and self.router not in ("topk", "contrastive"):
+            p.append(f"bias_update_rate: {self.bias_update_rate} needs a top-k router ('topk', 'contrastive'), "
+                     f"got router={self.router!r}")
+        return p
 
     # ---- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

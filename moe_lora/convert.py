@@ -25,11 +25,14 @@ from torch import nn
 
 from .block import BlockLayout, ExpertLinear, MoEBlock
 from .config import MoELoRAConfig
+from .dora import DoRAMoELoRALinear
 from .experts import base_dims, expert_generator
 from .layer import MoELoRALinear
 from .memory_check import check_fits
 from .model_hooks import attach_model_hooks
+from .mov import MoVLinear
 from .routers import FIXED_K_ROUTERS, build_router, k_problem
+from .routers.mole import gate_parameters
 from .targets import experts_per_layer, find_block, layer_index, layer_value, match_targets, matches
 from .yaml_file import read_yaml
 
@@ -64,6 +67,8 @@ def routing_label(config: MoELoRAConfig, num_experts: int, top_k: int) -> str:
         return "all" if config.soft_top_k is None else f"soft {config.soft_top_k}"
     if config.router == "threshold":
         return "adaptive"
+    if config.router == "task":
+        return "all (task)"
     return f"cap {config.capacity_factor:g}"
 
 
@@ -74,7 +79,10 @@ def _build_router(config: MoELoRAConfig, in_features: int, E: int, k: int, where
         raise ValueError(f"{e} (for {where}, which has num_experts={E})") from None
 
 
-def _router_params(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str) -> int:
+def _router_params(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str,
+                   out_features: int | None = None) -> int:
+    if config.router == "mole":  # its gate's shape comes from the layer it is bound to
+        return gate_parameters(E, out_features)
     with torch.device("meta"):
         return sum(p.numel() for p in _build_router(config, in_features, E, k, where).parameters())
 
@@ -160,7 +168,7 @@ def fingerprint(targets: list[tuple[str, int, int]]) -> str:
 
 
 def is_converted(model: nn.Module) -> bool:
-    return any(isinstance(m, MoELoRALinear | ExpertLinear | MoEBlock) for m in model.modules())
+    return any(isinstance(m, MoELoRALinear | ExpertLinear | MoEBlock | MoVLinear) for m in model.modules())
 
 
 def _unique_params(modules: list[nn.Module], seen: set[int]) -> int:
@@ -210,6 +218,16 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
             raise ValueError(problem)
         return E, k
 
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if config.router == "xlora" and hidden is not None and hidden != config.classifier_hidden_size:
+        raise ValueError(f"classifier_hidden_size: {config.classifier_hidden_size} but {type(model).__name__}'s "
+                         f"hidden size is {hidden}")
+    if config.use_dora and (config.router_scope != "linear" or config.expert_type != "lora"):
+        raise ValueError(f"use_dora: true needs router_scope 'linear' and LoRA experts (got router_scope="
+                         f"{config.router_scope!r}, expert_type={config.expert_type!r})")
+    if config.expert_type == "ia3" and (config.router_scope != "linear" or config.router in ("mole", "xlora")):
+        raise ValueError(f"expert_type: 'ia3' (MoV) needs router_scope 'linear' and a router that reads the "
+                         f"activation (got router_scope={config.router_scope!r}, router={config.router!r})")
     block_of: dict[str, tuple[BlockLayout, str]] = {}
     if config.router_scope == "block":
         for n in names:
@@ -221,6 +239,9 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
                 f"router_scope: 'block' but none of the {len(names)} matched modules is a projection of a recognised "
                 "MLP block (gate_proj/up_proj/down_proj + act_fn, GPT-2 c_fc/c_proj, BERT intermediate/output dense)"
             )
+        if config.router in ("mole", "xlora"):
+            raise ValueError(f"router: {config.router!r} gates each adapted linear's LoRAs; use router_scope: "
+                             "'linear'")
         if config.router == "contrastive" and not config.ffn_experts:
             raise ValueError("router: 'contrastive' with router_scope='block' needs ffn_experts: true (the expert "
                              "output it contrasts is the FFN expert's down-projection delta)")
@@ -251,10 +272,19 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
             lora = E * r * (d_in + d_out)
             entries.append(PlanEntry(n, scope, "experts", layer, E, k, r, d_in, d_out, lora, block=layout.entry,
                                      role=role, k_label=routing_label(config, E, k)))
+        elif config.expert_type == "ia3":  # MoV: vectors at the output (keys, values) or input (FFN down) site
+            layer = layer_index(n)
+            E, k = e_and_k(n, layer)
+            site = "input" if any(matches(n, f) for f in config.ia3_feedforward_modules) else "output"
+            d = d_in if site == "input" else d_out
+            entries.append(PlanEntry(n, "ia3", "router+vectors", layer, E, k, None, d_in, d_out,
+                                     E * d + _router_params(config, d, E, k, n), role=site,
+                                     k_label=routing_label(config, E, k)))
         else:
             layer = layer_index(n)
             E, k = e_and_k(n, layer)
-            params = E * r * (d_in + d_out) + _router_params(config, d_in, E, k, n)
+            params = E * r * (d_in + d_out) + _router_params(config, d_in, E, k, n, d_out)
+            params += E * d_out if config.use_dora else 0  # DoRA's magnitudes
             entries.append(PlanEntry(n, "linear", "router+experts", layer, E, k, r, d_in, d_out, params,
                                      k_label=routing_label(config, E, k)))
     seen: set[int] = set()
@@ -292,9 +322,17 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
     for e in p.entries:
         if e.scope == "linear":
             base = model.get_submodule(e.name)
-            layer = MoELoRALinear(base, config.expert_config(e.num_experts), config.router_config(e.top_k), aux,
-                                  init_seed=module_seed(config.init_seed, e.name))
+            layer = (DoRAMoELoRALinear if config.use_dora else MoELoRALinear)(
+                base, config.expert_config(e.num_experts), config.router_config(e.top_k), aux,
+                init_seed=module_seed(config.init_seed, e.name))
             model.set_submodule(e.name, layer.train(base.training))
+        elif e.scope == "ia3":
+            base = model.get_submodule(e.name)
+            d = e.in_features if e.role == "input" else e.out_features
+            router = _build_router(config, d, e.num_experts, e.top_k, e.name)
+            router.reset_parameters(expert_generator(module_seed(config.init_seed, e.name), -1))
+            mov = MoVLinear(base, router.to(base.weight.device), e.role, aux)
+            model.set_submodule(e.name, mov.train(base.training))
         elif e.scope in ("block", "ffn") and e.part == "experts":
             by_block.setdefault(e.block, []).append(e)
     for entry_name, layout in p.blocks.items():
@@ -319,6 +357,10 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
                 param.requires_grad_(True)
     setattr(model, PLAN_ATTR, p)
     attach_model_hooks(model)
+    if config.router == "xlora":
+        from .xlora import attach_xlora_hooks
+
+        attach_xlora_hooks(model)
     return model
 
 

@@ -29,6 +29,7 @@ from . import losses
 from .checks import is_int, is_number
 from .errors import ConfigError, suggest
 from .kernels.api import BACKENDS
+from .loss_forms import LOSS_FORMS, LossForm, record_aux
 from .routing import Routing
 
 INITS = ("kaiming", "gaussian")
@@ -89,25 +90,37 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class AuxLossConfig:
-    """Coefficients of the auxiliary losses (moe_lora.losses) and the contrastive loss's temperature."""
+    """Coefficients of the auxiliary losses (moe_lora.losses), the contrastive loss's temperature, and the loss
+    form (moe_lora.loss_forms: how the terms are computed and added up over a model) with LoRAMoE's LBC alpha."""
 
     load_balance: float = 1e-3
     z_loss: float = 0.0
     cv: float = 0.0
     contrastive: float = 1e-3
     contrastive_temperature: float = 0.1
+    gate_balance: float = 0.0
+    loss_form: str = "normalized"
+    lbc_alpha: float = 0.0
 
     def problems(self) -> list[str]:
         p = [f"{name}_coef: {v!r} must be a number >= 0" for name, v in self.coefs().items()
              if not (is_number(v) and v >= 0)]
         if not (is_number(self.contrastive_temperature) and self.contrastive_temperature > 0):
             p.append(f"contrastive_temperature: {self.contrastive_temperature!r} must be a number > 0")
+        if self.loss_form not in LOSS_FORMS:
+            p.append(f"loss_form: unknown form {self.loss_form!r}{suggest(str(self.loss_form), LOSS_FORMS)}; "
+                     f"allowed: {', '.join(LOSS_FORMS)}")
+        if not (is_number(self.lbc_alpha) and 0.0 <= self.lbc_alpha <= 1.0):
+            p.append(f"lbc_alpha: {self.lbc_alpha!r} must be in [0, 1]")
         return p
+
+    def form(self) -> LossForm:
+        return LossForm(self.loss_form, float(self.lbc_alpha))
 
     def coefs(self) -> dict[str, float]:
         """{loss name: coefficient}, as losses.aux_terms and losses.weighted_sum take them."""
         return {"load_balance": self.load_balance, "z_loss": self.z_loss, "cv": self.cv,
-                "contrastive": self.contrastive}
+                "contrastive": self.contrastive, "gate_balance": self.gate_balance}
 
 
 def check(what: str, *configs) -> None:
@@ -176,11 +189,14 @@ class RoutedModule:
     last_routing: Routing | None = None
     last_aux_terms: dict[str, torch.Tensor] | None = None
     last_aux_loss: torch.Tensor | None = None
+    last_balance_stats = None  # losses.BalanceStats of the pooled loss forms (moe_lora.loss_forms)
+    task_ids: torch.Tensor | None = None  # [B] task types / [B] or [B, S] task ids, set by model_hooks.set_task_ids
 
     def init_routed(self, aux: AuxLossConfig) -> None:
         self.aux = aux
         self.coefs = aux.coefs()  # built once
         self.contrastive_temperature = float(aux.contrastive_temperature)
+        self.loss_form = aux.form()
 
     def token_mask_for(self, num_tokens: int) -> torch.Tensor | None:
         """The padding mask of this forward's T tokens (None: every token is real, or the mask is for another
@@ -192,18 +208,18 @@ class RoutedModule:
         """The contrastive loss needs every routed pair's expert output (and only when it is switched on)."""
         return getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0
 
-    def record(self, routing: Routing, *, expert_outputs=None, expert_factors=None,
+    def record(self, routing: Routing, *, num_samples: int = 1, expert_outputs=None, expert_factors=None,
                contrastive: torch.Tensor | None = None) -> None:
-        """Keep ``last_routing``; in training with grad enabled compute the auxiliary terms (losses.aux_terms:
-        the contrastive one from ``expert_outputs``/``expert_factors``, or given as ``contrastive``) and their
-        weighted sum; otherwise clear them."""
+        """Keep ``last_routing``; in training with grad enabled compute the auxiliary terms in the module's loss
+        form (loss_forms.record_aux: the contrastive one from ``expert_outputs``/``expert_factors``, or given as
+        ``contrastive``; ``num_samples``: B, for LoRAMoE's per-sample CV^2) and their weighted sum; otherwise
+        clear them."""
         self.last_routing = routing.detach()
         if not (self.training and torch.is_grad_enabled()):
-            self.last_aux_terms = self.last_aux_loss = None
+            self.last_aux_terms = self.last_aux_loss = self.last_balance_stats = None
             return
-        terms = losses.aux_terms(routing, self.coefs, expert_outputs=expert_outputs, expert_factors=expert_factors,
-                                 contrastive_temperature=self.contrastive_temperature)
+        record_aux(self, routing, num_samples=num_samples, expert_outputs=expert_outputs,
+                   expert_factors=expert_factors)
         if contrastive is not None:
-            terms["contrastive"] = contrastive
-        self.last_aux_terms = terms
-        self.last_aux_loss = losses.weighted_sum(terms, self.coefs)
+            self.last_aux_terms["contrastive"] = contrastive
+            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)

@@ -26,12 +26,14 @@ from .errors import ConfigError, suggest
 from .experts import AuxLossConfig, ExpertConfig, LoRAExperts, RoutedModule, base_dims, expert_generator
 from .kernels import lora_expert_rows, lora_experts
 from .kernels.fused import Fusion, can_fuse, fused_lora_forward
+from .loss_forms import num_samples_of
 from .routers import Router, RouterConfig, build_router, router_name_problem
 from .routers.config import ROUTER_SETTINGS, router_config_from_settings
 from .routing import Routing
 
 AUX_SETTINGS = {"load_balance_coef": "load_balance", "z_loss_coef": "z_loss", "cv_coef": "cv",
-                "contrastive_coef": "contrastive", "contrastive_temperature": "contrastive_temperature"}
+                "contrastive_coef": "contrastive", "contrastive_temperature": "contrastive_temperature",
+                "gate_balance_coef": "gate_balance", "loss_form": "loss_form", "lbc_alpha": "lbc_alpha"}
 
 
 def layer_configs(router: str | Router, num_experts, top_k, rank, alpha, **settings
@@ -88,6 +90,8 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
         self.init_routed(aux or AuxLossConfig())
         given = isinstance(router, Router)
         self.router = router if given else build_router(router, self.in_features, experts.num_experts)
+        if hasattr(self.router, "bind_experts"):  # a gate on the experts' outputs (MoLE)
+            self.router.bind_experts(self)
         if not given:  # a given router is kept as it is
             self.router.to(self.lora_A.device)
             self.reset_router(init_seed)
@@ -115,15 +119,16 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
             out_TO, routing, h_TEr = fused_lora_forward(
                 fusion, x_TD, self.lora_A, self.lora_B, self.scaling, route,
                 base_layer=self.base_layer, base_TO=base_TO, router_weight=self.router_weight())
-            self.record(routing, expert_factors=(h_TEr, self.lora_B, self.scaling) if self.wants_aux_outputs()
-                        else None)
+            factors = (h_TEr, self.lora_B, self.scaling) if self.wants_aux_outputs() else None
+            self.record(routing, num_samples=num_samples_of(x), expert_factors=factors)
             return out_TO.view(out_shape)
         result = self.base_layer(x, *args, **kwargs)
         xd_TD = self.lora_dropout(x_TD)
         routing = route()
         delta_TO = lora_experts(xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK,
                                 self.scaling, self.backend)
-        self.record(routing, expert_outputs=self.expert_outputs(routing, xd_TD) if self.wants_aux_outputs() else None)
+        self.record(routing, num_samples=num_samples_of(x),
+                    expert_outputs=self.expert_outputs(routing, xd_TD) if self.wants_aux_outputs() else None)
         return result + delta_TO.view(out_shape).to(result.dtype)
 
     def route(self, x_TD: torch.Tensor, logits_TE: torch.Tensor | None = None) -> Routing:

@@ -35,7 +35,8 @@ def test_configs_from_moe_lora_config_build_the_layer_the_keywords_build(router)
     x = torch.randn(9, 12)
     ya, yb = a(x), b(x)
     torch.testing.assert_close(ya, yb, atol=0, rtol=0)
-    assert a.coefs == b.coefs == {"load_balance": 1e-3, "z_loss": 1e-2, "cv": 0.0, "contrastive": 1e-3}
+    assert a.coefs == b.coefs == {"load_balance": 1e-3, "z_loss": 1e-2, "cv": 0.0, "contrastive": 1e-3,
+                                  "gate_balance": 0.0}
     torch.testing.assert_close(a.last_aux_loss, b.last_aux_loss, atol=0, rtol=0)
 
 
@@ -43,7 +44,8 @@ def test_a_router_holds_its_config_whole_and_carries_its_name():
     config = RouterConfig(name="threshold", top_k=None, temperature=2.0, threshold_max=0.5)
     router = build_router(config, 8, 4)
     assert router.config is config and type(router).name == "threshold" and router.threshold_max == 0.5
-    assert {name: cls.name for name, cls in ROUTER_CLASSES.items()} == {n: n for n in ROUTERS}
+    assert {name: cls.name for name, cls in ROUTER_CLASSES.items()} == {
+        n: n for n in (*ROUTERS, "task", "mole", "xlora", "cluster")}
     with pytest.raises(TypeError, match="not both"):
         ROUTER_CLASSES["topk"](8, 4, RouterConfig(), top_k=1)
 

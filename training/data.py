@@ -23,6 +23,12 @@ Packing concatenates the sequences of all examples (in file order) and cuts the 
 Without packing each sequence is truncated to ``seq_len`` and ``collate`` pads a batch to its longest sequence
 (right padding, attention_mask 0, labels -100).
 
+Task ids: when every example has a ``task`` field (``data.task_field``), each token carries its example's task id
+(packed blocks may mix tasks), and ``collate`` adds ``task_ids`` [B, S] (padding 0), which the trainer hands to
+task-conditioned routers (moe_lora.set_task_ids). Ids are the index of the task in ``task_names``: the synthetic
+corpus's task list in its recipe order; for data files the sorted distinct values (ints are taken as the ids
+themselves).
+
 Sequence classification (``task='sequence_classification'``): an example is {"text", "label"} (an int class index;
 JSONL rows may also carry "task"), or the built-in conflicting multi-task set (training/conflict.py) for
 ``source: synthetic``; ids = [bos] + tok(text) + [eos] truncated to ``seq_len`` (never packed), the item's labels
@@ -51,6 +57,8 @@ class TokenizedData:
     labels: list[list[int]]
     pad_id: int
     label_counts: list[int] = field(default_factory=list)
+    task_ids: list[list[int]] | None = None  # per token, when every example has a task
+    task_names: list[str] | None = None  # task_names[i] is task id i (None: the data's ints are the ids)
 
     def __post_init__(self) -> None:
         if not self.label_counts:
@@ -59,8 +67,24 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
-        return self.input_ids[i], self.labels[i]
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]] | tuple[list[int], list[int], list[int]]:
+        if self.task_ids is None:
+            return self.input_ids[i], self.labels[i]
+        return self.input_ids[i], self.labels[i], self.task_ids[i]
+
+
+def task_ids_of_rows(rows: list[dict], names: list[str] | None = None, field: str = "task"
+                     ) -> tuple[list[int], list[str] | None] | None:
+    """(task id per row, task names) when every row has the field ``field``, else None. ``names``: the id order
+    (the synthetic corpus's task list); otherwise ints are ids and other values are numbered in sorted order."""
+    if not rows or any(field not in r for r in rows):
+        return None
+    tasks = [r[field] for r in rows]
+    if names is None and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tasks):
+        return tasks, None
+    names = names or sorted({str(t) for t in tasks})
+    index = {n: i for i, n in enumerate(names)}
+    return [index[str(t)] for t in tasks], names
 
 
 def read_jsonl(path: Path, fmt: str) -> tuple[list[dict], str]:
@@ -167,12 +191,12 @@ def load_rows(section, resolve, path=None) -> tuple[list[dict], str]:
         rows = generate_corpus(s.num_examples, s.seed, TASKS if s.tasks is None else s.tasks)
         fmt = "prompt_response" if section.format == "auto" else section.format
         if fmt == "text":
-            rows = [{"text": f"{r['prompt']} {r['response']}"} for r in rows]
+            rows = [{"text": f"{r['prompt']} {r['response']}", "task": r["task"]} for r in rows]
         elif fmt != "prompt_response":
             raise ValueError(f"data.format: {fmt!r} does not apply to the synthetic corpus (text or prompt_response)")
         return rows, fmt
     source = "jsonl" if section.source == "synthetic" else section.source
-    return formats.read_examples(resolve(path or section.path), source, section.format)
+    return formats.read_examples(resolve(path or section.path), source, section.format, keep=(section.task_field,))
 
 
 def to_dataset(rows: list[dict], fmt: str, section, tokenizer, resolve) -> TokenizedData:
@@ -187,11 +211,18 @@ def to_dataset(rows: list[dict], fmt: str, section, tokenizer, resolve) -> Token
         ids, labels = formats.tokenize_conversations([r["messages"] for r in rows], tokenizer, template, bos, eos)
     else:
         ids, labels = tokenize_examples(rows, kind, tokenizer)
+    synthetic_names = list(section.synthetic.tasks or TASKS) if section.source == "synthetic" else None
+    tasks = task_ids_of_rows(rows, synthetic_names, section.task_field)
+    task_tok = None if tasks is None else [[t] * len(s) for t, s in zip(tasks[0], ids)]
     if section.packing:
+        if task_tok is not None:
+            task_tok = pack(task_tok, task_tok, section.seq_len)[0]
         ids, labels = pack(ids, labels, section.seq_len)
     else:
         ids, labels = [s[:section.seq_len] for s in ids], [s[:section.seq_len] for s in labels]
-    data = TokenizedData(ids, labels, special_ids(tokenizer)[2])
+        task_tok = None if task_tok is None else [s[:section.seq_len] for s in task_tok]
+    data = TokenizedData(ids, labels, special_ids(tokenizer)[2], task_ids=task_tok,
+                         task_names=None if tasks is None else tasks[1])
     if len(data) == 0:
         raise ValueError(f"data: no sequence of length {section.seq_len} (data.seq_len) could be formed "
                          f"from {len(rows)} examples; lower data.seq_len or add data")
@@ -234,19 +265,27 @@ def build_datasets(section, eval_section, tokenizer, resolve, task: str = "causa
     return train, None if held is None else to_dataset(held, held_fmt, section, tokenizer, resolve)
 
 
-def collate(items: list[tuple[list[int], list[int]]], pad_id: int, classification: bool = False
+def collate(items: list[tuple[list[int], ...]], pad_id: int, classification: bool = False
             ) -> dict[str, torch.Tensor]:
     """Right-pad to the longest item: input_ids [B, S] int64, attention_mask [B, S] int64, labels [B, S] int64
-    (``classification``: labels [B] int64, the class of each sequence)."""
-    S = max(len(ids) for ids, _ in items)
+    (``classification``: labels [B] int64, the class of each sequence), and task_ids [B, S] int64 (padding 0) when
+    the items carry them (a third list)."""
+    S = max(len(item[0]) for item in items)
     B = len(items)
     input_ids = torch.full((B, S), pad_id, dtype=torch.long)
     labels = torch.full((B, S), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((B, S), dtype=torch.long)
-    for b, (ids, lab) in enumerate(items):
+    with_tasks = all(len(item) > 2 for item in items)
+    task_ids = torch.zeros((B, S), dtype=torch.long) if with_tasks else None
+    for b, (ids, lab, *rest) in enumerate(items):
         input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels[b, :len(lab)] = torch.tensor(lab, dtype=torch.long)
         attention_mask[b, :len(ids)] = 1
+        if with_tasks:
+            task_ids[b, :len(rest[0])] = torch.tensor(rest[0], dtype=torch.long)
     if classification:
         labels = labels[:, 0].clone()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if with_tasks:
+        out["task_ids"] = task_ids
+    return out

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_lora.analysis import RoutingRecorder
+from moe_lora.model_hooks import set_task_ids, task_routers
 
 from .data import IGNORE, TokenizedData, collate
 
@@ -57,8 +58,8 @@ class Evaluator:
         """(batch, eval mask [B, S]) per forward; padding items get no labels and a zero eval mask."""
         for start in range(0, len(self.items), self.mb):
             chunk = self.items[start:start + self.mb]
-            pairs = [self.data[i] if i is not None else (self.data[0][0], [IGNORE] * len(self.data[0][0]))
-                     for i in chunk]
+            pad = self.data[0]  # a padding item: the first one without labels (task ids kept for task routers)
+            pairs = [self.data[i] if i is not None else (pad[0], [IGNORE] * len(pad[0]), *pad[2:]) for i in chunk]
             batch = collate(pairs, self.data.pad_id)
             real = torch.tensor([i is not None for i in chunk]).unsqueeze(1)
             yield batch, batch["attention_mask"] * real
@@ -76,6 +77,8 @@ class Evaluator:
             with recorder:
                 for batch, eval_mask in self.batches():
                     recorder.set_attention_mask(eval_mask.to(device))
+                    if "task_ids" in batch and task_routers(model):  # MOELoRA / MoCLE: the batch's task ids
+                        set_task_ids(model, batch["task_ids"].to(device))
                     out = model(input_ids=batch["input_ids"].to(device),
                                 attention_mask=batch["attention_mask"].to(device), use_cache=False)
                     labels = batch["labels"].to(device)

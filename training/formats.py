@@ -151,14 +151,16 @@ def _messages(turns, where: str, key: str, role_key: str, text_key: str, role_ma
     return out
 
 
-def read_examples(path: Path, source: str, fmt: str) -> tuple[list[dict], str]:
-    """Canonical rows of a data file and the resolved format (``auto`` from the first example)."""
+def read_examples(path: Path, source: str, fmt: str, keep: tuple[str, ...] = ()) -> tuple[list[dict], str]:
+    """Canonical rows of a data file and the resolved format (``auto`` from the first example); the fields named
+    in ``keep`` (a task or cluster id: data.task_field) are kept as they are where a record has them."""
     records = read_records(path, source)
     if not records:
         raise ValueError(f"data.path: {path} has no examples")
     if fmt == "auto":
         fmt = detect_format(records[0][1])
-    return [canonical(r, fmt, f"data.path: {path} {where}") for where, r in records], fmt
+    return [{**canonical(r, fmt, f"data.path: {path} {where}"), **{k: r[k] for k in keep if k in r}}
+            for where, r in records], fmt
 
 
 def kind_of(fmt: str) -> str:

@@ -59,7 +59,8 @@ def build_model(recipe, ep_rank: int) -> nn.Module:
     """The converted (and, for linear scope, expert-parallel) model in training mode."""
     model = base_model(recipe)
     moe_lora.convert(model, moe_config(recipe, model))
-    if recipe.moe_lora.router_scope == "linear":
+    c = recipe.moe_lora
+    if c.router_scope == "linear" and c.expert_type == "lora" and not c.use_dora:  # MoV and DoRA: ep_size 1
         to_expert_parallel(model, recipe.ep_size, ep_rank)
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False

@@ -36,7 +36,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moe_lora.balancing import update_selection_biases
 from moe_lora.errors import ConfigError
+from moe_lora.loss_forms import balance_scale
+from moe_lora.model_hooks import set_balance_scale, set_task_ids, task_routers
 from moe_lora.numerics import NonFiniteError, locate_nonfinite
 from moe_lora.paths import inside
 from moe_lora.run_lock import RunLock, RunLockedError
@@ -56,6 +59,48 @@ def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Ten
     V = logits_BSV.shape[-1]
     return F.cross_entropy(logits_BSV[:, :-1].reshape(-1, V).float(), labels_BS[:, 1:].reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
+
+
+def optimizer_groups(model, o) -> list[dict] | None:
+    """LoRA+ / router-lr parameter groups (moe_lora.optim.param_groups) when the optimizer section asks for
+    different learning rates; None otherwise (one group, as DeepSpeed builds it)."""
+    if o.loraplus_lambda == 1.0 and o.router_lr in (None, o.lr):
+        return None
+    from moe_lora.optim import param_groups
+
+    return param_groups(model, o.lr, loraplus_lambda=o.loraplus_lambda, router_lr=o.router_lr,
+                        weight_decay=o.weight_decay)
+
+
+def scale_schedule_per_group(sched, optimizer, lr: float) -> None:
+    """Give each parameter group its own peak lr (lr * group['lr_scale']) in DeepSpeed's schedule: WarmupLR and
+    WarmupDecayLR hold one max lr for every group (warmup_max_lr), WarmupCosineLR the groups' lrs at init (which
+    DeepSpeed's MoE group split keeps). Groups without ``lr_scale`` keep the scale 1."""
+    if sched is None:
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        return
+    scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
+    if hasattr(sched, "org_lrs"):  # WarmupCosineLR
+        sched.org_lrs = [lr * s for s in scales]
+    if hasattr(sched, "max_lrs") and hasattr(sched, "delta_lrs"):  # WarmupLR, WarmupDecayLR
+        lo = sched.min_lrs[0] if sched.min_lrs else 0.0
+        sched.min_lrs = [lo * s for s in scales]
+        sched.max_lrs = [lr * s for s in scales]
+        sched.delta_lrs = [hi - lo for hi, lo in zip(sched.max_lrs, sched.min_lrs)]
+
+
+def check_task_data(data, config) -> None:
+    """Task-conditioned routers need a task id per example within [0, num_tasks)."""
+    if data.task_ids is None:
+        raise ConfigError([f"data.task_field: router {config.router!r} routes by task or cluster, but not every "
+                           "example has that field (the synthetic corpus has 'task'; moe-lora cluster writes "
+                           "'cluster')"], "training recipe")
+    top = max((max(s) for s in data.task_ids if s), default=0)
+    if top >= config.num_tasks:
+        names = "" if data.task_names is None else f" ({', '.join(data.task_names)})"
+        raise ConfigError([f"moe_lora.num_tasks: {config.num_tasks}, but the data has task ids up to {top}{names}"],
+                          "training recipe")
 
 
 def sequence_ce_sum(logits_BC: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
@@ -194,10 +239,16 @@ class Trainer:
         torch.manual_seed(t.seed + info.rank)
         model = build_model(r, self.ep_rank)
         params = [p for p in model.parameters() if p.requires_grad]
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        groups = optimizer_groups(model, r.optimizer)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups or params, config=self.ds_config)
+        if groups:
+            scale_schedule_per_group(engine.lr_scheduler, engine.optimizer, r.optimizer.lr)
         self.engine = engine
         from .expert_parallel import check_expert_parallel_ranks, expert_parallel_layers
 
+        self.task_routed = bool(task_routers(engine.module))
+        if self.task_routed:
+            check_task_data(data, r.moe_lora)
         check_expert_parallel_ranks(engine.module)
         layout = {name: layer.global_expert_ids for name, layer in expert_parallel_layers(engine.module)}
         start = 0
@@ -223,6 +274,8 @@ class Trainer:
         log.event(event="start", world_size=info.world_size, ep_size=r.ep_size, zero_stage=zero_stage(self.ds_config),
                   precision=precision(self.ds_config), sequences=len(data), global_batch=sampler.global_batch,
                   trainable_params=sum(p.numel() for p in params), cpu_threads=threads, **self.memory(engine.module))
+        if self.task_routed:  # which task each id is (export --task T, set_task_ids at inference)
+            log.event(event="tasks", task_names=data.task_names)
 
         evals = None
         if eval_data is not None and r.eval.every:
@@ -290,8 +343,11 @@ class Trainer:
         stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # cross-entropy sum, aux sum, real tokens
         classify = self.recipe.model.task == "sequence_classification"
         ce_sum = sequence_ce_sum if classify else token_ce_sum
+        mc = self.recipe.moe_lora
+        set_balance_scale(engine.module, balance_scale(step, mc.balance_warmup_steps, mc.balance_warmup_start))
         for m in range(t.grad_accum):
             batch = collate([data[i] for i in sampler.indices(step, m)], data.pad_id, classification=classify)
+            self.hand_task_ids(engine.module, batch)
             out = engine(input_ids=batch["input_ids"].to(info.device),
                          attention_mask=batch["attention_mask"].to(info.device), use_cache=False)
             ce = ce_sum(out.logits, batch["labels"].to(info.device))
@@ -305,6 +361,7 @@ class Trainer:
             stats += torch.stack([ce.detach().double(), aux.detach().double().to(ce.device),
                                   batch["attention_mask"].sum().double().to(ce.device)])
         self.skipped_in_a_row = 0
+        update_selection_biases(engine.module, dist.all_reduce)  # auxiliary-loss-free balancing, if on
         dist.all_reduce(stats)
         stats = stats.cpu()
         wall = time.perf_counter() - t0
@@ -319,6 +376,11 @@ class Trainer:
             metrics["loss_scale"] = float(scale)
         return metrics
 
+    def hand_task_ids(self, model, batch: dict) -> None:
+        """The batch's per-token task ids to the task-conditioned routers for the next forward (MOELoRA)."""
+        if getattr(self, "task_routed", False):
+            set_task_ids(model, batch["task_ids"].to(self.info.device))
+
     # ---- NaN / inf ----------------------------------------------------------------------------------------
     def nonfinite_anywhere(self, ce: torch.Tensor, aux: torch.Tensor) -> bool:
         """Whether the loss of this micro-batch is NaN/inf on any rank (all ranks agree, so they all take the
@@ -332,6 +394,7 @@ class Trainer:
         then raise NonFiniteError ('error') or skip the step ('skip_step': no backward, no optimizer step)."""
         t, device = self.recipe.train, self.info.device
         model = engine.module
+        self.hand_task_ids(model, batch)
         where = locate_nonfinite(model, lambda: model(input_ids=batch["input_ids"].to(device),
                                                       attention_mask=batch["attention_mask"].to(device),
                                                       use_cache=False))

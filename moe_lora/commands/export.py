@@ -5,6 +5,7 @@
     moe-lora export --model tiny-llama --adapter runs/a/adapter --format peft --expert 2 --rank 8 --out runs/a/e2
     moe-lora export --model tiny-llama --adapter runs/a/adapter --format merged --routing task_a.yaml --out runs/a/m
     moe-lora export --model tiny-llama --adapter runs/a/adapter --format peft --routing-from data.jsonl --out runs/p
+    moe-lora export --model tiny-llama --adapter runs/moelora/adapter --format peft --task 2 --out runs/moelora/t2
 
 Formats:
   mixtral  MixLoRA (router_scope: block, ffn_experts: true, top-k or soft router) on a Llama or Mistral base ->
@@ -15,8 +16,9 @@ Formats:
 
 A fixed routing is --routing (comma-separated weights [E] for every routed module, or a JSON/YAML file with a
 list or {module name: [E]}), --expert e (one-hot), or, for models whose routed modules all have one expert,
-nothing. --routing-from data.jsonl uses the mean routing over a data set ('text', or 'prompt' + 'response'
-records): an APPROXIMATE export, labelled so in its moe_lora_export.json. Whatever a format cannot represent
+nothing, or --task T: task T's weights of task-conditioned routers (MOELoRA; exact). --routing-from data.jsonl
+uses the mean routing over a data set ('text', or 'prompt' + 'response' records): an APPROXIMATE export,
+labelled so in its moe_lora_export.json. Whatever a format cannot represent
 exactly is refused before anything is written, naming what blocks it and the format that works instead.
 (--run RUN_DIR is not offered yet: a training run does not record its base model in a form this command can
 rebuild; pass --model and the checkpoint's adapter/ directory.)
@@ -44,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing", help="fixed routing for peft/merged: weights 'w1,w2,...' for every routed "
                                           "module, or a JSON/YAML file with a list or {module: [weights]}")
     parser.add_argument("--expert", type=int, help="fixed routing for peft/merged: expert e alone (one-hot)")
+    parser.add_argument("--task", type=int, help="fixed routing for peft/merged: task T's weights of a model with "
+                                                 "task-conditioned routers (router 'task', MOELoRA); exact")
     parser.add_argument("--routing-from", metavar="DATA.jsonl",
                         help="fixed routing for peft/merged: the mean routing over this data set (APPROXIMATE)")
     parser.add_argument("--rank", type=int, help="peft: the adapter's rank (default: exact); below the exact rank "
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     writable_dir(problems, "--out", args.out)
     need_file(problems, "--routing-from", args.routing_from, required=False)
     given = [f for f, v in (("--routing", args.routing), ("--expert", args.expert),
-                            ("--routing-from", args.routing_from)) if v is not None]
+                            ("--routing-from", args.routing_from), ("--task", args.task)) if v is not None]
     if len(given) > 1:
         problems.append(f"{' and '.join(given)}: give one fixed routing")
     if given and args.format == "mixtral":
@@ -102,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_adapter(zoo.load_model(args.model, seed=args.seed), args.adapter).eval()
     approximate = None
+    if args.task is not None:
+        from moe_lora import task_routing
+
+        routing = task_routing(model, args.task)
     if args.routing_from:
         texts, labels = read_jsonl(args.routing_from, args.max_samples)
         batches = make_batches(zoo.load_tokenizer(args.model), texts, labels, args.batch_size, args.max_length)

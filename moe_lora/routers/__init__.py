@@ -7,14 +7,19 @@ from __future__ import annotations
 
 from ..errors import ConfigError, suggest
 from .base import Router
+from .cluster import ClusterRouter
 from .config import FIXED_K_ROUTERS, VARIABLE_K_ROUTERS, RouterConfig, k_problem
 from .expert_choice import ExpertChoiceRouter
+from .mole import MoLERouter
 from .soft import SoftRouter
+from .task import TaskRouter
 from .threshold import ThresholdRouter
 from .topk import ContrastiveRouter, TopKRouter
+from .xlora import XLoRARouter
 
 ROUTER_CLASSES: dict[str, type[Router]] = {
-    cls.name: cls for cls in (TopKRouter, SoftRouter, ThresholdRouter, ExpertChoiceRouter, ContrastiveRouter)
+    cls.name: cls for cls in (TopKRouter, SoftRouter, ThresholdRouter, ExpertChoiceRouter, ContrastiveRouter,
+                              TaskRouter, MoLERouter, XLoRARouter, ClusterRouter)
 }
 
 
@@ -41,13 +46,17 @@ __all__ = [
     "FIXED_K_ROUTERS",
     "ROUTER_CLASSES",
     "VARIABLE_K_ROUTERS",
+    "ClusterRouter",
     "ContrastiveRouter",
     "ExpertChoiceRouter",
+    "MoLERouter",
     "Router",
     "RouterConfig",
     "SoftRouter",
+    "TaskRouter",
     "ThresholdRouter",
     "TopKRouter",
+    "XLoRARouter",
     "build_router",
     "k_problem",
     "router_name_problem",

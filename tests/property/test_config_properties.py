@@ -29,9 +29,10 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from moe_lora.allocation import SHAPES
-from moe_lora.config import INITS, ROUTER_SCOPES, ROUTERS, MoELoRAConfig
+from moe_lora.config import EXPERT_TYPES, INITS, ROUTER_SCOPES, ROUTERS, MoELoRAConfig
 from moe_lora.errors import ConfigError
 from moe_lora.kernels import BACKENDS
+from moe_lora.loss_forms import LOSS_FORMS
 from moe_lora.training.recipe import NESTED, SECTIONS, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,12 +118,26 @@ SPECS = {
     "threshold_max": (st.one_of(st.none(), nums(0, 1, exclude_min=True)),
                       st.one_of(nums(-1, 0), nums(1, 10, exclude_min=True), NOT_NUM)),
     "capacity_factor": POSITIVE,
+    "num_tasks": (st.one_of(st.none(), ints(1, 8)), st.one_of(ints(-3, 0), NOT_INT)),
+    "task_embedding_dim": (ints(1, 64), st.one_of(ints(-3, 0), NOT_INT, st.none())),
+    "classifier_hidden_size": (st.one_of(st.none(), ints(1, 64)), st.one_of(ints(-3, 0), NOT_INT)),
+    "use_dora": (st.booleans(), NOT_BOOL),
+    "expert_type": one_of_names(EXPERT_TYPES),
+    "ia3_feedforward_modules": (st.one_of(st.lists(NAME, max_size=2), st.lists(NAME, max_size=2).map(tuple)),
+                                st.one_of(JUNK, st.none(), NAME, st.integers(), st.just([""]),
+                                          st.lists(st.integers(), min_size=1, max_size=2))),
+    "gate_balance_coef": COEF,
     "load_balance_coef": COEF,
     "z_loss_coef": COEF,
     "cv_coef": COEF,
     "contrastive_coef": COEF,
     "contrastive_temperature": POSITIVE,
     "backend": one_of_names(BACKENDS),
+    "loss_form": one_of_names(LOSS_FORMS),
+    "lbc_alpha": (nums(0, 1), st.one_of(nums(1, 10, exclude_min=True), nums(-10, -1e-9), NOT_NUM, st.none())),
+    "balance_warmup_steps": (ints(0, 100), st.one_of(ints(-3, -1), NOT_INT, st.none())),
+    "balance_warmup_start": COEF,
+    "bias_update_rate": COEF,
     "modules_to_save": (st.one_of(st.lists(NAME, max_size=2), st.lists(NAME, max_size=2).map(tuple)),
                         st.one_of(JUNK, st.none(), NAME, st.integers(), st.lists(st.integers(), min_size=1,
                                                                                   max_size=2))),

@@ -75,6 +75,9 @@ class DataSection:
     packing: bool = option(True, "causal_lm: concatenate examples into full seq_len blocks (else pad each batch to "
                                  "its longest). Sequence classification never packs.")
     shuffle_seed: int = option(0, "Seed of the per-epoch permutation of the sampler.")
+    task_field: str = option(
+        "task", "Field of each example holding its task (or cluster) id, for the 'task' and 'cluster' routers "
+        "(moe-lora cluster writes 'cluster').")
     synthetic: SyntheticSection = section(SyntheticSection, "Settings of the built-in synthetic corpus.")
 
     def problems(self, resolve, task: str = "causal_lm") -> list[str]:
@@ -104,6 +107,8 @@ class DataSection:
             p.append(f"data.seq_len: {self.seq_len!r} must be an int >= 8")
         if not isinstance(self.packing, bool):
             p.append(f"data.packing: {self.packing!r} must be true or false")
+        if not (isinstance(self.task_field, str) and self.task_field):
+            p.append(f"data.task_field: {self.task_field!r} must be a field name")
         if not is_int(self.shuffle_seed):
             p.append(f"data.shuffle_seed: {self.shuffle_seed!r} must be an int")
         return p + self.synthetic.problems(task)

@@ -1,4 +1,4 @@
-"""The ``optimizer`` and ``schedule`` sections: AdamW and its learning-rate schedule."""
+"""The ``optimizer`` and ``schedule`` sections: AdamW (with LoRA+ and a router learning rate) and its schedule."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ class OptimizerSection:
         "0 and ep_size > 1 DeepSpeed averages per-rank norms, so use stage 1 or 2 when clipping must match a "
         "single-process run.",
     )
+    loraplus_lambda: float = option(
+        1.0,
+        "LoRA+ (arXiv 2402.12354): every expert's lora_B trains at loraplus_lambda * lr, lora_A at lr (the paper "
+        "recommends 16); 1 = off.",
+    )
+    router_lr: float | None = option(None, "Learning rate of the routers (gates, task embeddings); null = lr.")
 
     def problems(self) -> list[str]:
         p = []
@@ -38,6 +44,10 @@ class OptimizerSection:
             p.append(f"optimizer.eps: {self.eps!r} must be a number > 0")
         if not (is_number(self.max_grad_norm) and self.max_grad_norm >= 0):
             p.append(f"optimizer.max_grad_norm: {self.max_grad_norm!r} must be a number >= 0")
+        if not (is_number(self.loraplus_lambda) and self.loraplus_lambda > 0):
+            p.append(f"optimizer.loraplus_lambda: {self.loraplus_lambda!r} must be a number > 0")
+        if self.router_lr is not None and not (is_number(self.router_lr) and self.router_lr > 0):
+            p.append(f"optimizer.router_lr: {self.router_lr!r} must be null or a number > 0")
         return p
 
 

@@ -212,6 +212,12 @@ class Recipe:
         if self.ep_size > 1 and cfg.router_scope != "linear":
             p.append(f"ep_size: {self.ep_size} needs moe_lora.router_scope 'linear' (one router per linear); "
                      f"router_scope {cfg.router_scope!r} trains with ep_size 1 only")
+        if self.ep_size > 1 and (cfg.expert_type != "lora" or cfg.use_dora is True):
+            p.append(f"ep_size: {self.ep_size} needs plain LoRA experts; expert_type {cfg.expert_type!r} (MoV's "
+                     f"vectors) and use_dora {cfg.use_dora!r} train with ep_size 1 only")
+        if cfg.router in ("mole", "xlora"):
+            p.append(f"moe_lora.router: {cfg.router!r} gates over pretrained LoRAs (moe_lora.experts_from_peft), "
+                     f"which a recipe cannot load; train its gates in your own loop (configs/{cfg.router}.yaml)")
         L = self.num_layers()
         ne = cfg.num_experts
         if L is None:
