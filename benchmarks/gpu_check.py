@@ -13,6 +13,8 @@
 3. Achieved bandwidth: "min bytes" (read x and the adapters once, write y once; for the backward also read g and
    write dx, dA, dB once) divided by the time, next to the card's measured device-to-device copy bandwidth.
    The Triton kernels' own traffic model (gathered x per slot, per-slot outputs) is reported as well.
+4. The registers, spills and shared memory of every kernel variant these runs loaded (from the driver), next to
+   the ahead-of-time table of benchmarks/triton_aot.py for the same config (its numbers, checked on a real GPU).
 
 Prints a table and writes everything to benchmarks/results/gpu_check_<timestamp>.json. Exits with status 2 and a
 message when no CUDA device is present. Nothing here is simulated: without a GPU it does not run.
@@ -244,6 +246,44 @@ def time_backends(args, device, copy_gbs, lora_experts, lora_experts_triton) -> 
     return rows
 
 
+def loaded_kernel_resources(aot_json: Path) -> list[dict]:
+    """Registers, spills and shared memory of every kernel variant the runs above loaded on the device (triton's
+    JIT cache), next to the ahead-of-time table's registers for the same config when ``aot_json`` has it
+    (benchmarks/triton_aot.py writes it on a machine without a GPU; this checks those numbers on a real one)."""
+    from moe_lora.kernels.triton import backward_slots_kernel, backward_weights_kernel, forward_kernel
+
+    aot_rows = json.loads(aot_json.read_text())["rows"] if aot_json.exists() else []
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}"
+    kernels = {
+        "forward": forward_kernel.lora_experts_fwd_kernel,
+        "backward_slots": backward_slots_kernel.lora_experts_bwd_slots_kernel,
+        "backward_weights": backward_weights_kernel.lora_experts_bwd_weights_kernel,
+    }
+    rows = []
+    for name, fn in kernels.items():
+        for cache in fn.device_caches.values():
+            for compiled in cache[0].values():
+                compiled._init_handles()
+                consts = {fn.arg_names[k[0]]: v for k, v in compiled.src.constants.items()}
+                first_ptr = next(t for t in compiled.src.signature.values() if t.startswith("*"))
+                if name == "backward_weights":
+                    tiles = f"MW{consts['BLOCK_MW']} W{consts['BLOCK_W']} R{consts['BLOCK_R']}"
+                else:
+                    tiles = f"M{consts['BLOCK_M']} K{consts['BLOCK_K']} N{consts['BLOCK_N']} R{consts['BLOCK_R']}"
+                row = {"kernel": name, "dtype": first_ptr[1:], "arch": arch, "tiles": tiles,
+                       "num_warps": compiled.metadata.num_warps, "num_stages": compiled.metadata.num_stages,
+                       "atomic": bool(consts.get("ATOMIC", False)), "regs": compiled.n_regs,
+                       "spills": compiled.n_spills, "shared_bytes": compiled.metadata.shared}
+                match = [r for r in aot_rows if r.get("regs") is not None and r["variant"] in ("det", "atomic")
+                         and (r["variant"] == "atomic") == row["atomic"]
+                         and all(r[k] == row[k] for k in ("kernel", "dtype", "arch", "tiles", "num_warps",
+                                                         "num_stages"))]
+                row["aot_regs"] = sorted({r["regs"] for r in match}) or None
+                rows.append(row)
+    return rows
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     return format(row[key], fmt) if key in row else format("-", f">{fmt.split('.')[0]}")
 
@@ -313,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\ntiming ...", flush=True)
     report["timing"] = time_backends(args, device, copy_gbs, lora_experts, lora_experts_triton)
     print_table(report["timing"], copy_gbs)
+    report["kernel_resources"] = loaded_kernel_resources(args.out / "triton_aot.json")
+    print("\nloaded kernels (registers, spills from the driver; AOT = benchmarks/triton_aot.py's table):")
+    for row in report["kernel_resources"]:
+        print(f"  {row['kernel']:<16} {row['dtype']:<5} {row['tiles']:<20} warps {row['num_warps']} "
+              f"stages {row['num_stages']}{' atomic' if row['atomic'] else ''}: {row['regs']} regs, "
+              f"{row['spills']} spills, {row['shared_bytes']} B shared; AOT regs {row['aot_regs']}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu_check_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))

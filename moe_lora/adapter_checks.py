@@ -33,7 +33,8 @@ CHECKSUM_KEYS = ("weights_bytes", "weights_sha256")
 #: Config fields that change how a model trains, not what its adapter tensors mean: a converted model may differ
 #: from the adapter's config in these and still load it, and an adapter_config.json may lack them (defaults).
 TRAINING_ONLY_FIELDS = ("init_seed", "init_lora_weights", "router_init_std", "backend", "dropout", "jitter_noise",
-                        "load_balance_coef", "z_loss_coef", "cv_coef", "contrastive_coef", "contrastive_temperature")
+                        "load_balance_coef", "z_loss_coef", "cv_coef", "contrastive_coef", "contrastive_temperature",
+                        "loss_form", "lbc_alpha", "balance_warmup_steps", "balance_warmup_start")
 #: Config fields every format_version 1 adapter records (frozen: a field added later gets its default when an
 #: older adapter lacks it, so it must not be listed here).
 REQUIRED_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_k", "expert_budget",

@@ -79,9 +79,18 @@ def base_path(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
+def _persistent_buffers(module: nn.Module):
+    """(name, buffer) of ``module``'s saved buffers (a router's selection_bias), nothing under base_layer."""
+    for name, buf in module.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        if not name.startswith("base_layer.") and leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+            yield name, buf
+
+
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """{adapter key: live parameter} of a converted model: routers and experts of every MoE module (nothing
-    under their base_layer) and the parameters of modules_to_save."""
+    under their base_layer), with the routers' saved buffers (the selection bias of auxiliary-loss-free
+    balancing: state, not trained), and the parameters of modules_to_save."""
     p = converted_plan(model)
     out: dict[str, nn.Parameter] = {}
 
@@ -96,6 +105,8 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             for pname, param in module.named_parameters():
                 if not pname.startswith("base_layer."):
                     add(f"{base_path(name)}.{pname}", param, f"{name}.{pname}")
+            for bname, buf in _persistent_buffers(module):
+                add(f"{base_path(name)}.{bname}", buf, f"{name}.{bname}")
         elif name and base_path(name) in save_names and not name.endswith(".base_layer"):
             for pname, param in module.named_parameters():
                 add(f"{base_path(name)}.{pname}", param, f"{name}.{pname}")

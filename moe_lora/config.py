@@ -20,7 +20,7 @@ from .errors import ConfigError, suggest
 from .experts import INITS, AuxLossConfig, ExpertConfig, lora_problems
 from .json_file import parse_json
 from .kernels.api import BACKENDS
-from .routers import ROUTER_CLASSES, VARIABLE_K_ROUTERS, RouterConfig, k_problem
+from .routers import ROUTER_CLASSES, VARIABLE_K_ROUTERS, Router, RouterConfig, k_problem
 from .routers.config import router_config_from_settings
 from .text_limits import read_limited
 from .yaml_file import parse_yaml
@@ -109,6 +109,28 @@ class MoELoRAConfig:
     cv_coef: float = _f(0.0, "Coefficient of the importance CV^2 loss (LoRAMoE).")
     contrastive_coef: float = _f(1e-3, "Coefficient of the contrastive expert loss (router='contrastive' only).")
     contrastive_temperature: float = _f(0.1, "Temperature tau of the contrastive loss.")
+    loss_form: str = _f(
+        "normalized",
+        "How the auxiliary losses are computed and added up over the model (moe_lora/loss_forms.py): 'normalized' "
+        "(this package's: a mean over modules, balanced value 1), or a reference's exact form: 'mixlora' (MoE-PEFT: "
+        "pooled over all layers, balanced value k), 'mola' (pooled per layer, summed over layers), 'adamole' "
+        "(on p - tau, summed over modules), 'loramoe' (per-sample CV^2 with its LBC, summed over modules).",
+    )
+    lbc_alpha: float = _f(
+        0.0, "LoRAMoE's localized balancing constraint (loss_form 'loramoe'): importance weights 1 + alpha on the "
+        "experts of a sample's task type (type 1: the first E/2 experts, type 0: the others), 1 - alpha elsewhere. "
+        "Task types come from model_hooks.set_task_ids.",
+    )
+    balance_warmup_steps: int = _f(
+        0, "Balance-loss warm-up: the balance coefficients (load_balance, cv) go linearly from "
+        "balance_warmup_start times their value at step 0 to their value at this step (0: no warm-up).",
+    )
+    balance_warmup_start: float = _f(0.0, "Factor of the balance coefficients at step 0 of the warm-up.")
+    bias_update_rate: float = _f(
+        0.0, "Auxiliary-loss-free balancing (DeepSeek-V3), top-k routers: a per-expert bias added to the selection "
+        "scores only (not to the gate weights), b_e += rate * sign(mean load - load_e) after every optimizer step "
+        "(moe_lora.balancing). 0: off. DeepSeek-V3 uses 1e-3.",
+    )
     backend: str = _f(
         "auto", "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
         "cost), 'dense', 'grouped', 'reference', 'triton', 'megablocks'."
@@ -225,10 +247,25 @@ class MoELoRAConfig:
             p.append(f"threshold_max: {self.threshold_max!r} must be null or in (0, 1]")
         if not (is_number(self.capacity_factor) and self.capacity_factor > 0):
             p.append(f"capacity_factor: {self.capacity_factor!r} must be a number > 0")
+        if not (is_number(self.bias_update_rate) and self.bias_update_rate >= 0):
+            p.append(f"bias_update_rate: {self.bias_update_rate!r} must be a number >= 0")
+        elif self.bias_update_rate > 0 and not ROUTER_CLASSES.get(self.router, Router).uses_selection_bias:
+            p.append(f"bias_update_rate: {self.bias_update_rate} needs a top-k router ('topk', 'contrastive'), "
+                     f"got router={self.router!r}")
         return p
 
     def _loss_problems(self) -> list[str]:
-        return self.aux_loss_config().problems()
+        """The losses' own settings (AuxLossConfig) and how the loss form fits the router and the allocation."""
+        p = self.aux_loss_config().problems()
+        if self.loss_form == "adamole" and self.router != "threshold":
+            p.append(f"loss_form: 'adamole' needs router='threshold' (its balance loss is on p - tau), got "
+                     f"router={self.router!r}")
+        elif self.loss_form == "mixlora":
+            ne = self.num_experts
+            if not (is_int(ne) or (isinstance(ne, list | tuple) and len(set(ne)) == 1)):
+                p.append(f"loss_form: 'mixlora' pools the balance loss over all layers and needs the same "
+                         f"num_experts everywhere, got num_experts={ne!r}")
+        return p
 
     def _save_problems(self) -> list[str]:
         mts = self.modules_to_save
@@ -247,11 +284,14 @@ class MoELoRAConfig:
         return router_config_from_settings(
             self.router, top_k, router_temperature=self.router_temperature, jitter_noise=self.jitter_noise,
             router_init_std=self.router_init_std, soft_top_k=self.soft_top_k, threshold_max=self.threshold_max,
-            capacity_factor=self.capacity_factor)
+            capacity_factor=self.capacity_factor, bias_update_rate=self.bias_update_rate)
 
     def aux_loss_config(self) -> AuxLossConfig:
-        return AuxLossConfig(self.load_balance_coef, self.z_loss_coef, self.cv_coef, self.contrastive_coef,
-                             self.contrastive_temperature)
+        return AuxLossConfig(
+            load_balance=self.load_balance_coef, z_loss=self.z_loss_coef, cv=self.cv_coef,
+            contrastive=self.contrastive_coef, contrastive_temperature=self.contrastive_temperature,
+            loss_form=self.loss_form, lbc_alpha=self.lbc_alpha, balance_warmup_steps=self.balance_warmup_steps,
+            balance_warmup_start=self.balance_warmup_start)
 
     # ---- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -35,7 +35,9 @@ import torch
 from torch import nn
 
 from .adapter_io import load_adapter, save_adapter
-from .model_hooks import aux_loss_of, aux_outside_loss
+from .balancing import update_selection_biases
+from .loss_forms import balance_scale
+from .model_hooks import aux_loss_of, aux_outside_loss, set_balance_scale
 
 ADAPTER_SUBDIR = "adapter"
 
@@ -55,6 +57,10 @@ class MoELoRATrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plain = self.accelerator.unwrap_model(model)
         seen: list[torch.Tensor] = []  # the aux loss of every training forward with grad inside the call
+        cfg = _moe_config(plain)
+        if cfg is not None:  # the balance warm-up scale of this optimizer step (moe_lora.loss_forms)
+            set_balance_scale(plain, balance_scale(self.state.global_step, cfg.balance_warmup_steps,
+                                                   cfg.balance_warmup_start))
 
         def capture(module, args, output):
             if module.training and torch.is_grad_enabled():
@@ -123,6 +129,9 @@ class MoELoRATrainerMixin:
         return out
 
     def train(self, *args, **kwargs):
+        if not getattr(self, "_moe_bias_callback", False):  # auxiliary-loss-free balancing after each step
+            self.add_callback(_selection_bias_callback())
+            self._moe_bias_callback = True
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -152,6 +161,27 @@ class MoELoRATrainerMixin:
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def _moe_config(model: nn.Module):
+    from .convert import PLAN_ATTR
+
+    p = getattr(model, PLAN_ATTR, None)
+    return None if p is None else p.config
+
+
+def _selection_bias_callback():
+    """A TrainerCallback that updates the routers' selection biases after every optimizer step
+    (moe_lora.balancing; counts summed over the data-parallel ranks when torch.distributed runs)."""
+    import torch.distributed as dist
+
+    class SelectionBias(_transformers().TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                reduce = dist.all_reduce if dist.is_available() and dist.is_initialized() else None
+                update_selection_biases(model, reduce)
+
+    return SelectionBias()
 
 
 def _make_trainer_class():

@@ -9,10 +9,10 @@ Shapes::
     lora_B       [E, O, r]   zero at init, so a fresh layer equals its base exactly
     router       Router with weight [E, D] (fp32)
 
-The parameters, their init and the routed-module bookkeeping (``token_mask``, ``last_routing``,
-``last_aux_terms``, ``last_aux_loss``) come from moe_lora/experts.py; the compute from moe_lora.kernels
-(``lora_experts``, or on the dense path ``kernels/fused.py``, which folds the router's GEMM and the frozen base
-into the experts' GEMMs when ``can_fuse`` says it may).
+The parameters, their init and the routed-module bookkeeping (``token_mask``, ``task_ids``, ``last_routing``,
+``last_aux_terms``, ``last_balance_stats``, ``last_aux_loss``) come from moe_lora/experts.py; the compute from
+moe_lora.kernels (``lora_experts``, or on the dense path ``kernels/fused.py``, which folds the router's GEMM and
+the frozen base into the experts' GEMMs when ``can_fuse`` says it may).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from .routers.config import ROUTER_SETTINGS, router_config_from_settings
 from .routing import Routing
 
 AUX_SETTINGS = {"load_balance_coef": "load_balance", "z_loss_coef": "z_loss", "cv_coef": "cv",
-                "contrastive_coef": "contrastive", "contrastive_temperature": "contrastive_temperature"}
+                "contrastive_coef": "contrastive", "contrastive_temperature": "contrastive_temperature",
+                "loss_form": "loss_form", "lbc_alpha": "lbc_alpha"}
 
 
 def layer_configs(router: str | Router, num_experts, top_k, rank, alpha, **settings
@@ -115,7 +116,7 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
             out_TO, routing, h_TEr = fused_lora_forward(
                 fusion, x_TD, self.lora_A, self.lora_B, self.scaling, route,
                 base_layer=self.base_layer, base_TO=base_TO, router_weight=self.router_weight())
-            self.record(routing, expert_factors=(h_TEr, self.lora_B, self.scaling) if self.wants_aux_outputs()
+            self.record(routing, x, expert_factors=(h_TEr, self.lora_B, self.scaling) if self.wants_aux_outputs()
                         else None)
             return out_TO.view(out_shape)
         result = self.base_layer(x, *args, **kwargs)
@@ -123,7 +124,8 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
         routing = route()
         delta_TO = lora_experts(xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK,
                                 self.scaling, self.backend)
-        self.record(routing, expert_outputs=self.expert_outputs(routing, xd_TD) if self.wants_aux_outputs() else None)
+        outputs = self.expert_outputs(routing, xd_TD) if self.wants_aux_outputs() else None
+        self.record(routing, x, expert_outputs=outputs)
         return result + delta_TO.view(out_shape).to(result.dtype)
 
     def route(self, x_TD: torch.Tensor, logits_TE: torch.Tensor | None = None) -> Routing:

@@ -6,14 +6,19 @@ Two hooks on the top-level model (never a patched ``forward``, never module-glob
   ``token_mask`` to the mask of the tokens of this forward, [T] bool with T = batch * new tokens. With a KV
   cache the mask covers past + new positions, so the last L columns (L = input length) are used. Routed
   modules ignore a mask whose numel differs from their token count. It also clears each module's
-  ``last_aux_loss`` so that a module that does not run cannot contribute a stale value.
-* forward hook (always called, also on error): clears the masks and sets
+  ``last_aux_loss`` so that a module that does not run cannot contribute a stale value. It hands every routed
+  module the per-sample task types set with ``set_task_ids`` (LoRAMoE's localized balancing constraint), the
+  same way: ``m.task_ids``, [B] int, or None.
+* forward hook (always called, also on error): clears the masks and the task types and sets
 
-      aux_loss = mean over routed modules m that recorded one of m.last_aux_loss      (0 when none)
+      aux_loss = the routed modules' auxiliary terms added up in their loss form        (0 when none)
+
+  (moe_lora.loss_forms: a mean over modules of each module's coefficient-weighted terms in the normalised form,
+  sums and pooled losses in the references' forms; the balance terms scaled by ``set_balance_scale``'s factor)
 
   on the output (``output.aux_loss``; ``output.moe_lora_aux_loss`` instead when the base model already returns
   its own aux_loss, e.g. Mixtral) and, when the output has a loss (labels given), ``loss <- loss + aux_loss``,
-  as Mixtral does in transformers. ``last_aux_loss`` is already coefficient-weighted by each layer. Inside
+  as Mixtral does in transformers. Inside
   ``aux_outside_loss(model)`` the loss is left as it is (the aux loss is still set): for a trainer that adds the
   aux loss itself, whoever computed the loss (moe_lora.hf_trainer).
 
@@ -32,10 +37,15 @@ from functools import partial
 import torch
 from torch import nn
 
+from .loss_forms import model_aux_loss
 from .routing import iter_routed_modules
+from .targets import layer_index
 
 ROUTED_ATTR = "_moe_lora_routed_modules"
 AUX_OUTSIDE_ATTR = "_moe_lora_aux_outside_loss"
+LAYERS_ATTR = "_moe_lora_routed_layers"
+TASK_IDS_ATTR = "_moe_lora_task_ids"
+SCALE_ATTR = "_moe_lora_balance_scale"
 
 
 def _argument(names: tuple[str, ...], args: tuple, kwargs: dict, key: str):
@@ -67,22 +77,38 @@ def routed_modules(model: nn.Module) -> tuple[nn.Module, ...]:
     return getattr(model, ROUTED_ATTR, ())
 
 
+def set_task_ids(model: nn.Module, task_ids_B: torch.Tensor | None) -> None:
+    """Task types [B] (int; LoRAMoE's are 0 and 1) of the samples of the NEXT forward of ``model``, for the
+    localized balancing constraint (loss_form 'loramoe' with lbc_alpha > 0). Used by one forward, then cleared:
+    set them before every forward. None: no task types."""
+    if task_ids_B is not None and (not torch.is_tensor(task_ids_B) or task_ids_B.dim() != 1):
+        raise ValueError(f"task_ids: expected a [B] tensor of task types, got "
+                         f"{tuple(task_ids_B.shape) if torch.is_tensor(task_ids_B) else type(task_ids_B).__name__}")
+    setattr(model, TASK_IDS_ATTR, task_ids_B)
+
+
+def set_balance_scale(model: nn.Module, scale: float) -> None:
+    """Multiply the balance terms (load_balance, cv) of ``model``'s aux_loss by ``scale`` from now on (the
+    warm-up schedule, moe_lora.loss_forms.balance_scale, sets it every step)."""
+    setattr(model, SCALE_ATTR, float(scale))
+
+
 def _pre_hook(names: tuple[str, ...], model: nn.Module, args: tuple, kwargs: dict):
     mask_T = token_mask_from_inputs(names, args, kwargs)
+    task_ids = getattr(model, TASK_IDS_ATTR, None)
     for m in routed_modules(model):
         m.token_mask = mask_T
+        m.task_ids = task_ids
         m.last_aux_loss = None
         m.last_aux_terms = None
     return None
 
 
 def aux_loss_of(model: nn.Module, device: torch.device | None = None) -> torch.Tensor:
-    """Mean of the routed modules' last_aux_loss (those that recorded one); a zero scalar when none did."""
-    values = [m.last_aux_loss for m in routed_modules(model) if m.last_aux_loss is not None]
-    if not values:
-        return torch.zeros((), device=device)
-    device = values[0].device if device is None else device
-    return torch.stack([v.float().to(device) for v in values]).mean()
+    """The aux_loss of the routed modules that recorded terms this forward, in their loss form
+    (moe_lora.loss_forms.model_aux_loss); a zero scalar when none did."""
+    layers = getattr(model, LAYERS_ATTR, None) or (None,) * len(routed_modules(model))
+    return model_aux_loss(list(zip(routed_modules(model), layers)), getattr(model, SCALE_ATTR, 1.0), device)
 
 
 def _first_device(output) -> torch.device | None:
@@ -97,6 +123,9 @@ def _post_hook(names: tuple[str, ...], model: nn.Module, args: tuple, kwargs: di
     routed = routed_modules(model)
     for m in routed:
         m.token_mask = None
+        m.task_ids = None
+    if TASK_IDS_ATTR in model.__dict__:
+        delattr(model, TASK_IDS_ATTR)
     aux = aux_loss_of(model, _first_device(output))
     if routed and model.training and torch.is_grad_enabled() and all(m.last_aux_loss is None for m in routed):
         warnings.warn(
@@ -135,7 +164,9 @@ def attach_model_hooks(model: nn.Module) -> None:
     """Register the two hooks on ``model`` (replacing earlier ones) and remember its routed modules."""
     detach_model_hooks(model)
     names = tuple(inspect.signature(model.forward).parameters)
-    setattr(model, ROUTED_ATTR, tuple(m for _, m in iter_routed_modules(model)))
+    routed = list(iter_routed_modules(model))
+    setattr(model, ROUTED_ATTR, tuple(m for _, m in routed))
+    setattr(model, LAYERS_ATTR, tuple(layer_index(name) for name, _ in routed))
     model.register_forward_pre_hook(partial(_pre_hook, names), with_kwargs=True)
     model.register_forward_hook(partial(_post_hook, names), with_kwargs=True, always_call=True)
 
@@ -155,5 +186,6 @@ def detach_model_hooks(model: nn.Module) -> None:
             for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_with_kwargs,
                           model._forward_hooks_always_called):
                 extra.pop(key, None)
-    if ROUTED_ATTR in model.__dict__:
-        delattr(model, ROUTED_ATTR)
+    for attr in (ROUTED_ATTR, LAYERS_ATTR):
+        if attr in model.__dict__:
+            delattr(model, attr)

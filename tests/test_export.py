@@ -223,8 +223,14 @@ def test_mixtral_refusals_name_the_blocker_and_write_nothing(tmp_path):
         (tiny("tiny-gpt2"), MoELoRAConfig(**{**MIXLORA, "target_modules": ["c_fc", "mlp.c_proj"]}, num_experts=4),
          "'gpt2'"),
     ]
+    biased = moe_lora.convert(tiny(), MoELoRAConfig(**MIXLORA, num_experts=4, bias_update_rate=1e-3))
+    for m in biased.modules():
+        if getattr(m, "selection_bias", None) is not None:
+            m.selection_bias[0] = 0.01  # a trained selection bias: Mixtral's router cannot select on p + b
+    cases.append((biased, None, "TopKRouter"))
     for model, config, blocker in cases:
-        moe_lora.convert(model, config)
+        if config is not None:
+            moe_lora.convert(model, config)
         with pytest.raises(ExportRefused) as e:
             export(model, out, "mixtral")
         assert blocker in str(e.value) and "--format merged" in str(e.value), str(e.value)

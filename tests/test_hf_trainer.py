@@ -163,3 +163,21 @@ def test_trl_sft_trainer_with_the_mixin(tmp_path):
     assert logs and all("aux_loss" in x and "router/load_cv_mean" in x for x in logs)
     ckpt = tmp_path / "checkpoint-2"
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() and not any(ckpt.glob("model*.safetensors"))
+
+
+def test_trainer_updates_the_selection_bias_each_step_and_sets_the_warmup_scale(tmp_path):
+    """bias_update_rate u: after each optimizer step every bias entry moved by a multiple of u (|b| <= steps * u,
+    at least one entry non-zero); the warm-up scale the model ends with is the schedule's at the last step."""
+    from moe_lora.balancing import biased_routers
+    from moe_lora.model_hooks import SCALE_ATTR
+
+    model = load_model("tiny-llama", **SIZES)
+    cfg = moe_lora.MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, rank=4, alpha=8.0,
+                                 bias_update_rate=1e-2, balance_warmup_steps=4, balance_warmup_start=0.0)
+    model = moe_lora.convert(model, cfg).train()
+    trainer = MoELoRATrainer(model=model, args=args(tmp_path, max_steps=3), train_dataset=dataset())
+    trainer.train()
+    biases = torch.stack([r.selection_bias for r in biased_routers(model)])
+    assert biases.abs().max() <= 3 * 1e-2 + 1e-7 and biases.abs().max() > 0
+    assert torch.allclose(biases / 1e-2, (biases / 1e-2).round(), atol=1e-4)
+    assert getattr(model, SCALE_ATTR) == pytest.approx(0.5)  # step index 2 of a 4-step warm-up from 0

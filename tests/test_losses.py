@@ -140,3 +140,63 @@ def test_lowrank_contrastive_equals_the_loss_on_materialised_outputs():
         torch.testing.assert_close(x, y)
     routed_TE = torch.zeros(T, E, dtype=torch.bool).scatter_(1, ids_TK, True)
     assert ga[0][~routed_TE].abs().max() == 0
+
+
+def _contrastive_oracle(u, ids, keep, tau):
+    """The docstring's form, pair by pair in fp64: the positive of s is the normalised sum of the unit outputs of
+    the OTHER counted pairs of its expert; each other present expert's negative is the normalised sum of all its
+    counted unit outputs; pairs without a positive drop out."""
+    counted = [s for s in range(len(ids)) if keep[s] and u[s].norm() > 0]
+    unit = {s: u[s] / u[s].norm() for s in counted}
+    present = sorted({int(ids[s]) for s in counted})
+    if len(present) < 2:
+        return u.sum() * 0.0
+    proto = {e: torch.stack([unit[s] for s in counted if ids[s] == e]).sum(0) for e in present}
+    terms = []
+    for s in counted:
+        e = int(ids[s])
+        others = [unit[j] for j in counted if j != s and ids[j] == e]
+        if not others:
+            continue
+        pos = torch.stack(others).sum(0)
+        row = [unit[s] @ pos / pos.norm()] + [unit[s] @ proto[o] / proto[o].norm() for o in present if o != e]
+        terms.append(-torch.log_softmax(torch.stack(row) / tau, 0)[0])
+    return torch.stack(terms).mean() if terms else u.sum() * 0.0
+
+
+@pytest.mark.parametrize("S,E,O,seed", [(13, 4, 5, 0), (7, 3, 2, 1), (2, 2, 3, 2)])
+def test_contrastive_against_the_pairwise_oracle_values_and_gradients(S, E, O, seed):
+    """Random outputs with an expert holding a single pair (no positive), an expert with no pair, a zero output and
+    ignored pairs; value and gradient against the oracle (fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(S, O, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, E - 1, (S,), generator=g)  # expert E-1 gets no pair
+    ids[-1] = E - 2  # ...
+    ids[: S - 1][ids[: S - 1] == E - 2] = 0  # ... and expert E-2 exactly one
+    if S > 3:
+        u[1] = 0.0
+    keep = torch.rand(S, generator=g) > 0.15
+    keep[-1] = True
+    u.requires_grad_(True)
+    ours = contrastive_loss(u, ids, E, 0.2, keep.double())
+    ref = _contrastive_oracle(u, ids, keep, 0.2)
+    torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
+    ga, = torch.autograd.grad(ours, u, retain_graph=True)
+    gb, = torch.autograd.grad(ref, u) if ref.requires_grad else (torch.zeros_like(u),)
+    torch.testing.assert_close(ga, gb, atol=1e-10, rtol=1e-10)
+
+
+def test_contrastive_output_does_not_count_in_its_own_positive():
+    """Two experts, two pairs each: the positive of each pair is exactly the other pair's direction."""
+    u = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    ids = torch.tensor([0, 0, 1, 1])
+    tau = 0.5
+    c1 = torch.tensor([1.0, 0.0], dtype=torch.float64)  # (u2/|u2| + u3/|u3|) normalised
+    c0 = torch.tensor([1.0, 1.0], dtype=torch.float64) / math.sqrt(2)
+    expect = []
+    for s, (own, other) in enumerate([(1, 0), (0, 0), (3, 1), (2, 1)]):
+        x = u[s] / u[s].norm()
+        pos = u[own] / u[own].norm()
+        neg = c1 if other == 0 else c0
+        expect.append(-torch.log_softmax(torch.stack([x @ pos, x @ neg]) / tau, 0)[0])
+    assert contrastive_loss(u, ids, 2, tau).item() == pytest.approx(torch.stack(expect).mean().item(), rel=1e-12)

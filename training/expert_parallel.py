@@ -209,7 +209,7 @@ class ExpertParallelMoELoRALinear(RoutedModule, MoE):
         contrastive = None
         if self.training and torch.is_grad_enabled() and self.wants_expert_outputs():
             contrastive = self._contrastive(routing, xd_TD, pairs, A_LRD, B_LOR)
-        self.record(routing, contrastive=contrastive)
+        self.record(routing, x, contrastive=contrastive)
         return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
     def _contrastive(self, routing: Routing, x_TD: torch.Tensor, pairs, A_LRD: torch.Tensor, B_LOR: torch.Tensor

@@ -36,7 +36,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from moe_lora.balancing import update_selection_biases
 from moe_lora.errors import ConfigError
+from moe_lora.loss_forms import balance_scale
+from moe_lora.model_hooks import set_balance_scale
 from moe_lora.numerics import NonFiniteError, locate_nonfinite
 from moe_lora.paths import inside
 from moe_lora.run_lock import RunLock, RunLockedError
@@ -290,6 +293,8 @@ class Trainer:
         stats = torch.zeros(3, dtype=torch.float64, device=info.device)  # cross-entropy sum, aux sum, real tokens
         classify = self.recipe.model.task == "sequence_classification"
         ce_sum = sequence_ce_sum if classify else token_ce_sum
+        mc = self.recipe.moe_lora
+        set_balance_scale(engine.module, balance_scale(step, mc.balance_warmup_steps, mc.balance_warmup_start))
         for m in range(t.grad_accum):
             batch = collate([data[i] for i in sampler.indices(step, m)], data.pad_id, classification=classify)
             out = engine(input_ids=batch["input_ids"].to(info.device),
@@ -305,6 +310,7 @@ class Trainer:
             stats += torch.stack([ce.detach().double(), aux.detach().double().to(ce.device),
                                   batch["attention_mask"].sum().double().to(ce.device)])
         self.skipped_in_a_row = 0
+        update_selection_biases(engine.module, dist.all_reduce)  # auxiliary-loss-free balancing, if on
         dist.all_reduce(stats)
         stats = stats.cpu()
         wall = time.perf_counter() - t0

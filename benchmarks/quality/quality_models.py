@@ -57,6 +57,18 @@ METHODS: tuple[Method, ...] = (
     Method("contrastive", "moe", "MoE-LoRA contrastive top-2 of 4 (MoELoRA)", moe=_moe(router="contrastive")),
     Method("mola_inverted", "moe", "MoE-LoRA top-2, MoLA inverted triangle 2-4-6",
            moe=_moe(router="topk", num_experts="inverted_triangle", expert_budget=12, allocation_groups=3)),
+    # Loss forms and balancing options, each a change of one setting of a method above.
+    Method("topk_mola_form", "moe", "top-2 of 4, MoLA's balance loss (pooled per layer, summed over layers)",
+           moe=_moe(router="topk", loss_form="mola")),
+    Method("topk_zloss", "moe", "top-2 of 4 + router z-loss 1e-3", moe=_moe(router="topk", z_loss_coef=1e-3)),
+    Method("topk_warmup", "moe", "top-2 of 4, balance coefficient 10x at step 0 down to 1x at step 20",
+           moe=_moe(router="topk", balance_warmup_steps=20, balance_warmup_start=10.0)),
+    Method("topk_auxfree", "moe", "top-2 of 4 + auxiliary-loss-free selection bias (DeepSeek-V3, u = 1e-3)",
+           moe=_moe(router="topk", bias_update_rate=1e-3)),
+    Method("threshold_adamole", "moe", "threshold (AdaMoLE) with AdaMoLE's balance loss on p - tau, summed",
+           moe=_moe(router="threshold", loss_form="adamole")),
+    Method("soft_loramoe", "moe", "soft (LoRAMoE) with LoRAMoE's per-sample CV^2 1e-2, summed",
+           moe=_moe(router="soft", loss_form="loramoe", load_balance_coef=0.0, cv_coef=1e-2)),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
 

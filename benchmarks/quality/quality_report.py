@@ -125,7 +125,8 @@ def task_expert_mi(layer: dict) -> float | None:
 
 def specialisation(report: dict) -> dict:
     """{per_layer: [nMI or None], mean: float or None, by_depth: {transformer layer: mean nMI of its routed
-    linears}} of a routing report."""
+    linears}, dead: experts that got no test token (sum over the routed linears), cv: mean load CV over them} of
+    a routing report."""
     import re
 
     per = [task_expert_mi(layer) for layer in report["layers"]]
@@ -136,7 +137,10 @@ def specialisation(report: dict) -> dict:
         if m and nmi is not None:
             depth.setdefault(m.group(1), []).append(nmi)
     by_depth = {k: sum(v) / len(v) for k, v in sorted(depth.items(), key=lambda kv: int(kv[0]))}
-    return {"per_layer": per, "mean": sum(vals) / len(vals) if vals else None, "by_depth": by_depth}
+    cvs = [layer["cv"] for layer in report["layers"]]
+    return {"per_layer": per, "mean": sum(vals) / len(vals) if vals else None, "by_depth": by_depth,
+            "dead": sum(len(layer["dead_experts"]) for layer in report["layers"]),
+            "cv": sum(cvs) / len(cvs) if cvs else None}
 
 
 # ---- plots -------------------------------------------------------------------------------------------------------

@@ -21,11 +21,14 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
-from quality_models import Classifier, Method, build, mean_pool, trainable_params
+from quality_models import Classifier, Method, build, mean_pool, moe_config, trainable_params
 from quality_tasks import LABELS, TASKS, Batch, Example, SuiteSpec, batches, chunks, collate, make_suite
 from torch import nn
 
 from moe_lora.analysis import RoutingRecorder, build_report
+from moe_lora.balancing import update_selection_biases
+from moe_lora.loss_forms import balance_scale
+from moe_lora.model_hooks import set_balance_scale
 
 
 @dataclass(frozen=True)
@@ -169,14 +172,19 @@ def train_run(method: Method, seed: int, train: list[Example], val: dict[str, li
     losses: list[float] = []
     model.train()
     t0 = time.perf_counter()
-    for examples in plan:
+    mc = moe_config(method, seed) if method.kind == "moe" else None
+    for step, examples in enumerate(plan):
         b = collate(tokenizer, examples, settings.max_length)
+        if mc is not None:  # what the package's trainer does each step: the balance warm-up scale
+            set_balance_scale(model.encoder, balance_scale(step, mc.balance_warmup_steps, mc.balance_warmup_start))
         logits, aux = _logits(model, method, b, examples, cache)
         loss = masked_loss(logits, b) + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
         opt.step()
+        if mc is not None:  # ... and the selection-bias update after the optimizer step
+            update_selection_biases(model.encoder)
         sched.step()
         losses.append(float(loss.detach()))
     train_seconds = time.perf_counter() - t0

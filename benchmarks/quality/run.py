@@ -1,6 +1,6 @@
 """Offline multi-task quality experiment: MoE-LoRA routers vs PEFT LoRA vs a frozen-encoder floor.
 
-    python benchmarks/quality/run.py                      # the full experiment (3 seeds; < 30 min on 2 CPU cores)
+    python benchmarks/quality/run.py                      # the full experiment (5 seeds, 13 methods; see README)
     python benchmarks/quality/run.py --quick              # 1 seed, short training: a few minutes
     python benchmarks/quality/run.py --seeds 0,1,2 --out benchmarks/quality/results
     python benchmarks/quality/run.py --compare a/results.json b/results.json   # same numbers? (timings ignored)
@@ -56,8 +56,9 @@ QUICK = MappingProxyType({"steps": 30, "train_per_task": 120, "val_per_task": 20
                           "timing_rounds": 2})
 SINGLE_TASK_METHODS = ("lora", "topk")
 #: rough relative cost of a multi-task run (measured step times), for scheduling only
-JOB_COST = MappingProxyType({"contrastive": 5, "threshold": 4, "topk": 3, "soft": 3, "mola_inverted": 3, "lora": 2,
-                             "head": 1})
+JOB_COST = MappingProxyType({"contrastive": 5, "threshold": 4, "threshold_adamole": 4, "topk": 3, "soft": 3,
+                             "soft_loramoe": 3, "mola_inverted": 3, "topk_mola_form": 3, "topk_zloss": 3,
+                             "topk_warmup": 3, "topk_auxfree": 3, "lora": 2, "head": 1})
 #: keys whose values legitimately differ between two runs of the same settings
 VOLATILE = frozenset({"train_seconds", "wall_seconds", "command", "machine", "out", "jobs", "timing"})
 
@@ -65,7 +66,7 @@ VOLATILE = frozenset({"train_seconds", "wall_seconds", "command", "machine", "ou
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"1 seed and short training ({dict(QUICK)})")
-    p.add_argument("--seeds", default=None, help="comma-separated run seeds (default 0,1,2; --quick: 0)")
+    p.add_argument("--seeds", default=None, help="comma-separated run seeds (default 0,1,2,3,4; --quick: 0)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/quality/results; "
                                                "--quick: runs/quality-quick)")
     p.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated subset of "
@@ -108,7 +109,7 @@ def resolve(args: argparse.Namespace) -> tuple[SuiteSpec, TrainSettings, list[in
         if args.lr_grid else ts.lr_grid
     ts = replace(ts, steps=pick("steps", ts.steps), batch_size=pick("batch_size", ts.batch_size), lr=grid[0],
                  lr_grid=grid)
-    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if s.strip()]
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2,3,4")).split(",") if s.strip()]
     methods = [method_by_name(m.strip()).name for m in args.methods.split(",") if m.strip()]
     out = Path(args.out) if args.out else (Path("runs/quality-quick") if args.quick else HERE / "results")
     return spec, ts, seeds, methods, out
@@ -127,17 +128,21 @@ def run_dict(r, selected: bool = True) -> dict:
 
 
 def spec_summary(runs: list[dict]) -> dict[str, dict]:
-    """Per MoE method: nMI mean over layers (mean, std over seeds), the highest layer's nMI, nMI by depth."""
+    """Per MoE method: nMI mean over layers (mean, std over seeds), the highest layer's nMI, nMI by depth, dead
+    experts and the mean load CV (mean, std over seeds)."""
     out = {}
     for name in dict.fromkeys(r["method"] for r in runs if "specialisation" in r and r["mixture"] == "multi"):
         rs = [r["specialisation"] for r in runs if r["method"] == name and r["mixture"] == "multi"]
+        balance = {"dead": list(mean_std([s.get("dead", 0) for s in rs])),
+                   "cv": list(mean_std([s.get("cv") or 0.0 for s in rs]))}
         if any(s["mean"] is None for s in rs):
-            out[name] = {"mean": None}
+            out[name] = {"mean": None, **balance}
             continue
         depths = list(rs[0]["by_depth"])
         out[name] = {"mean": list(mean_std([s["mean"] for s in rs])),
                      "max_layer": sum(max(v for v in s["per_layer"] if v is not None) for s in rs) / len(rs),
-                     "by_depth": {k: sum(s["by_depth"].get(k, 0.0) for s in rs) / len(rs) for k in depths}}
+                     "by_depth": {k: sum(s["by_depth"].get(k, 0.0) for s in rs) / len(rs) for k in depths},
+                     **balance}
     return out
 
 

@@ -42,8 +42,8 @@ window.addEventListener("load", function () {
 
 CAPTIONS = {
     "load_heatmap": "Load fraction f_e of each expert per layer (sums to 1 per row; uniform = 1/E).",
-    "cv_entropy": "Per-layer coefficient of variation of the load (0 = balanced, sqrt(E-1) = one expert takes "
-                  "everything) and routing entropies normalised by log E.",
+    "cv_entropy": "Per-layer coefficient of variation of the load (0 = balanced, sqrt(E/k - 1) = every token goes "
+                  "to the same k experts) and routing entropies normalised by log E.",
     "coactivation": "Co-activation per layer: share of tokens routed to both expert i and expert j "
                     "(diagonal: share of tokens routed to i).",
     "load_by_task": "Load per expert and layer, separately for each task / domain label of the data.",

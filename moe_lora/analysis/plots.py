@@ -24,6 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .stats import collapse_cv
+
 DPI = 80
 MAX_TASK_PANELS = 12
 LABEL_CHARS = 48
@@ -100,8 +102,8 @@ def plot_cv_entropy(layers: list[dict], path: Path) -> None:
     fig = _figure(max(7.0, 0.28 * len(layers) + 3), 6.0)
     ax_cv, ax_h = fig.subplots(2, 1, sharex=True)
     ax_cv.plot(x, [layer["cv"] for layer in layers], marker="o", label="CV of load")
-    ax_cv.plot(x, [math.sqrt(layer["num_experts"] - 1) for layer in layers], ls=":", color="grey",
-               label="collapse (one expert): sqrt(E-1)")
+    ax_cv.plot(x, [collapse_cv(layer["num_experts"], layer["top_k"]) for layer in layers], ls=":", color="grey",
+               label="collapse (every token on the same k experts): sqrt(E/k - 1)")
     ax_cv.set_ylabel("CV = std(f) / mean(f)")
     ax_cv.set_ylim(bottom=0)
     ax_cv.legend(fontsize=8)

@@ -16,7 +16,8 @@ number of tokens.
 Metrics (N = real tokens, n_e = chosen pairs of expert e, P_e = mean over real tokens of p_t[e])::
 
     load f_e                 n_e / sum_j n_j                                  (sums to 1)
-    cv                       std(f) / mean(f)     (population std; one-hot top-1: sqrt(E - 1); uniform: 0)
+    cv                       std(f) / mean(f)     (population std; uniform: 0; every token on the same k experts:
+                                                  sqrt(E/k - 1), collapse_cv)
     max_over_mean            max_e f_e / mean(f) = E max_e f_e
     dead_experts             {e : n_e = 0}
     weighted_load w_e        sum_t G[t, e] / sum_t sum_j G[t, j]            (the routing mass; for soft routers,
@@ -137,6 +138,14 @@ def _entropy(p: list[float]) -> float:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
+
+
+def collapse_cv(num_experts: int, top_k: int | None) -> float:
+    """CV of the load when every token goes to the same k experts (f = 1/k on k experts, 0 on the rest):
+    sqrt(E sum f^2 - 1) = sqrt(E/k - 1), the most a top-k router can reach (sqrt(E - 1) for k = 1). ``top_k``
+    None (a variable-k router) counts as k = 1: one expert taking every token."""
+    k = 1 if top_k is None else max(1, min(int(top_k), num_experts))
+    return math.sqrt(num_experts / k - 1.0)
 
 
 def layer_metrics(acc: RoutingAccumulator, label_names: list[str] | None = None) -> dict:

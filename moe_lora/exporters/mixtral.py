@@ -66,6 +66,9 @@ def mixtral_k(router: nn.Module) -> int | None:
     """Mixtral's num_experts_per_tok that reproduces ``router``, or None when none does."""
     if getattr(type(router), "logits", None) is not Router.logits or "logits" in vars(router):
         return None  # not a Router (fixed_routing's), or logits that are not W_r x
+    bias = getattr(router, "selection_bias", None)
+    if bias is not None and bool(bias.any()):
+        return None  # auxiliary-loss-free balancing selects on p + b: Mixtral's router has no such bias
     if type(router) in (TopKRouter, ContrastiveRouter):
         return int(router.top_k)
     if type(router) is SoftRouter:

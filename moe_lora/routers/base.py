@@ -7,6 +7,13 @@ Optional multiplicative jitter (Switch/MixLoRA) in training: x <- x * U(1 - eps,
 
 A router holds its RouterConfig whole (``self.config``) and names itself by its class attribute ``name``.
 Subclasses implement ``select(probs_TE, x_TD, token_mask_T)``.
+
+Optional auxiliary-loss-free balancing (DeepSeek-V3; routers that select, see moe_lora/balancing.py): with
+``config.bias_update_rate`` > 0 a router whose class ``uses_selection_bias`` (the top-k routers) holds a per-expert
+``selection_bias`` [E] (a buffer, saved with the adapter) that its ``select`` adds to the scores it ranks, never to
+the weights, and counts in ``load_counts`` [E] (not saved) the real tokens that selected each expert in training
+forwards since the last update. Such a ``select`` also takes ``scaled_TE`` (logits / temperature), from which it
+computes the weights of the selected experts stably.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ class Router(nn.Module):
     name: str = "router"
     #: K = E slots per token with zero weights for unused experts (soft, threshold, expert choice).
     variable_k: bool = False
+    #: Selects the top k and so can take a selection bias (auxiliary-loss-free balancing; other routers ignore
+    #: ``bias_update_rate``).
+    uses_selection_bias: bool = False
 
     def __init__(self, in_features: int, num_experts: int, config: RouterConfig | None = None, **options):
         super().__init__()
@@ -44,6 +54,10 @@ class Router(nn.Module):
         self.num_experts = num_experts
         self.config = config
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, dtype=torch.float32))
+        self.bias_update_rate = float(config.bias_update_rate) if self.uses_selection_bias else 0.0
+        bias = torch.zeros(num_experts, dtype=torch.float32) if self.bias_update_rate > 0 else None
+        self.register_buffer("selection_bias", bias)  # None: not in the state dict
+        self.register_buffer("load_counts", None if bias is None else torch.zeros_like(bias), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -89,8 +103,14 @@ class Router(nn.Module):
             if logits_TE is None:
                 logits_TE = self.logits(x_TD)
             t = self.config.temperature
-            probs_TE = torch.softmax(logits_TE if t == 1.0 else logits_TE / t, dim=-1)
-            weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
+            scaled_TE = logits_TE if t == 1.0 else logits_TE / t
+            probs_TE = torch.softmax(scaled_TE, dim=-1)
+            if self.selection_bias is not None:  # top-k with a selection bias: weights from the logits (stable)
+                weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T, scaled_TE=scaled_TE)
+            else:
+                weights_TK, ids_TK, thresholds_T = self.select(probs_TE, x_TD, token_mask_T)
+        if self.selection_bias is not None and self.training:
+            self._count_load(weights_TK, ids_TK, token_mask_T)
         return Routing(
             weights_TK=weights_TK,
             expert_ids_TK=ids_TK,
@@ -105,6 +125,16 @@ class Router(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return (weights_TK fp32, expert_ids_TK int64, thresholds_T or None)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def _count_load(self, weights_TK: torch.Tensor, ids_TK: torch.Tensor, token_mask_T: torch.Tensor | None) -> None:
+        """load_counts[e] += real tokens that selected e (no host sync). Selections, as DeepSeek-V3 counts them,
+        not non-zero weights: an expert the bias selects but whose p underflowed to 0 counts as loaded, so that its
+        bias stops rising (no bias can give it weight)."""
+        used_TK = torch.ones_like(weights_TK, dtype=self.load_counts.dtype)
+        if token_mask_T is not None:
+            used_TK = used_TK * token_mask_T[:, None].to(used_TK.dtype)
+        self.load_counts.index_add_(0, ids_TK.reshape(-1), used_TK.reshape(-1))
 
     def _set_ep_group(self, group) -> None:
         """DeepSpeed's MoE layer hands its expert-parallel group to the gate; routers need none."""

@@ -1,11 +1,13 @@
 """RouterConfig: every setting a router reads, validated in one place and handed to the router whole.
 
     RouterConfig(name="topk", top_k=2, temperature=1.0, jitter_noise=0.0, init_std=0.02,
-                 threshold_max=None, capacity_factor=2.0)
+                 threshold_max=None, capacity_factor=2.0, bias_update_rate=0.0)
 
 ``top_k`` is the number of experts a token keeps: exactly k for the top-k and contrastive routers; for the soft
 router the k largest probabilities are kept and renormalised (None: all E); the threshold and expert-choice
-routers choose the count themselves and ignore it. ``MoELoRAConfig.router_config`` builds one from a
+routers choose the count themselves and ignore it. ``bias_update_rate`` is the rate u of auxiliary-loss-free
+balancing (moe_lora/balancing.py), used by the top-k and contrastive routers (0: no selection bias).
+``MoELoRAConfig.router_config`` builds one from a
 MoELoRAConfig (its ``router_temperature``, ``router_init_std`` and, for the soft router, ``soft_top_k``).
 """
 
@@ -40,6 +42,7 @@ class RouterConfig:
     init_std: float = 0.02
     threshold_max: float | None = None
     capacity_factor: float = 2.0
+    bias_update_rate: float = 0.0
 
     def problems(self, num_experts: int) -> list[str]:
         """Every invalid setting for a router over ``num_experts`` experts, naming the field and the value (the
@@ -63,6 +66,8 @@ class RouterConfig:
             p.append(f"threshold_max: {self.threshold_max!r} must be null or in (0, 1]")
         if not (is_number(self.capacity_factor) and self.capacity_factor > 0):
             p.append(f"capacity_factor: {self.capacity_factor!r} must be a number > 0")
+        if not (is_number(self.bias_update_rate) and self.bias_update_rate >= 0):
+            p.append(f"bias_update_rate: {self.bias_update_rate!r} must be a number >= 0")
         return p
 
     def check(self, num_experts: int) -> RouterConfig:
@@ -75,14 +80,16 @@ class RouterConfig:
 
 #: MoELoRAConfig's names of the router settings (the names MoELoRALinear's keywords take too).
 ROUTER_SETTINGS = ("router_temperature", "jitter_noise", "router_init_std", "soft_top_k", "threshold_max",
-                   "capacity_factor")
+                   "capacity_factor", "bias_update_rate")
 
 
 def router_config_from_settings(router: str, top_k, router_temperature=1.0, jitter_noise=0.0, router_init_std=0.02,
-                                soft_top_k=None, threshold_max=None, capacity_factor=2.0) -> RouterConfig:
+                                soft_top_k=None, threshold_max=None, capacity_factor=2.0,
+                                bias_update_rate=0.0) -> RouterConfig:
     """The RouterConfig of MoELoRAConfig's router settings: the one place their names are translated
     (router_temperature -> temperature, router_init_std -> init_std; the k a token keeps: ``top_k`` for the
     top-k and contrastive routers, ``soft_top_k`` for the soft router, none for the others)."""
     k = top_k if router in FIXED_K_ROUTERS else soft_top_k if router == "soft" else None
     return RouterConfig(name=router, top_k=k, temperature=router_temperature, jitter_noise=jitter_noise,
-                        init_std=router_init_std, threshold_max=threshold_max, capacity_factor=capacity_factor)
+                        init_std=router_init_std, threshold_max=threshold_max, capacity_factor=capacity_factor,
+                        bias_update_rate=bias_update_rate)

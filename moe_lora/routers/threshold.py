@@ -43,8 +43,9 @@ class ThresholdRouter(Router):
 
     def select(self, probs_TE, x_TD, token_mask_T):
         T, E = probs_TE.shape
-        w_1D, b_1 = self.threshold.weight.float(), self.threshold.bias.float()  # fp32 even after model.to(bf16)
-        tau_T1 = self.threshold_max * torch.sigmoid(F.linear(x_TD.float(), w_1D, b_1))
+        dt = torch.promote_types(x_TD.dtype, torch.float32)  # fp32 even after model.to(bf16); fp64 stays fp64
+        w_1D, b_1 = self.threshold.weight.to(dt), self.threshold.bias.to(dt)
+        tau_T1 = self.threshold_max * torch.sigmoid(F.linear(x_TD.to(dt), w_1D, b_1))
         shifted_TE = probs_TE - tau_T1
         active_TE = shifted_TE >= 0
         kept_TE = shifted_TE * active_TE

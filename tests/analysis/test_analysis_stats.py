@@ -276,3 +276,19 @@ def test_cuda_accumulators_match_cpu_and_never_sync():
                     np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12, err_msg=f"{name} {key}")
             else:
                 np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("E,k", [(4, 1), (4, 2), (8, 2), (7, 3), (5, 5)])
+def test_collapse_cv_is_the_cv_of_every_token_on_the_same_k_experts(E, k):
+    """The plot's collapse line: the CV a top-k router reaches when every token picks experts 0..k-1 (two
+    logits tied on top so the k weights are non-zero), computed through the recorder: sqrt(E/k - 1)."""
+    from moe_lora.analysis.stats import collapse_cv
+
+    model = Stack([("topk", E, k)])
+    row = torch.full((E,), -30.0)
+    row[:k] = 0.0
+    force_logits(model.layers[0], lambda x_TD: row.expand(x_TD.shape[0], E).clone())
+    _, m = _metrics(model, [torch.randn(2, 5, D)])
+    assert m["layers.0"]["cv"] == pytest.approx(collapse_cv(E, k), abs=1e-9)
+    assert collapse_cv(E, k) == pytest.approx(math.sqrt(E / k - 1))
+    assert collapse_cv(E, None) == pytest.approx(math.sqrt(E - 1))

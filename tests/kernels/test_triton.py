@@ -29,7 +29,16 @@ from moe_lora.kernels.megablocks_backend import lora_experts_megablocks, megablo
 from moe_lora.kernels.reference import lora_experts_reference
 from moe_lora.kernels.triton import TileConfig, build_routing_metadata, lora_experts_triton, triton_available
 from moe_lora.kernels.triton.availability import interpreter_ready
-from moe_lora.kernels.triton.configs import block_m_of, choose_tile_config, rank_block
+from moe_lora.kernels.triton.configs import (
+    autotune_space_slots,
+    autotune_space_weights,
+    block_m_of,
+    choose_tile_config,
+    rank_block,
+    slot_tiles_fit,
+    tile_class,
+    weight_tiles_fit,
+)
 from moe_lora.kernels.triton.metadata import num_tiles_upper_bound
 
 from tolerances import assert_close
@@ -335,6 +344,38 @@ def test_tile_config_rules():
         TileConfig(block_r=8)
     with pytest.raises(ValueError, match="rank"):
         choose_tile_config(16, 2, 256, 64, 64)
+
+
+@pytest.mark.parametrize("element_size, d", [(2, 4096), (2, 4100), (4, 4096), (4, 4100)])
+def test_tile_configs_fit_their_register_budget(element_size, d):
+    """Every config the heuristic or an autotune space gives fits the register budget of its tile class (the
+    budgets are what tests/kernels/test_triton_aot.py compiles without spills); tensor-core tiles keep the rules they
+    had, register-resident ones (fp32, d % 16 != 0) get BLOCK_M <= 64 and fp32 32-wide K/N/W blocks."""
+    tiles = tile_class(d, d, element_size)
+    assert tiles == ("fp32" if element_size == 4 else "tensor_core" if d % 16 == 0 else "unaligned")
+    for r in (1, 4, 8, 16, 17, 32, 64, 100, 128):
+        for experts in (1, 8, 64):
+            for slots in (1, 100, 500, 4096, 100_000):
+                for sms in (None, 108, 132):
+                    c = choose_tile_config(slots, experts, r, d, d, num_sms=sms, element_size=element_size)
+                    assert slot_tiles_fit(c.block_m, c.block_r, c.block_k, c.block_n, c.num_warps, tiles), c
+                    assert weight_tiles_fit(c.block_mw, c.block_w, c.block_r, c.num_warps, tiles), c
+                    if tiles == "tensor_core":
+                        assert c.num_warps == (4 if c.block_m * c.block_r <= 4096 else 8), c
+                    else:
+                        assert c.block_m <= 64, c
+                    if tiles == "fp32":
+                        assert c.block_w == c.block_mw == 32 and c.block_k == c.block_n == (
+                            16 if c.block_r == 128 else 32), c
+                    space = autotune_space_slots(c.block_r, c.block_m, tiles)
+                    assert space and all(
+                        slot_tiles_fit(c.block_m, c.block_r, e["BLOCK_K"], e["BLOCK_N"], e["num_warps"], tiles)
+                        for e in space
+                    )
+                    space = autotune_space_weights(c.block_r, tiles)
+                    assert space and all(
+                        weight_tiles_fit(e["BLOCK_MW"], e["BLOCK_W"], c.block_r, e["num_warps"], tiles) for e in space
+                    )
 
 
 def test_validation_names_the_problem():

@@ -32,6 +32,7 @@ from moe_lora.allocation import SHAPES
 from moe_lora.config import INITS, ROUTER_SCOPES, ROUTERS, MoELoRAConfig
 from moe_lora.errors import ConfigError
 from moe_lora.kernels import BACKENDS
+from moe_lora.loss_forms import LOSS_FORMS
 from moe_lora.training.recipe import NESTED, SECTIONS, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,6 +124,11 @@ SPECS = {
     "contrastive_coef": COEF,
     "contrastive_temperature": POSITIVE,
     "backend": one_of_names(BACKENDS),
+    "loss_form": one_of_names(LOSS_FORMS),
+    "lbc_alpha": (nums(0, 1), st.one_of(nums(1, 10, exclude_min=True), nums(-10, -1e-9), NOT_NUM, st.none())),
+    "balance_warmup_steps": (ints(0, 100), st.one_of(ints(-3, -1), NOT_INT, st.none())),
+    "balance_warmup_start": COEF,
+    "bias_update_rate": COEF,
     "modules_to_save": (st.one_of(st.lists(NAME, max_size=2), st.lists(NAME, max_size=2).map(tuple)),
                         st.one_of(JUNK, st.none(), NAME, st.integers(), st.lists(st.integers(), min_size=1,
                                                                                   max_size=2))),
