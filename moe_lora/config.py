@@ -20,7 +20,7 @@ from .errors import ConfigError, suggest
 from .experts import INITS, AuxLossConfig, ExpertConfig, lora_problems
 from .json_file import parse_json
 from .kernels.api import BACKENDS
-from .routers import ROUTER_CLASSES, VARIABLE_K_ROUTERS, Router, RouterConfig, k_problem
+from .routers import ROUTER_CLASSES, VARIABLE_K_ROUTERS, RouterConfig, k_problem
 from .routers.config import router_config_from_settings
 from .text_limits import read_limited
 from .yaml_file import parse_yaml
@@ -249,7 +249,8 @@ class MoELoRAConfig:
             p.append(f"capacity_factor: {self.capacity_factor!r} must be a number > 0")
         if not (is_number(self.bias_update_rate) and self.bias_update_rate >= 0):
             p.append(f"bias_update_rate: {self.bias_update_rate!r} must be a number >= 0")
-        elif self.bias_update_rate > 0 and not ROUTER_CLASSES.get(self.router, Router).uses_selection_bias:
+        elif self.bias_update_rate > 0 and not (
+                self.router in ROUTERS and ROUTER_CLASSES[self.router].uses_selection_bias):
             p.append(f"bias_update_rate: {self.bias_update_rate} needs a top-k router ('topk', 'contrastive'), "
                      f"got router={self.router!r}")
         return p
