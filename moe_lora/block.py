@@ -56,7 +56,6 @@ from .kernels import choose_torch_path, lora_expert_rows, lora_experts
 from .kernels.api import resolve_backend
 from .kernels.fused import can_fuse, fused_lora_forward
 from .kernels.pair_rows import PairLayout, gather_pairs, grouped_rows_mm, sum_pairs
-from .loss_forms import num_samples_of
 from .routers import Router
 from .routing import Routing
 
@@ -200,7 +199,7 @@ class MoEBlock(RoutedModule, nn.Module):
             out, u_SO = self._ffn_forward(x, x_TD, routing)  # u_SO only for the contrastive router
             outputs = None if u_SO is None or self.coefs["contrastive"] <= 0 else (
                 u_SO, routing.expert_ids_TK.reshape(-1))
-            self.record(routing, num_samples=num_samples_of(x), expert_outputs=outputs)
+            self.record(routing, x, expert_outputs=outputs)
             return out
         experts = self.experts()
         for e in experts:  # the routing goes down to the projections for the wrapped module's call
@@ -210,7 +209,7 @@ class MoEBlock(RoutedModule, nn.Module):
         finally:
             for e in experts[:len(experts) - len(self._outside)]:  # outside ones run after this returns
                 e.routing = None
-        self.record(routing, num_samples=num_samples_of(x))
+        self.record(routing, x)
         return out
 
     def pair_layout(self, routing: Routing, x_TD: torch.Tensor, experts: list[ExpertLinear | None]) -> PairLayout:

@@ -281,6 +281,12 @@ class MoELoRAConfig:
             p.append(f"classifier_hidden_size: {self.classifier_hidden_size!r} must be null or an int >= 1")
         if not (is_int(self.task_embedding_dim) and self.task_embedding_dim >= 1):
             p.append(f"task_embedding_dim: {self.task_embedding_dim!r} must be an int >= 1")
+        if not (is_number(self.bias_update_rate) and self.bias_update_rate >= 0):
+            p.append(f"bias_update_rate: {self.bias_update_rate!r} must be a number >= 0")
+        elif self.bias_update_rate > 0 and not (
+                self.router in ROUTERS and ROUTER_CLASSES[self.router].uses_selection_bias):
+            p.append(f"bias_update_rate: {self.bias_update_rate} needs a top-k router ('topk', 'contrastive'), "
+                     f"got router={self.router!r}")
         return p
 
     def _expert_type_problems(self) -> list[str]:
@@ -296,7 +302,17 @@ class MoELoRAConfig:
         return p
 
     def _loss_problems(self) -> list[str]:
-        return [*self.aux_loss_config().problems(), *self._balance_problems()]
+        """The losses' own settings (AuxLossConfig) and how the loss form fits the router and the allocation."""
+        p = self.aux_loss_config().problems()
+        if self.loss_form == "adamole" and self.router != "threshold":
+            p.append(f"loss_form: 'adamole' needs router='threshold' (its balance loss is on p - tau), got "
+                     f"router={self.router!r}")
+        elif self.loss_form == "mixlora":
+            ne = self.num_experts
+            if not (is_int(ne) or (isinstance(ne, list | tuple) and len(set(ne)) == 1)):
+                p.append(f"loss_form: 'mixlora' pools the balance loss over all layers and needs the same "
+                         f"num_experts everywhere, got num_experts={ne!r}")
+        return p
 
     def _save_problems(self) -> list[str]:
         mts = self.modules_to_save
@@ -319,33 +335,11 @@ class MoELoRAConfig:
             classifier_hidden_size=self.classifier_hidden_size, bias_update_rate=self.bias_update_rate)
 
     def aux_loss_config(self) -> AuxLossConfig:
-        return AuxLossConfig(self.load_balance_coef, self.z_loss_coef, self.cv_coef, self.contrastive_coef,
-                             self.contrastive_temperature, self.gate_balance_coef, self.loss_form, self.lbc_alpha)
-
-    def _balance_problems(self) -> list[str]:
-        """Problems of the loss-form and balancing fields that depend on other fields (the loss form's name and
-        lbc_alpha's range are AuxLossConfig's)."""
-        p = []
-        if self.loss_form == "adamole" and self.router != "threshold":
-            p.append(f"loss_form: 'adamole' needs router='threshold' (its balance loss is on p - tau), got "
-                     f"router={self.router!r}")
-        elif self.loss_form == "mixlora":
-            ne = self.num_experts
-            if not (is_int(ne) or (isinstance(ne, list | tuple) and len(set(ne)) == 1)):
-                p.append(f"loss_form: 'mixlora' pools the balance loss over all layers and needs the same "
-                         f"num_experts everywhere, got num_experts={ne!r}")
-        if is_number(self.lbc_alpha) and 0 < self.lbc_alpha <= 1 and self.loss_form != "loramoe":
-            p.append(f"lbc_alpha: {self.lbc_alpha} needs loss_form='loramoe', got loss_form={self.loss_form!r}")
-        if not (is_int(self.balance_warmup_steps) and self.balance_warmup_steps >= 0):
-            p.append(f"balance_warmup_steps: {self.balance_warmup_steps!r} must be an int >= 0")
-        if not (is_number(self.balance_warmup_start) and self.balance_warmup_start >= 0):
-            p.append(f"balance_warmup_start: {self.balance_warmup_start!r} must be a number >= 0")
-        if not (is_number(self.bias_update_rate) and self.bias_update_rate >= 0):
-            p.append(f"bias_update_rate: {self.bias_update_rate!r} must be a number >= 0")
-        elif self.bias_update_rate > 0 and self.router not in ("topk", "contrastive"):
-            p.append(f"bias_update_rate: {self.bias_update_rate} needs a top-k router ('topk', 'contrastive'), "
-                     f"got router={self.router!r}")
-        return p
+        return AuxLossConfig(
+            load_balance=self.load_balance_coef, z_loss=self.z_loss_coef, cv=self.cv_coef,
+            contrastive=self.contrastive_coef, contrastive_temperature=self.contrastive_temperature,
+            gate_balance=self.gate_balance_coef, loss_form=self.loss_form, lbc_alpha=self.lbc_alpha,
+            balance_warmup_steps=self.balance_warmup_steps, balance_warmup_start=self.balance_warmup_start)
 
     # ---- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

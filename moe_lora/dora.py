@@ -25,7 +25,6 @@ from torch import nn
 
 from .kernels import lora_experts
 from .layer import MoELoRALinear
-from .loss_forms import num_samples_of
 
 
 def base_weight_OD(base_layer: nn.Module) -> torch.Tensor:
@@ -69,5 +68,5 @@ class DoRAMoELoRALinear(MoELoRALinear):
         lora_TO = lora_experts(xd_TD, self.lora_A, self.lora_B * ratio_EO[:, :, None].to(self.lora_B.dtype),
                                routing.expert_ids_TK, routing.weights_TK, self.scaling, self.backend)
         delta_TO = (routing.gates_TE() @ (ratio_EO - 1.0)) * w0x_TO + lora_TO.float()
-        self.record(routing, num_samples=num_samples_of(x))
+        self.record(routing, x)
         return result + delta_TO.view(out_shape).to(result.dtype)

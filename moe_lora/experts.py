@@ -12,9 +12,11 @@ Shapes::
 handed whole to the modules (``MoELoRAConfig.expert_config()`` / ``.aux_loss_config()`` build them).
 ``LoRAExperts`` holds the parameters and their init (MoELoRALinear, block.ExpertLinear). ``RoutedModule`` is what
 every module that owns a router exposes (``moe_lora.routing.iter_routed_modules``): ``token_mask`` (set per
-forward by the model hooks), ``last_routing`` (detached), and in training with grad enabled ``last_aux_terms``
-(unweighted losses by name) and ``last_aux_loss`` (their coefficient-weighted sum). They are overwritten, never
-accumulated, so activation checkpointing's recomputation cannot count a loss twice.
+forward by the model hooks), ``task_ids`` (likewise, LoRAMoE's task types), ``last_routing`` (detached), and in
+training with grad enabled ``last_aux_terms`` (unweighted losses by name, in the module's loss form),
+``last_balance_stats`` (the sums of a pooled balance loss, or None) and ``last_aux_loss`` (the weighted sum of
+the module's own terms; the model adds the modules up in their loss form, moe_lora.loss_forms). They are
+overwritten, never accumulated, so activation checkpointing's recomputation cannot count a loss twice.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from . import losses
 from .checks import is_int, is_number
 from .errors import ConfigError, suggest
 from .kernels.api import BACKENDS
-from .loss_forms import LOSS_FORMS, LossForm, record_aux
+from .loss_forms import LOSS_FORMS, LossForm, module_terms, num_samples_of
 from .routing import Routing
 
 INITS = ("kaiming", "gaussian")
@@ -90,8 +92,9 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class AuxLossConfig:
-    """Coefficients of the auxiliary losses (moe_lora.losses), the contrastive loss's temperature, and the loss
-    form (moe_lora.loss_forms: how the terms are computed and added up over a model) with LoRAMoE's LBC alpha."""
+    """Coefficients of the auxiliary losses (moe_lora.losses), the contrastive loss's temperature, the loss form
+    (moe_lora.loss_forms: how the terms are computed and added up over a model) with LoRAMoE's LBC alpha, and the
+    balance-loss warm-up (the trainer sets its scale every step: loss_forms.balance_scale)."""
 
     load_balance: float = 1e-3
     z_loss: float = 0.0
@@ -101,6 +104,8 @@ class AuxLossConfig:
     gate_balance: float = 0.0
     loss_form: str = "normalized"
     lbc_alpha: float = 0.0
+    balance_warmup_steps: int = 0
+    balance_warmup_start: float = 0.0
 
     def problems(self) -> list[str]:
         p = [f"{name}_coef: {v!r} must be a number >= 0" for name, v in self.coefs().items()
@@ -112,13 +117,20 @@ class AuxLossConfig:
                      f"allowed: {', '.join(LOSS_FORMS)}")
         if not (is_number(self.lbc_alpha) and 0.0 <= self.lbc_alpha <= 1.0):
             p.append(f"lbc_alpha: {self.lbc_alpha!r} must be in [0, 1]")
+        elif self.lbc_alpha > 0 and self.loss_form != "loramoe":
+            p.append(f"lbc_alpha: {self.lbc_alpha} needs loss_form='loramoe', got loss_form={self.loss_form!r}")
+        if not (is_int(self.balance_warmup_steps) and self.balance_warmup_steps >= 0):
+            p.append(f"balance_warmup_steps: {self.balance_warmup_steps!r} must be an int >= 0")
+        if not (is_number(self.balance_warmup_start) and self.balance_warmup_start >= 0):
+            p.append(f"balance_warmup_start: {self.balance_warmup_start!r} must be a number >= 0")
         return p
 
     def form(self) -> LossForm:
-        return LossForm(self.loss_form, float(self.lbc_alpha))
+        """The loss form of a module (loss_forms.LossForm: name and LBC alpha)."""
+        return LossForm(self.loss_form, self.lbc_alpha)
 
     def coefs(self) -> dict[str, float]:
-        """{loss name: coefficient}, as losses.aux_terms and losses.weighted_sum take them."""
+        """{loss name: coefficient}, as loss_forms.module_terms and losses.weighted_sum take them."""
         return {"load_balance": self.load_balance, "z_loss": self.z_loss, "cv": self.cv,
                 "contrastive": self.contrastive, "gate_balance": self.gate_balance}
 
@@ -186,11 +198,11 @@ class RoutedModule:
 
     is_routing_source = True
     token_mask: torch.Tensor | None = None  # [T] bool, set per forward by the converted model's hooks
+    task_ids: torch.Tensor | None = None  # [B] task types or [B] / [B, S] task ids (model_hooks.set_task_ids)
     last_routing: Routing | None = None
     last_aux_terms: dict[str, torch.Tensor] | None = None
     last_aux_loss: torch.Tensor | None = None
-    last_balance_stats = None  # losses.BalanceStats of the pooled loss forms (moe_lora.loss_forms)
-    task_ids: torch.Tensor | None = None  # [B] task types / [B] or [B, S] task ids, set by model_hooks.set_task_ids
+    last_balance_stats: losses.BalanceStats | None = None  # the sums of a pooled balance loss (loss_forms)
 
     def init_routed(self, aux: AuxLossConfig) -> None:
         self.aux = aux
@@ -208,18 +220,22 @@ class RoutedModule:
         """The contrastive loss needs every routed pair's expert output (and only when it is switched on)."""
         return getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0
 
-    def record(self, routing: Routing, *, num_samples: int = 1, expert_outputs=None, expert_factors=None,
+    def record(self, routing: Routing, x: torch.Tensor, *, expert_outputs=None, expert_factors=None,
                contrastive: torch.Tensor | None = None) -> None:
         """Keep ``last_routing``; in training with grad enabled compute the auxiliary terms in the module's loss
-        form (loss_forms.record_aux: the contrastive one from ``expert_outputs``/``expert_factors``, or given as
-        ``contrastive``; ``num_samples``: B, for LoRAMoE's per-sample CV^2) and their weighted sum; otherwise
-        clear them."""
+        form (loss_forms.module_terms, with B = num_samples_of(x) for LoRAMoE's per-sample importances and the
+        task types of this forward; the contrastive one from ``expert_outputs``/``expert_factors``, or given as
+        ``contrastive``), the pooled-balance sums and the weighted sum of the module's own terms; otherwise clear
+        them."""
         self.last_routing = routing.detach()
         if not (self.training and torch.is_grad_enabled()):
             self.last_aux_terms = self.last_aux_loss = self.last_balance_stats = None
             return
-        record_aux(self, routing, num_samples=num_samples, expert_outputs=expert_outputs,
-                   expert_factors=expert_factors)
+        terms, self.last_balance_stats = module_terms(
+            routing, self.coefs, self.loss_form, num_samples=num_samples_of(x), task_types_B=self.task_ids,
+            expert_outputs=expert_outputs, expert_factors=expert_factors,
+            contrastive_temperature=self.contrastive_temperature)
         if contrastive is not None:
-            self.last_aux_terms["contrastive"] = contrastive
-            self.last_aux_loss = losses.weighted_sum(self.last_aux_terms, self.coefs)
+            terms["contrastive"] = contrastive
+        self.last_aux_terms = terms
+        self.last_aux_loss = losses.weighted_sum(terms, self.coefs)

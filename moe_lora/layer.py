@@ -9,10 +9,10 @@ Shapes::
     lora_B       [E, O, r]   zero at init, so a fresh layer equals its base exactly
     router       Router with weight [E, D] (fp32)
 
-The parameters, their init and the routed-module bookkeeping (``token_mask``, ``last_routing``,
-``last_aux_terms``, ``last_aux_loss``) come from moe_lora/experts.py; the compute from moe_lora.kernels
-(``lora_experts``, or on the dense path ``kernels/fused.py``, which folds the router's GEMM and the frozen base
-into the experts' GEMMs when ``can_fuse`` says it may).
+The parameters, their init and the routed-module bookkeeping (``token_mask``, ``task_ids``, ``last_routing``,
+``last_aux_terms``, ``last_balance_stats``, ``last_aux_loss``) come from moe_lora/experts.py; the compute from
+moe_lora.kernels (``lora_experts``, or on the dense path ``kernels/fused.py``, which folds the router's GEMM and
+the frozen base into the experts' GEMMs when ``can_fuse`` says it may).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from .errors import ConfigError, suggest
 from .experts import AuxLossConfig, ExpertConfig, LoRAExperts, RoutedModule, base_dims, expert_generator
 from .kernels import lora_expert_rows, lora_experts
 from .kernels.fused import Fusion, can_fuse, fused_lora_forward
-from .loss_forms import num_samples_of
 from .routers import Router, RouterConfig, build_router, router_name_problem
 from .routers.config import ROUTER_SETTINGS, router_config_from_settings
 from .routing import Routing
@@ -119,16 +118,16 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
             out_TO, routing, h_TEr = fused_lora_forward(
                 fusion, x_TD, self.lora_A, self.lora_B, self.scaling, route,
                 base_layer=self.base_layer, base_TO=base_TO, router_weight=self.router_weight())
-            factors = (h_TEr, self.lora_B, self.scaling) if self.wants_aux_outputs() else None
-            self.record(routing, num_samples=num_samples_of(x), expert_factors=factors)
+            self.record(routing, x, expert_factors=(h_TEr, self.lora_B, self.scaling) if self.wants_aux_outputs()
+                        else None)
             return out_TO.view(out_shape)
         result = self.base_layer(x, *args, **kwargs)
         xd_TD = self.lora_dropout(x_TD)
         routing = route()
         delta_TO = lora_experts(xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK,
                                 self.scaling, self.backend)
-        self.record(routing, num_samples=num_samples_of(x),
-                    expert_outputs=self.expert_outputs(routing, xd_TD) if self.wants_aux_outputs() else None)
+        outputs = self.expert_outputs(routing, xd_TD) if self.wants_aux_outputs() else None
+        self.record(routing, x, expert_outputs=outputs)
         return result + delta_TO.view(out_shape).to(result.dtype)
 
     def route(self, x_TD: torch.Tensor, logits_TE: torch.Tensor | None = None) -> Routing:

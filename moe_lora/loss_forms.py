@@ -92,20 +92,6 @@ def module_terms(routing: Routing, coefs: dict[str, float], form: LossForm, *, n
     return terms, stats
 
 
-def record_aux(module: nn.Module, routing: Routing, *, num_samples: int = 1, expert_outputs=None,
-               expert_factors=None) -> None:
-    """Set ``module.last_aux_terms``, ``last_balance_stats`` and ``last_aux_loss`` (the module's own weighted
-    terms, pooled terms excluded) from one training forward, in the module's ``loss_form``."""
-    form = getattr(module, "loss_form", None) or LossForm()
-    terms, stats = module_terms(
-        routing, module.coefs, form, num_samples=num_samples, task_types_B=getattr(module, "task_ids", None),
-        expert_outputs=expert_outputs, expert_factors=expert_factors,
-        contrastive_temperature=getattr(module, "contrastive_temperature", 0.1),
-    )
-    module.last_aux_terms, module.last_balance_stats = terms, stats
-    module.last_aux_loss = losses.weighted_sum(terms, module.coefs)
-
-
 def num_samples_of(x: torch.Tensor) -> int:
     """B of an input [B, L, D] (LoRAMoE's per-sample importances); 1 for a flat [T, D] input."""
     return int(x.shape[0]) if x.dim() >= 3 else 1

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from .experts import AuxLossConfig, RoutedModule, base_dims
-from .loss_forms import num_samples_of
 from .routers import Router
 
 
@@ -61,18 +60,18 @@ class MoVLinear(RoutedModule, nn.Module):
         with torch.no_grad():
             self.ia3_vectors.fill_(1.0)
 
-    def scale(self, a: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
+    def scale(self, a: torch.Tensor) -> torch.Tensor:
         """a * sum_e p_e(a) l_e for the rows of a [..., d]; records the routing and the auxiliary terms."""
         a_TD = a.reshape(-1, a.shape[-1])
         routing = self.router(a_TD, self.token_mask_for(a_TD.shape[0]))
         v_TD = 1.0 + routing.gates_TE() @ (self.ia3_vectors.float() - 1.0)  # == sum_e p_e l_e when sum_e p_e = 1
-        self.record(routing, num_samples=num_samples)
+        self.record(routing, a)
         return (a_TD * v_TD.to(a.dtype)).view(a.shape)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.site == "input":
-            return self.base_layer(self.scale(x, num_samples_of(x)), *args, **kwargs)
-        return self.scale(self.base_layer(x, *args, **kwargs), num_samples_of(x))
+            return self.base_layer(self.scale(x), *args, **kwargs)
+        return self.scale(self.base_layer(x, *args, **kwargs))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "

@@ -157,8 +157,8 @@ def test_adamole_form_is_its_code_on_p_minus_tau_and_trains_the_threshold(T, E, 
     coefs = {"load_balance": 1e-3}
     mods = []
     for z, pre in zip(logits, pres):
-        r = ThresholdRouter(1, E).double()  # tau's pre-activation w x + b = pre: x = pre, w = 1, b = 0
-        with torch.no_grad():
+        r = ThresholdRouter(1, E).double()
+        with torch.no_grad():  # w_tau . x + b = pre for x = pre
             r.threshold.weight.fill_(1.0)
             r.threshold.bias.zero_()
         routing = r(pre, None, logits_TE=z)

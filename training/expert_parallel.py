@@ -56,7 +56,6 @@ from moe_lora import losses
 from moe_lora.experts import RoutedModule
 from moe_lora.kernels import lora_expert_rows, lora_experts
 from moe_lora.layer import MoELoRALinear
-from moe_lora.loss_forms import num_samples_of
 from moe_lora.model_hooks import attach_model_hooks
 from moe_lora.routing import Routing
 
@@ -210,7 +209,7 @@ class ExpertParallelMoELoRALinear(RoutedModule, MoE):
         contrastive = None
         if self.training and torch.is_grad_enabled() and self.wants_expert_outputs():
             contrastive = self._contrastive(routing, xd_TD, pairs, A_LRD, B_LOR)
-        self.record(routing, num_samples=num_samples_of(x), contrastive=contrastive)
+        self.record(routing, x, contrastive=contrastive)
         return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
     def _contrastive(self, routing: Routing, x_TD: torch.Tensor, pairs, A_LRD: torch.Tensor, B_LOR: torch.Tensor
