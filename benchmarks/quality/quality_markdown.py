@@ -6,7 +6,7 @@ import math
 
 from quality_report import pct, verdict
 
-#: the papers' own numbers each claim is checked against (digest: /work/shared/reference/routers.md)
+#: the papers' own numbers each claim is checked against (from each paper's results table, cited in the value)
 PAPER = {
     "mixlora_st_mt": "LLaMA-2-7B, 5 tasks (Table 2): LoRA 69.9 single-task -> 65.5 multi-task (-4.4); "
                      "MixLoRA 74.7 -> 75.3 (+0.6)",
