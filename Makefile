@@ -33,7 +33,8 @@ test-fast: $(STAMP)  ## the suite without the slow tests
 demo: $(STAMP)  ## MoE-LoRA vs LoRA vs head-only on the pretrained MiniLM, conflicting tasks, router report (runs/demo)
 	$(BIN)/moe-lora demo
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff format --check and ruff check (CI runs both)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 bench: $(STAMP)  ## the README's performance tables: end-to-end step, scaling sweep and plot, one layer (~10 min)

@@ -64,8 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants (default: all)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default 150)")
-    p.add_argument("--lr", type=float, default=2e-2,
-                   help="Adam learning rate (default 2e-2: high enough for unbalanced routers to collapse)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=2e-2,
+        help="Adam learning rate (default 2e-2: high enough for unbalanced routers to collapse)",
+    )
     p.add_argument("--quick", action="store_true", help="seed 0 only and 60 steps")
     p.add_argument("--out", default="benchmarks/results/collapse.json", help="where to write the JSON table")
     return p.parse_args(argv)
@@ -91,9 +95,9 @@ class Corpus:
         mask = torch.zeros(len(rows), S, dtype=torch.long)
         labels = torch.full((len(rows), S), -100, dtype=torch.long)
         for b, (x, n_prompt) in enumerate(enc):
-            ids[b, :len(x)] = torch.tensor(x)
-            mask[b, :len(x)] = 1
-            labels[b, n_prompt:len(x)] = torch.tensor(x[n_prompt:])
+            ids[b, : len(x)] = torch.tensor(x)
+            mask[b, : len(x)] = 1
+            labels[b, n_prompt : len(x)] = torch.tensor(x[n_prompt:])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tasks": [r["task"] for r in rows]}
 
 
@@ -119,8 +123,18 @@ def task_nmi(layer: dict) -> float | None:
 def run(variant: str, seed: int, steps: int, lr: float, corpus: Corpus, held_out: list[dict]) -> dict:
     cfg = MoELoRAConfig(**{**BASE, **VARIANTS[variant]}, init_seed=seed)
     torch.manual_seed(seed)
-    model = convert(load_model("tiny-llama", seed=seed, vocab_size=len(corpus.vocab) + 2, num_layers=2, hidden=64,
-                               intermediate=128, heads=4), cfg).train()
+    model = convert(
+        load_model(
+            "tiny-llama",
+            seed=seed,
+            vocab_size=len(corpus.vocab) + 2,
+            num_layers=2,
+            hidden=64,
+            intermediate=128,
+            heads=4,
+        ),
+        cfg,
+    ).train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     rng = random.Random(seed)
     t0 = time.perf_counter()
@@ -138,7 +152,7 @@ def run(variant: str, seed: int, steps: int, lr: float, corpus: Corpus, held_out
     with RoutingRecorder(model) as rec, torch.no_grad():
         rec.register_labels(TASKS)
         for i in range(0, len(held_out), 32):
-            b = corpus.batch(held_out[i:i + 32])
+            b = corpus.batch(held_out[i : i + 32])
             rec.set_labels(b["tasks"])
             rec.set_attention_mask(b["attention_mask"])
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
@@ -146,10 +160,18 @@ def run(variant: str, seed: int, steps: int, lr: float, corpus: Corpus, held_out
         layers = list(rec.metrics().values())
     cvs = [x["cv"] for x in layers]
     nmis = [v for v in (task_nmi(x) for x in layers) if v is not None]
-    return dict(variant=variant, seed=seed, steps=steps, dead=sum(len(x["dead_experts"]) for x in layers),
-                cv_mean=sum(cvs) / len(cvs), cv_max=max(cvs), collapse_cv=collapse_cv(4, 2),
-                nmi=sum(nmis) / len(nmis) if nmis else None, loss=sum(losses) / len(losses),
-                seconds=time.perf_counter() - t0)
+    return dict(
+        variant=variant,
+        seed=seed,
+        steps=steps,
+        dead=sum(len(x["dead_experts"]) for x in layers),
+        cv_mean=sum(cvs) / len(cvs),
+        cv_max=max(cvs),
+        collapse_cv=collapse_cv(4, 2),
+        nmi=sum(nmis) / len(nmis) if nmis else None,
+        loss=sum(losses) / len(losses),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def main(argv=None) -> int:
@@ -166,14 +188,18 @@ def main(argv=None) -> int:
         for seed in seeds:
             r = run(variant, seed, steps, args.lr, corpus, held_out)
             rows.append(r)
-            print(f"{variant:16s} seed {seed}  dead {r['dead']:2d}/56  cv mean {r['cv_mean']:.3f}"
-                  f" max {r['cv_max']:.3f}  nMI {r['nmi'] if r['nmi'] is None else round(r['nmi'], 3)}"
-                  f"  loss {r['loss']:.3f}"
-                  f"  ({r['seconds']:.0f} s)", flush=True)
+            print(
+                f"{variant:16s} seed {seed}  dead {r['dead']:2d}/56  cv mean {r['cv_mean']:.3f}"
+                f" max {r['cv_max']:.3f}  nMI {r['nmi'] if r['nmi'] is None else round(r['nmi'], 3)}"
+                f"  loss {r['loss']:.3f}"
+                f"  ({r['seconds']:.0f} s)",
+                flush=True,
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"settings": {"steps": steps, "lr": args.lr, "seeds": seeds}, "rows": rows},
-                              indent=2) + "\n")
+    out.write_text(
+        json.dumps({"settings": {"steps": steps, "lr": args.lr, "seeds": seeds}, "rows": rows}, indent=2) + "\n"
+    )
     return 0
 
 

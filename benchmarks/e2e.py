@@ -66,16 +66,23 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", help="expert compute backend for ours (default auto)")
     p.add_argument("--quick", action="store_true", help="2 layers, batch 2 x 64, 2 rounds: a smoke run")
     p.add_argument("--out", default="benchmarks/results/e2e.json", help="where to write the JSON table")
-    p.add_argument("--readme", default=None, metavar="PATH",
-                   help="also write the table into this markdown file, between the lines <!-- e2e-table --> and "
-                        "<!-- /e2e-table --> (make bench passes README.md)")
+    p.add_argument(
+        "--readme",
+        default=None,
+        metavar="PATH",
+        help="also write the table into this markdown file, between the lines <!-- e2e-table --> and "
+        "<!-- /e2e-table --> (make bench passes README.md)",
+    )
     return p.parse_args(argv)
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The README's end-to-end table of ``rows`` (main's JSON rows)."""
-    lines = ["| contender | x frozen base | x PEFT (same active rank) | fwd+bwd x PEFT | ms/step | optimizer ms | "
-             "tokens/s | inference x PEFT | saved MB | state MB | trainable |", "|---" * 11 + "|"]
+    lines = [
+        "| contender | x frozen base | x PEFT (same active rank) | fwd+bwd x PEFT | ms/step | optimizer ms | "
+        "tokens/s | inference x PEFT | saved MB | state MB | trainable |",
+        "|---" * 11 + "|",
+    ]
     for row in rows:
         vs = "" if row["peft_baseline"] == "peft" or row["name"].startswith("peft") else " (vs r=32)"
         name = "peft (r=16)" if row["name"] == "peft" else row["name"]
@@ -83,7 +90,8 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {name} | {row['ratio_to_base']:.2f} | {row['ratio_to_peft']:.2f}{vs} | "
             f"{row['fwd_bwd_ratio_to_peft']:.2f}{vs} | {row['median_ms']:.0f} | {row['optimizer_ms']:.0f} | "
             f"{row['tokens_per_s']:.0f} | {row['infer_ratio_to_peft']:.2f} | {row['saved_MB']:.0f} | "
-            f"{row['state_MB']:.1f} | {row['trainable_params']:,} |")
+            f"{row['state_MB']:.1f} | {row['trainable_params']:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -151,8 +159,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     ids = torch.randint(0, 8000, (args.batch, args.seq))
     models = {n: build(n, args) for n in names}
-    optims = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-              for n, m in models.items() if n != "base"}
+    optims = {
+        n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        for n, m in models.items()
+        if n != "base"
+    }
 
     parts = {n: {"fwd_bwd": [], "optimizer": []} for n in names}  # seconds of each call's two parts
 
@@ -170,6 +181,7 @@ def main(argv=None) -> int:
                     opt.zero_grad(set_to_none=True)
                 parts[name]["fwd_bwd"].append(t1 - t0)
                 parts[name]["optimizer"].append(time.perf_counter() - t1)
+
         return run
 
     def infer_step(name):
@@ -178,19 +190,24 @@ def main(argv=None) -> int:
         def run():
             with torch.no_grad():
                 model(input_ids=ids)
+
         return run
 
     t0 = time.perf_counter()
     times = alternate({n: train_step(n) for n in names}, rounds=args.rounds)
-    fwd_bwd = {n: parts[n]["fwd_bwd"][-args.rounds:] for n in names}  # the timed rounds (warm-up dropped)
-    optimizer = {n: parts[n]["optimizer"][-args.rounds:] for n in names}
+    fwd_bwd = {n: parts[n]["fwd_bwd"][-args.rounds :] for n in names}  # the timed rounds (warm-up dropped)
+    optimizer = {n: parts[n]["optimizer"][-args.rounds :] for n in names}
     infer = alternate({n: infer_step(n) for n in names}, rounds=args.rounds)
     tokens = args.batch * args.seq
     rows = []
-    print(f"tiny Llama {args.layers} layers, hidden 512, batch {args.batch} x {args.seq}, {args.rounds} rounds "
-          f"alternated; {torch.get_num_threads()} threads")
-    print(f"{'contender':<14} {'x base':>7} {'x PEFT':>7} {'fwd+bwd x':>9} {'ms/step':>8} {'opt ms':>7} "
-          f"{'tok/s':>7} {'infer x PEFT':>12} {'saved MB':>9} {'state MB':>9} {'trainable':>10}")
+    print(
+        f"tiny Llama {args.layers} layers, hidden 512, batch {args.batch} x {args.seq}, {args.rounds} rounds "
+        f"alternated; {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'contender':<14} {'x base':>7} {'x PEFT':>7} {'fwd+bwd x':>9} {'ms/step':>8} {'opt ms':>7} "
+        f"{'tok/s':>7} {'infer x PEFT':>12} {'saved MB':>9} {'state MB':>9} {'trainable':>10}"
+    )
     for n in names:
         model = models[n]
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -210,15 +227,28 @@ def main(argv=None) -> int:
             "trainable_params": trainable,
         }
         rows.append(row)
-        print(f"{n:<14} {row['ratio_to_base']:>7.2f} {row['ratio_to_peft']:>7.2f} "
-              f"{row['fwd_bwd_ratio_to_peft']:>9.2f} {row['median_ms']:>8.0f} {row['optimizer_ms']:>7.1f} "
-              f"{row['tokens_per_s']:>7.0f} {row['infer_ratio_to_peft']:>12.2f} {row['saved_MB']:>9.1f} "
-              f"{row['state_MB']:>9.1f} {trainable:>10,}")
+        print(
+            f"{n:<14} {row['ratio_to_base']:>7.2f} {row['ratio_to_peft']:>7.2f} "
+            f"{row['fwd_bwd_ratio_to_peft']:>9.2f} {row['median_ms']:>8.0f} {row['optimizer_ms']:>7.1f} "
+            f"{row['tokens_per_s']:>7.0f} {row['infer_ratio_to_peft']:>12.2f} {row['saved_MB']:>9.1f} "
+            f"{row['state_MB']:>9.1f} {trainable:>10,}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "machine": platform.machine(),
-                               "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0,
-                               "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+                "seconds": time.perf_counter() - t0,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
     if args.readme:
         write_readme_table(Path(args.readme), markdown_table(rows))

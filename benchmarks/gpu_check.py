@@ -271,14 +271,26 @@ def loaded_kernel_resources(aot_json: Path) -> list[dict]:
                     tiles = f"MW{consts['BLOCK_MW']} W{consts['BLOCK_W']} R{consts['BLOCK_R']}"
                 else:
                     tiles = f"M{consts['BLOCK_M']} K{consts['BLOCK_K']} N{consts['BLOCK_N']} R{consts['BLOCK_R']}"
-                row = {"kernel": name, "dtype": first_ptr[1:], "arch": arch, "tiles": tiles,
-                       "num_warps": compiled.metadata.num_warps, "num_stages": compiled.metadata.num_stages,
-                       "atomic": bool(consts.get("ATOMIC", False)), "regs": compiled.n_regs,
-                       "spills": compiled.n_spills, "shared_bytes": compiled.metadata.shared}
-                match = [r for r in aot_rows if r.get("regs") is not None and r["variant"] in ("det", "atomic")
-                         and (r["variant"] == "atomic") == row["atomic"]
-                         and all(r[k] == row[k] for k in ("kernel", "dtype", "arch", "tiles", "num_warps",
-                                                         "num_stages"))]
+                row = {
+                    "kernel": name,
+                    "dtype": first_ptr[1:],
+                    "arch": arch,
+                    "tiles": tiles,
+                    "num_warps": compiled.metadata.num_warps,
+                    "num_stages": compiled.metadata.num_stages,
+                    "atomic": bool(consts.get("ATOMIC", False)),
+                    "regs": compiled.n_regs,
+                    "spills": compiled.n_spills,
+                    "shared_bytes": compiled.metadata.shared,
+                }
+                match = [
+                    r
+                    for r in aot_rows
+                    if r.get("regs") is not None
+                    and r["variant"] in ("det", "atomic")
+                    and (r["variant"] == "atomic") == row["atomic"]
+                    and all(r[k] == row[k] for k in ("kernel", "dtype", "arch", "tiles", "num_warps", "num_stages"))
+                ]
                 row["aot_regs"] = sorted({r["regs"] for r in match}) or None
                 rows.append(row)
     return rows
@@ -356,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     report["kernel_resources"] = loaded_kernel_resources(args.out / "triton_aot.json")
     print("\nloaded kernels (registers, spills from the driver; AOT = benchmarks/triton_aot.py's table):")
     for row in report["kernel_resources"]:
-        print(f"  {row['kernel']:<16} {row['dtype']:<5} {row['tiles']:<20} warps {row['num_warps']} "
-              f"stages {row['num_stages']}{' atomic' if row['atomic'] else ''}: {row['regs']} regs, "
-              f"{row['spills']} spills, {row['shared_bytes']} B shared; AOT regs {row['aot_regs']}")
+        print(
+            f"  {row['kernel']:<16} {row['dtype']:<5} {row['tiles']:<20} warps {row['num_warps']} "
+            f"stages {row['num_stages']}{' atomic' if row['atomic'] else ''}: {row['regs']} regs, "
+            f"{row['spills']} spills, {row['shared_bytes']} B shared; AOT regs {row['aot_regs']}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu_check_{dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))

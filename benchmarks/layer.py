@@ -55,8 +55,10 @@ def main(argv=None) -> int:
     try:
         import peft
 
-        peft_model = peft.get_peft_model(nn.Sequential(nn.Linear(d, d)), peft.LoraConfig(
-            r=args.peft_rank, lora_alpha=2 * args.peft_rank, target_modules=["0"]))
+        peft_model = peft.get_peft_model(
+            nn.Sequential(nn.Linear(d, d)),
+            peft.LoraConfig(r=args.peft_rank, lora_alpha=2 * args.peft_rank, target_modules=["0"]),
+        )
         peft_layer = peft_model.base_model.model[0]
         peft_layer.lora_B["default"].weight.data.normal_(0, 0.02)
         contenders[f"PEFT LoRA r={args.peft_rank}"] = peft_layer
@@ -64,8 +66,15 @@ def main(argv=None) -> int:
         print("peft is not installed: the PEFT column is skipped (pip install peft)")
     for router in args.routers.split(","):
         for backend in args.backends.split(","):
-            layer = MoELoRALinear(nn.Linear(d, d), num_experts=args.experts, top_k=args.top_k, rank=args.rank,
-                                  alpha=2 * args.rank, router=router, backend=backend).train()
+            layer = MoELoRALinear(
+                nn.Linear(d, d),
+                num_experts=args.experts,
+                top_k=args.top_k,
+                rank=args.rank,
+                alpha=2 * args.rank,
+                router=router,
+                backend=backend,
+            ).train()
             layer.lora_B.data.normal_(0, 0.02)
             contenders[f"MoE-LoRA {router}/{backend}"] = layer
 
@@ -85,20 +94,36 @@ def main(argv=None) -> int:
     times = alternate({name: step(m) for name, m in contenders.items()}, rounds=args.rounds)
     peft_name = next((n for n in contenders if n.startswith("PEFT")), None)
     rows = []
-    header = (f"{'contender':<28} {'median ms':>10} {'x frozen':>9} {'x PEFT':>8}   "
-              f"(d={d}, T={T}, E={args.experts}, k={args.top_k}, r={args.rank}; fwd+bwd; {args.rounds} rounds)")
+    header = (
+        f"{'contender':<28} {'median ms':>10} {'x frozen':>9} {'x PEFT':>8}   "
+        f"(d={d}, T={T}, E={args.experts}, k={args.top_k}, r={args.rank}; fwd+bwd; {args.rounds} rounds)"
+    )
     print(header)
     for name in contenders:
-        row = {"name": name, "median_ms": median_ms(times, name),
-               "ratio_to_frozen": median_ratio(times, name, "frozen Linear"),
-               "ratio_to_peft": median_ratio(times, name, peft_name) if peft_name else None}
+        row = {
+            "name": name,
+            "median_ms": median_ms(times, name),
+            "ratio_to_frozen": median_ratio(times, name, "frozen Linear"),
+            "ratio_to_peft": median_ratio(times, name, peft_name) if peft_name else None,
+        }
         rows.append(row)
         peft_col = f"{row['ratio_to_peft']:>8.2f}" if peft_name else f"{'-':>8}"
         print(f"{name:<28} {row['median_ms']:>10.2f} {row['ratio_to_frozen']:>9.2f} {peft_col}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "machine": platform.machine(),
-                               "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
     return 0
 

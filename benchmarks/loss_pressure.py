@@ -38,16 +38,21 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8, help="transformer layers of the tiny Llama (default 8)")
     p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes (default: all five)")
-    p.add_argument("--router-std", type=float, default=0.02,
-                   help="std of the routers' random weights (default 0.02, the recipes' init; larger: skewed routing)")
+    p.add_argument(
+        "--router-std",
+        type=float,
+        default=0.02,
+        help="std of the routers' random weights (default 0.02, the recipes' init; larger: skewed routing)",
+    )
     p.add_argument("--out", default="benchmarks/results/loss_pressure.json", help="where to write the JSON table")
     return p.parse_args(argv)
 
 
 def router_grad_norm(config, layers: int, batch: torch.Tensor, router_std: float) -> tuple[float, float, int]:
     """(|d aux / d router params|, aux value, routed modules) of one training forward."""
-    model = convert(load_model("tiny-llama", vocab_size=512, num_layers=layers, hidden=64, intermediate=128,
-                               heads=4), config).train()
+    model = convert(
+        load_model("tiny-llama", vocab_size=512, num_layers=layers, hidden=64, intermediate=128, heads=4), config
+    ).train()
     g = torch.Generator().manual_seed(0)
     routers = [m for m in model.modules() if isinstance(m, Router)]
     with torch.no_grad():
@@ -72,13 +77,27 @@ def main(argv=None) -> int:
         g_ref, aux_ref, n = router_grad_norm(ref, args.layers, batch, args.router_std)
         g_norm, aux_norm, _ = router_grad_norm(norm, args.layers, batch, args.router_std)
         coef = ref.cv_coef if ref.loss_form == "loramoe" else ref.load_balance_coef
-        rows.append(dict(recipe=name, loss_form=ref.loss_form, coef=coef, layers=args.layers, routers=n,
-                         router_std=args.router_std,
-                         grad_reference=g_ref, grad_normalized=g_norm, ratio=g_ref / g_norm,
-                         aux_reference=aux_ref, aux_normalized=aux_norm))
+        rows.append(
+            dict(
+                recipe=name,
+                loss_form=ref.loss_form,
+                coef=coef,
+                layers=args.layers,
+                routers=n,
+                router_std=args.router_std,
+                grad_reference=g_ref,
+                grad_normalized=g_norm,
+                ratio=g_ref / g_norm,
+                aux_reference=aux_ref,
+                aux_normalized=aux_norm,
+            )
+        )
         r = rows[-1]
-        print(f"{name:24s} {r['loss_form']:8s} coef {coef:.0e}  routers {n:3d}  |grad| reference {g_ref:.3e}  "
-              f"normalized {g_norm:.3e}  ratio {r['ratio']:.2f}", flush=True)
+        print(
+            f"{name:24s} {r['loss_form']:8s} coef {coef:.0e}  routers {n:3d}  |grad| reference {g_ref:.3e}  "
+            f"normalized {g_norm:.3e}  ratio {r['ratio']:.2f}",
+            flush=True,
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")

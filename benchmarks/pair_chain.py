@@ -63,6 +63,7 @@ def main(argv=None) -> int:
             def run():
                 with torch.no_grad():
                     fn(*data)
+
             return run
 
         def fwd_bwd(fn, leaves=leaves):
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
                     t.grad = None
                 p, wd = fn(*leaves)
                 (p.sum() + wd.sum()).backward()
+
             return run
 
         t0 = time.perf_counter()
@@ -94,14 +96,28 @@ def main(argv=None) -> int:
             "fwd_bwd_ratio": median_ratio(t_fb, "compiled", "eager"),
         }  # fmt: skip
         rows.append(row)
-        print(f"S={S:6d} F={args.ffn}: fwd eager {row['eager_fwd_ms']:.2f} ms, compiled {row['compiled_fwd_ms']:.2f} "
-              f"ms (x{row['fwd_ratio']:.2f}); fwd+bwd eager {row['eager_fwd_bwd_ms']:.2f} ms, compiled "
-              f"{row['compiled_fwd_bwd_ms']:.2f} ms (x{row['fwd_bwd_ratio']:.2f}); first calls (compile) "
-              f"{first_fwd:.1f} s fwd, {first_fwd_bwd:.1f} s fwd+bwd", flush=True)
+        print(
+            f"S={S:6d} F={args.ffn}: fwd eager {row['eager_fwd_ms']:.2f} ms, compiled {row['compiled_fwd_ms']:.2f} "
+            f"ms (x{row['fwd_ratio']:.2f}); fwd+bwd eager {row['eager_fwd_bwd_ms']:.2f} ms, compiled "
+            f"{row['compiled_fwd_bwd_ms']:.2f} ms (x{row['fwd_bwd_ratio']:.2f}); first calls (compile) "
+            f"{first_fwd:.1f} s fwd, {first_fwd_bwd:.1f} s fwd+bwd",
+            flush=True,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(args.out, json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                            "torch": torch.__version__, "machine": platform.machine(),
-                                            "threads": torch.get_num_threads(), "rows": rows}, indent=2) + "\n")
+    write_text_atomic(
+        args.out,
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -76,10 +76,16 @@ def measure(d: int, E: int, k: int, r: int, T: int, rounds: int) -> dict:
         return run
 
     times = alternate({n: step(m) for n, m in contenders.items()}, rounds=rounds, warmup=1)
-    return {"E": E, "k": k, "r": r, "T": T, "d": d,
-            **{f"{n}_ms": median_ms(times, n) for n in contenders},
-            **{f"{n}_x_lora": median_ratio(times, n, "lora") for n in ("dense", "grouped")},
-            "dense_x_grouped": median_ratio(times, "dense", "grouped")}
+    return {
+        "E": E,
+        "k": k,
+        "r": r,
+        "T": T,
+        "d": d,
+        **{f"{n}_ms": median_ms(times, n) for n in contenders},
+        **{f"{n}_x_lora": median_ratio(times, n, "lora") for n in ("dense", "grouped")},
+        "dense_x_grouped": median_ratio(times, "dense", "grouped"),
+    }
 
 
 def fit_beta(points: list[dict]) -> float:
@@ -116,11 +122,15 @@ def plot(points: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
         ax.set_xlabel(var)
-        ax.set_title(f"vary {var} (others {', '.join(f'{k}={v}' for k, v in DEFAULT.items() if k != var)})",
-                     fontsize=9)
+        ax.set_title(
+            f"vary {var} (others {', '.join(f'{k}={v}' for k, v in DEFAULT.items() if k != var)})", fontsize=9
+        )
     axes[0].set_ylabel("step time / plain LoRA of rank k*r")
-    fig.suptitle("One d x d layer (frozen Linear + adapter), forward + backward, fp32 CPU; grouped does the "
-                 "plain LoRA's FLOPs (ratio 1) plus gather / scatter traffic", fontsize=9)
+    fig.suptitle(
+        "One d x d layer (frozen Linear + adapter), forward + backward, fp32 CPU; grouped does the "
+        "plain LoRA's FLOPs (ratio 1) plus gather / scatter traffic",
+        fontsize=9,
+    )
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -147,13 +157,28 @@ def main(argv=None) -> int:
             cfg = {**DEFAULT, var: v}
             pt = {"sweep": var, **measure(args.dim, cfg["E"], cfg["k"], cfg["r"], cfg["T"], rounds)}
             points.append(pt)
-            print(f"{var:<6} {pt['E']:>3} {pt['k']:>2} {pt['r']:>3} {pt['T']:>6} {pt['lora_ms']:>8.2f} "
-                  f"{pt['dense_x_lora']:>8.2f} {pt['grouped_x_lora']:>9.2f}", flush=True)
+            print(
+                f"{var:<6} {pt['E']:>3} {pt['k']:>2} {pt['r']:>3} {pt['T']:>6} {pt['lora_ms']:>8.2f} "
+                f"{pt['dense_x_lora']:>8.2f} {pt['grouped_x_lora']:>9.2f}",
+                flush=True,
+            )
     beta = fit_beta(points)
     print(f"fitted beta (dense iff (E - k) r <= beta k): {beta:.1f}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "torch": torch.__version__, "machine": platform.machine(),
-                               "threads": torch.get_num_threads(), "beta": beta, "points": points}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+                "beta": beta,
+                "points": points,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     plot(points, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

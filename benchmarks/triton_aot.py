@@ -41,9 +41,19 @@ def _row_key(row: dict) -> tuple:
 
 def job_row(aot, job) -> dict:
     """The identifying fields of a job, as a row has them."""
-    return {"kernel": job.kernel, "dtype": job.dtype, "arch": aot.ARCHS[job.capability].name, "source": job.source,
-            "variant": job.variant, "tiles": job.tiles, "num_warps": job.num_warps, "num_stages": job.num_stages,
-            "ranks": list(job.ranks)}
+    return {
+        "kernel": job.kernel,
+        "dtype": job.dtype,
+        "arch": aot.ARCHS[job.capability].name,
+        "source": job.source,
+        "variant": job.variant,
+        "tiles": job.tiles,
+        "num_warps": job.num_warps,
+        "num_stages": job.num_stages,
+        "ranks": list(job.ranks),
+    }
+
+
 BEGIN, END = "<!-- triton-aot-table -->", "<!-- /triton-aot-table -->"
 
 
@@ -56,17 +66,36 @@ def parse_args(argv=None):
     p.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=[80, 90], help="compute capabilities")
     p.add_argument("--ranks", nargs="+", type=int, default=list(RANKS), help="ranks r (1..128)")
     p.add_argument("--no-autotune", action="store_true", help="skip the autotune spaces (heuristic configs only)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                   help="det: deterministic, d=4096; atomic: atomic outputs; split: N_SPLIT > 1; odd_d: d=4100")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS,
+        help="det: deterministic, d=4096; atomic: atomic outputs; split: N_SPLIT > 1; odd_d: d=4100",
+    )
     p.add_argument("--jobs", type=int, default=1, help="compile processes (default 1; each compile is ~0.3-2 s)")
     p.add_argument("--out", type=Path, default=RESULTS / "triton_aot.json", help="JSON table (a .md goes beside)")
-    p.add_argument("--readme", type=Path, default=None, metavar="PATH",
-                   help=f"also write the summary table into this markdown file between {BEGIN} and {END}")
-    p.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="JSON",
-                   help="take the rows of these earlier --out files for the configs they hold (same kernel, dtype, "
-                        "arch, tiles, warps, stages, variant, rank class) and compile only the others")
-    p.add_argument("--reuse-only", action="store_true",
-                   help="compile nothing: write the tables from the --reuse rows alone and list the configs they lack")
+    p.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"also write the summary table into this markdown file between {BEGIN} and {END}",
+    )
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="take the rows of these earlier --out files for the configs they hold (same kernel, dtype, "
+        "arch, tiles, warps, stages, variant, rank class) and compile only the others",
+    )
+    p.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="compile nothing: write the tables from the --reuse rows alone and list the configs they lack",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -89,8 +118,11 @@ def summary_table(rows: list[dict], by_rank_block: bool = False) -> str:
         key = (row["kernel"], row["dtype"], row["arch"]) + ((row["block_r"],) if by_rank_block else ())
         groups[key].append(row)
     extra = " BLOCK_R |" if by_rank_block else ""
-    lines = [f"| kernel | dtype | arch |{extra} regs | regs r<=16 | regs odd d | stack B | shared KB | CTAs/SM "
-             "| warps/SM | configs | spill | fail |", "|---" * (12 + bool(by_rank_block)) + "|"]
+    lines = [
+        f"| kernel | dtype | arch |{extra} regs | regs r<=16 | regs odd d | stack B | shared KB | CTAs/SM "
+        "| warps/SM | configs | spill | fail |",
+        "|---" * (12 + bool(by_rank_block)) + "|",
+    ]
     for key, group in sorted(groups.items(), key=lambda kv: (KERNEL_ORDER.index(kv[0][0]), kv[0][1:])):
         heur = [r for r in group if r["source"] == "heuristic" and r["variant"] == "det" and r["ok"]]
         odd = [r for r in group if r["source"] == "heuristic" and r["variant"] == "odd_d" and r["ok"]]
@@ -111,9 +143,11 @@ def summary_table(rows: list[dict], by_rank_block: bool = False) -> str:
 
 
 def full_table(rows: list[dict]) -> str:
-    lines = ["| kernel | dtype | arch | source | variant | r | tiles | warps | stages | regs | stack B "
-             "| spill st/ld B | shared B | CTAs/SM | warps/SM | limiter | compile s | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | dtype | arch | source | variant | r | tiles | warps | stages | regs | stack B "
+        "| spill st/ld B | shared B | CTAs/SM | warps/SM | limiter | compile s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         spill = f"{r.get('spill_store_bytes')}/{r.get('spill_load_bytes')}" if r.get("regs") is not None else "-"
         lines.append(
@@ -121,7 +155,8 @@ def full_table(rows: list[dict]) -> str:
             f"| {','.join(map(str, r['ranks']))} | {r['tiles']} | {r['num_warps']} | {r['num_stages']} "
             f"| {r.get('regs', '-')} | {r.get('stack_bytes', '-')} | {spill} | {r.get('shared_bytes', '-')} "
             f"| {r.get('ctas_per_sm', '-')} | {r.get('warps_per_sm', '-')} | {r.get('limiter', '-')} "
-            f"| {r['compile_s']} | {r.get('error', '')[:120]} |")
+            f"| {r['compile_s']} | {r.get('error', '')[:120]} |"
+        )
     return "\n".join(lines)
 
 
@@ -157,8 +192,14 @@ def main(argv=None) -> int:
     if not ok:
         print(f"triton_aot: cannot compile: {why}", file=sys.stderr)
         return 2
-    jobs = aot.enumerate_jobs(kernels=args.kernels, dtypes=args.dtypes, capabilities=args.archs, ranks=args.ranks,
-                              autotune=not args.no_autotune, variants=args.variants)
+    jobs = aot.enumerate_jobs(
+        kernels=args.kernels,
+        dtypes=args.dtypes,
+        capabilities=args.archs,
+        ranks=args.ranks,
+        autotune=not args.no_autotune,
+        variants=args.variants,
+    )
     old = {}
     for path in args.reuse:
         for row in json.loads(path.read_text())["rows"]:
@@ -171,11 +212,18 @@ def main(argv=None) -> int:
     jobs = [job for job in jobs if _row_key(job_row(aot, job)) not in old]
     missing = []
     if args.reuse_only:
-        missing, jobs = [f"{j.kernel} {j.dtype} {aot.ARCHS[j.capability].name} {j.source}/{j.variant} {j.tiles} "
-                         f"w{j.num_warps}" for j in jobs], []
+        missing, jobs = (
+            [
+                f"{j.kernel} {j.dtype} {aot.ARCHS[j.capability].name} {j.source}/{j.variant} {j.tiles} w{j.num_warps}"
+                for j in jobs
+            ],
+            [],
+        )
     if args.reuse:
-        print(f"reusing {len(rows)} rows of {', '.join(map(str, args.reuse))}; compiling {len(jobs)}"
-              + (f"; {len(missing)} configs not compiled (listed in the .md)" if missing else ""))
+        print(
+            f"reusing {len(rows)} rows of {', '.join(map(str, args.reuse))}; compiling {len(jobs)}"
+            + (f"; {len(missing)} configs not compiled (listed in the .md)" if missing else "")
+        )
     bar = tqdm(total=len(jobs), desc="compile", unit="cfg", disable=args.no_progress or not jobs)
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -191,18 +239,28 @@ def main(argv=None) -> int:
 
     bad = problems(rows)
     summary = summary_table(rows)
-    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "triton": triton.__version__,
-            "host": platform.node(), "model_dim": aot.MODEL_DIM, "argv": sys.argv[1:],
-            "compiles": len(rows), "problems": bad, "not_compiled": missing}
+    meta = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "triton": triton.__version__,
+        "host": platform.node(),
+        "model_dim": aot.MODEL_DIM,
+        "argv": sys.argv[1:],
+        "compiles": len(rows),
+        "problems": bad,
+        "not_compiled": missing,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     md = args.out.with_suffix(".md")
     not_compiled = "".join(f"- {m}\n" for m in missing)
-    write_text_atomic(md, f"# Triton kernels compiled ahead of time ({meta['date']}, triton {meta['triton']})\n\n"
-                          f"Command: `python benchmarks/triton_aot.py {' '.join(sys.argv[1:])}`\n\n"
-                          f"## Summary\n\n{summary}\n\n## By rank block\n\n{summary_table(rows, True)}\n\n"
-                          f"## Every compile\n\n{full_table(rows)}\n"
-                          + (f"\n## Not compiled in this run ({len(missing)})\n\n{not_compiled}" if missing else ""))
+    write_text_atomic(
+        md,
+        f"# Triton kernels compiled ahead of time ({meta['date']}, triton {meta['triton']})\n\n"
+        f"Command: `python benchmarks/triton_aot.py {' '.join(sys.argv[1:])}`\n\n"
+        f"## Summary\n\n{summary}\n\n## By rank block\n\n{summary_table(rows, True)}\n\n"
+        f"## Every compile\n\n{full_table(rows)}\n"
+        + (f"\n## Not compiled in this run ({len(missing)})\n\n{not_compiled}" if missing else ""),
+    )
     print(summary)
     print(f"{len(rows)} compiles, {sum(r['compile_s'] for r in rows):.0f} s; wrote {args.out} and {md}")
     if args.readme:

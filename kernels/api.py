@@ -57,8 +57,12 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     status = {
         "reference": (True, "always"),
         "dense": (True, "always"),
-        "grouped": (True, "torch.nn.functional.grouped_mm" if hasattr(torch.nn.functional, "grouped_mm")
-                    else "per-expert loop (this torch has no grouped_mm)"),
+        "grouped": (
+            True,
+            "torch.nn.functional.grouped_mm"
+            if hasattr(torch.nn.functional, "grouped_mm")
+            else "per-expert loop (this torch has no grouped_mm)",
+        ),
         "torch": (True, "always (dense or grouped by cost)"),
     }
     if importlib.util.find_spec("triton") is None:
@@ -137,8 +141,14 @@ def lora_experts(
     return lora_experts_megablocks(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling)
 
 
-def lora_expert_rows(x_SD: torch.Tensor, lora_A_ERD: torch.Tensor, lora_B_EOR: torch.Tensor, ids_S: torch.Tensor,
-                     scaling: float, backend: str = "auto") -> torch.Tensor:
+def lora_expert_rows(
+    x_SD: torch.Tensor,
+    lora_A_ERD: torch.Tensor,
+    lora_B_EOR: torch.Tensor,
+    ids_S: torch.Tensor,
+    scaling: float,
+    backend: str = "auto",
+) -> torch.Tensor:
     """[S, O] = scaling * B_e A_e x_s with e = ids_S[s]: one expert per row with weight 1 (the per-pair outputs
     of the contrastive loss and of MixLoRA's FFN experts, the rows an expert-parallel rank receives)."""
     ones_S1 = torch.ones(ids_S.shape[0], 1, dtype=torch.float32, device=x_SD.device)

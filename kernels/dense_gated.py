@@ -39,8 +39,9 @@ def shrink(x_TD: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     return _Shrink.apply(x_TD, *weights)
 
 
-def base_and_shrink(x_TD: torch.Tensor, base_weight_OD: torch.Tensor, base_bias_O: torch.Tensor | None,
-                    weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def base_and_shrink(
+    x_TD: torch.Tensor, base_weight_OD: torch.Tensor, base_bias_O: torch.Tensor | None, weights: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(base [T, O], out [T, sum N_i]): the frozen layer's F.linear(x, W0, b0), bit for bit as nn.Linear computes
     it, and ``shrink``'s product, for a layer that computes its base itself. Backward writes both dx terms into
     one tensor, dx = g_base W0 then += g_out W_cat in the second GEMM (addmm_), instead of autograd's separate

@@ -37,8 +37,13 @@ def _no_hook_sees(module: nn.Module) -> bool:
     (``_forward_hooks``, ``_forward_pre_hooks``, ``_backward_hooks``, ``_backward_pre_hooks``) and
     ``torch.nn.modules.module._has_any_global_hook`` (absent in some torch versions: then we assume a hook)."""
     any_global_hook = getattr(nn.modules.module, "_has_any_global_hook", lambda: True)
-    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or any_global_hook())
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or any_global_hook()
+    )
 
 
 def owns_base(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict, dtype: torch.dtype) -> bool:
@@ -56,14 +61,25 @@ def owns_base(base_layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict,
     if type(lin) is not nn.Linear or "forward" in vars(lin) or args or kwargs or not _no_hook_sees(lin):
         return False
     params = [p for p in (lin.weight, lin.bias) if p is not None]
-    return (all(type(p) in (nn.Parameter, torch.Tensor) and p.device == x.device for p in params)
-            and x.is_contiguous() and x.dtype == lin.weight.dtype == dtype
-            and not torch.is_autocast_enabled(x.device.type))
+    return (
+        all(type(p) in (nn.Parameter, torch.Tensor) and p.device == x.device for p in params)
+        and x.is_contiguous()
+        and x.dtype == lin.weight.dtype == dtype
+        and not torch.is_autocast_enabled(x.device.type)
+    )
 
 
-def can_fuse(x: torch.Tensor, lora_A_ERD: torch.Tensor, slots_per_token: int, backend: str, dropout: nn.Module,
-             base_layer: nn.Module, args: tuple = (), kwargs: dict | None = None,
-             router_weight: torch.Tensor | None = None) -> Fusion | None:
+def can_fuse(
+    x: torch.Tensor,
+    lora_A_ERD: torch.Tensor,
+    slots_per_token: int,
+    backend: str,
+    dropout: nn.Module,
+    base_layer: nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    router_weight: torch.Tensor | None = None,
+) -> Fusion | None:
     """The fusion for this call, or None (take ``lora_experts``). Both fusions need the dense path
     (``resolve_path``) and the same input for the experts as for the router and the base (dropout an
     ``nn.Identity``). The router joins when it reads x linearly (``router_weight``: W_r, see
@@ -78,10 +94,18 @@ def can_fuse(x: torch.Tensor, lora_A_ERD: torch.Tensor, slots_per_token: int, ba
     return Fusion(router, base) if router or base else None
 
 
-def fused_lora_forward(fusion: Fusion, x_TD: torch.Tensor, lora_A_ERD: torch.Tensor, lora_B_EOR: torch.Tensor,
-                       scaling: float, route: Callable[[torch.Tensor | None], object], *,
-                       base_layer: nn.Linear | None = None, base_TO: torch.Tensor | None = None,
-                       router_weight: torch.Tensor | None = None):
+def fused_lora_forward(
+    fusion: Fusion,
+    x_TD: torch.Tensor,
+    lora_A_ERD: torch.Tensor,
+    lora_B_EOR: torch.Tensor,
+    scaling: float,
+    route: Callable[[torch.Tensor | None], object],
+    *,
+    base_layer: nn.Linear | None = None,
+    base_TO: torch.Tensor | None = None,
+    router_weight: torch.Tensor | None = None,
+):
     """(base + delta [T, O] in the base output's dtype, routing, h [T, E, r]) for a ``can_fuse`` fusion.
 
     ``route(logits_TE)`` returns the routing (logits_TE: None unless ``fusion.router``); ``base_layer`` (with

@@ -46,8 +46,9 @@ def grouped_mm_usable(dtype: torch.dtype, *dims: int, device: torch.device | Non
     return all((d * size) % 16 == 0 for d in dims)
 
 
-def resolve_grouped_mm(use_grouped_mm: bool | None, dtype: torch.dtype, D: int, O: int, r: int,
-                       device: torch.device) -> bool:
+def resolve_grouped_mm(
+    use_grouped_mm: bool | None, dtype: torch.dtype, D: int, O: int, r: int, device: torch.device
+) -> bool:
     """Whether F.grouped_mm runs the groups: per device when None, else as forced (where the shapes allow)."""
     if use_grouped_mm is None:
         return grouped_mm_usable(dtype, D, O, r, device=device)
@@ -98,8 +99,9 @@ class GroupedLoRAExperts(torch.autograd.Function):
         hs_Sr = h_Sr * (scaling * w_S).to(dtype)[:, None]
         u_SO = group_mm(hs_Sr, lora_B_EOR.transpose(1, 2), meta, use_gmm)
         y_TO = u_SO.new_zeros(T, O).index_add_(0, meta.tok_S, u_SO)
-        ctx.save_for_backward(x_TD, lora_A_ERD, lora_B_EOR, h_Sr, w_S, meta.order_S, meta.tok_S, meta.counts_E,
-                              meta.offs_E)
+        ctx.save_for_backward(
+            x_TD, lora_A_ERD, lora_B_EOR, h_Sr, w_S, meta.order_S, meta.tok_S, meta.counts_E, meta.offs_E
+        )
         ctx.scaling, ctx.use_gmm, ctx.K, ctx.w_dtype = scaling, use_gmm, K, weights_TK.dtype
         return y_TO.to(x_TD.dtype)
 
@@ -130,8 +132,9 @@ class GroupedLoRAExperts(torch.autograd.Function):
         return dx, dA, dB, None, dw, None, None, None
 
 
-def lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, use_grouped_mm=None,
-                         use_padded=None):
+def lora_experts_grouped(
+    x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, use_grouped_mm=None, use_padded=None
+):
     """Grouped compute. ``use_grouped_mm``: None picks per device (module docstring); True forces
     F.grouped_mm where the shapes allow it (tests use this to cover the CUDA path on a CPU); False the loop.
     Without grouped_mm, the padded batched GEMMs of kernels/padded.py run while the routing is balanced enough
@@ -143,8 +146,9 @@ def lora_experts_grouped(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK
         sort = SortMeta.build(expert_ids_TK, E)
         capacity = int(sort.counts_E.max()) if expert_ids_TK.numel() else 0  # no device to wait for here
         if use_padded or E * capacity <= PAD_LIMIT * expert_ids_TK.numel():
-            return lora_experts_padded(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, sort,
-                                       capacity)
+            return lora_experts_padded(
+                x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, sort, capacity
+            )
     return GroupedLoRAExperts.apply(
         x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling), use_grouped_mm, sort
     )

@@ -74,13 +74,22 @@ class PaddedLoRAExperts(torch.autograd.Function):
         return dx, dA, dB, None, dw, None, None, None
 
 
-def lora_experts_padded(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, scaling, sort: SortMeta | None = None,
-                        capacity: int | None = None):
+def lora_experts_padded(
+    x_TD,
+    lora_A_ERD,
+    lora_B_EOR,
+    expert_ids_TK,
+    weights_TK,
+    scaling,
+    sort: SortMeta | None = None,
+    capacity: int | None = None,
+):
     """Padded batched compute. ``sort``: SortMeta.build of expert_ids_TK, and ``capacity`` >= the largest group
     (both computed here when not given)."""
     if sort is None:
         sort = SortMeta.build(expert_ids_TK, lora_A_ERD.shape[0])
     if capacity is None:
         capacity = int(sort.counts_E.max()) if expert_ids_TK.numel() else 0
-    return PaddedLoRAExperts.apply(x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling), sort,
-                                   max(int(capacity), 1))
+    return PaddedLoRAExperts.apply(
+        x_TD, lora_A_ERD, lora_B_EOR, expert_ids_TK, weights_TK, float(scaling), sort, max(int(capacity), 1)
+    )

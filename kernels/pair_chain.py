@@ -33,7 +33,11 @@ MIN_COMPILED_ELEMENTS = 1 << 18
 
 
 def pair_chain(
-    u_SF: torch.Tensor, g_SF: torch.Tensor, du_SF: torch.Tensor, dg_SF: torch.Tensor, w_S1: torch.Tensor,
+    u_SF: torch.Tensor,
+    g_SF: torch.Tensor,
+    du_SF: torch.Tensor,
+    dg_SF: torch.Tensor,
+    w_S1: torch.Tensor,
     act: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(p_SF, wd_SF) of the module docstring, eager."""
@@ -52,8 +56,13 @@ class PairChain:
         compile: False never compiles (the eager fallback only).
     """
 
-    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], *, min_elements: int = MIN_COMPILED_ELEMENTS,
-                 compile: bool = True) -> None:
+    def __init__(
+        self,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        min_elements: int = MIN_COMPILED_ELEMENTS,
+        compile: bool = True,
+    ) -> None:
         self.act = act
         self.min_elements = min_elements
         self.compile_seconds = 0.0
@@ -67,8 +76,12 @@ class PairChain:
     def uses_compiled(self, u_SF: torch.Tensor) -> bool:
         """The cost rule: CPU tensors, at least ``min_elements``, not already inside a torch.compile graph, and
         compilation has not failed here before."""
-        return (self.failure is None and u_SF.device.type == "cpu" and u_SF.numel() >= self.min_elements
-                and not torch.compiler.is_compiling())
+        return (
+            self.failure is None
+            and u_SF.device.type == "cpu"
+            and u_SF.numel() >= self.min_elements
+            and not torch.compiler.is_compiling()
+        )
 
     def __call__(self, u_SF, g_SF, du_SF, dg_SF, w_S1) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.uses_compiled(u_SF):

@@ -31,12 +31,12 @@ from .metadata import SortMeta
 class PairLayout:
     """Where each pair's row sits. S = T*K rows::
 
-        tok_S    [S] int64  token of row s
-        e_S      [S] int64  expert of row s
-        w_S      [S]        routing weight of row s (the routing's dtype, fp32)
-        inv_S    [S] int64  row of pair t*K + k (the inverse of the layout's order)
-        sort     SortMeta of the pairs (rows grouped by expert: order, counts, offsets), None in slot order
-        num_tokens, slots   T and K
+    tok_S    [S] int64  token of row s
+    e_S      [S] int64  expert of row s
+    w_S      [S]        routing weight of row s (the routing's dtype, fp32)
+    inv_S    [S] int64  row of pair t*K + k (the inverse of the layout's order)
+    sort     SortMeta of the pairs (rows grouped by expert: order, counts, offsets), None in slot order
+    num_tokens, slots   T and K
     """
 
     tok_S: torch.Tensor
@@ -48,8 +48,9 @@ class PairLayout:
     slots: int
 
     @staticmethod
-    def build(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, *, by_expert: bool
-              ) -> PairLayout:
+    def build(
+        expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, *, by_expert: bool
+    ) -> PairLayout:
         T, K = expert_ids_TK.shape
         flat_S = expert_ids_TK.reshape(-1)
         w_flat = weights_TK.reshape(-1)

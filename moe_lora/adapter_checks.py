@@ -25,21 +25,61 @@ from .json_file import parse_json
 from .text_limits import MAX_CONFIG_BYTES, short
 
 #: Keys every adapter_config.json of format_version 1 records besides the config fields (see adapter_io).
-REQUIRED_META = ("adapter_type", "format_version", "moe_lora_version", "base_model_name_or_path", "fingerprint",
-                 "targets", "num_layers", "num_experts_per_layer", "top_k_per_layer", "modules")
+REQUIRED_META = (
+    "adapter_type",
+    "format_version",
+    "moe_lora_version",
+    "base_model_name_or_path",
+    "fingerprint",
+    "targets",
+    "num_layers",
+    "num_experts_per_layer",
+    "top_k_per_layer",
+    "modules",
+)
 #: Optional keys (written since the checksum was added; adapters saved before it load unverified).
 CHECKSUM_KEYS = ("weights_bytes", "weights_sha256")
 
 #: Config fields that change how a model trains, not what its adapter tensors mean: a converted model may differ
 #: from the adapter's config in these and still load it, and an adapter_config.json may lack them (defaults).
-TRAINING_ONLY_FIELDS = ("init_seed", "init_lora_weights", "router_init_std", "backend", "dropout", "jitter_noise",
-                        "load_balance_coef", "z_loss_coef", "cv_coef", "contrastive_coef", "contrastive_temperature",
-                        "loss_form", "lbc_alpha", "balance_warmup_steps", "balance_warmup_start")
+TRAINING_ONLY_FIELDS = (
+    "init_seed",
+    "init_lora_weights",
+    "router_init_std",
+    "backend",
+    "dropout",
+    "jitter_noise",
+    "load_balance_coef",
+    "z_loss_coef",
+    "cv_coef",
+    "contrastive_coef",
+    "contrastive_temperature",
+    "loss_form",
+    "lbc_alpha",
+    "balance_warmup_steps",
+    "balance_warmup_start",
+)
 #: Config fields every format_version 1 adapter records (frozen: a field added later gets its default when an
 #: older adapter lacks it, so it must not be listed here).
-REQUIRED_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_k", "expert_budget",
-                   "allocation_groups", "rank", "alpha", "use_rslora", "router", "router_scope", "ffn_experts",
-                   "router_temperature", "soft_top_k", "threshold_max", "capacity_factor", "modules_to_save")
+REQUIRED_FIELDS = (
+    "target_modules",
+    "layers_to_transform",
+    "num_experts",
+    "top_k",
+    "expert_budget",
+    "allocation_groups",
+    "rank",
+    "alpha",
+    "use_rslora",
+    "router",
+    "router_scope",
+    "ffn_experts",
+    "router_temperature",
+    "soft_top_k",
+    "threshold_max",
+    "capacity_factor",
+    "modules_to_save",
+)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SCOPES = ("linear", "block", "ffn", "ia3")
@@ -70,8 +110,10 @@ def read_json_object(file: Path, who: str) -> dict:
     """The JSON object in ``file``; ValueError naming the file and the position when it is not one (or is too
     large or too deeply nested: moe_lora/json_file.py)."""
     if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{who}: {file} is {file.stat().st_size / 2**20:.1f} MiB; a JSON config may be at most "
-                         f"{MAX_CONFIG_BYTES // 2**20} MiB")
+        raise ValueError(
+            f"{who}: {file} is {file.stat().st_size / 2**20:.1f} MiB; a JSON config may be at most "
+            f"{MAX_CONFIG_BYTES // 2**20} MiB"
+        )
     try:
         text = file.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -85,8 +127,9 @@ def read_json_object(file: Path, who: str) -> dict:
     return data
 
 
-def read_safetensors(file: Path, who: str, *, size: int | None = None,
-                     sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(
+    file: Path, who: str, *, size: int | None = None, sha256: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, after checking its size and sha256 against the recorded ones
     (when given). ValueError naming the file for a pickle, a truncated or corrupted file; never unpickles."""
     if not file.is_file():
@@ -94,28 +137,35 @@ def read_safetensors(file: Path, who: str, *, size: int | None = None,
     data = file.read_bytes()  # read once: the size, the sha256 and the tensors all come from these bytes
     kind = looks_pickled(data[:9])
     if kind is not None:
-        raise ValueError(f"{who}: {file} is {kind}, not a safetensors file; pickles are never loaded (they can run "
-                         "code). Re-save the weights with safetensors")
+        raise ValueError(
+            f"{who}: {file} is {kind}, not a safetensors file; pickles are never loaded (they can run "
+            "code). Re-save the weights with safetensors"
+        )
     actual = len(data)
     if size is not None and actual != size:
-        raise ValueError(f"{who}: {file} is {actual} bytes but adapter_config.json records weights_bytes={size}: "
-                         f"the file is {'truncated' if actual < size else 'not the one saved'}. Save the adapter "
-                         "again (or, if you changed the file on purpose, delete weights_bytes and weights_sha256 "
-                         "from adapter_config.json)")
+        raise ValueError(
+            f"{who}: {file} is {actual} bytes but adapter_config.json records weights_bytes={size}: "
+            f"the file is {'truncated' if actual < size else 'not the one saved'}. Save the adapter "
+            "again (or, if you changed the file on purpose, delete weights_bytes and weights_sha256 "
+            "from adapter_config.json)"
+        )
     if sha256 is not None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != sha256:
-            raise ValueError(f"{who}: {file} has sha256 {digest[:16]}... but adapter_config.json records "
-                             f"weights_sha256={sha256[:16]}...: the file is corrupted or was modified after saving. "
-                             "Save the adapter again (or, if you changed the file on purpose, delete weights_bytes "
-                             "and weights_sha256 from adapter_config.json)")
+            raise ValueError(
+                f"{who}: {file} has sha256 {digest[:16]}... but adapter_config.json records "
+                f"weights_sha256={sha256[:16]}...: the file is corrupted or was modified after saving. "
+                "Save the adapter again (or, if you changed the file on purpose, delete weights_bytes "
+                "and weights_sha256 from adapter_config.json)"
+            )
     try:
         tensors = safetensors_load(data)
         n = int.from_bytes(data[:8], "little")
-        metadata = dict(json.loads(data[8:8 + n]).get("__metadata__") or {})  # the header deserialize just read
+        metadata = dict(json.loads(data[8 : 8 + n]).get("__metadata__") or {})  # the header deserialize just read
     except (SafetensorError, RuntimeError, ValueError, TypeError, OverflowError, AttributeError) as e:
-        raise ValueError(f"{who}: {file} is not a valid safetensors file ({e}); it is truncated or corrupted") \
-            from None
+        raise ValueError(
+            f"{who}: {file} is not a valid safetensors file ({e}); it is truncated or corrupted"
+        ) from None
     return tensors, metadata
 
 
@@ -126,11 +176,14 @@ def check_identity(data: dict, file: Path, supported: int) -> None:
     if kind != "moe_lora":
         hint = ""
         if "peft_type" in data:
-            hint = (f" (peft_type {short(data['peft_type'])}: a PEFT adapter; load PEFT LoRA adapters with "
-                    "moe_lora.experts_from_peft or moe_lora.upcycle_lora)")
+            hint = (
+                f" (peft_type {short(data['peft_type'])}: a PEFT adapter; load PEFT LoRA adapters with "
+                "moe_lora.experts_from_peft or moe_lora.upcycle_lora)"
+            )
         what = "is missing" if "adapter_type" not in data else f"is {short(kind)}"
-        raise ValueError(f"adapter: {file} is not a moe-lora adapter config: adapter_type {what}{hint}; "
-                         "allowed: 'moe_lora'")
+        raise ValueError(
+            f"adapter: {file} is not a moe-lora adapter config: adapter_type {what}{hint}; allowed: 'moe_lora'"
+        )
     allowed = f"this moe-lora reads format_version 1 to {supported}"
     if "format_version" not in data:
         raise ValueError(f"adapter: {file} has no format_version; {allowed}")
@@ -140,21 +193,32 @@ def check_identity(data: dict, file: Path, supported: int) -> None:
     if version > supported:
         from . import __version__
 
-        raise ValueError(f"adapter: {file} has format_version {version}, newer than this moe-lora "
-                         f"({__version__}) reads ({allowed}); upgrade moe-lora")
+        raise ValueError(
+            f"adapter: {file} has format_version {version}, newer than this moe-lora "
+            f"({__version__}) reads ({allowed}); upgrade moe-lora"
+        )
 
 
 def _targets_problem(targets) -> str | None:
     ok = isinstance(targets, list) and all(
-        isinstance(t, list) and len(t) == 3 and isinstance(t[0], str) and is_int(t[1]) and is_int(t[2])
-        and t[1] >= 1 and t[2] >= 1 for t in targets)
+        isinstance(t, list)
+        and len(t) == 3
+        and isinstance(t[0], str)
+        and is_int(t[1])
+        and is_int(t[2])
+        and t[1] >= 1
+        and t[2] >= 1
+        for t in targets
+    )
     return None if ok else f"targets: {short(targets)} must be a list of [module name, in_features, out_features]"
 
 
 def _modules_problems(modules) -> list[str]:
     if not (isinstance(modules, dict) and all(isinstance(v, dict) for v in modules.values())):
-        return [f"modules: {short(modules)} must be a mapping {{module name: {{scope, part, layer, num_experts, "
-                "top_k, rank}}"]
+        return [
+            f"modules: {short(modules)} must be a mapping {{module name: {{scope, part, layer, num_experts, "
+            "top_k, rank}}"
+        ]
     p = []
     for name, m in modules.items():
         missing = [k for k in ("scope", "part", "layer", "num_experts", "top_k", "rank") if k not in m]
@@ -182,8 +246,10 @@ def meta_problems(data: dict) -> list[str]:
         "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "must be a string or null"),
         "fingerprint": (lambda v: isinstance(v, str) and _HEX64.fullmatch(v), "must be 64 lowercase hex digits"),
         "num_layers": (lambda v: is_int(v) and v >= 0, "must be an int >= 0"),
-        "num_experts_per_layer": (lambda v: isinstance(v, list) and all(is_int(e) for e in v),
-                                  "must be a list of ints"),
+        "num_experts_per_layer": (
+            lambda v: isinstance(v, list) and all(is_int(e) for e in v),
+            "must be a list of ints",
+        ),
         "top_k_per_layer": (lambda v: isinstance(v, list) and all(is_int(e) for e in v), "must be a list of ints"),
         "weights_bytes": (lambda v: is_int(v) and v >= 0, "must be an int >= 0"),
         "weights_sha256": (lambda v: isinstance(v, str) and _HEX64.fullmatch(v), "must be 64 lowercase hex digits"),
@@ -195,10 +261,13 @@ def meta_problems(data: dict) -> list[str]:
         problem = _targets_problem(data["targets"])
         if problem:
             p.append(problem)
-        elif isinstance(data.get("fingerprint"), str) and \
-                data["fingerprint"] != fingerprint([tuple(t) for t in data["targets"]]):
-            p.append(f"fingerprint: {short(data['fingerprint'][:16])}... is not the sha256 of targets: "
-                     "adapter_config.json was edited or corrupted")
+        elif isinstance(data.get("fingerprint"), str) and data["fingerprint"] != fingerprint(
+            [tuple(t) for t in data["targets"]]
+        ):
+            p.append(
+                f"fingerprint: {short(data['fingerprint'][:16])}... is not the sha256 of targets: "
+                "adapter_config.json was edited or corrupted"
+            )
     if "modules" in data:
         p.extend(_modules_problems(data["modules"]))
     return p

@@ -122,8 +122,18 @@ def _base_name(model: nn.Module) -> str | None:
 def adapter_metadata(model: nn.Module) -> dict:
     """The adapter_config.json mapping of a converted model (without the weights' size and checksum)."""
     p = converted_plan(model)
-    modules = {e.name: {"scope": e.scope, "part": e.part, "layer": e.layer, "num_experts": e.num_experts,
-                        "top_k": e.top_k, "rank": e.rank} for e in p.entries if e.scope != "save"}
+    modules = {
+        e.name: {
+            "scope": e.scope,
+            "part": e.part,
+            "layer": e.layer,
+            "num_experts": e.num_experts,
+            "top_k": e.top_k,
+            "rank": e.rank,
+        }
+        for e in p.entries
+        if e.scope != "save"
+    }
     meta = {
         "adapter_type": "moe_lora",
         "format_version": FORMAT_VERSION,
@@ -179,14 +189,19 @@ def _adapter_dir(path: Path) -> Path:
     """The directory to read for adapter ``path``: itself, or, when a save was killed between its two renames
     (systems without an atomic exchange), the complete previous adapter it left aside."""
     if is_leftover(path):
-        raise ValueError(f"adapter: {path} is the temporary directory of an unfinished save, not an adapter; "
-                         "load the adapter directory itself")
+        raise ValueError(
+            f"adapter: {path} is the temporary directory of an unfinished save, not an adapter; "
+            "load the adapter directory itself"
+        )
     if path.is_dir():
         return path
     backup = backup_of(path, (CONFIG_NAME, WEIGHTS_NAME))
     if backup is not None:
-        warnings.warn(f"adapter: {path} is missing: a save to it was interrupted; loading the previous adapter "
-                      f"it left at {backup} (the next save_adapter to {path} puts it back)", stacklevel=3)
+        warnings.warn(
+            f"adapter: {path} is missing: a save to it was interrupted; loading the previous adapter "
+            f"it left at {backup} (the next save_adapter to {path} puts it back)",
+            stacklevel=3,
+        )
         return backup
     raise FileNotFoundError(f"adapter: {path} is not a directory" + ("" if path.exists() else " (it does not exist)"))
 
@@ -195,8 +210,9 @@ def _read_config(path: Path) -> tuple[MoELoRAConfig, dict]:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / name).is_file():
             pickles = pickle_files(path) if name == WEIGHTS_NAME else []
-            extra = f" ({', '.join(pickles)}: pickled weights are never loaded; save with safetensors)" \
-                if pickles else ""
+            extra = (
+                f" ({', '.join(pickles)}: pickled weights are never loaded; save with safetensors)" if pickles else ""
+            )
             raise FileNotFoundError(f"adapter: {path} has no {name}{extra}")
     file = path / CONFIG_NAME
     data = read_json_object(file, "adapter")
@@ -205,8 +221,11 @@ def _read_config(path: Path) -> tuple[MoELoRAConfig, dict]:
     known = set(MoELoRAConfig.__dataclass_fields__)
     unknown = sorted(k for k in data if k not in known and k not in META_KEYS)
     if unknown:
-        warnings.warn(f"adapter: {file} has keys this moe-lora does not know, ignored: {short(unknown, 300)} "
-                      "(saved by a newer version?)", stacklevel=3)
+        warnings.warn(
+            f"adapter: {file} has keys this moe-lora does not know, ignored: {short(unknown, 300)} "
+            "(saved by a newer version?)",
+            stacklevel=3,
+        )
     return config, {k: data.get(k) for k in META_KEYS}
 
 
@@ -223,8 +242,10 @@ def first_target_mismatch(saved: list, current: list[tuple[str, int, int]]) -> s
         if n not in now:
             return f"module {n!r} (base in={i}, out={o}) is targeted by the adapter but not found in this model"
         if now[n] != (i, o):
-            return (f"module {n!r} has base shape in={i}, out={o} in the adapter but in={now[n][0]}, "
-                    f"out={now[n][1]} in this model")
+            return (
+                f"module {n!r} has base shape in={i}, out={o} in the adapter but in={now[n][0]}, "
+                f"out={now[n][1]} in this model"
+            )
     saved_names = {n for n, _, _ in saved}
     for n, i, o in current:
         if n not in saved_names:
@@ -252,9 +273,11 @@ def _wrong_base(path: Path, meta: dict, model: nn.Module, why: str, here: str | 
     """The error for an adapter of another base model: both base names, both fingerprints, the first module
     that differs."""
     fps = f"fingerprint {meta['fingerprint'][:12]}..." + (f" vs {here[:12]}... here" if here else "")
-    return ValueError(f"adapter: {path} does not fit this model, it was saved for another base model "
-                      f"(base_model_name_or_path {meta.get('base_model_name_or_path')!r} in the adapter, "
-                      f"{_base_name(model)!r} here; {fps}): {why}")
+    return ValueError(
+        f"adapter: {path} does not fit this model, it was saved for another base model "
+        f"(base_model_name_or_path {meta.get('base_model_name_or_path')!r} in the adapter, "
+        f"{_base_name(model)!r} here; {fps}): {why}"
+    )
 
 
 def _check_structure(p: Plan, meta: dict, path: Path, model: nn.Module) -> None:
@@ -274,9 +297,11 @@ def _check_structure(p: Plan, meta: dict, path: Path, model: nn.Module) -> None:
             )
     a, b = meta.get("base_model_name_or_path"), _base_name(model)
     if a and b and Path(str(a)).name != Path(str(b)).name:
-        warnings.warn(f"adapter: {path} was saved for base model {a!r} and is loaded into {b!r}; their targeted "
-                      f"modules have the same shapes (fingerprint {p.fingerprint()[:12]}...), so it loads",
-                      stacklevel=3)
+        warnings.warn(
+            f"adapter: {path} was saved for base model {a!r} and is loaded into {b!r}; their targeted "
+            f"modules have the same shapes (fingerprint {p.fingerprint()[:12]}...), so it loads",
+            stacklevel=3,
+        )
 
 
 def _list(names: list[str], limit: int = 10) -> str:
@@ -289,10 +314,16 @@ def _tensor_problems(tensors: dict[str, torch.Tensor], live: dict[str, nn.Parame
     missing = sorted(k for k in live if k not in tensors)
     unexpected = sorted(k for k in tensors if k not in live)
     common = sorted(k for k in live if k in tensors)
-    misshaped = [f"{k}: saved shape {tuple(tensors[k].shape)}, expected {tuple(live[k].shape)}"
-                 for k in common if tuple(tensors[k].shape) != tuple(live[k].shape)]
-    non_float = [f"{k}: saved dtype {tensors[k].dtype}, expected a floating dtype (the model's is {live[k].dtype})"
-                 for k in common if not tensors[k].is_floating_point()]
+    misshaped = [
+        f"{k}: saved shape {tuple(tensors[k].shape)}, expected {tuple(live[k].shape)}"
+        for k in common
+        if tuple(tensors[k].shape) != tuple(live[k].shape)
+    ]
+    non_float = [
+        f"{k}: saved dtype {tensors[k].dtype}, expected a floating dtype (the model's is {live[k].dtype})"
+        for k in common
+        if not tensors[k].is_floating_point()
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys: {_list(missing)}")
@@ -315,9 +346,11 @@ def _cast(tensors: dict[str, torch.Tensor], live: dict[str, nn.Parameter], file:
             overflow.append(k)
         out[k] = c
     if overflow:
-        raise ValueError(f"adapter: {file} holds values that overflow when cast to the model's dtype "
-                         f"({live[overflow[0]].dtype}) in keys {_list(overflow)}; load it into a model of dtype "
-                         f"{tensors[overflow[0]].dtype}")
+        raise ValueError(
+            f"adapter: {file} holds values that overflow when cast to the model's dtype "
+            f"({live[overflow[0]].dtype}) in keys {_list(overflow)}; load it into a model of dtype "
+            f"{tensors[overflow[0]].dtype}"
+        )
     return out
 
 
@@ -334,8 +367,9 @@ def load_adapter(model: nn.Module, path: str | Path, *, verify_checksum: bool = 
     src = _adapter_dir(path)
     config, meta = _read_config(src)
     file = src / WEIGHTS_NAME
-    tensors, file_meta = read_safetensors(file, "adapter", size=meta.get("weights_bytes"),
-                                          sha256=meta.get("weights_sha256") if verify_checksum else None)
+    tensors, file_meta = read_safetensors(
+        file, "adapter", size=meta.get("weights_bytes"), sha256=meta.get("weights_sha256") if verify_checksum else None
+    )
     fmt = file_meta.get("format")
     if fmt != "pt":
         raise ValueError(f"adapter: {file} has safetensors metadata format {short(fmt)}; allowed: 'pt'")
@@ -345,8 +379,10 @@ def load_adapter(model: nn.Module, path: str | Path, *, verify_checksum: bool = 
         diff = [k for k, v in config.to_dict().items() if mine.get(k) != v and k not in TRAINING_ONLY_FIELDS]
         if diff:
             fields = ", ".join(f"{k}={short(getattr(config, k))} in the adapter, {short(mine[k])} here" for k in diff)
-            raise ValueError(f"adapter: {path} was saved with a different config than this converted model "
-                             f"({fields}); load it into the base model instead")
+            raise ValueError(
+                f"adapter: {path} was saved with a different config than this converted model "
+                f"({fields}); load it into the base model instead"
+            )
     else:
         why = _saved_targets_vs_model(model, meta["targets"])
         if why is not None:
@@ -379,8 +415,9 @@ class MoELoRAModel:
         return convert(cls._model(model), config)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module | str | None, adapter_dir: str | Path, *,
-                        is_trainable: bool = False) -> nn.Module:
+    def from_pretrained(
+        cls, model: nn.Module | str | None, adapter_dir: str | Path, *, is_trainable: bool = False
+    ) -> nn.Module:
         """Load an adapter onto a base model (a module, a zoo name or path, or None: the adapter's
         base_model_name_or_path). ``is_trainable=False`` freezes the adapter and sets eval mode, as PEFT."""
         if model is None:

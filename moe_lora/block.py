@@ -120,20 +120,38 @@ class ExpertLinear(LoRAExperts):
                 f"{z_TI.shape[0]}; call the projection only inside its block's forward"
             )
         out_shape = (*z.shape[:-1], self.out_features)
-        fusion = can_fuse(z, self.lora_A, routing.expert_ids_TK.shape[1], self.backend, self.lora_dropout,
-                          self.base_layer, args, kwargs)
+        fusion = can_fuse(
+            z,
+            self.lora_A,
+            routing.expert_ids_TK.shape[1],
+            self.backend,
+            self.lora_dropout,
+            self.base_layer,
+            args,
+            kwargs,
+        )
         if fusion is not None and fusion.base:  # the base inside the shrink's Function (kernels/fused.py)
-            out_TO, _, _ = fused_lora_forward(fusion, z_TI, self.lora_A, self.lora_B, self.scaling,
-                                              lambda _: routing, base_layer=self.base_layer)
+            out_TO, _, _ = fused_lora_forward(
+                fusion, z_TI, self.lora_A, self.lora_B, self.scaling, lambda _: routing, base_layer=self.base_layer
+            )
             return out_TO.view(out_shape)
         result = self.base_layer(z, *args, **kwargs)
-        delta_TO = lora_experts(self.lora_dropout(z_TI), self.lora_A, self.lora_B, routing.expert_ids_TK,
-                                routing.weights_TK, self.scaling, self.backend)
+        delta_TO = lora_experts(
+            self.lora_dropout(z_TI),
+            self.lora_A,
+            self.lora_B,
+            routing.expert_ids_TK,
+            routing.weights_TK,
+            self.scaling,
+            self.backend,
+        )
         return result + delta_TO.view(out_shape).to(result.dtype)
 
     def extra_repr(self) -> str:
-        return (f"role={self.role!r}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"num_experts={self.num_experts}, rank={self.rank}, scaling={self.scaling:.4g}")
+        return (
+            f"role={self.role!r}, in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_experts={self.num_experts}, rank={self.rank}, scaling={self.scaling:.4g}"
+        )
 
 
 #: Activation and post-projection module names per layout (``None``: the layout has none).
@@ -156,8 +174,9 @@ class MoEBlock(RoutedModule, nn.Module):
         ffn_experts: MixLoRA FFN experts instead of per-projection deltas (gated and plain layouts).
     """
 
-    def __init__(self, base_layer: nn.Module, layout: BlockLayout, router: Router, aux: AuxLossConfig, *,
-                 ffn_experts: bool):
+    def __init__(
+        self, base_layer: nn.Module, layout: BlockLayout, router: Router, aux: AuxLossConfig, *, ffn_experts: bool
+    ):
         super().__init__()
         if ffn_experts and layout.kind not in ("gated", "plain"):
             raise ValueError(
@@ -171,7 +190,7 @@ class MoEBlock(RoutedModule, nn.Module):
         self.num_experts = router.num_experts
         self.init_routed(aux)
         prefix = layout.entry + "."
-        self.role_paths = {role: name[len(prefix):] for role, name in layout.roles if name.startswith(prefix)}
+        self.role_paths = {role: name[len(prefix) :] for role, name in layout.roles if name.startswith(prefix)}
         self.outside = [name for _, name in layout.roles if not name.startswith(prefix)]  # BERT's down projection
         self._outside: tuple[ExpertLinear, ...] = ()  # plain references: the modules are registered by the model
 
@@ -197,8 +216,9 @@ class MoEBlock(RoutedModule, nn.Module):
         routing = self.router(x_TD, self.token_mask_for(x_TD.shape[0]))
         if self.ffn_experts:
             out, u_SO = self._ffn_forward(x, x_TD, routing)  # u_SO only for the contrastive router
-            outputs = None if u_SO is None or self.coefs["contrastive"] <= 0 else (
-                u_SO, routing.expert_ids_TK.reshape(-1))
+            outputs = (
+                None if u_SO is None or self.coefs["contrastive"] <= 0 else (u_SO, routing.expert_ids_TK.reshape(-1))
+            )
             self.record(routing, x, expert_outputs=outputs)
             return out
         experts = self.experts()
@@ -207,7 +227,7 @@ class MoEBlock(RoutedModule, nn.Module):
         try:
             out = self.base_layer(x, *args, **kwargs)
         finally:
-            for e in experts[:len(experts) - len(self._outside)]:  # outside ones run after this returns
+            for e in experts[: len(experts) - len(self._outside)]:  # outside ones run after this returns
                 e.routing = None
         self.record(routing, x)
         return out

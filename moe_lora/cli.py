@@ -1,8 +1,8 @@
 """The ``moe-lora`` command. Each subcommand lives in ``moe_lora/commands/<name>.py`` and provides
 
-    HELP: str                                   one line for the command list
-    def add_arguments(parser) -> None           its options (every option with a help string)
-    def run(args: argparse.Namespace) -> int    the job; returns the exit code
+HELP: str                                   one line for the command list
+def add_arguments(parser) -> None           its options (every option with a help string)
+def run(args: argparse.Namespace) -> int    the job; returns the exit code
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(f"moe_lora.commands.{name}") is None:
             continue
         module = importlib.import_module(f"moe_lora.commands.{name}")
-        p = sub.add_parser(name, help=module.HELP, description=(module.__doc__ or module.HELP).strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=(module.__doc__ or module.HELP).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(p)
         p.set_defaults(func=module.run)
     return parser

@@ -19,8 +19,13 @@ from collections.abc import Sequence
 import torch
 
 
-def embed_texts(texts: Sequence[str], model_name: str = "minilm", batch_size: int = 32, max_length: int = 128,
-                progress: bool = False) -> torch.Tensor:
+def embed_texts(
+    texts: Sequence[str],
+    model_name: str = "minilm",
+    batch_size: int = 32,
+    max_length: int = 128,
+    progress: bool = False,
+) -> torch.Tensor:
     """[N, H] fp32 L2-normalised mean-pooled last hidden states of ``texts`` (padding excluded)."""
     from .zoo import load_model, load_tokenizer
 
@@ -33,8 +38,13 @@ def embed_texts(texts: Sequence[str], model_name: str = "minilm", batch_size: in
         starts = tqdm(starts, desc="embedding", unit="batch")
     with torch.no_grad():
         for i in starts:
-            enc = tok(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
+            enc = tok(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
             m = enc["attention_mask"].unsqueeze(-1).float()
             out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1))

@@ -30,8 +30,14 @@ __all__ = ["BACKENDS", "INITS", "LIST_FIELDS", "ROUTERS", "ROUTER_SCOPES", "VARI
 ROUTERS = tuple(ROUTER_CLASSES)
 ROUTER_SCOPES = ("linear", "block")
 #: Fields that take a list (or a tuple, stored as a list).
-LIST_FIELDS = ("target_modules", "layers_to_transform", "num_experts", "top_k", "modules_to_save",
-               "ia3_feedforward_modules")
+LIST_FIELDS = (
+    "target_modules",
+    "layers_to_transform",
+    "num_experts",
+    "top_k",
+    "modules_to_save",
+    "ia3_feedforward_modules",
+)
 EXPERT_TYPES = ("lora", "ia3")
 
 
@@ -81,14 +87,21 @@ class MoELoRAConfig:
     alpha: float = _f(16.0, "LoRA alpha; the expert output is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
     dropout: float = _f(0.0, "Dropout on the expert input (shared by the experts of a module), like lora_dropout.")
     use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
-    use_dora: bool = _f(False, "DoRA experts: each expert has a magnitude m_e [out] and the direction W0 + s B_e A_e "
-                        "(router_scope 'linear').")
+    use_dora: bool = _f(
+        False,
+        "DoRA experts: each expert has a magnitude m_e [out] and the direction W0 + s B_e A_e "
+        "(router_scope 'linear').",
+    )
     expert_type: str = _f(
-        "lora", "'lora': every expert is a LoRA; 'ia3': MoV's (IA)^3 vectors, one learned scaling vector per expert "
-        "on the targets' outputs (keys, values) or inputs (ia3_feedforward_modules), mixed by the router.")
+        "lora",
+        "'lora': every expert is a LoRA; 'ia3': MoV's (IA)^3 vectors, one learned scaling vector per expert "
+        "on the targets' outputs (keys, values) or inputs (ia3_feedforward_modules), mixed by the router.",
+    )
     ia3_feedforward_modules: list[str] = _f(
-        ["down_proj", "fc2", "mlp.c_proj", "wo"], "expert_type 'ia3': targets whose INPUT is scaled (the FFN's "
-        "intermediate activation); the other targets have their output scaled.")
+        ["down_proj", "fc2", "mlp.c_proj", "wo"],
+        "expert_type 'ia3': targets whose INPUT is scaled (the FFN's "
+        "intermediate activation); the other targets have their output scaled.",
+    )
     init_lora_weights: str = _f(
         "kaiming", "Init of lora_A: 'kaiming' (uniform, a=sqrt(5), as PEFT) or 'gaussian' (N(0, 1/r)); lora_B is zero."
     )
@@ -103,23 +116,29 @@ class MoELoRAConfig:
         "cluster id picks top_k experts, the last expert is universal; needs num_tasks).",
     )
     router_scope: str = _f(
-        "linear", "'linear': one router per adapted linear (MoLA, AdaMoLE); 'block': one router per MLP block "
-        "shared by its projections (MixLoRA)."
+        "linear",
+        "'linear': one router per adapted linear (MoLA, AdaMoLE); 'block': one router per MLP block "
+        "shared by its projections (MixLoRA).",
     )
     ffn_experts: bool = _f(
-        False, "MixLoRA feed-forward mode: an expert is the whole FFN with LoRA on each projection "
-        "(needs router_scope='block')."
+        False,
+        "MixLoRA feed-forward mode: an expert is the whole FFN with LoRA on each projection "
+        "(needs router_scope='block').",
     )
     router_temperature: float = _f(1.0, "Softmax temperature of the router: p = softmax(W_r x / temperature).")
     router_init_std: float = _f(0.02, "Std of the normal init of the router weight W_r [E, d_in].")
     jitter_noise: float = _f(0.0, "Multiplicative jitter x * U(1-eps, 1+eps) on the router input in training.")
     soft_top_k: int | None = _f(
-        None, "Soft router: keep the top-k probabilities and renormalise; 'xlora': keep the top-k scalings "
-        "(not renormalised, X-LoRA's top_k_lora).")
+        None,
+        "Soft router: keep the top-k probabilities and renormalise; 'xlora': keep the top-k scalings "
+        "(not renormalised, X-LoRA's top_k_lora).",
+    )
     classifier_hidden_size: int | None = _f(
-        None, "Router 'xlora': hidden size of the model (its last hidden state feeds the per-layer classifiers).")
+        None, "Router 'xlora': hidden size of the model (its last hidden state feeds the per-layer classifiers)."
+    )
     num_tasks: int | None = _f(
-        None, "Routers 'task' (MOELoRA) and 'cluster' (MoCLE): number of task or cluster ids (0 .. num_tasks - 1).")
+        None, "Routers 'task' (MOELoRA) and 'cluster' (MoCLE): number of task or cluster ids (0 .. num_tasks - 1)."
+    )
     task_embedding_dim: int = _f(64, "Routers 'task' and 'cluster': size of the task embedding the gate reads.")
     threshold_max: float | None = _f(
         None, "Threshold router: tau(x) = threshold_max * sigmoid(w.x + b); default 1/E (at least one expert fires)."
@@ -139,23 +158,27 @@ class MoELoRAConfig:
         "(on p - tau, summed over modules), 'loramoe' (per-sample CV^2 with its LBC, summed over modules).",
     )
     lbc_alpha: float = _f(
-        0.0, "LoRAMoE's localized balancing constraint (loss_form 'loramoe'): importance weights 1 + alpha on the "
+        0.0,
+        "LoRAMoE's localized balancing constraint (loss_form 'loramoe'): importance weights 1 + alpha on the "
         "experts of a sample's task type (type 1: the first E/2 experts, type 0: the others), 1 - alpha elsewhere. "
         "Task types come from model_hooks.set_task_ids.",
     )
     balance_warmup_steps: int = _f(
-        0, "Balance-loss warm-up: the balance coefficients (load_balance, cv) go linearly from "
+        0,
+        "Balance-loss warm-up: the balance coefficients (load_balance, cv) go linearly from "
         "balance_warmup_start times their value at step 0 to their value at this step (0: no warm-up).",
     )
     balance_warmup_start: float = _f(0.0, "Factor of the balance coefficients at step 0 of the warm-up.")
     bias_update_rate: float = _f(
-        0.0, "Auxiliary-loss-free balancing (DeepSeek-V3), top-k routers: a per-expert bias added to the selection "
+        0.0,
+        "Auxiliary-loss-free balancing (DeepSeek-V3), top-k routers: a per-expert bias added to the selection "
         "scores only (not to the gate weights), b_e += rate * sign(mean load - load_e) after every optimizer step "
         "(moe_lora.balancing). 0: off. DeepSeek-V3 uses 1e-3.",
     )
     backend: str = _f(
-        "auto", "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
-        "cost), 'dense', 'grouped', 'reference', 'triton', 'megablocks'."
+        "auto",
+        "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
+        "cost), 'dense', 'grouped', 'reference', 'triton', 'megablocks'.",
     )
     modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (a classifier).")
 
@@ -172,11 +195,18 @@ class MoELoRAConfig:
     # ---- validation -------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Every invalid setting, as 'field: value ... (allowed ...)'. Empty when valid."""
-        return [*self._target_problems(), *self._allocation_problems(), *self._top_k_problems(),
-                *lora_problems(self.rank, self.alpha, self.dropout, self.use_rslora, self.init_lora_weights,
-                               self.backend),
-                *self._seed_problems(), *self._router_problems(), *self._router_setting_problems(),
-                *self._loss_problems(), *self._expert_type_problems(), *self._save_problems()]
+        return [
+            *self._target_problems(),
+            *self._allocation_problems(),
+            *self._top_k_problems(),
+            *lora_problems(self.rank, self.alpha, self.dropout, self.use_rslora, self.init_lora_weights, self.backend),
+            *self._seed_problems(),
+            *self._router_problems(),
+            *self._router_setting_problems(),
+            *self._loss_problems(),
+            *self._expert_type_problems(),
+            *self._save_problems(),
+        ]
 
     def _target_problems(self) -> list[str]:
         p = []
@@ -214,9 +244,7 @@ class MoELoRAConfig:
         if not (is_int(self.allocation_groups) and self.allocation_groups >= 1):
             p.append(f"allocation_groups: {self.allocation_groups!r} must be an int >= 1")
         elif isinstance(ne, str) and is_int(self.expert_budget) and self.expert_budget < self.allocation_groups:
-            p.append(
-                f"expert_budget: {self.expert_budget} is smaller than allocation_groups={self.allocation_groups}"
-            )
+            p.append(f"expert_budget: {self.expert_budget} is smaller than allocation_groups={self.allocation_groups}")
         return p
 
     def _top_k_problems(self) -> list[str]:
@@ -232,8 +260,11 @@ class MoELoRAConfig:
             return [f"top_k: {tk!r} must be an int >= 1 or a non-empty list of ints"]
         p = [f"top_k: {list(tk)} has an entry < 1"] if min(tk) < 1 else []
         if isinstance(ne, list | tuple) and len(ne) == len(tk):
-            p += [problem for i, (e, k) in enumerate(zip(ne, tk))
-                  if (problem := k_problem(self.router, k, e, subject=f"top_k: entry {i} is {k}, which")) is not None]
+            p += [
+                problem
+                for i, (e, k) in enumerate(zip(ne, tk))
+                if (problem := k_problem(self.router, k, e, subject=f"top_k: entry {i} is {k}, which")) is not None
+            ]
         return p
 
     def _seed_problems(self) -> list[str]:
@@ -274,19 +305,25 @@ class MoELoRAConfig:
         elif self.num_tasks is not None and not (is_int(self.num_tasks) and self.num_tasks >= 1):
             p.append(f"num_tasks: {self.num_tasks!r} must be null or an int >= 1")
         if self.router == "xlora" and not (is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1):
-            p.append(f"classifier_hidden_size: {self.classifier_hidden_size!r} must be the model's hidden size "
-                     "(an int >= 1) with router 'xlora'")
+            p.append(
+                f"classifier_hidden_size: {self.classifier_hidden_size!r} must be the model's hidden size "
+                "(an int >= 1) with router 'xlora'"
+            )
         elif self.classifier_hidden_size is not None and not (
-                is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1):
+            is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1
+        ):
             p.append(f"classifier_hidden_size: {self.classifier_hidden_size!r} must be null or an int >= 1")
         if not (is_int(self.task_embedding_dim) and self.task_embedding_dim >= 1):
             p.append(f"task_embedding_dim: {self.task_embedding_dim!r} must be an int >= 1")
         if not (is_number(self.bias_update_rate) and self.bias_update_rate >= 0):
             p.append(f"bias_update_rate: {self.bias_update_rate!r} must be a number >= 0")
         elif self.bias_update_rate > 0 and not (
-                self.router in ROUTERS and ROUTER_CLASSES[self.router].uses_selection_bias):
-            p.append(f"bias_update_rate: {self.bias_update_rate} needs a top-k router ('topk', 'contrastive'), "
-                     f"got router={self.router!r}")
+            self.router in ROUTERS and ROUTER_CLASSES[self.router].uses_selection_bias
+        ):
+            p.append(
+                f"bias_update_rate: {self.bias_update_rate} needs a top-k router ('topk', 'contrastive'), "
+                f"got router={self.router!r}"
+            )
         return p
 
     def _expert_type_problems(self) -> list[str]:
@@ -294,8 +331,10 @@ class MoELoRAConfig:
         if not isinstance(self.use_dora, bool):
             p.append(f"use_dora: {self.use_dora!r} must be true or false")
         if self.expert_type not in EXPERT_TYPES:
-            p.append(f"expert_type: {self.expert_type!r}{suggest(self.expert_type, EXPERT_TYPES)}; "
-                     f"allowed: {', '.join(EXPERT_TYPES)}")
+            p.append(
+                f"expert_type: {self.expert_type!r}{suggest(self.expert_type, EXPERT_TYPES)}; "
+                f"allowed: {', '.join(EXPERT_TYPES)}"
+            )
         fm = self.ia3_feedforward_modules
         if not (isinstance(fm, list | tuple) and all(isinstance(m, str) and m for m in fm)):
             p.append(f"ia3_feedforward_modules: {fm!r} must be a list of module names")
@@ -305,13 +344,17 @@ class MoELoRAConfig:
         """The losses' own settings (AuxLossConfig) and how the loss form fits the router and the allocation."""
         p = self.aux_loss_config().problems()
         if self.loss_form == "adamole" and self.router != "threshold":
-            p.append(f"loss_form: 'adamole' needs router='threshold' (its balance loss is on p - tau), got "
-                     f"router={self.router!r}")
+            p.append(
+                f"loss_form: 'adamole' needs router='threshold' (its balance loss is on p - tau), got "
+                f"router={self.router!r}"
+            )
         elif self.loss_form == "mixlora":
             ne = self.num_experts
             if not (is_int(ne) or (isinstance(ne, list | tuple) and len(set(ne)) == 1)):
-                p.append(f"loss_form: 'mixlora' pools the balance loss over all layers and needs the same "
-                         f"num_experts everywhere, got num_experts={ne!r}")
+                p.append(
+                    f"loss_form: 'mixlora' pools the balance loss over all layers and needs the same "
+                    f"num_experts everywhere, got num_experts={ne!r}"
+                )
         return p
 
     def _save_problems(self) -> list[str]:
@@ -323,23 +366,40 @@ class MoELoRAConfig:
     # ---- the modules' configs ---------------------------------------------------------------------------
     def expert_config(self, num_experts: int) -> ExpertConfig:
         """The settings of one module's experts (``num_experts``: that module's E, see convert.plan)."""
-        return ExpertConfig(num_experts, self.rank, self.alpha, self.dropout, self.use_rslora, self.backend,
-                            self.init_lora_weights)
+        return ExpertConfig(
+            num_experts, self.rank, self.alpha, self.dropout, self.use_rslora, self.backend, self.init_lora_weights
+        )
 
     def router_config(self, top_k: int) -> RouterConfig:
         """The settings of one module's router (``top_k``: that module's k, see convert.plan)."""
         return router_config_from_settings(
-            self.router, top_k, router_temperature=self.router_temperature, jitter_noise=self.jitter_noise,
-            router_init_std=self.router_init_std, soft_top_k=self.soft_top_k, threshold_max=self.threshold_max,
-            capacity_factor=self.capacity_factor, num_tasks=self.num_tasks, task_embedding_dim=self.task_embedding_dim,
-            classifier_hidden_size=self.classifier_hidden_size, bias_update_rate=self.bias_update_rate)
+            self.router,
+            top_k,
+            router_temperature=self.router_temperature,
+            jitter_noise=self.jitter_noise,
+            router_init_std=self.router_init_std,
+            soft_top_k=self.soft_top_k,
+            threshold_max=self.threshold_max,
+            capacity_factor=self.capacity_factor,
+            num_tasks=self.num_tasks,
+            task_embedding_dim=self.task_embedding_dim,
+            classifier_hidden_size=self.classifier_hidden_size,
+            bias_update_rate=self.bias_update_rate,
+        )
 
     def aux_loss_config(self) -> AuxLossConfig:
         return AuxLossConfig(
-            load_balance=self.load_balance_coef, z_loss=self.z_loss_coef, cv=self.cv_coef,
-            contrastive=self.contrastive_coef, contrastive_temperature=self.contrastive_temperature,
-            gate_balance=self.gate_balance_coef, loss_form=self.loss_form, lbc_alpha=self.lbc_alpha,
-            balance_warmup_steps=self.balance_warmup_steps, balance_warmup_start=self.balance_warmup_start)
+            load_balance=self.load_balance_coef,
+            z_loss=self.z_loss_coef,
+            cv=self.cv_coef,
+            contrastive=self.contrastive_coef,
+            contrastive_temperature=self.contrastive_temperature,
+            gate_balance=self.gate_balance_coef,
+            loss_form=self.loss_form,
+            lbc_alpha=self.lbc_alpha,
+            balance_warmup_steps=self.balance_warmup_steps,
+            balance_warmup_start=self.balance_warmup_start,
+        )
 
     # ---- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

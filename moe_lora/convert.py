@@ -79,8 +79,9 @@ def _build_router(config: MoELoRAConfig, in_features: int, E: int, k: int, where
         raise ValueError(f"{e} (for {where}, which has num_experts={E})") from None
 
 
-def _router_params(config: MoELoRAConfig, in_features: int, E: int, k: int, where: str,
-                   out_features: int | None = None) -> int:
+def _router_params(
+    config: MoELoRAConfig, in_features: int, E: int, k: int, where: str, out_features: int | None = None
+) -> int:
     if config.router == "mole":  # its gate's shape comes from the layer it is bound to
         return gate_parameters(E, out_features)
     with torch.device("meta"):
@@ -137,26 +138,41 @@ class Plan:
         return self.table()
 
     def __repr__(self) -> str:  # the dataclass repr would spell out every entry and the whole config
-        return (f"Plan({len(self.entries)} modules, {self.num_layers} layers, trainable {self.trainable_params:,} "
-                f"= {100 * self.trainable_share:.2f}%; print() it for the table)")
+        return (
+            f"Plan({len(self.entries)} modules, {self.num_layers} layers, trainable {self.trainable_params:,} "
+            f"= {100 * self.trainable_share:.2f}%; print() it for the table)"
+        )
 
     def table(self) -> str:
         """The plan as a fixed-width table plus the trainable share."""
         rows = [("module", "scope", "part", "layer", "E", "k", "rank", "params")]
         for e in self.entries:
-            rows.append((e.name, e.scope, e.part, "-" if e.layer is None else str(e.layer),
-                         "-" if e.num_experts is None else str(e.num_experts), e.k_label or "-",
-                         "-" if e.rank is None else str(e.rank), f"{e.params:,}"))
+            rows.append(
+                (
+                    e.name,
+                    e.scope,
+                    e.part,
+                    "-" if e.layer is None else str(e.layer),
+                    "-" if e.num_experts is None else str(e.num_experts),
+                    e.k_label or "-",
+                    "-" if e.rank is None else str(e.rank),
+                    f"{e.params:,}",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                 for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(
             f"trainable: {self.trainable_params:,} of {self.base_params + self.added_params:,} parameters "
             f"({100 * self.trainable_share:.3f}%); layers: {self.num_layers}, experts per layer: "
-            f"{self.experts_per_layer}, " + (f"k per layer: {self.top_k_per_layer}"
-                                             if self.config.router in FIXED_K_ROUTERS
-                                             else f"router: {self.config.router}")
+            f"{self.experts_per_layer}, "
+            + (
+                f"k per layer: {self.top_k_per_layer}"
+                if self.config.router in FIXED_K_ROUTERS
+                else f"router: {self.config.router}"
+            )
         )
         return "\n".join(lines)
 
@@ -192,8 +208,10 @@ def _match_save(model: nn.Module, patterns: list[str], targets: list[str]) -> li
     for s in found:
         for t in targets:
             if t == s or t.startswith(s + ".") or s.startswith(t + "."):
-                raise ValueError(f"modules_to_save: {s!r} overlaps the targeted module {t!r}; a module is either "
-                                 "adapted or trained in full")
+                raise ValueError(
+                    f"modules_to_save: {s!r} overlaps the targeted module {t!r}; a module is either "
+                    "adapted or trained in full"
+                )
     return found
 
 
@@ -220,14 +238,20 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
 
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     if config.router == "xlora" and hidden is not None and hidden != config.classifier_hidden_size:
-        raise ValueError(f"classifier_hidden_size: {config.classifier_hidden_size} but {type(model).__name__}'s "
-                         f"hidden size is {hidden}")
+        raise ValueError(
+            f"classifier_hidden_size: {config.classifier_hidden_size} but {type(model).__name__}'s "
+            f"hidden size is {hidden}"
+        )
     if config.use_dora and (config.router_scope != "linear" or config.expert_type != "lora"):
-        raise ValueError(f"use_dora: true needs router_scope 'linear' and LoRA experts (got router_scope="
-                         f"{config.router_scope!r}, expert_type={config.expert_type!r})")
+        raise ValueError(
+            f"use_dora: true needs router_scope 'linear' and LoRA experts (got router_scope="
+            f"{config.router_scope!r}, expert_type={config.expert_type!r})"
+        )
     if config.expert_type == "ia3" and (config.router_scope != "linear" or config.router in ("mole", "xlora")):
-        raise ValueError(f"expert_type: 'ia3' (MoV) needs router_scope 'linear' and a router that reads the "
-                         f"activation (got router_scope={config.router_scope!r}, router={config.router!r})")
+        raise ValueError(
+            f"expert_type: 'ia3' (MoV) needs router_scope 'linear' and a router that reads the "
+            f"activation (got router_scope={config.router_scope!r}, router={config.router!r})"
+        )
     block_of: dict[str, tuple[BlockLayout, str]] = {}
     if config.router_scope == "block":
         for n in names:
@@ -240,11 +264,14 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
                 "MLP block (gate_proj/up_proj/down_proj + act_fn, GPT-2 c_fc/c_proj, BERT intermediate/output dense)"
             )
         if config.router in ("mole", "xlora"):
-            raise ValueError(f"router: {config.router!r} gates each adapted linear's LoRAs; use router_scope: "
-                             "'linear'")
+            raise ValueError(
+                f"router: {config.router!r} gates each adapted linear's LoRAs; use router_scope: 'linear'"
+            )
         if config.router == "contrastive" and not config.ffn_experts:
-            raise ValueError("router: 'contrastive' with router_scope='block' needs ffn_experts: true (the expert "
-                             "output it contrasts is the FFN expert's down-projection delta)")
+            raise ValueError(
+                "router: 'contrastive' with router_scope='block' needs ffn_experts: true (the expert "
+                "output it contrasts is the FFN expert's down-projection delta)"
+            )
 
     r = config.rank
     entries: list[PlanEntry] = []
@@ -266,31 +293,87 @@ def plan(model: nn.Module, config: MoELoRAConfig) -> Plan:
                     )
                 blocks[layout.entry] = layout
                 d_block = base_dims(modules[layout.roles[0][1]])[0]
-                entries.append(PlanEntry(
-                    layout.entry, scope, "router", layer, E, k, None, d_block, None,
-                    _router_params(config, d_block, E, k, layout.entry), k_label=routing_label(config, E, k)))
+                entries.append(
+                    PlanEntry(
+                        layout.entry,
+                        scope,
+                        "router",
+                        layer,
+                        E,
+                        k,
+                        None,
+                        d_block,
+                        None,
+                        _router_params(config, d_block, E, k, layout.entry),
+                        k_label=routing_label(config, E, k),
+                    )
+                )
             lora = E * r * (d_in + d_out)
-            entries.append(PlanEntry(n, scope, "experts", layer, E, k, r, d_in, d_out, lora, block=layout.entry,
-                                     role=role, k_label=routing_label(config, E, k)))
+            entries.append(
+                PlanEntry(
+                    n,
+                    scope,
+                    "experts",
+                    layer,
+                    E,
+                    k,
+                    r,
+                    d_in,
+                    d_out,
+                    lora,
+                    block=layout.entry,
+                    role=role,
+                    k_label=routing_label(config, E, k),
+                )
+            )
         elif config.expert_type == "ia3":  # MoV: vectors at the output (keys, values) or input (FFN down) site
             layer = layer_index(n)
             E, k = e_and_k(n, layer)
             site = "input" if any(matches(n, f) for f in config.ia3_feedforward_modules) else "output"
             d = d_in if site == "input" else d_out
-            entries.append(PlanEntry(n, "ia3", "router+vectors", layer, E, k, None, d_in, d_out,
-                                     E * d + _router_params(config, d, E, k, n), role=site,
-                                     k_label=routing_label(config, E, k)))
+            entries.append(
+                PlanEntry(
+                    n,
+                    "ia3",
+                    "router+vectors",
+                    layer,
+                    E,
+                    k,
+                    None,
+                    d_in,
+                    d_out,
+                    E * d + _router_params(config, d, E, k, n),
+                    role=site,
+                    k_label=routing_label(config, E, k),
+                )
+            )
         else:
             layer = layer_index(n)
             E, k = e_and_k(n, layer)
             params = E * r * (d_in + d_out) + _router_params(config, d_in, E, k, n, d_out)
             params += E * d_out if config.use_dora else 0  # DoRA's magnitudes
-            entries.append(PlanEntry(n, "linear", "router+experts", layer, E, k, r, d_in, d_out, params,
-                                     k_label=routing_label(config, E, k)))
+            entries.append(
+                PlanEntry(
+                    n,
+                    "linear",
+                    "router+experts",
+                    layer,
+                    E,
+                    k,
+                    r,
+                    d_in,
+                    d_out,
+                    params,
+                    k_label=routing_label(config, E, k),
+                )
+            )
     seen: set[int] = set()
     for s in _match_save(model, list(config.modules_to_save), names):
-        entries.append(PlanEntry(s, "save", "full", layer_index(s), None, None, None, None, None,
-                                 _unique_params([modules[s]], seen)))
+        entries.append(
+            PlanEntry(
+                s, "save", "full", layer_index(s), None, None, None, None, None, _unique_params([modules[s]], seen)
+            )
+        )
     base_params = _unique_params([model], set())
     return Plan(config, entries, len(E_L), E_L, K_L, base_params, targets, blocks)
 
@@ -303,10 +386,20 @@ def check_plan_fits(model: nn.Module, p: Plan) -> None:
         return
     nbytes = p.added_params * first.element_size()
     biggest = max((e for e in p.entries if e.scope != "save"), key=lambda e: e.params, default=None)
-    where = "" if biggest is None else (f" (largest: {biggest.name} with {biggest.num_experts} experts of rank "
-                                        f"{biggest.rank}, {biggest.params:,} parameters)")
-    check_fits(nbytes, first.device, f"moe_lora: the conversion adds {p.added_params:,} parameters{where}, which",
-               "lower num_experts, rank or target_modules")
+    where = (
+        ""
+        if biggest is None
+        else (
+            f" (largest: {biggest.name} with {biggest.num_experts} experts of rank "
+            f"{biggest.rank}, {biggest.params:,} parameters)"
+        )
+    )
+    check_fits(
+        nbytes,
+        first.device,
+        f"moe_lora: the conversion adds {p.added_params:,} parameters{where}, which",
+        "lower num_experts, rank or target_modules",
+    )
 
 
 def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
@@ -323,8 +416,12 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
         if e.scope == "linear":
             base = model.get_submodule(e.name)
             layer = (DoRAMoELoRALinear if config.use_dora else MoELoRALinear)(
-                base, config.expert_config(e.num_experts), config.router_config(e.top_k), aux,
-                init_seed=module_seed(config.init_seed, e.name))
+                base,
+                config.expert_config(e.num_experts),
+                config.router_config(e.top_k),
+                aux,
+                init_seed=module_seed(config.init_seed, e.name),
+            )
             model.set_submodule(e.name, layer.train(base.training))
         elif e.scope == "ia3":
             base = model.get_submodule(e.name)
@@ -340,15 +437,17 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
         experts = {}
         for e in by_block[entry_name]:
             base = model.get_submodule(e.name)
-            ex = ExpertLinear(base, config.expert_config(e.num_experts), e.role,
-                              init_seed=module_seed(config.init_seed, e.name))
+            ex = ExpertLinear(
+                base, config.expert_config(e.num_experts), e.role, init_seed=module_seed(config.init_seed, e.name)
+            )
             model.set_submodule(e.name, ex.train(base.training))
             experts[e.name] = ex
         device = next(iter(experts.values())).lora_A.device
         router = _build_router(config, head.in_features, head.num_experts, head.top_k, entry_name)
         router.reset_parameters(expert_generator(module_seed(config.init_seed, entry_name), -1))
-        block = MoEBlock(model.get_submodule(entry_name), layout, router.to(device), aux,
-                         ffn_experts=config.ffn_experts)
+        block = MoEBlock(
+            model.get_submodule(entry_name), layout, router.to(device), aux, ffn_experts=config.ffn_experts
+        )
         block.attach_outside([experts[n] for n in block.outside if n in experts])
         model.set_submodule(entry_name, block.train(block.base_layer.training))
     for e in p.entries:

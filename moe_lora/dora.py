@@ -49,8 +49,9 @@ class DoRAMoELoRALinear(MoELoRALinear):
     def magnitude_ratio(self) -> torch.Tensor:
         """[E, O] m_e / n_e with n_e = ||W0 + s B_e A_e||_row computed without gradient (DoRA Sec. 4.3)."""
         with torch.no_grad():
-            W_EOD = base_weight_OD(self.base_layer).float() + self.scaling * torch.bmm(self.lora_B.float(),
-                                                                                        self.lora_A.float())
+            W_EOD = base_weight_OD(self.base_layer).float() + self.scaling * torch.bmm(
+                self.lora_B.float(), self.lora_A.float()
+            )
             n_EO = torch.linalg.norm(W_EOD, dim=2)
         return self.lora_magnitude.float() / n_EO
 
@@ -65,8 +66,15 @@ class DoRAMoELoRALinear(MoELoRALinear):
         routing = self.route(x_TD)
         ratio_EO = self.magnitude_ratio()
         w0x_TO = F.linear(xd_TD.float(), base_weight_OD(self.base_layer).float())
-        lora_TO = lora_experts(xd_TD, self.lora_A, self.lora_B * ratio_EO[:, :, None].to(self.lora_B.dtype),
-                               routing.expert_ids_TK, routing.weights_TK, self.scaling, self.backend)
+        lora_TO = lora_experts(
+            xd_TD,
+            self.lora_A,
+            self.lora_B * ratio_EO[:, :, None].to(self.lora_B.dtype),
+            routing.expert_ids_TK,
+            routing.weights_TK,
+            self.scaling,
+            self.backend,
+        )
         delta_TO = (routing.gates_TE() @ (ratio_EO - 1.0)) * w0x_TO + lora_TO.float()
         self.record(routing, x)
         return result + delta_TO.view(out_shape).to(result.dtype)

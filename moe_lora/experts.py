@@ -43,9 +43,7 @@ def base_dims(base_layer: nn.Module) -> tuple[int, int]:
         return base_layer.in_features, base_layer.out_features
     if type(base_layer).__name__ == "Conv1D" and hasattr(base_layer, "nf"):
         return base_layer.weight.shape[0], base_layer.weight.shape[1]
-    raise TypeError(
-        f"base_layer: {type(base_layer).__name__} is not supported (nn.Linear or transformers Conv1D)"
-    )
+    raise TypeError(f"base_layer: {type(base_layer).__name__} is not supported (nn.Linear or transformers Conv1D)")
 
 
 def lora_problems(rank, alpha, dropout, use_rslora, init_lora_weights, backend) -> list[str]:
@@ -60,8 +58,9 @@ def lora_problems(rank, alpha, dropout, use_rslora, init_lora_weights, backend) 
     if not isinstance(use_rslora, bool):
         p.append(f"use_rslora: {use_rslora!r} must be true or false")
     if init_lora_weights not in INITS:
-        p.append(f"init_lora_weights: {init_lora_weights!r}{suggest(init_lora_weights, INITS)}; "
-                 f"allowed: {', '.join(INITS)}")
+        p.append(
+            f"init_lora_weights: {init_lora_weights!r}{suggest(init_lora_weights, INITS)}; allowed: {', '.join(INITS)}"
+        )
     if backend not in BACKENDS:
         p.append(f"backend: unknown backend {backend!r}{suggest(backend, BACKENDS)}; allowed: {', '.join(BACKENDS)}")
     return p
@@ -80,10 +79,14 @@ class ExpertConfig:
     init_lora_weights: str = "kaiming"
 
     def problems(self) -> list[str]:
-        p = [] if is_int(self.num_experts) and self.num_experts >= 1 else [
-            f"num_experts: {self.num_experts!r} must be an int >= 1"]
-        return p + lora_problems(self.rank, self.alpha, self.dropout, self.use_rslora, self.init_lora_weights,
-                                 self.backend)
+        p = (
+            []
+            if is_int(self.num_experts) and self.num_experts >= 1
+            else [f"num_experts: {self.num_experts!r} must be an int >= 1"]
+        )
+        return p + lora_problems(
+            self.rank, self.alpha, self.dropout, self.use_rslora, self.init_lora_weights, self.backend
+        )
 
     @property
     def scaling(self) -> float:
@@ -108,13 +111,18 @@ class AuxLossConfig:
     balance_warmup_start: float = 0.0
 
     def problems(self) -> list[str]:
-        p = [f"{name}_coef: {v!r} must be a number >= 0" for name, v in self.coefs().items()
-             if not (is_number(v) and v >= 0)]
+        p = [
+            f"{name}_coef: {v!r} must be a number >= 0"
+            for name, v in self.coefs().items()
+            if not (is_number(v) and v >= 0)
+        ]
         if not (is_number(self.contrastive_temperature) and self.contrastive_temperature > 0):
             p.append(f"contrastive_temperature: {self.contrastive_temperature!r} must be a number > 0")
         if self.loss_form not in LOSS_FORMS:
-            p.append(f"loss_form: unknown form {self.loss_form!r}{suggest(str(self.loss_form), LOSS_FORMS)}; "
-                     f"allowed: {', '.join(LOSS_FORMS)}")
+            p.append(
+                f"loss_form: unknown form {self.loss_form!r}{suggest(str(self.loss_form), LOSS_FORMS)}; "
+                f"allowed: {', '.join(LOSS_FORMS)}"
+            )
         if not (is_number(self.lbc_alpha) and 0.0 <= self.lbc_alpha <= 1.0):
             p.append(f"lbc_alpha: {self.lbc_alpha!r} must be in [0, 1]")
         elif self.lbc_alpha > 0 and self.loss_form != "loramoe":
@@ -131,8 +139,13 @@ class AuxLossConfig:
 
     def coefs(self) -> dict[str, float]:
         """{loss name: coefficient}, as loss_forms.module_terms and losses.weighted_sum take them."""
-        return {"load_balance": self.load_balance, "z_loss": self.z_loss, "cv": self.cv,
-                "contrastive": self.contrastive, "gate_balance": self.gate_balance}
+        return {
+            "load_balance": self.load_balance,
+            "z_loss": self.z_loss,
+            "cv": self.cv,
+            "contrastive": self.contrastive,
+            "gate_balance": self.gate_balance,
+        }
 
 
 def check(what: str, *configs) -> None:
@@ -220,8 +233,15 @@ class RoutedModule:
         """The contrastive loss needs every routed pair's expert output (and only when it is switched on)."""
         return getattr(self.router, "needs_expert_outputs", False) and self.coefs["contrastive"] > 0
 
-    def record(self, routing: Routing, x: torch.Tensor, *, expert_outputs=None, expert_factors=None,
-               contrastive: torch.Tensor | None = None) -> None:
+    def record(
+        self,
+        routing: Routing,
+        x: torch.Tensor,
+        *,
+        expert_outputs=None,
+        expert_factors=None,
+        contrastive: torch.Tensor | None = None,
+    ) -> None:
         """Keep ``last_routing``; in training with grad enabled compute the auxiliary terms in the module's loss
         form (loss_forms.module_terms, with B = num_samples_of(x) for LoRAMoE's per-sample importances and the
         task types of this forward; the contrastive one from ``expert_outputs``/``expert_factors``, or given as
@@ -232,9 +252,15 @@ class RoutedModule:
             self.last_aux_terms = self.last_aux_loss = self.last_balance_stats = None
             return
         terms, self.last_balance_stats = module_terms(
-            routing, self.coefs, self.loss_form, num_samples=num_samples_of(x), task_types_B=self.task_ids,
-            expert_outputs=expert_outputs, expert_factors=expert_factors,
-            contrastive_temperature=self.contrastive_temperature)
+            routing,
+            self.coefs,
+            self.loss_form,
+            num_samples=num_samples_of(x),
+            task_types_B=self.task_ids,
+            expert_outputs=expert_outputs,
+            expert_factors=expert_factors,
+            contrastive_temperature=self.contrastive_temperature,
+        )
         if contrastive is not None:
             terms["contrastive"] = contrastive
         self.last_aux_terms = terms

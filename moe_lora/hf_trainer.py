@@ -59,8 +59,9 @@ class MoELoRATrainerMixin:
         seen: list[torch.Tensor] = []  # the aux loss of every training forward with grad inside the call
         cfg = _moe_config(plain)
         if cfg is not None:  # the balance warm-up scale of this optimizer step (moe_lora.loss_forms)
-            set_balance_scale(plain, balance_scale(self.state.global_step, cfg.balance_warmup_steps,
-                                                   cfg.balance_warmup_start))
+            set_balance_scale(
+                plain, balance_scale(self.state.global_step, cfg.balance_warmup_steps, cfg.balance_warmup_start)
+            )
 
         def capture(module, args, output):
             if module.training and torch.is_grad_enabled():
@@ -69,8 +70,9 @@ class MoELoRATrainerMixin:
         handle = plain.register_forward_hook(capture)  # after moe-lora's own hook: the layers' losses are set
         try:
             with aux_outside_loss(plain):
-                result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                              num_items_in_batch=num_items_in_batch)
+                result = super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
         finally:
             handle.remove()
         loss, outputs = result if return_outputs else (result, None)
@@ -92,8 +94,10 @@ class MoELoRATrainerMixin:
         fixed = getattr(self, "loss_is_scaled_for_ga", None)
         if fixed is not None:
             return bool(fixed)
-        return bool((getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
-                    or getattr(self, "compute_loss_func", None) is not None)
+        return bool(
+            (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+            or getattr(self, "compute_loss_func", None) is not None
+        )
 
     # ---- router metrics in the logs -------------------------------------------------------------------------
     def _moe_recorder(self, model: nn.Module):
@@ -155,8 +159,10 @@ class MoELoRATrainerMixin:
         model = self.accelerator.unwrap_model(self.model if model is None else model)
         adapter = Path(resume_from_checkpoint) / ADAPTER_SUBDIR
         if not adapter.is_dir():
-            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} has no {ADAPTER_SUBDIR}/ (not "
-                                    "written by a MoE-LoRA trainer)")
+            raise FileNotFoundError(
+                f"resume_from_checkpoint: {resume_from_checkpoint} has no {ADAPTER_SUBDIR}/ (not "
+                "written by a MoE-LoRA trainer)"
+            )
         load_adapter(model, adapter)
 
     def _load_best_model(self) -> None:

@@ -72,8 +72,10 @@ def _peft_config_problems(cfg: dict) -> list[str]:
     if not isinstance(cfg.get("use_rslora", False), bool):
         p.append(f"use_rslora: {cfg['use_rslora']!r} must be true or false")
     patterns = cfg.get("alpha_pattern") or {}
-    if not (isinstance(patterns, dict) and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0
-                                               for v in patterns.values())):
+    if not (
+        isinstance(patterns, dict)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in patterns.values())
+    ):
         p.append(f"alpha_pattern: {patterns!r} must be a mapping {{module pattern: number > 0}}")
     else:
         for key in patterns:
@@ -91,8 +93,10 @@ def _lora_pair_problem(module: str, ab: dict[str, torch.Tensor]) -> str | None:
     if not (a.is_floating_point() and b.is_floating_point()):
         return f"module {module!r} has lora_A dtype {a.dtype}, lora_B dtype {b.dtype}; expected floating dtypes"
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or a.shape[0] < 1:
-        return (f"module {module!r} has lora_A shape {tuple(a.shape)} and lora_B shape {tuple(b.shape)}; expected "
-                "A [r, in] and B [out, r] with the same r >= 1")
+        return (
+            f"module {module!r} has lora_A shape {tuple(a.shape)} and lora_B shape {tuple(b.shape)}; expected "
+            "A [r, in] and B [out, r] with the same r >= 1"
+        )
     return None
 
 
@@ -126,7 +130,7 @@ def read_peft_adapter(path: str | Path) -> dict[str, LoRAWeights]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unsupported = []
     for key, t in tensors.items():
-        rest = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
+        rest = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else None
         if rest is not None and rest.endswith(".lora_A.weight"):
             parts.setdefault(rest[: -len(".lora_A.weight")], {})["A"] = t
         elif rest is not None and rest.endswith(".lora_B.weight"):
@@ -179,8 +183,13 @@ def _k(config: MoELoRAConfig, E: int) -> int:
     return min(k, E)
 
 
-def experts_from_peft(model: nn.Module, adapter_dirs: Sequence[str | Path], config: MoELoRAConfig | None = None,
-                      *, trainable: bool = False) -> nn.Module:
+def experts_from_peft(
+    model: nn.Module,
+    adapter_dirs: Sequence[str | Path],
+    config: MoELoRAConfig | None = None,
+    *,
+    trainable: bool = False,
+) -> nn.Module:
     """Convert ``model`` so that expert i of every targeted module is PEFT adapter i (E = len(adapter_dirs)).
 
     ``config`` supplies the router and losses; its target_modules, num_experts, rank (the largest adapter rank)
@@ -197,8 +206,9 @@ def experts_from_peft(model: nn.Module, adapter_dirs: Sequence[str | Path], conf
     config = config or MoELoRAConfig()
     E = len(adapters)
     rank = max(w.A_RI.shape[0] for a in adapters for w in a.values())
-    config = replace(config, target_modules=names, layers_to_transform=None, num_experts=E, top_k=_k(config, E),
-                     rank=rank)
+    config = replace(
+        config, target_modules=names, layers_to_transform=None, num_experts=E, top_k=_k(config, E), rank=rank
+    )
     convert(model, config)
     live = _expert_modules(model)
     for name in names:
@@ -209,8 +219,14 @@ def experts_from_peft(model: nn.Module, adapter_dirs: Sequence[str | Path], conf
     return model
 
 
-def upcycle_lora(model: nn.Module, adapter_dir: str | Path, config: MoELoRAConfig | None = None, *,
-                 noise_std: float = 0.0, seed: int = 0) -> nn.Module:
+def upcycle_lora(
+    model: nn.Module,
+    adapter_dir: str | Path,
+    config: MoELoRAConfig | None = None,
+    *,
+    noise_std: float = 0.0,
+    seed: int = 0,
+) -> nn.Module:
     """Convert ``model`` with config.num_experts copies of one PEFT LoRA adapter as the experts of every module it
     targets. ``noise_std`` > 0 perturbs each copy: A_e <- A + noise_std * std(A) * N(0, 1) (and likewise B when it
     is not zero), drawn per module and global expert from ``seed``, so that the experts can diverge in training."""
@@ -258,8 +274,13 @@ class FixedRouter(nn.Module):
         T, E = x_TD.shape[0], self.num_experts
         w_TE = self.weights_E.to(x_TD.device).expand(T, E)
         p_TE = (w_TE / w_TE.sum(-1, keepdim=True).clamp_min(1e-12)).contiguous()
-        return Routing(weights_TK=w_TE.contiguous(), expert_ids_TK=torch.arange(E, device=x_TD.device).expand(T, E),
-                       probs_TE=p_TE, logits_TE=torch.zeros_like(p_TE), token_mask_T=token_mask_T)
+        return Routing(
+            weights_TK=w_TE.contiguous(),
+            expert_ids_TK=torch.arange(E, device=x_TD.device).expand(T, E),
+            probs_TE=p_TE,
+            logits_TE=torch.zeros_like(p_TE),
+            token_mask_T=token_mask_T,
+        )
 
 
 def resolve_fixed_weights(model: nn.Module, weights) -> dict[str, torch.Tensor]:
@@ -271,8 +292,10 @@ def resolve_fixed_weights(model: nn.Module, weights) -> dict[str, torch.Tensor]:
         unknown = sorted(set(weights) - set(routed))
         missing = [n for n in routed if n not in weights]
         if unknown or missing:
-            raise ValueError(f"weights: unknown modules {unknown[:5]}, missing modules {missing[:5]} "
-                             f"(routed modules: {list(routed)[:5]}...)")
+            raise ValueError(
+                f"weights: unknown modules {unknown[:5]}, missing modules {missing[:5]} "
+                f"(routed modules: {list(routed)[:5]}...)"
+            )
         out = {n: torch.as_tensor(weights[n], dtype=torch.float32).reshape(-1) for n in routed}
     else:
         vec = torch.as_tensor(weights, dtype=torch.float32).reshape(-1)

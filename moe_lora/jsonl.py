@@ -29,8 +29,10 @@ def iter_json_objects(path: str | Path, field: str) -> Iterator[tuple[int, dict]
                 try:
                     json.dumps(obj, ensure_ascii=False).encode("utf-8")
                 except UnicodeEncodeError as e:
-                    raise ValueError(f"{where} line {lineno}: a \\u escape gives a lone surrogate "
-                                     f"({e.object[e.start]!r}), which is not text; fix or drop the record") from None
+                    raise ValueError(
+                        f"{where} line {lineno}: a \\u escape gives a lone surrogate "
+                        f"({e.object[e.start]!r}), which is not text; fix or drop the record"
+                    ) from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where} line {lineno} must be a JSON object, got {type(obj).__name__}")
             yield lineno, obj

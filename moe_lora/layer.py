@@ -30,28 +30,40 @@ from .routers import Router, RouterConfig, build_router, router_name_problem
 from .routers.config import ROUTER_SETTINGS, router_config_from_settings
 from .routing import Routing
 
-AUX_SETTINGS = {"load_balance_coef": "load_balance", "z_loss_coef": "z_loss", "cv_coef": "cv",
-                "contrastive_coef": "contrastive", "contrastive_temperature": "contrastive_temperature",
-                "gate_balance_coef": "gate_balance", "loss_form": "loss_form", "lbc_alpha": "lbc_alpha"}
+AUX_SETTINGS = {
+    "load_balance_coef": "load_balance",
+    "z_loss_coef": "z_loss",
+    "cv_coef": "cv",
+    "contrastive_coef": "contrastive",
+    "contrastive_temperature": "contrastive_temperature",
+    "gate_balance_coef": "gate_balance",
+    "loss_form": "loss_form",
+    "lbc_alpha": "lbc_alpha",
+}
 
 
-def layer_configs(router: str | Router, num_experts, top_k, rank, alpha, **settings
-                  ) -> tuple[ExpertConfig, RouterConfig | Router, AuxLossConfig]:
+def layer_configs(
+    router: str | Router, num_experts, top_k, rank, alpha, **settings
+) -> tuple[ExpertConfig, RouterConfig | Router, AuxLossConfig]:
     """The validated configs of MoELoRALinear's keyword settings (MoELoRAConfig's names: dropout, use_rslora,
     backend, init_lora_weights, the loss coefficients and the router settings), or one ConfigError listing every
     problem."""
     lora = {k: settings.pop(k) for k in ("dropout", "use_rslora", "backend", "init_lora_weights") if k in settings}
     aux = AuxLossConfig(**{AUX_SETTINGS[k]: settings.pop(k) for k in list(settings) if k in AUX_SETTINGS})
-    problems = [f"{name}: unknown router option{suggest(name, ROUTER_SETTINGS)}; allowed: {', '.join(ROUTER_SETTINGS)}"
-                for name in settings if name not in ROUTER_SETTINGS]
+    problems = [
+        f"{name}: unknown router option{suggest(name, ROUTER_SETTINGS)}; allowed: {', '.join(ROUTER_SETTINGS)}"
+        for name in settings
+        if name not in ROUTER_SETTINGS
+    ]
     experts = ExpertConfig(num_experts, rank, alpha, **lora)
     problems += experts.problems() + aux.problems()
     router_config = router
     if not isinstance(router, Router):
         name_problem = router_name_problem(router)
         # an unknown name is checked as a top-k router, so that its other settings are reported as well
-        router_config = router_config_from_settings("topk" if name_problem else router, top_k, **{
-            k: v for k, v in settings.items() if k in ROUTER_SETTINGS})
+        router_config = router_config_from_settings(
+            "topk" if name_problem else router, top_k, **{k: v for k, v in settings.items() if k in ROUTER_SETTINGS}
+        )
         if isinstance(experts.num_experts, int) and experts.num_experts >= 1:
             problems += router_config.problems(experts.num_experts)
         problems += [name_problem] if name_problem else []
@@ -73,9 +85,16 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
         init_seed: seed of the per-expert init and the router's; None uses the global RNG.
     """
 
-    def __init__(self, base_layer: nn.Module, experts: ExpertConfig | None = None,
-                 router: RouterConfig | Router | str = "topk", aux: AuxLossConfig | None = None, *,
-                 init_seed: int | None = None, **settings):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        experts: ExpertConfig | None = None,
+        router: RouterConfig | Router | str = "topk",
+        aux: AuxLossConfig | None = None,
+        *,
+        init_seed: int | None = None,
+        **settings,
+    ):
         try:
             base_dims(base_layer)
         except TypeError as e:
@@ -83,8 +102,10 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
         if experts is None:
             experts, router, aux = layer_configs(router, **settings)
         elif settings or isinstance(router, str):
-            raise TypeError("MoELoRALinear: give the configs (ExpertConfig, RouterConfig or Router, AuxLossConfig) "
-                            f"or the keyword settings, not both ({sorted(settings)})")
+            raise TypeError(
+                "MoELoRALinear: give the configs (ExpertConfig, RouterConfig or Router, AuxLossConfig) "
+                f"or the keyword settings, not both ({sorted(settings)})"
+            )
         super().__init__(base_layer, experts, init_seed)
         self.init_routed(aux or AuxLossConfig())
         given = isinstance(router, Router)
@@ -116,16 +137,26 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
         if fusion is not None:  # the router's GEMM and/or the base inside the experts' (kernels/fused.py)
             base_TO = None if fusion.base else self.base_layer(x, *args, **kwargs).reshape(T, self.out_features)
             out_TO, routing, h_TEr = fused_lora_forward(
-                fusion, x_TD, self.lora_A, self.lora_B, self.scaling, route,
-                base_layer=self.base_layer, base_TO=base_TO, router_weight=self.router_weight())
-            self.record(routing, x, expert_factors=(h_TEr, self.lora_B, self.scaling) if self.wants_aux_outputs()
-                        else None)
+                fusion,
+                x_TD,
+                self.lora_A,
+                self.lora_B,
+                self.scaling,
+                route,
+                base_layer=self.base_layer,
+                base_TO=base_TO,
+                router_weight=self.router_weight(),
+            )
+            self.record(
+                routing, x, expert_factors=(h_TEr, self.lora_B, self.scaling) if self.wants_aux_outputs() else None
+            )
             return out_TO.view(out_shape)
         result = self.base_layer(x, *args, **kwargs)
         xd_TD = self.lora_dropout(x_TD)
         routing = route()
-        delta_TO = lora_experts(xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK,
-                                self.scaling, self.backend)
+        delta_TO = lora_experts(
+            xd_TD, self.lora_A, self.lora_B, routing.expert_ids_TK, routing.weights_TK, self.scaling, self.backend
+        )
         outputs = self.expert_outputs(routing, xd_TD) if self.wants_aux_outputs() else None
         self.record(routing, x, expert_outputs=outputs)
         return result + delta_TO.view(out_shape).to(result.dtype)
@@ -137,8 +168,17 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
 
     def fusion(self, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> Fusion | None:
         """What the dense path folds into the experts' GEMMs for this call (kernels.fused.can_fuse)."""
-        return can_fuse(x, self.lora_A, self.router.top_k, self.backend,
-                        self.lora_dropout, self.base_layer, args, kwargs, router_weight=self.router_weight())
+        return can_fuse(
+            x,
+            self.lora_A,
+            self.router.top_k,
+            self.backend,
+            self.lora_dropout,
+            self.base_layer,
+            args,
+            kwargs,
+            router_weight=self.router_weight(),
+        )
 
     def router_weight(self) -> torch.Tensor | None:
         """W_r when the router's logits are x @ W_r^T right now (Router.linear_weight); None for a router that
@@ -155,10 +195,13 @@ class MoELoRALinear(RoutedModule, LoRAExperts):
         unfused path; the fused one gives the loss the shrink's rows instead)."""
         K = routing.expert_ids_TK.shape[1]
         ids_S = routing.expert_ids_TK.reshape(-1)
-        u_SO = lora_expert_rows(x_TD.repeat_interleave(K, dim=0), self.lora_A, self.lora_B, ids_S, self.scaling,
-                                self.backend)
+        u_SO = lora_expert_rows(
+            x_TD.repeat_interleave(K, dim=0), self.lora_A, self.lora_B, ids_S, self.scaling, self.backend
+        )
         return u_SO, ids_S
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-                f"rank={self.rank}, scaling={self.scaling:.4g}, backend={self.backend!r}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"rank={self.rank}, scaling={self.scaling:.4g}, backend={self.backend!r}"
+        )

@@ -58,9 +58,17 @@ class LossForm:
             raise ValueError(f"loss_form: unknown form {self.name!r}; allowed: {', '.join(LOSS_FORMS)}")
 
 
-def module_terms(routing: Routing, coefs: dict[str, float], form: LossForm, *, num_samples: int = 1,
-                 task_types_B: torch.Tensor | None = None, expert_outputs=None, expert_factors=None,
-                 contrastive_temperature: float = 0.1) -> tuple[dict[str, torch.Tensor], losses.BalanceStats | None]:
+def module_terms(
+    routing: Routing,
+    coefs: dict[str, float],
+    form: LossForm,
+    *,
+    num_samples: int = 1,
+    task_types_B: torch.Tensor | None = None,
+    expert_outputs=None,
+    expert_factors=None,
+    contrastive_temperature: float = 0.1,
+) -> tuple[dict[str, torch.Tensor], losses.BalanceStats | None]:
     """(unweighted per-module terms by name, pooled-balance sums or None) of one module's forward in ``form``.
 
     Terms: load_balance (normalized, loramoe: Switch; adamole: AdaMoLE's; pooled forms: none here), z_loss when
@@ -87,8 +95,9 @@ def module_terms(routing: Routing, coefs: dict[str, float], form: LossForm, *, n
     if coefs.get("gate_balance", 0.0) > 0:  # MoLE's gating balance loss
         terms["gate_balance"] = losses.gating_balance_loss(routing)
     if expert_outputs is not None or expert_factors is not None:
-        terms["contrastive"] = losses.slot_contrastive_loss(routing, expert_outputs, expert_factors,
-                                                            contrastive_temperature)
+        terms["contrastive"] = losses.slot_contrastive_loss(
+            routing, expert_outputs, expert_factors, contrastive_temperature
+        )
     return terms, stats
 
 
@@ -108,8 +117,9 @@ def _scaled(coefs: dict[str, float], scale: float) -> dict[str, float]:
     return {k: v * scale if k in BALANCE_TERMS else v for k, v in coefs.items()}
 
 
-def model_aux_loss(entries: list[tuple[nn.Module, int | None]], scale: float = 1.0,
-                   device: torch.device | None = None) -> torch.Tensor:
+def model_aux_loss(
+    entries: list[tuple[nn.Module, int | None]], scale: float = 1.0, device: torch.device | None = None
+) -> torch.Tensor:
     """The model's aux_loss from its routed modules (module, layer index) that recorded terms this forward, in
     their common loss form (module docstring); ``scale`` multiplies the balance terms (warm-up). A zero scalar
     when no module recorded terms."""
@@ -126,8 +136,10 @@ def model_aux_loss(entries: list[tuple[nn.Module, int | None]], scale: float = 1
         fallback = stats.psum_E if stats is not None else torch.zeros(())
         device = next(iter(first.last_aux_terms.values()), fallback).device
     own = [losses.weighted_sum(m.last_aux_terms, _scaled(m.coefs, scale)) for m, _ in active]
-    own = [torch.as_tensor(v, dtype=torch.float32, device=device) if not torch.is_tensor(v) else _f32(v, device)
-           for v in own]
+    own = [
+        torch.as_tensor(v, dtype=torch.float32, device=device) if not torch.is_tensor(v) else _f32(v, device)
+        for v in own
+    ]
     total = torch.stack(own).mean() if form == "normalized" else torch.stack(own).sum()
     if form in POOLED:
         groups: dict[object, list[nn.Module]] = {}

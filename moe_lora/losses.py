@@ -79,8 +79,12 @@ def balance_stats(routing: Routing) -> BalanceStats:
         used_S = (routing.weights_TK > 0).reshape(-1).to(m_T.dtype) * m_T.repeat_interleave(K)
         counts_E = torch.bincount(routing.expert_ids_TK.reshape(-1), weights=used_S, minlength=routing.num_experts)
     lse_T = torch.logsumexp(routing.logits_TE.float(), dim=-1)
-    return BalanceStats(counts_E=counts_E.to(m_T.dtype), psum_E=(routing.probs_TE * m_T[:, None]).sum(0),
-                        tokens=m_T.sum(), lse2=(lse_T.square() * m_T).sum())
+    return BalanceStats(
+        counts_E=counts_E.to(m_T.dtype),
+        psum_E=(routing.probs_TE * m_T[:, None]).sum(0),
+        tokens=m_T.sum(),
+        lse2=(lse_T.square() * m_T).sum(),
+    )
 
 
 def pooled_switch_loss(stats: list[BalanceStats], per_token: bool) -> torch.Tensor:
@@ -99,8 +103,10 @@ def pooled_switch_loss(stats: list[BalanceStats], per_token: bool) -> torch.Tens
     """
     E = stats[0].psum_E.shape[0]
     if any(s.psum_E.shape[0] != E for s in stats):
-        raise ValueError(f"loss_form: a pooled balance loss needs the same num_experts in every pooled module, got "
-                         f"{sorted({s.psum_E.shape[0] for s in stats})}")
+        raise ValueError(
+            f"loss_form: a pooled balance loss needs the same num_experts in every pooled module, got "
+            f"{sorted({s.psum_E.shape[0] for s in stats})}"
+        )
     counts_E = torch.stack([s.counts_E for s in stats]).sum(0)
     psum_E = torch.stack([s.psum_E for s in stats]).sum(0)
     n = torch.stack([s.tokens for s in stats]).sum().clamp_min(1.0)
@@ -172,8 +178,13 @@ def gating_balance_loss(routing: Routing, eps: float = 1e-12) -> torch.Tensor:
     return -torch.log(q_E.clamp_min(eps)).sum()
 
 
-def loramoe_cv2_loss(routing: Routing, num_samples: int = 1, task_types_B: torch.Tensor | None = None,
-                     lbc_alpha: float = 0.0, eps: float = 1e-10) -> torch.Tensor:
+def loramoe_cv2_loss(
+    routing: Routing,
+    num_samples: int = 1,
+    task_types_B: torch.Tensor | None = None,
+    lbc_alpha: float = 0.0,
+    eps: float = 1e-10,
+) -> torch.Tensor:
     """LoRAMoE's balance term as its code computes it (``Linear.forward``'s ``blcls`` with ``cv_squared``), with
     its localized balancing constraint (LBC, paper sec. 3.3):
 
@@ -312,8 +323,14 @@ def contrastive_loss_lowrank(
     return _prototype_cross_entropy(cos_SE, ids_S, m_S, counts_E, norm_E, temperature)
 
 
-def _prototype_cross_entropy(cos_SE: torch.Tensor, expert_ids_S: torch.Tensor, m_S: torch.Tensor,
-                             counts_E: torch.Tensor, norm_E: torch.Tensor, temperature: float) -> torch.Tensor:
+def _prototype_cross_entropy(
+    cos_SE: torch.Tensor,
+    expert_ids_S: torch.Tensor,
+    m_S: torch.Tensor,
+    counts_E: torch.Tensor,
+    norm_E: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
     """mean over counted pairs with a positive of -log softmax over present experts at the pair's own expert.
 
     cos_SE [S, E]: cos(u^_s, c_e) with the full prototypes c_e = S_e / ||S_e|| (norm_E = ||S_e||). The own column

@@ -72,7 +72,7 @@ def token_mask_from_inputs(names: tuple[str, ...], args: tuple, kwargs: dict) ->
     L = ids.shape[1]
     if mask.shape[0] != ids.shape[0] or mask.shape[1] < L:
         return None
-    return mask[:, mask.shape[1] - L:].reshape(-1).bool()
+    return mask[:, mask.shape[1] - L :].reshape(-1).bool()
 
 
 def routed_modules(model: nn.Module) -> tuple[nn.Module, ...]:
@@ -86,13 +86,18 @@ def set_task_ids(model: nn.Module, task_ids: torch.Tensor | None, *, keep: bool 
     around ``generate()``, whose steps are forwards of their own). None clears both."""
     if task_ids is not None:
         if not torch.is_tensor(task_ids) or task_ids.dim() not in (1, 2) or task_ids.is_floating_point():
-            what = f"a {task_ids.dtype} tensor of shape {tuple(task_ids.shape)}" if torch.is_tensor(task_ids) \
+            what = (
+                f"a {task_ids.dtype} tensor of shape {tuple(task_ids.shape)}"
+                if torch.is_tensor(task_ids)
                 else type(task_ids).__name__
+            )
             raise ValueError(f"task_ids: expected an integer tensor [B] or [B, S], got {what}")
         limits = [r.num_tasks for r in task_routers(model)]
         if limits and task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= min(limits)):
-            raise ValueError(f"task_ids: values {int(task_ids.min())}..{int(task_ids.max())} are outside "
-                             f"[0, num_tasks={min(limits)})")
+            raise ValueError(
+                f"task_ids: values {int(task_ids.min())}..{int(task_ids.max())} are outside "
+                f"[0, num_tasks={min(limits)})"
+            )
     setattr(model, TASK_IDS_ATTR, task_ids)
     setattr(model, KEPT_TASK_IDS_ATTR, task_ids if keep else None)
 
@@ -166,8 +171,13 @@ def _post_hook(names: tuple[str, ...], model: nn.Module, args: tuple, kwargs: di
     if getattr(model, AUX_OUTSIDE_ATTR, False):
         return output
     labels = _argument(names, args, kwargs, "labels")
-    if isinstance(output, tuple) and labels is not None and output and torch.is_tensor(output[0]) \
-            and output[0].dim() == 0:
+    if (
+        isinstance(output, tuple)
+        and labels is not None
+        and output
+        and torch.is_tensor(output[0])
+        and output[0].dim() == 0
+    ):
         return (output[0] + aux.to(output[0].dtype), *output[1:])
     return output
 
@@ -206,8 +216,11 @@ def detach_model_hooks(model: nn.Module) -> None:
     for hooks in (model._forward_pre_hooks, model._forward_hooks):
         for key in [k for k, h in hooks.items() if _is_ours(h)]:
             del hooks[key]
-            for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_with_kwargs,
-                          model._forward_hooks_always_called):
+            for extra in (
+                model._forward_pre_hooks_with_kwargs,
+                model._forward_hooks_with_kwargs,
+                model._forward_hooks_always_called,
+            ):
                 extra.pop(key, None)
     for attr in (ROUTED_ATTR, LAYERS_ATTR):
         if attr in model.__dict__:

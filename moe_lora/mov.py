@@ -74,5 +74,7 @@ class MoVLinear(RoutedModule, nn.Module):
         return self.scale(self.base_layer(x, *args, **kwargs))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-                f"site={self.site!r}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"site={self.site!r}"
+        )

@@ -96,6 +96,7 @@ def locate_nonfinite(model: nn.Module, forward: Callable[[], object]) -> str:
     parts = []
     if params:
         parts.append(f"non-finite parameters: {', '.join(params)}")
-    parts.append(f"first non-finite activation: {found[0]}" if found else
-                 "no non-finite activation when the forward was re-run")
+    parts.append(
+        f"first non-finite activation: {found[0]}" if found else "no non-finite activation when the forward was re-run"
+    )
     return "; ".join(parts)

@@ -52,8 +52,14 @@ def group_of_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parame
     return out
 
 
-def param_groups(model: nn.Module, lr: float, *, loraplus_lambda: float = 1.0, router_lr: float | None = None,
-                 weight_decay: float = 0.0) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    *,
+    loraplus_lambda: float = 1.0,
+    router_lr: float | None = None,
+    weight_decay: float = 0.0,
+) -> list[dict]:
     """Parameter groups of ``model``'s trainable parameters for ``torch.optim.AdamW(param_groups(...))``:
     lora_A at ``lr``, lora_B at ``lr * loraplus_lambda`` (LoRA+), routers at ``router_lr`` (None: ``lr``), the
     rest at ``lr``. Empty groups are left out; each group has ``name``, ``lr``, ``lr_scale`` (lr / ``lr``) and
@@ -72,11 +78,22 @@ def param_groups(model: nn.Module, lr: float, *, loraplus_lambda: float = 1.0, r
         problems.append(f"weight_decay: {weight_decay!r} must be a number >= 0")
     if problems:
         raise ValueError("; ".join(problems))
-    scale = {"lora_A": 1.0, "lora_B": float(loraplus_lambda), "other": 1.0,
-             "router": 1.0 if router_lr is None else float(router_lr) / float(lr)}
+    scale = {
+        "lora_A": 1.0,
+        "lora_B": float(loraplus_lambda),
+        "other": 1.0,
+        "router": 1.0 if router_lr is None else float(router_lr) / float(lr),
+    }
     groups = []
     for name, members in group_of_parameters(model).items():
         if members:
-            groups.append({"params": [p for _, p in members], "name": name, "lr": float(lr) * scale[name],
-                           "lr_scale": scale[name], "weight_decay": float(weight_decay)})
+            groups.append(
+                {
+                    "params": [p for _, p in members],
+                    "name": name,
+                    "lr": float(lr) * scale[name],
+                    "lr_scale": scale[name],
+                    "weight_decay": float(weight_decay),
+                }
+            )
     return groups

@@ -24,8 +24,10 @@ def inside(root: str | Path, *parts: str | Path) -> Path:
     real_root = root.resolve()
     real = path.resolve()
     if real != real_root and real_root not in real.parents:
-        raise ValueError(f"output path {str(path)!r} resolves to {str(real)!r}, outside the output directory "
-                         f"{str(real_root)!r} (a '..' part, an absolute part or a symbolic link); refusing to write")
+        raise ValueError(
+            f"output path {str(path)!r} resolves to {str(real)!r}, outside the output directory "
+            f"{str(real_root)!r} (a '..' part, an absolute part or a symbolic link); refusing to write"
+        )
     return path
 
 
@@ -40,8 +42,11 @@ def dangerous_output_dir(path: str | Path) -> str | None:
         return f"{str(path)!r} is the home directory"
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
-        return (f"{str(path)!r} is the current directory" + ("" if real == cwd else " or one of its parents")
-                + f" ({real}); name a directory of its own, e.g. runs/<name>")
+        return (
+            f"{str(path)!r} is the current directory"
+            + ("" if real == cwd else " or one of its parents")
+            + f" ({real}); name a directory of its own, e.g. runs/<name>"
+        )
     return None
 
 
@@ -57,8 +62,11 @@ def unwritable_reason(path: str | Path) -> str | None:
             return f"{str(probe)!r} is a dangling symbolic link"
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        return (f"{str(probe)!r} is a file, not a directory" if probe == path
-                else f"its parent {str(probe)!r} is a file, not a directory")
+        return (
+            f"{str(probe)!r} is a file, not a directory"
+            if probe == path
+            else f"its parent {str(probe)!r} is a file, not a directory"
+        )
     try:
         if os.statvfs(probe).f_flag & os.ST_RDONLY:
             return f"{str(probe)!r} is on a read-only file system"

@@ -66,9 +66,12 @@ def bnb_config(spec: dict):
 
     if spec.get("bits", 4) == 8:
         return tf.BitsAndBytesConfig(load_in_8bit=True)
-    return tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.get("quant_type", "nf4"),
-                                 bnb_4bit_compute_dtype=getattr(torch, spec.get("compute_dtype", "float32")),
-                                 bnb_4bit_use_double_quant=spec.get("double_quant", False))
+    return tf.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.get("quant_type", "nf4"),
+        bnb_4bit_compute_dtype=getattr(torch, spec.get("compute_dtype", "float32")),
+        bnb_4bit_use_double_quant=spec.get("double_quant", False),
+    )
 
 
 def load_quantized(name_or_path: str, spec: dict, *, seed: int = 0, device: str = "cpu", **tiny_kwargs) -> nn.Module:
@@ -115,9 +118,11 @@ def check_not_quantized(model: nn.Module, what: str) -> None:
     """Refuse an operation that writes into base weights of a quantized model."""
     names = quantized_modules(model)
     if names:
-        raise ValueError(f"{what}: the base model is quantized ({len(names)} bitsandbytes layers, e.g. {names[0]!r}); "
-                         "merging into 4/8-bit weights would round the delta away. Dequantize explicitly first "
-                         "(moe_lora.quantization.dequantize_model), or load the adapter onto a full-precision base")
+        raise ValueError(
+            f"{what}: the base model is quantized ({len(names)} bitsandbytes layers, e.g. {names[0]!r}); "
+            "merging into 4/8-bit weights would round the delta away. Dequantize explicitly first "
+            "(moe_lora.quantization.dequantize_model), or load the adapter onto a full-precision base"
+        )
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -134,8 +139,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
                 W = bnbf.int8_vectorwise_dequant(w.data, w.SCB) if getattr(w, "SCB", None) is not None else w.data
             else:
                 W = bnbf.dequantize_4bit(w.data, w.quant_state)
-            lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device=W.device,
-                            dtype=dtype)
+            lin = nn.Linear(
+                child.in_features, child.out_features, bias=child.bias is not None, device=W.device, dtype=dtype
+            )
             with torch.no_grad():
                 lin.weight.copy_(W.to(dtype).reshape(child.out_features, child.in_features))
                 if child.bias is not None:
@@ -156,7 +162,11 @@ def memory_report(model: nn.Module) -> dict[str, int]:
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     layers = [m for m in model.modules() if is_quantized_linear(m)]
-    return {"total": trainable + frozen + buffers, "trainable": trainable, "frozen": frozen + buffers,
-            "quantized_layers": len(layers),
-            "quantized_weight_bytes": sum(m.weight.numel() * m.weight.element_size() for m in layers),
-            "quantized_weight_fp32_bytes": sum(4 * m.in_features * m.out_features for m in layers)}
+    return {
+        "total": trainable + frozen + buffers,
+        "trainable": trainable,
+        "frozen": frozen + buffers,
+        "quantized_layers": len(layers),
+        "quantized_weight_bytes": sum(m.weight.numel() * m.weight.element_size() for m in layers),
+        "quantized_weight_fp32_bytes": sum(4 * m.in_features * m.out_features for m in layers),
+    }

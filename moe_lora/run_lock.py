@@ -67,11 +67,17 @@ class RunLock:
             holder = _holder(fd)
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunLockedError(f"output_dir: {self.dir} is in use by another run: {holder}. Wait for it to "
-                                     "finish, stop it, or use another output_dir") from None
+                raise RunLockedError(
+                    f"output_dir: {self.dir} is in use by another run: {holder}. Wait for it to "
+                    "finish, stop it, or use another output_dir"
+                ) from None
             raise RunLockedError(f"output_dir: cannot lock {self.file}: {e.strerror}") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                "command": " ".join(sys.argv)}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "command": " ".join(sys.argv),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self.fd = fd

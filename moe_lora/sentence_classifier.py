@@ -41,8 +41,13 @@ class SentenceClassifier(nn.Module):
         self.config.num_labels = num_labels
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
         kwargs.pop("use_cache", None)  # an encoder has no cache
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         logits_BC = self.classifier(mean_pool(out.last_hidden_state, attention_mask))

@@ -76,10 +76,12 @@ def linear_names_hint(linears: list[str], limit: int = 24) -> str:
         if m is None:
             folded.setdefault(name, [])
             continue
-        key = name[:m.start(1)] + "<i>" + name[m.end(1):]
+        key = name[: m.start(1)] + "<i>" + name[m.end(1) :]
         folded.setdefault(key, []).append(int(m.group(1)))
-    items = [f"{k} (i = {min(v)}..{max(v)})" if v and min(v) != max(v) else k.replace("<i>", str(v[0])) if v else k
-             for k, v in folded.items()]
+    items = [
+        f"{k} (i = {min(v)}..{max(v)})" if v and min(v) != max(v) else k.replace("<i>", str(v[0])) if v else k
+        for k, v in folded.items()
+    ]
     more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more if items else "none"
 
@@ -110,8 +112,10 @@ def match_targets(model: nn.Module, config: MoELoRAConfig) -> list[str]:
         if not found:
             others = [n for n, _ in model.named_modules() if n and regex.fullmatch(n)]
             hint = f" (it matches only non-linear modules, e.g. {others[0]!r})" if others else ""
-            raise ValueError(f"target_modules: the regex {tm!r} matches no linear module{where}{hint}; the linear "
-                             f"modules of {type(model).__name__}: {linear_names_hint(linears)}")
+            raise ValueError(
+                f"target_modules: the regex {tm!r} matches no linear module{where}{hint}; the linear "
+                f"modules of {type(model).__name__}: {linear_names_hint(linears)}"
+            )
         return found
     found: list[str] = []
     unmatched: list[str] = []
@@ -154,8 +158,13 @@ def find_block(modules: dict[str, nn.Module], name: str) -> tuple[BlockLayout, s
         return BlockLayout("plain", parent, roles), "up" if leaf == "c_fc" else "down"
     grand, _, pleaf = parent.rpartition(".")
     gm = modules.get(grand)
-    is_bert = (leaf == "dense" and pleaf in ("intermediate", "output") and has(gm, "intermediate", "output")
-               and has(gm.intermediate, "dense") and has(gm.output, "dense", "LayerNorm"))
+    is_bert = (
+        leaf == "dense"
+        and pleaf in ("intermediate", "output")
+        and has(gm, "intermediate", "output")
+        and has(gm.intermediate, "dense")
+        and has(gm.output, "dense", "LayerNorm")
+    )
     if is_bert:
         roles = (("up", q(grand, "intermediate.dense")), ("down", q(grand, "output.dense")))
         return BlockLayout("bert", q(grand, "intermediate"), roles), "up" if pleaf == "intermediate" else "down"

@@ -27,8 +27,10 @@ def task_routing(model: nn.Module, task: int) -> dict[str, list[float]]:
         raise ValueError(f"model: {type(model).__name__} has no routed MoE-LoRA modules")
     token_routed = [n for n, m in routed.items() if not hasattr(getattr(m, "router", None), "task_weights")]
     if token_routed:
-        raise ValueError(f"task: the routers of {token_routed[:3]} read the tokens, so their routing is not fixed per "
-                         "task; a per-task routing needs router 'task' everywhere")
+        raise ValueError(
+            f"task: the routers of {token_routed[:3]} read the tokens, so their routing is not fixed per "
+            "task; a per-task routing needs router 'task' everywhere"
+        )
     out = {}
     with torch.no_grad():
         for name, m in routed.items():

@@ -50,8 +50,10 @@ def decode_utf8(data: bytes, where: str, first_line: int = 1) -> str:
         return data.decode("utf-8-sig" if data[:3] == b"\xef\xbb\xbf" else "utf-8")
     except UnicodeDecodeError as e:
         line, col = line_column(data, e.start)
-        raise ValueError(f"{where} line {line + first_line - 1}, column {col}: byte 0x{data[e.start]:02x} is not "
-                         f"UTF-8 text ({e.reason}); save the file as UTF-8") from None
+        raise ValueError(
+            f"{where} line {line + first_line - 1}, column {col}: byte 0x{data[e.start]:02x} is not "
+            f"UTF-8 text ({e.reason}); save the file as UTF-8"
+        ) from None
 
 
 def read_limited(path: str | Path, field: str, max_bytes: int = MAX_CONFIG_BYTES) -> str:
@@ -66,8 +68,9 @@ def read_limited(path: str | Path, field: str, max_bytes: int = MAX_CONFIG_BYTES
     if not path.is_file():
         raise ValueError(f"{where} is not a file")
     if size > max_bytes:
-        raise ValueError(f"{where} is {size / 2**20:.1f} MiB; a config file may be at most "
-                         f"{max_bytes / 2**20:.0f} MiB")
+        raise ValueError(
+            f"{where} is {size / 2**20:.1f} MiB; a config file may be at most {max_bytes / 2**20:.0f} MiB"
+        )
     try:
         data = path.read_bytes()
     except OSError as e:

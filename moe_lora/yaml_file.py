@@ -45,8 +45,10 @@ def _measure(text: str, where: str) -> None:
     for event in yaml.parse(text, Loader=_Loader):
         if isinstance(event, yaml.AliasEvent):
             if event.anchor in open_anchors:
-                raise ValueError(f"{where}{_at(event.start_mark)}: alias *{event.anchor} refers to a node that "
-                                 "contains it (a cycle); not allowed")
+                raise ValueError(
+                    f"{where}{_at(event.start_mark)}: alias *{event.anchor} refers to a node that "
+                    "contains it (a cycle); not allowed"
+                )
             size, height = sizes.get(event.anchor, (1, 0))
         elif isinstance(event, yaml.ScalarEvent):
             size, height = 1, 0
@@ -71,18 +73,22 @@ def _measure(text: str, where: str) -> None:
         top[0] += size
         top[1] = max(top[1], height)
         if len(stack) - 1 + height > MAX_DEPTH:
-            raise ValueError(f"{where}{_at(event.start_mark)}: nested deeper than {MAX_DEPTH} levels (with the "
-                             "aliases expanded)")
+            raise ValueError(
+                f"{where}{_at(event.start_mark)}: nested deeper than {MAX_DEPTH} levels (with the aliases expanded)"
+            )
         if top[0] > MAX_NODES or sum(s[0] for s in stack) > MAX_NODES:
-            raise ValueError(f"{where}{_at(event.start_mark)}: more than {MAX_NODES} values once aliases are "
-                             "expanded (an alias bomb?); refusing to build it")
+            raise ValueError(
+                f"{where}{_at(event.start_mark)}: more than {MAX_NODES} values once aliases are "
+                "expanded (an alias bomb?); refusing to build it"
+            )
 
 
 def parse_yaml(text: str, where: str) -> Any:
     """The plain data of YAML ``text``; ``where`` (e.g. "--config: 'configs/x.yaml'") starts every message."""
     if len(text) > MAX_CONFIG_BYTES:
-        raise ValueError(f"{where} is {len(text) / 2**20:.1f} MiB of text; at most {MAX_CONFIG_BYTES // 2**20} "
-                         "MiB is read")
+        raise ValueError(
+            f"{where} is {len(text) / 2**20:.1f} MiB of text; at most {MAX_CONFIG_BYTES // 2**20} MiB is read"
+        )
     try:
         _measure(text, where)
         return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass

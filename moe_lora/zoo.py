@@ -48,13 +48,27 @@ def minilm_dir() -> Path:
     return path
 
 
-def tiny_config(name: str, *, vocab_size: int = 30522, num_layers: int = 4, hidden: int = 512,
-                intermediate: int = 1376, heads: int = 8):
+def tiny_config(
+    name: str,
+    *,
+    vocab_size: int = 30522,
+    num_layers: int = 4,
+    hidden: int = 512,
+    intermediate: int = 1376,
+    heads: int = 8,
+):
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                  num_hidden_layers=num_layers, num_attention_heads=heads, max_position_embeddings=1024,
-                  tie_word_embeddings=False, **MINILM_SPECIAL_IDS)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        **MINILM_SPECIAL_IDS,
+    )
     if name == "tiny-llama":
         return tf.LlamaConfig(num_key_value_heads=heads, **common)
     if name == "tiny-mistral":
@@ -62,13 +76,27 @@ def tiny_config(name: str, *, vocab_size: int = 30522, num_layers: int = 4, hidd
     if name == "tiny-qwen2":
         return tf.Qwen2Config(num_key_value_heads=max(1, heads // 2), **common)
     if name == "tiny-gpt2":
-        return tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=num_layers, n_head=heads,
-                             n_inner=intermediate, n_positions=1024, **MINILM_SPECIAL_IDS)
+        return tf.GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=num_layers,
+            n_head=heads,
+            n_inner=intermediate,
+            n_positions=1024,
+            **MINILM_SPECIAL_IDS,
+        )
     raise ValueError(f"model: unknown tiny model {name!r}; allowed: {', '.join(TINY)}")
 
 
-def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, task: str | None = None,
-               num_labels: int | None = None, **tiny_kwargs) -> nn.Module:
+def load_model(
+    name_or_path: str,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    task: str | None = None,
+    num_labels: int | None = None,
+    **tiny_kwargs,
+) -> nn.Module:
     """A built-in model by name, or a local transformers directory. Tiny models are seeded (same weights for
     the same seed and sizes).
 
@@ -118,9 +146,15 @@ def load_model(name_or_path: str, *, seed: int = 0, dtype: torch.dtype = torch.f
             )
         config = tf.AutoConfig.from_pretrained(path)
         causal = config.architectures and any(
-            a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures)
-        auto = (tf.AutoModelForSequenceClassification if classify
-                else tf.AutoModelForCausalLM if causal or task == "causal_lm" else tf.AutoModel)
+            a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in config.architectures
+        )
+        auto = (
+            tf.AutoModelForSequenceClassification
+            if classify
+            else tf.AutoModelForCausalLM
+            if causal or task == "causal_lm"
+            else tf.AutoModel
+        )
     kwargs = {"num_labels": num_labels} if classify else {}
     with torch.random.fork_rng(devices=[]), _quiet_loading():
         torch.manual_seed(seed)

@@ -28,8 +28,9 @@ def edit_meta(path: Path, drop: tuple[str, ...] = (), **changes) -> None:
     write_meta(path, {**meta, **changes})
 
 
-def rewrite_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None,
-                    checksum: bool = True) -> None:
+def rewrite_weights(
+    path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None, checksum: bool = True
+) -> None:
     """Replace the weights file; ``checksum`` records its new size and sha256 (else drops them: a legacy
     adapter saved before the checksum)."""
     file = Path(path) / WEIGHTS

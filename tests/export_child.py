@@ -42,8 +42,9 @@ def main(jobs_file: str) -> None:
     inputs = load_file(spec["inputs"])
     for job in spec["jobs"]:
         if job["kind"] == "causal":
-            model, info = AutoModelForCausalLM.from_pretrained(job["dir"], output_loading_info=True,
-                                                               dtype=torch.float32)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                job["dir"], output_loading_info=True, dtype=torch.float32
+            )
             bad = {k: sorted(v) for k, v in info.items() if v}
             if bad:
                 raise SystemExit(f"{job['name']}: loading {job['dir']} reported {bad}")
@@ -66,9 +67,10 @@ def main(jobs_file: str) -> None:
             if job.get("router_logits"):
                 for i, r in enumerate(res.router_logits):
                     out[f"router_logits.{i}"] = r.float().contiguous()
-            gen = model.generate(input_ids=inputs["prompt_ids"], max_new_tokens=20, min_new_tokens=20,
-                                 do_sample=False, pad_token_id=0)
-            out["generated"] = gen[:, inputs["prompt_ids"].shape[1]:].contiguous()
+            gen = model.generate(
+                input_ids=inputs["prompt_ids"], max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0
+            )
+            out["generated"] = gen[:, inputs["prompt_ids"].shape[1] :].contiguous()
         save_file(out, job["out"])
         print(f"{job['name']}: {type(model).__name__} ok")
 

@@ -16,8 +16,9 @@ def write_peft_loras(root: Path, specs: list[tuple[int, float, list[str]]]) -> t
     dirs, logits = [], []
     for i, (r, alpha, targets) in enumerate(specs):
         torch.manual_seed(100 + i)
-        pm = peft.get_peft_model(tiny("tiny-llama"), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                                     init_lora_weights=False)).eval()
+        pm = peft.get_peft_model(
+            tiny("tiny-llama"), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+        ).eval()
         with torch.no_grad():
             logits.append(pm(input_ids=tokens()).logits)
         d = root / f"lora{i}"

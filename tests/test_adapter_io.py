@@ -22,8 +22,10 @@ from moe_lora.zoo import load_model
 
 ROUND_TRIPS = [
     ("tiny-llama", dict(target_modules=LLAMA_ALL, router="threshold", num_experts=[2, 3])),
-    ("tiny-llama", dict(target_modules=LLAMA_ALL, router_scope="block", ffn_experts=True,
-                        modules_to_save=["lm_head"])),
+    (
+        "tiny-llama",
+        dict(target_modules=LLAMA_ALL, router_scope="block", ffn_experts=True, modules_to_save=["lm_head"]),
+    ),
     ("tiny-gpt2", dict(target_modules=GPT2_ALL, router_scope="block", router="soft")),
     ("minilm", dict(target_modules=BERT_ALL, router_scope="block", num_experts=2, rank=2)),
 ]
@@ -50,13 +52,16 @@ def test_save_then_load_into_a_fresh_base_gives_identical_outputs(tmp_path, arch
     save_adapter(model, tmp_path / "adapter")
     loaded = load_adapter(_model(arch), tmp_path / "adapter")
     assert torch.equal(_out(loaded, x), expected)
-    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
-        {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def test_adapter_directory_format(tmp_path):
-    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_ALL, router_scope="block", num_experts=3,
-                                                      rank=4, router="threshold"))
+    model = convert(
+        tiny("tiny-llama"),
+        MoELoRAConfig(target_modules=LLAMA_ALL, router_scope="block", num_experts=3, rank=4, router="threshold"),
+    )
     save_adapter(model, tmp_path / "a")
     assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors"]
     meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -86,13 +91,18 @@ def test_adapter_directory_format(tmp_path):
 
 def test_loading_into_a_different_base_names_the_first_mismatched_module(tmp_path):
     save_adapter(convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_ALL)), tmp_path / "a")
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj' has base shape in=64, out=128 in the "
-                                         r"adapter but in=64, out=96"):
+    with pytest.raises(
+        ValueError,
+        match=r"'model.layers.0.mlp.gate_proj' has base shape in=64, out=128 in the "
+        r"adapter but in=64, out=96",
+    ):
         load_adapter(tiny("tiny-llama", intermediate=96), tmp_path / "a")
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' .* not found in this model"):
         load_adapter(tiny("tiny-gpt2"), tmp_path / "a")
-    with pytest.raises(ValueError, match=re.escape("'model.layers.2.self_attn.q_proj' (in=64, out=64) is targeted "
-                                                   "in this model but not in")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("'model.layers.2.self_attn.q_proj' (in=64, out=64) is targeted in this model but not in"),
+    ):
         load_adapter(tiny("tiny-llama", num_layers=3), tmp_path / "a")
 
 
@@ -140,8 +150,9 @@ def test_an_interrupted_save_leaves_the_previous_adapter_or_nothing(tmp_path, mo
     with pytest.raises(OSError, match="disk gone"):
         save_adapter(model, tmp_path / "a")
     assert os.listdir(tmp_path) == ["a"]
-    assert torch.equal(_out(load_adapter(tiny("tiny-llama"), tmp_path / "a"), x), expected), \
+    assert torch.equal(_out(load_adapter(tiny("tiny-llama"), tmp_path / "a"), x), expected), (
         "the previous adapter must survive a failed overwrite unchanged"
+    )
 
     real_replace = os.replace
 
@@ -156,8 +167,9 @@ def test_an_interrupted_save_leaves_the_previous_adapter_or_nothing(tmp_path, mo
         save_adapter(model, tmp_path / "a")
     monkeypatch.setattr(atomic_dir.os, "replace", real_replace)
     assert os.listdir(tmp_path) == ["a"]
-    assert torch.equal(_out(load_adapter(tiny("tiny-llama"), tmp_path / "a"), x), expected), \
+    assert torch.equal(_out(load_adapter(tiny("tiny-llama"), tmp_path / "a"), x), expected), (
         "the previous adapter must survive a failed overwrite unchanged"
+    )
 
 
 def test_leftover_temporary_directories_never_load(tmp_path):
@@ -188,8 +200,10 @@ def test_the_next_save_removes_leftovers_of_dead_saves_and_restores_a_set_aside_
     perturb_(model, seed=9)
     save_adapter(model, tmp_path / "a")
     assert sorted(os.listdir(tmp_path)) == sorted([f".b.tmp-{dead}-x3", f".a.tmp-{os.getpid()}-x2", "a"])
-    assert not torch.equal(load_file(str(tmp_path / "a" / "adapter_model.safetensors"))[
-        "model.layers.0.self_attn.q_proj.lora_A"], old["model.layers.0.self_attn.q_proj.lora_A"])
+    assert not torch.equal(
+        load_file(str(tmp_path / "a" / "adapter_model.safetensors"))["model.layers.0.self_attn.q_proj.lora_A"],
+        old["model.layers.0.self_attn.q_proj.lora_A"],
+    )
 
 
 def test_bad_directories_are_refused_with_reasons(tmp_path):

@@ -64,13 +64,17 @@ def _raises(path, match, error=ValueError, **kw):
 
 # ---- another base model -----------------------------------------------------------------------------------
 
+
 def test_an_adapter_of_another_base_model_names_both_bases_and_the_first_difference(adapter):
-    msg = ("saved for another base model (base_model_name_or_path 'tiny-llama' in the adapter, 'tiny-llama' here; "
-           "fingerprint ")
+    msg = (
+        "saved for another base model (base_model_name_or_path 'tiny-llama' in the adapter, 'tiny-llama' here; "
+        "fingerprint "
+    )
     with pytest.raises(ValueError, match=re.escape(msg)) as info:
         load_adapter(tiny("tiny-llama", intermediate=96), adapter)
-    assert "'model.layers.0.mlp.down_proj' has base shape in=128, out=64 in the adapter but in=96, out=64" \
-        in str(info.value)
+    assert "'model.layers.0.mlp.down_proj' has base shape in=128, out=64 in the adapter but in=96, out=64" in str(
+        info.value
+    )
     with pytest.raises(ValueError, match=r"'tiny-gpt2' here.*'model.layers.0.self_attn.q_proj' .* not found"):
         load_adapter(tiny("tiny-gpt2"), adapter)
     converted = convert(tiny("tiny-llama", hidden=32), CFG)  # a converted model: both fingerprints named
@@ -80,8 +84,9 @@ def test_an_adapter_of_another_base_model_names_both_bases_and_the_first_differe
 
 def test_the_same_shapes_under_another_base_name_load_with_a_warning(adapter):
     edit_meta(adapter, base_model_name_or_path="other-llama")
-    with pytest.warns(UserWarning, match=re.escape("saved for base model 'other-llama' and is loaded into "
-                                                   "'tiny-llama'")):
+    with pytest.warns(
+        UserWarning, match=re.escape("saved for base model 'other-llama' and is loaded into 'tiny-llama'")
+    ):
         _load(adapter)
     edit_meta(adapter, base_model_name_or_path="/models/tiny-llama")  # the same name in another folder
     with warnings.catch_warnings():
@@ -91,12 +96,18 @@ def test_the_same_shapes_under_another_base_name_load_with_a_warning(adapter):
 
 # ---- tensors ----------------------------------------------------------------------------------------------
 
+
 def test_a_misshaped_tensor_names_key_saved_shape_and_expected_shape(adapter):
     state = weights(adapter)
     state["model.layers.1.mlp.down_proj.lora_A"] = torch.zeros(2, 2, 127)
     rewrite_weights(adapter, state)
-    _raises(adapter, re.escape(f"{adapter / WEIGHTS} does not match the converted model: mis-shaped keys: "
-                               "model.layers.1.mlp.down_proj.lora_A: saved shape (2, 2, 127), expected (2, 2, 128)"))
+    _raises(
+        adapter,
+        re.escape(
+            f"{adapter / WEIGHTS} does not match the converted model: mis-shaped keys: "
+            "model.layers.1.mlp.down_proj.lora_A: saved shape (2, 2, 127), expected (2, 2, 128)"
+        ),
+    )
 
 
 def test_dtypes_floating_tensors_are_cast_integers_refused_overflow_refused(adapter, tmp_path):
@@ -107,20 +118,33 @@ def test_dtypes_floating_tensors_are_cast_integers_refused_overflow_refused(adap
     assert same_tensors(loaded, {k: v.half().float() for k, v in state.items()}), "fp16 file -> fp32 model: cast"
     key = "model.layers.0.self_attn.q_proj.router.weight"
     rewrite_weights(adapter, {**state, key: state[key].long()})
-    _raises(adapter, re.escape(f"wrong dtypes: {key}: saved dtype torch.int64, expected a floating dtype (the "
-                               "model's is torch.float32)"))
+    _raises(
+        adapter,
+        re.escape(
+            f"wrong dtypes: {key}: saved dtype torch.int64, expected a floating dtype (the model's is torch.float32)"
+        ),
+    )
     rewrite_weights(adapter, {**state, key: state[key] * 1e6})
-    with pytest.raises(ValueError, match=re.escape("overflow when cast to the model's dtype (torch.float16) in keys "
-                                                   f"'{key}'")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"overflow when cast to the model's dtype (torch.float16) in keys '{key}'")
+    ):
         load_adapter(convert(tiny("tiny-llama"), CFG).half(), adapter)  # adapters of a model cast after convert
 
 
 # ---- damaged weights file -----------------------------------------------------------------------------------
 
+
 def _offsets(data: bytes) -> dict[str, int]:
     header = 8 + int.from_bytes(data[:8], "little")
-    return {"empty": 0, "in the length": 4, "after the length": 8, "mid header": header // 2,
-            "header end": header, "mid data": (header + len(data)) // 2, "last byte": len(data) - 1}
+    return {
+        "empty": 0,
+        "in the length": 4,
+        "after the length": 8,
+        "mid header": header // 2,
+        "header end": header,
+        "mid data": (header + len(data)) // 2,
+        "last byte": len(data) - 1,
+    }
 
 
 @pytest.mark.parametrize("checksum", [True, False], ids=["checksum", "legacy"])
@@ -131,8 +155,10 @@ def test_a_truncated_weights_file_is_refused_at_every_offset(adapter, checksum):
     for where, cut in _offsets(data).items():
         file.write_bytes(data[:cut])
         if checksum:
-            msg = f"{file} is {cut} bytes but adapter_config.json records weights_bytes={len(data)}: the file is " \
-                  "truncated"
+            msg = (
+                f"{file} is {cut} bytes but adapter_config.json records weights_bytes={len(data)}: the file is "
+                "truncated"
+            )
         else:
             msg = f"{file} is not a valid safetensors file ("
         model, _ = _raises(adapter, re.escape(msg))
@@ -205,14 +231,18 @@ def test_pickled_weights_are_never_unpickled(adapter, tmp_path):
     marker = tmp_path / "unpickled"
     file = adapter / WEIGHTS
     torch.save({"x": _Boom(marker)}, file)
-    _raises(adapter, re.escape(f"{file} is a torch.save zip archive, not a safetensors file; pickles are never "
-                               "loaded"))
+    _raises(
+        adapter, re.escape(f"{file} is a torch.save zip archive, not a safetensors file; pickles are never loaded")
+    )
     file.write_bytes(pickle.dumps(_Boom(marker), protocol=4))
     _raises(adapter, re.escape(f"{file} is a pickle, not a safetensors file"))
     file.unlink()
     torch.save({"x": _Boom(marker)}, adapter / "adapter_model.bin")
-    _raises(adapter, re.escape(f"{adapter} has no {WEIGHTS} (adapter_model.bin: pickled weights are never loaded"),
-            FileNotFoundError)
+    _raises(
+        adapter,
+        re.escape(f"{adapter} has no {WEIGHTS} (adapter_model.bin: pickled weights are never loaded"),
+        FileNotFoundError,
+    )
     assert not marker.exists()
 
 
@@ -222,6 +252,7 @@ def test_safetensors_metadata_format_must_be_pt(adapter):
 
 
 # ---- damaged adapter_config.json ----------------------------------------------------------------------------
+
 
 def test_a_config_that_is_not_a_json_object(adapter):
     file = adapter / CONFIG
@@ -253,25 +284,41 @@ def test_required_and_training_only_fields_are_disjoint_config_fields():
 
 
 def test_ill_typed_keys_are_each_named_with_their_value(adapter):
-    edit_meta(adapter, rank="8", targets=5, fingerprint="xyz", modules=[], num_layers=-1, weights_bytes="12",
-              router="top_k", base_model_name_or_path=3)
+    edit_meta(
+        adapter,
+        rank="8",
+        targets=5,
+        fingerprint="xyz",
+        modules=[],
+        num_layers=-1,
+        weights_bytes="12",
+        router="top_k",
+        base_model_name_or_path=3,
+    )
     _, msg = _raises(adapter, re.escape(f"invalid adapter config {adapter / CONFIG} (8 problems):"))
-    for line in ["  - base_model_name_or_path: 3 must be a string or null",
-                 "  - fingerprint: 'xyz' must be 64 lowercase hex digits",
-                 "  - num_layers: -1 must be an int >= 0",
-                 "  - weights_bytes: '12' must be an int >= 0",
-                 "  - targets: 5 must be a list of [module name, in_features, out_features]",
-                 "  - modules: [] must be a mapping {module name: {scope, part, layer, num_experts, top_k, rank}}",
-                 "  - rank: '8' must be an int >= 1",
-                 "  - router: unknown router 'top_k' (did you mean 'topk'?); allowed: "]:
+    for line in [
+        "  - base_model_name_or_path: 3 must be a string or null",
+        "  - fingerprint: 'xyz' must be 64 lowercase hex digits",
+        "  - num_layers: -1 must be an int >= 0",
+        "  - weights_bytes: '12' must be an int >= 0",
+        "  - targets: 5 must be a list of [module name, in_features, out_features]",
+        "  - modules: [] must be a mapping {module name: {scope, part, layer, num_experts, top_k, rank}}",
+        "  - rank: '8' must be an int >= 1",
+        "  - router: unknown router 'top_k' (did you mean 'topk'?); allowed: ",
+    ]:
         assert line in msg, (line, msg)
 
 
 def test_a_fingerprint_that_does_not_match_the_targets_is_refused(adapter):
     meta = read_meta(adapter)
     edit_meta(adapter, targets=[[n, i + 1, o] for n, i, o in meta["targets"]])
-    _raises(adapter, re.escape(f"fingerprint: '{meta['fingerprint'][:16]}'... is not the sha256 of targets: "
-                               "adapter_config.json was edited or corrupted"))
+    _raises(
+        adapter,
+        re.escape(
+            f"fingerprint: '{meta['fingerprint'][:16]}'... is not the sha256 of targets: "
+            "adapter_config.json was edited or corrupted"
+        ),
+    )
 
 
 def test_a_bad_modules_entry_is_named(adapter):
@@ -281,10 +328,13 @@ def test_a_bad_modules_entry_is_named(adapter):
     _raises(adapter, re.escape(f"modules.{name}.scope: 'ffm'; allowed: linear, block, ffn"))
 
 
-@pytest.mark.parametrize("value,match", [
-    ("lora", "adapter_type is 'lora'; allowed: 'moe_lora'"),
-    (None, "adapter_type is None; allowed: 'moe_lora'"),
-])
+@pytest.mark.parametrize(
+    "value,match",
+    [
+        ("lora", "adapter_type is 'lora'; allowed: 'moe_lora'"),
+        (None, "adapter_type is None; allowed: 'moe_lora'"),
+    ],
+)
 def test_an_unknown_adapter_type(adapter, value, match):
     edit_meta(adapter, adapter_type=value)
     _raises(adapter, re.escape(f"{adapter / CONFIG} is not a moe-lora adapter config: {match}"))
@@ -292,18 +342,26 @@ def test_an_unknown_adapter_type(adapter, value, match):
 
 def test_a_peft_config_points_to_the_peft_importers(adapter):
     edit_meta(adapter, drop=("adapter_type",), peft_type="LORA")
-    _raises(adapter, re.escape("adapter_type is missing (peft_type 'LORA': a PEFT adapter; load PEFT LoRA adapters "
-                               "with moe_lora.experts_from_peft or moe_lora.upcycle_lora); allowed: 'moe_lora'"))
+    _raises(
+        adapter,
+        re.escape(
+            "adapter_type is missing (peft_type 'LORA': a PEFT adapter; load PEFT LoRA adapters "
+            "with moe_lora.experts_from_peft or moe_lora.upcycle_lora); allowed: 'moe_lora'"
+        ),
+    )
 
 
-@pytest.mark.parametrize("version,match", [
-    (2, "has format_version 2, newer than this moe-lora"),
-    ("1", "has format_version '1', which is not an int >= 1"),
-    (1.0, "has format_version 1.0, which is not an int >= 1"),
-    (True, "has format_version True, which is not an int >= 1"),
-    (0, "has format_version 0, which is not an int >= 1"),
-    ("missing", "has no format_version"),
-])
+@pytest.mark.parametrize(
+    "version,match",
+    [
+        (2, "has format_version 2, newer than this moe-lora"),
+        ("1", "has format_version '1', which is not an int >= 1"),
+        (1.0, "has format_version 1.0, which is not an int >= 1"),
+        (True, "has format_version True, which is not an int >= 1"),
+        (0, "has format_version 0, which is not an int >= 1"),
+        ("missing", "has no format_version"),
+    ],
+)
 def test_format_version_must_be_a_supported_int(adapter, version, match):
     if version == "missing":
         edit_meta(adapter, drop=("format_version",))
@@ -316,6 +374,7 @@ def test_format_version_must_be_a_supported_int(adapter, version, match):
 
 
 # ---- fuzz: nothing but the documented errors ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", [CONFIG, WEIGHTS])
 def test_random_damage_gives_only_the_documented_errors(adapter, name):
@@ -339,9 +398,11 @@ def test_random_damage_gives_only_the_documented_errors(adapter, name):
 
 # ---- directories ----------------------------------------------------------------------------------------------
 
+
 def test_missing_directory_and_leftover_directories(adapter, tmp_path):
-    _raises(tmp_path / "nope", re.escape(f"{tmp_path / 'nope'} is not a directory (it does not exist)"),
-            FileNotFoundError)
+    _raises(
+        tmp_path / "nope", re.escape(f"{tmp_path / 'nope'} is not a directory (it does not exist)"), FileNotFoundError
+    )
     for name in (".a.tmp-123-abc_9", ".a.old-123-abcdef12"):
         shutil.copytree(adapter, tmp_path / name)
         _raises(tmp_path / name, re.escape(f"{tmp_path / name} is the temporary directory of an unfinished save"))

@@ -144,15 +144,17 @@ def test_bias_selecting_experts_whose_probability_underflowed_keeps_the_formula_
     p_i / sum_S p_j, computed as the softmax of the selected logits, with finite gradients (p / sum p would give
     0 / 0, and a gradient of 1 / sum p that overflows)."""
     r = TopKRouter(2, 4, top_k=2, bias_update_rate=1e-2).train()
-    logits = torch.tensor([[200.0, 100.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, -0.5]],
-                          requires_grad=True)
+    logits = torch.tensor(
+        [[200.0, 100.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, -0.5]], requires_grad=True
+    )
     with torch.no_grad():
         r.selection_bias.copy_(torch.tensor([-5.0, -5.0, 1.0, 1.0]))  # selects experts 2 and 3
     routing = r(torch.zeros(3, 2), logits_TE=logits)
     assert (routing.expert_ids_TK.sort(-1).values == torch.tensor([2, 3])).all()
     expect = torch.softmax(logits.detach()[:, 2:], -1)
-    assert_close(routing.weights_TK.gather(1, routing.expert_ids_TK.argsort(-1)), expect, torch.float32,
-                 "w = p_i / sum_S p_j")
+    assert_close(
+        routing.weights_TK.gather(1, routing.expert_ids_TK.argsort(-1)), expect, torch.float32, "w = p_i / sum_S p_j"
+    )
     (g,) = torch.autograd.grad((routing.weights_TK * torch.tensor([1.0, 2.0])).sum(), logits)
     assert torch.isfinite(g).all()
     assert r.load_counts.tolist() == [0.0, 0.0, 3.0, 3.0]  # selections count, whatever their weight

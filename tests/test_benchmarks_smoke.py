@@ -14,10 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, keys", [
-    ("e2e.py", ("ratio_to_peft", "fwd_bwd_ratio_to_peft", "optimizer_ms", "saved_MB")),
-    ("scaling.py", ("dense_x_lora", "grouped_x_lora")),
-])
+@pytest.mark.parametrize(
+    "script, keys",
+    [
+        ("e2e.py", ("ratio_to_peft", "fwd_bwd_ratio_to_peft", "optimizer_ms", "saved_MB")),
+        ("scaling.py", ("dense_x_lora", "grouped_x_lora")),
+    ],
+)
 def test_benchmark_quick_run_writes_its_table(tmp_path, script, keys):
     out = tmp_path / "out.json"
     readme = tmp_path / "README.md"
@@ -25,8 +28,13 @@ def test_benchmark_quick_run_writes_its_table(tmp_path, script, keys):
     args = ["--quick", "--out", str(out)]
     if script == "e2e.py":
         args += ["--only", "topk,topk_e64", "--readme", str(readme)]
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows = data.get("rows") or data["points"]

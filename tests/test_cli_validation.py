@@ -17,11 +17,29 @@ def run(argv, capsys) -> tuple[int, str]:
 
 def test_demo_reports_every_bad_flag(capsys, tmp_path):
     (tmp_path / "file").write_text("x")
-    code, err = run(["demo", "--recipe", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "file"),
-                     "--steps", "0", "--test-per-task", "-1"], capsys)
+    code, err = run(
+        [
+            "demo",
+            "--recipe",
+            str(tmp_path / "none.yaml"),
+            "--out",
+            str(tmp_path / "file"),
+            "--steps",
+            "0",
+            "--test-per-task",
+            "-1",
+        ],
+        capsys,
+    )
     assert code == 2 and "invalid command line (4 problems)" in err and "Traceback" not in err
-    for problem in ("--recipe: file", "none.yaml' does not exist", "--out:", "exists and is not a directory",
-                    "--steps: 0 must be >= 1", "--test-per-task: -1 must be >= 1"):
+    for problem in (
+        "--recipe: file",
+        "none.yaml' does not exist",
+        "--out:",
+        "exists and is not a directory",
+        "--steps: 0 must be >= 1",
+        "--test-per-task: -1 must be >= 1",
+    ):
         assert problem in err, (problem, err)
 
 
@@ -38,11 +56,14 @@ def test_convert_reports_a_missing_config_and_out(capsys, tmp_path):
     assert code == 2 and "(2 problems)" in err and "--config: file" in err and "--out: required" in err
 
 
-@pytest.mark.parametrize("text, where", [
-    ("train:\n  max_steps: [3\n", "line 3, column 1"),       # unclosed list: found at the end of the file
-    ("train: {max_steps: 3\nmodel: x\n", "line 2"),
-    ("\tmodel: tiny-llama\n", "line 1, column 1"),            # a tab where YAML wants spaces
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("train:\n  max_steps: [3\n", "line 3, column 1"),  # unclosed list: found at the end of the file
+        ("train: {max_steps: 3\nmodel: x\n", "line 2"),
+        ("\tmodel: tiny-llama\n", "line 1, column 1"),  # a tab where YAML wants spaces
+    ],
+)
 def test_yaml_syntax_errors_name_the_file_line_and_column(capsys, tmp_path, text, where):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)

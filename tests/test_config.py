@@ -57,9 +57,15 @@ def test_unknown_key_suggests(tmp_path):
 
 
 def test_yaml_and_json_round_trip(tmp_path):
-    cfg = MoELoRAConfig(num_experts="inverted_triangle", expert_budget=16, top_k=[1, 2, 2, 2], router="threshold",
-                        threshold_max=0.1, target_modules="model\\.layers\\.\\d+\\.mlp\\..*_proj",
-                        layers_to_transform=[0, 2])
+    cfg = MoELoRAConfig(
+        num_experts="inverted_triangle",
+        expert_budget=16,
+        top_k=[1, 2, 2, 2],
+        router="threshold",
+        threshold_max=0.1,
+        target_modules="model\\.layers\\.\\d+\\.mlp\\..*_proj",
+        layers_to_transform=[0, 2],
+    )
     assert MoELoRAConfig.from_yaml(cfg.to_yaml(tmp_path / "c.yaml")) == cfg
     assert MoELoRAConfig.from_yaml(tmp_path / "c.yaml") == cfg
     assert MoELoRAConfig.from_json(cfg.to_json(tmp_path / "c.json")) == cfg

@@ -81,8 +81,9 @@ def test_plan_counts_equal_real_trainable_parameters(arch, fields):
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     p = plan(model, MoELoRAConfig(**fields))
     after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), \
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), (
         "plan() must not change the model"
+    )
     convert(model, MoELoRAConfig(**fields))
     assert p.trainable_params == trainable_parameters(model)
     assert p.trainable_params == sum(e.params for e in p.entries)
@@ -109,14 +110,21 @@ def test_target_matching_exact_suffix_regex_and_layers():
     model = tiny("tiny-llama", num_layers=3)
     names = lambda cfg: [e.name for e in plan(model, cfg).entries]  # noqa: E731
     assert names(MoELoRAConfig(target_modules=["model.layers.1.self_attn.q_proj"])) == [
-        "model.layers.1.self_attn.q_proj"]
+        "model.layers.1.self_attn.q_proj"
+    ]
     assert names(MoELoRAConfig(target_modules=["self_attn.o_proj"])) == [
-        f"model.layers.{i}.self_attn.o_proj" for i in range(3)]
+        f"model.layers.{i}.self_attn.o_proj" for i in range(3)
+    ]
     assert names(MoELoRAConfig(target_modules=r"model\.layers\.[02]\.mlp\.(up|down)_proj")) == [
-        "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
-        "model.layers.2.mlp.up_proj", "model.layers.2.mlp.down_proj"]
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.2.mlp.up_proj",
+        "model.layers.2.mlp.down_proj",
+    ]
     assert names(MoELoRAConfig(target_modules=["v_proj"], layers_to_transform=[0, 2])) == [
-        "model.layers.0.self_attn.v_proj", "model.layers.2.self_attn.v_proj"]
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.2.self_attn.v_proj",
+    ]
 
 
 def test_unmatched_patterns_are_errors_that_name_them():

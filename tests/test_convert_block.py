@@ -57,8 +57,10 @@ def _ffn_reference(block: MoEBlock, x_TD: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
 def test_ffn_experts_match_the_mixlora_formula(arch, router):
     targets = LLAMA_MLP if arch == "tiny-llama" else ["mlp.c_fc", "mlp.c_proj"]
-    model = convert(tiny(arch), MoELoRAConfig(target_modules=targets, router_scope="block", ffn_experts=True,
-                                              num_experts=4, router=router))
+    model = convert(
+        tiny(arch),
+        MoELoRAConfig(target_modules=targets, router_scope="block", ffn_experts=True, num_experts=4, router=router),
+    )
     perturb_(model).double()  # fp64 experts: the comparison checks the maths, not fp32 rounding
     block = next(m for _, m in iter_routed_modules(model))
     block.router.float()  # routers compute in fp32 (the threshold router's bias linear requires it)
@@ -72,8 +74,10 @@ def test_ffn_experts_match_the_mixlora_formula(arch, router):
 
 
 def test_ffn_experts_with_some_projections_untargeted():
-    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=["up_proj"], router_scope="block",
-                                                      ffn_experts=True, num_experts=3))
+    model = convert(
+        tiny("tiny-llama"),
+        MoELoRAConfig(target_modules=["up_proj"], router_scope="block", ffn_experts=True, num_experts=3),
+    )
     perturb_(model).double()
     block = model.model.layers[1].mlp
     assert isinstance(block, MoEBlock) and not isinstance(block.base_layer.down_proj, ExpertLinear)
@@ -84,8 +88,7 @@ def test_ffn_experts_with_some_projections_untargeted():
 
 
 def test_block_scope_projections_use_the_block_routing():
-    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block",
-                                                      num_experts=4))
+    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block", num_experts=4))
     perturb_(model).double()
     block = model.model.layers[0].mlp
     inputs = {}
@@ -114,8 +117,7 @@ def test_block_scope_projections_use_the_block_routing():
 def test_block_projections_computing_their_base_equal_the_base_layer_path():
     """An ExpertLinear over a plain nn.Linear computes the base inside its shrink's Function (delta added in place,
     dx in one tensor); a forward hook on the base layers makes it call them instead. Same output and gradients."""
-    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block",
-                                                      num_experts=4))
+    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block", num_experts=4))
     perturb_(model)
     block = model.model.layers[0].mlp
     experts = [getattr(block.base_layer, f"{role}_proj") for role in ("gate", "up", "down")]
@@ -136,8 +138,10 @@ def test_block_projections_computing_their_base_equal_the_base_layer_path():
 
 
 def test_bert_block_routes_intermediate_and_output_together():
-    model = convert(load_model("minilm"), MoELoRAConfig(target_modules=["intermediate.dense", "output.dense"],
-                                                       router_scope="block", num_experts=4))
+    model = convert(
+        load_model("minilm"),
+        MoELoRAConfig(target_modules=["intermediate.dense", "output.dense"], router_scope="block", num_experts=4),
+    )
     routed = dict(iter_routed_modules(model))
     assert list(routed)[:2] == ["encoder.layer.0.attention.output.dense", "encoder.layer.0.intermediate"]
     layer = model.encoder.layer[0]
@@ -158,8 +162,12 @@ def test_ffn_mode_is_refused_for_bert_blocks():
 def test_contrastive_block_routing_needs_ffn_experts_and_records_its_loss():
     with pytest.raises(ValueError, match=r"contrastive.*needs ffn_experts"):
         plan(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block", router="contrastive"))
-    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block",
-                                                      ffn_experts=True, router="contrastive", num_experts=4))
+    model = convert(
+        tiny("tiny-llama"),
+        MoELoRAConfig(
+            target_modules=LLAMA_MLP, router_scope="block", ffn_experts=True, router="contrastive", num_experts=4
+        ),
+    )
     perturb_(model).train()
     x = tokens()
     model(input_ids=x)
@@ -172,8 +180,10 @@ def test_contrastive_block_routing_needs_ffn_experts_and_records_its_loss():
 
 
 def test_topk_block_aux_terms_skip_the_contrastive_loss():
-    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_ALL, router_scope="block",
-                                                      ffn_experts=True, num_experts=4))
+    model = convert(
+        tiny("tiny-llama"),
+        MoELoRAConfig(target_modules=LLAMA_ALL, router_scope="block", ffn_experts=True, num_experts=4),
+    )
     perturb_(model).train()
     model(input_ids=tokens())
     block = model.model.layers[1].mlp
@@ -189,8 +199,10 @@ def test_expert_linear_outside_its_block_is_an_error():
 
 
 def test_ffn_forward_gradients_reach_every_expert_tensor():
-    model = convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block",
-                                                      ffn_experts=True, num_experts=2, top_k=2))
+    model = convert(
+        tiny("tiny-llama"),
+        MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block", ffn_experts=True, num_experts=2, top_k=2),
+    )
     perturb_(model).train()
     out = model(input_ids=tokens(), labels=tokens())
     out.loss.backward()
@@ -213,8 +225,9 @@ def test_fresh_ffn_experts_equal_the_base_mlp_bit_for_bit_with_odd_thread_chunks
         torch.set_num_threads(3)  # both sides: the GEMMs' own rounding depends on the thread count
         with torch.no_grad():
             expected = model(input_ids=x).logits
-            converted = convert(model, MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block",
-                                                     ffn_experts=True, top_k=top_k))
+            converted = convert(
+                model, MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block", ffn_experts=True, top_k=top_k)
+            )
             got = converted(input_ids=x).logits
     finally:
         torch.set_num_threads(threads)

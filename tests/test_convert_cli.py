@@ -17,10 +17,17 @@ from moe_lora.cli import main
 from moe_lora.zoo import load_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-MOLA = {"rectangle": [5, 5, 5, 5], "triangle": [8, 6, 4, 2], "inverted_triangle": [2, 4, 6, 8],
-        "hourglass": [8, 2, 2, 8], "diamond": [2, 8, 8, 2]}
-RECIPES = [CONFIGS / f"{name}.yaml" for name in
-           ("mixlora", "adamole", "loramoe", "molora", "moelora_contrastive", *(f"mola_{s}" for s in MOLA))]
+MOLA = {
+    "rectangle": [5, 5, 5, 5],
+    "triangle": [8, 6, 4, 2],
+    "inverted_triangle": [2, 4, 6, 8],
+    "hourglass": [8, 2, 2, 8],
+    "diamond": [2, 8, 8, 2],
+}
+RECIPES = [
+    CONFIGS / f"{name}.yaml"
+    for name in ("mixlora", "adamole", "loramoe", "molora", "moelora_contrastive", *(f"mola_{s}" for s in MOLA))
+]
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
@@ -61,8 +68,18 @@ def test_load_config_uses_the_moe_lora_section_only_when_present(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
-    code, out, err = _run(["convert", "--model", "tiny-gpt2", "--config", str(CONFIGS / "mola_diamond.yaml"),
-                           "--dry-run", "--out", str(tmp_path / "never")])
+    code, out, err = _run(
+        [
+            "convert",
+            "--model",
+            "tiny-gpt2",
+            "--config",
+            str(CONFIGS / "mola_diamond.yaml"),
+            "--dry-run",
+            "--out",
+            str(tmp_path / "never"),
+        ]
+    )
     assert code == 2, "GPT-2 has no q_proj/gate_proj...: the Llama recipe does not fit"
     assert "target_modules: 'q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'" in err
     cfg = tmp_path / "gpt2.yaml"
@@ -77,8 +94,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 
 
 def test_convert_writes_an_adapter_that_loads_back(tmp_path):
-    code, out, err = _run(["convert", "--model", "tiny-llama", "--config", str(CONFIGS / "adamole.yaml"),
-                           "--out", str(tmp_path / "adamole")])
+    code, out, err = _run(
+        [
+            "convert",
+            "--model",
+            "tiny-llama",
+            "--config",
+            str(CONFIGS / "adamole.yaml"),
+            "--out",
+            str(tmp_path / "adamole"),
+        ]
+    )
     assert code == 0, err
     assert f"wrote {tmp_path / 'adamole'}" in out
     x = tokens(1, 5)
@@ -92,6 +118,5 @@ def test_convert_writes_an_adapter_that_loads_back(tmp_path):
 def test_convert_errors_are_one_line(tmp_path):
     code, _, err = _run(["convert", "--model", "tiny-llama", "--config", str(CONFIGS / "mixlora.yaml")])
     assert code == 2 and "--out: required" in err
-    code, _, err = _run(["convert", "--model", "tiny-llama", "--config", str(tmp_path / "missing.yaml"),
-                         "--dry-run"])
+    code, _, err = _run(["convert", "--model", "tiny-llama", "--config", str(tmp_path / "missing.yaml"), "--dry-run"])
     assert code == 2 and "missing.yaml" in err

@@ -18,13 +18,31 @@ ROUTERS = ["topk", "soft", "threshold", "expert_choice", "contrastive"]
 def test_configs_from_moe_lora_config_build_the_layer_the_keywords_build(router):
     """convert's path (MoELoRAConfig -> ExpertConfig, RouterConfig, AuxLossConfig) and the keyword path give the
     same parameters, the same router settings and the same outputs and losses."""
-    cfg = MoELoRAConfig(num_experts=5, top_k=2, rank=3, alpha=6.0, router=router, soft_top_k=3, z_loss_coef=1e-2,
-                        router_temperature=0.7)
+    cfg = MoELoRAConfig(
+        num_experts=5,
+        top_k=2,
+        rank=3,
+        alpha=6.0,
+        router=router,
+        soft_top_k=3,
+        z_loss_coef=1e-2,
+        router_temperature=0.7,
+    )
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
     a = MoELoRALinear(base, cfg.expert_config(5), cfg.router_config(2), cfg.aux_loss_config(), init_seed=4)
-    b = MoELoRALinear(base, num_experts=5, top_k=2, rank=3, alpha=6.0, router=router, soft_top_k=3,
-                      z_loss_coef=1e-2, router_temperature=0.7, init_seed=4)
+    b = MoELoRALinear(
+        base,
+        num_experts=5,
+        top_k=2,
+        rank=3,
+        alpha=6.0,
+        router=router,
+        soft_top_k=3,
+        z_loss_coef=1e-2,
+        router_temperature=0.7,
+        init_seed=4,
+    )
     assert a.router.config == b.router.config and a.router.config.temperature == 0.7
     assert a.router.config.top_k == {"topk": 2, "contrastive": 2, "soft": 3}.get(router)
     sa, sb = a.state_dict(), b.state_dict()
@@ -35,8 +53,11 @@ def test_configs_from_moe_lora_config_build_the_layer_the_keywords_build(router)
     x = torch.randn(9, 12)
     ya, yb = a(x), b(x)
     torch.testing.assert_close(ya, yb, atol=0, rtol=0)
-    assert a.coefs == b.coefs == {"load_balance": 1e-3, "z_loss": 1e-2, "cv": 0.0, "contrastive": 1e-3,
-                                  "gate_balance": 0.0}
+    assert (
+        a.coefs
+        == b.coefs
+        == {"load_balance": 1e-3, "z_loss": 1e-2, "cv": 0.0, "contrastive": 1e-3, "gate_balance": 0.0}
+    )
     torch.testing.assert_close(a.last_aux_loss, b.last_aux_loss, atol=0, rtol=0)
 
 
@@ -45,20 +66,36 @@ def test_a_router_holds_its_config_whole_and_carries_its_name():
     router = build_router(config, 8, 4)
     assert router.config is config and type(router).name == "threshold" and router.threshold_max == 0.5
     assert {name: cls.name for name, cls in ROUTER_CLASSES.items()} == {
-        n: n for n in (*ROUTERS, "task", "mole", "xlora", "cluster")}
+        n: n for n in (*ROUTERS, "task", "mole", "xlora", "cluster")
+    }
     with pytest.raises(TypeError, match="not both"):
         ROUTER_CLASSES["topk"](8, 4, RouterConfig(), top_k=1)
 
 
 def test_the_configs_report_every_problem_by_field():
     assert {p.split(":")[0] for p in ExpertConfig(0, 0, -1.0, 1.5, "yes", "cuda", "zeros").problems()} == {
-        "num_experts", "rank", "alpha", "dropout", "use_rslora", "backend", "init_lora_weights"}
-    assert [p.split(":")[0] for p in AuxLossConfig(-1.0, z_loss=float("nan"), contrastive_temperature=0).problems()] \
-        == ["load_balance_coef", "z_loss_coef", "contrastive_temperature"]
-    bad = RouterConfig(name="soft", top_k=5, temperature=0.0, jitter_noise=1.0, init_std=-1, threshold_max=2.0,
-                       capacity_factor=0)
+        "num_experts",
+        "rank",
+        "alpha",
+        "dropout",
+        "use_rslora",
+        "backend",
+        "init_lora_weights",
+    }
+    assert [
+        p.split(":")[0] for p in AuxLossConfig(-1.0, z_loss=float("nan"), contrastive_temperature=0).problems()
+    ] == ["load_balance_coef", "z_loss_coef", "contrastive_temperature"]
+    bad = RouterConfig(
+        name="soft", top_k=5, temperature=0.0, jitter_noise=1.0, init_std=-1, threshold_max=2.0, capacity_factor=0
+    )
     assert [p.split(":")[0] for p in bad.problems(4)] == [
-        "top_k", "temperature", "jitter_noise", "init_std", "threshold_max", "capacity_factor"]
+        "top_k",
+        "temperature",
+        "jitter_noise",
+        "init_std",
+        "threshold_max",
+        "capacity_factor",
+    ]
     with pytest.raises(ConfigError, match="top_k: 3 is larger than num_experts=2"):
         RouterConfig(name="contrastive", top_k=3).check(2)
 
@@ -83,8 +120,9 @@ def test_can_fuse_needs_the_dense_path_and_no_dropout():
     A = torch.zeros(4, 2, 16)
     x = torch.randn(5, 16)
     W = torch.zeros(4, 16)
-    assert can_fuse(x, A, 2, "dense", nn.Identity(), lin, router_weight=W) == can_fuse(x, A, 2, "dense",
-                                                                                         nn.Identity(), lin, (), {}, W)
+    assert can_fuse(x, A, 2, "dense", nn.Identity(), lin, router_weight=W) == can_fuse(
+        x, A, 2, "dense", nn.Identity(), lin, (), {}, W
+    )
     fusion = can_fuse(x, A, 2, "dense", nn.Identity(), lin, router_weight=W)
     assert fusion.router and fusion.base
     assert can_fuse(x, A, 2, "dense", nn.Identity(), lin).router is False  # no router weight: base only

@@ -31,8 +31,14 @@ from tolerances import EXPORT_TOLERANCE
 
 CHILD = Path(__file__).with_name("export_child.py")
 TINY = dict(vocab_size=1000, hidden=64, intermediate=96, num_layers=2, heads=4)
-MIXLORA = dict(target_modules=["gate_proj", "up_proj", "down_proj"], router_scope="block", ffn_experts=True,
-               rank=4, alpha=8.0, load_balance_coef=1e-2)
+MIXLORA = dict(
+    target_modules=["gate_proj", "up_proj", "down_proj"],
+    router_scope="block",
+    ffn_experts=True,
+    rank=4,
+    alpha=8.0,
+    load_balance_coef=1e-2,
+)
 
 
 def tiny(name: str = "tiny-llama"):
@@ -79,10 +85,13 @@ def reference(model, routing=None, router_temperature: float | None = None, rout
             for i, layer in enumerate(router_layers):
                 name = f"model.layers.{layer}.mlp"
                 E = next(iter(blocks.values())).num_experts
-                out[f"router_logits.{i}"] = (blocks[name].last_routing.logits_TE / router_temperature
-                                             if name in blocks else torch.zeros(ids.numel(), E))
+                out[f"router_logits.{i}"] = (
+                    blocks[name].last_routing.logits_TE / router_temperature
+                    if name in blocks
+                    else torch.zeros(ids.numel(), E)
+                )
         gen = model.generate(input_ids=prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
-        out["generated"] = gen[:, prompt.shape[1]:]
+        out["generated"] = gen[:, prompt.shape[1] :]
     return out
 
 
@@ -102,12 +111,24 @@ def exported(tmp_path_factory):
     m = mixlora = trained(tiny(), MoELoRAConfig(**MIXLORA, num_experts=4, top_k=2, router_temperature=0.7))
     add("mixtral_llama", m, "mixtral", ref_kw=dict(router_temperature=0.7, router_layers=[0, 1]))
     # Mistral, soft router (k = E), layer 0 left dense (E identical experts, zero gate), attention E = 1 merged
-    m = trained(tiny("tiny-mistral"), MoELoRAConfig(**{**MIXLORA, "target_modules": ["gate_proj", "up_proj",
-                                                                                    "down_proj"]},
-                                                    router="soft", num_experts=3, layers_to_transform=[1]))
+    m = trained(
+        tiny("tiny-mistral"),
+        MoELoRAConfig(
+            **{**MIXLORA, "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+            router="soft",
+            num_experts=3,
+            layers_to_transform=[1],
+        ),
+    )
     add("mixtral_mistral_soft", m, "mixtral", ref_kw=dict(router_temperature=1.0, router_layers=[0, 1]))
-    m = trained(tiny(), MoELoRAConfig(**{**MIXLORA, "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj",
-                                                                      "down_proj"]}, num_experts=1, top_k=1))
+    m = trained(
+        tiny(),
+        MoELoRAConfig(
+            **{**MIXLORA, "target_modules": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]},
+            num_experts=1,
+            top_k=1,
+        ),
+    )
     add("mixtral_llama_e1_attention", m, "mixtral", ref_kw=dict(router_temperature=1.0, router_layers=[0, 1]))
     # Qwen2 -> Qwen2MoE with a zero shared expert; layer 0 dense (mlp_only_layers)
     m = trained(tiny("tiny-qwen2"), MoELoRAConfig(**MIXLORA, num_experts=4, top_k=2, layers_to_transform=[1]))
@@ -126,24 +147,46 @@ def exported(tmp_path_factory):
     tiny().save_pretrained(base_dir)
     ids, mask, prompt = batch()
     save_file({"input_ids": ids, "attention_mask": mask, "prompt_ids": prompt}, root / "inputs.safetensors")
-    jobs = [dict(name=n, kind=c["kind"], dir=str(c["dir"]), base=str(base_dir), out=str(root / f"{n}.out"),
-                 router_logits=n.startswith(("mixtral", "qwen2"))) for n, c in cases.items()]
+    jobs = [
+        dict(
+            name=n,
+            kind=c["kind"],
+            dir=str(c["dir"]),
+            base=str(base_dir),
+            out=str(root / f"{n}.out"),
+            router_logits=n.startswith(("mixtral", "qwen2")),
+        )
+        for n, c in cases.items()
+    ]
     (root / "jobs.json").write_text(json.dumps({"inputs": str(root / "inputs.safetensors"), "jobs": jobs}))
-    proc = subprocess.run([sys.executable, str(CHILD), str(root / "jobs.json")], capture_output=True, text=True,
-                          timeout=300, cwd=root)
+    proc = subprocess.run(
+        [sys.executable, str(CHILD), str(root / "jobs.json")], capture_output=True, text=True, timeout=300, cwd=root
+    )
     assert proc.returncode == 0, f"child process failed:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return {n: (c["ref"], load_file(root / f"{n}.out"), c["dir"]) for n, c in cases.items()}
 
 
-CASES = ["mixtral_llama", "mixtral_mistral_soft", "mixtral_llama_e1_attention", "qwen2_moe", "peft_linear",
-         "merged_linear", "peft_ffn_expert2"]
+CASES = [
+    "mixtral_llama",
+    "mixtral_mistral_soft",
+    "mixtral_llama_e1_attention",
+    "qwen2_moe",
+    "peft_linear",
+    "merged_linear",
+    "peft_ffn_expert2",
+]
 
 
 def _close(actual, expected, what):
     atol, rtol, reason = EXPORT_TOLERANCE
     scale = max(1.0, float(expected.abs().max()))
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
-                               msg=lambda m: f"{what} (tolerance: {reason}):\n{m}")
+    torch.testing.assert_close(
+        actual.double(),
+        expected.double(),
+        atol=atol * scale,
+        rtol=rtol,
+        msg=lambda m: f"{what} (tolerance: {reason}):\n{m}",
+    )
 
 
 @pytest.mark.slow
@@ -189,8 +232,12 @@ def _random_B(model, seed=0):
 
 
 def test_peft_stacking_is_the_fp64_delta_and_truncation_error_is_exact():
-    model = _random_B(moe_lora.convert(tiny(), MoELoRAConfig(target_modules=["q_proj"], num_experts=3, top_k=2,
-                                                              rank=4, alpha=8.0, use_rslora=True)))
+    model = _random_B(
+        moe_lora.convert(
+            tiny(),
+            MoELoRAConfig(target_modules=["q_proj"], num_experts=3, top_k=2, rank=4, alpha=8.0, use_rslora=True),
+        )
+    )
     w = torch.tensor([0.2, 0.0, 0.7])
     weights = {n: w for n, _ in iter_routed_modules(model)}
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
@@ -220,8 +267,11 @@ def test_mixtral_refusals_name_the_blocker_and_write_nothing(tmp_path):
         (tiny(), MoELoRAConfig(**MIXLORA, num_experts=4, router="expert_choice"), "ExpertChoiceRouter"),
         (tiny(), MoELoRAConfig(**{**MIXLORA, "ffn_experts": False}, num_experts=4), "without ffn_experts"),
         (tiny(), MoELoRAConfig(**MIXLORA, num_experts=[2, 4], top_k=2), "one (E, k) for every layer"),
-        (tiny("tiny-gpt2"), MoELoRAConfig(**{**MIXLORA, "target_modules": ["c_fc", "mlp.c_proj"]}, num_experts=4),
-         "'gpt2'"),
+        (
+            tiny("tiny-gpt2"),
+            MoELoRAConfig(**{**MIXLORA, "target_modules": ["c_fc", "mlp.c_proj"]}, num_experts=4),
+            "'gpt2'",
+        ),
     ]
     biased = moe_lora.convert(tiny(), MoELoRAConfig(**MIXLORA, num_experts=4, bias_update_rate=1e-3))
     for m in biased.modules():
@@ -279,13 +329,16 @@ def test_out_dir_is_never_clobbered_and_a_failed_export_keeps_the_old_one(tmp_pa
 
 
 def test_mean_routing_counts_real_tokens_only():
-    model = _random_B(moe_lora.convert(tiny(), MoELoRAConfig(target_modules=["q_proj"], num_experts=3, top_k=2,
-                                                              rank=4)))
+    model = _random_B(
+        moe_lora.convert(tiny(), MoELoRAConfig(target_modules=["q_proj"], num_experts=3, top_k=2, rank=4))
+    )
     ids, mask, _ = batch()
     padded = mean_routing(model, [{"input_ids": ids, "attention_mask": mask}])
     lengths = mask.sum(1).tolist()
-    singles = [mean_routing(model, [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]}])
-               for i, n in enumerate(lengths)]
+    singles = [
+        mean_routing(model, [{"input_ids": ids[i : i + 1, :n], "attention_mask": mask[i : i + 1, :n]}])
+        for i, n in enumerate(lengths)
+    ]
     for name, w in padded.items():
         expected = sum(s[name] * n for s, n in zip(singles, lengths)) / sum(lengths)
         torch.testing.assert_close(w, expected, atol=1e-6, rtol=1e-6)
@@ -296,28 +349,48 @@ def test_mean_routing_counts_real_tokens_only():
 def test_cli_export(tmp_path, capsys):
     from moe_lora.cli import main
 
-    model = _random_B(moe_lora.convert(load_model("tiny-llama", num_layers=1, hidden=64, intermediate=96, heads=4),
-                                       MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, top_k=1,
-                                                     rank=2)))
+    model = _random_B(
+        moe_lora.convert(
+            load_model("tiny-llama", num_layers=1, hidden=64, intermediate=96, heads=4),
+            MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=2, top_k=1, rank=2),
+        )
+    )
     moe_lora.save_adapter(model, tmp_path / "adapter")
     (tmp_path / "task.yaml").write_text("[0.25, 0.75]\n")
     common = ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"), "--no-progress"]
     # the adapter was saved from a 1-layer, 64-wide tiny-llama: the built-in one has other shapes
-    assert main([*common, "--format", "peft", "--routing", str(tmp_path / "task.yaml"),
-                 "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main([*common, "--format", "peft", "--routing", str(tmp_path / "task.yaml"), "--out", str(tmp_path / "p")])
+        == 2
+    )
     assert "does not fit this model" in capsys.readouterr().err
     base = tmp_path / "base"
     load_model("tiny-llama", num_layers=1, hidden=64, intermediate=96, heads=4).save_pretrained(base)
     common[2] = str(base)
-    assert main([*common, "--format", "peft", "--routing", str(tmp_path / "task.yaml"), "--rank", "1",
-                 "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--format",
+                "peft",
+                "--routing",
+                str(tmp_path / "task.yaml"),
+                "--rank",
+                "1",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "APPROXIMATE: SVD-truncated to rank 1" in printed
     assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["r"] == 1
     assert main([*common, "--format", "mixtral", "--out", str(tmp_path / "m")]) == 2
     assert "per-linear routers" in capsys.readouterr().err and not (tmp_path / "m").exists()
-    assert main([*common, "--format", "merged", "--expert", "1", "--routing", "1,0",
-                 "--out", str(tmp_path / "m")]) == 2
+    assert (
+        main([*common, "--format", "merged", "--expert", "1", "--routing", "1,0", "--out", str(tmp_path / "m")]) == 2
+    )
     assert "--routing and --expert: give one" in capsys.readouterr().err
     from moe_lora.zoo import load_tokenizer
 
@@ -342,8 +415,11 @@ def test_our_routing_is_mixtrals_router_with_the_temperature_folded_in(router, k
     from moe_lora.routers import SoftRouter, TopKRouter
 
     E, D, T, temp = 5, 16, 64, 0.6
-    ours = (TopKRouter(D, E, top_k=k, temperature=temp) if router == "topk"
-            else SoftRouter(D, E, top_k=k if router == "soft_top_k" else None, temperature=temp))
+    ours = (
+        TopKRouter(D, E, top_k=k, temperature=temp)
+        if router == "topk"
+        else SoftRouter(D, E, top_k=k if router == "soft_top_k" else None, temperature=temp)
+    )
     with torch.no_grad():
         ours.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
     theirs = MixtralTopKRouter(MixtralConfig(hidden_size=D, num_local_experts=E, num_experts_per_tok=mixtral_k(ours)))
@@ -378,6 +454,9 @@ def test_peft_in_process(case, tmp_path):
     assert adapter_config["fan_in_fan_out"] is (name == "tiny-gpt2")
     assert adapter_config["r"] == (4 if routing is None else 8)
     peft_model = PeftModel.from_pretrained(tiny(name), tmp_path / "p").eval()
-    with torch.no_grad(), (fixed_routing(model, routing) if routing else torch.no_grad()):
-        _close(peft_model(input_ids=ids, attention_mask=mask).logits,
-               model(input_ids=ids, attention_mask=mask).logits, f"{case}: PEFT logits")
+    with torch.no_grad(), fixed_routing(model, routing) if routing else torch.no_grad():
+        _close(
+            peft_model(input_ids=ids, attention_mask=mask).logits,
+            model(input_ids=ids, attention_mask=mask).logits,
+            f"{case}: PEFT logits",
+        )

@@ -22,8 +22,16 @@ SIZES = {"hidden": 32, "num_layers": 2, "intermediate": 64, "heads": 2, "vocab_s
 
 def converted(seed=0):
     model = load_model("tiny-llama", **SIZES)
-    cfg = moe_lora.MoELoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], num_experts=4, top_k=2, rank=4,
-                                 alpha=8.0, dropout=0.0, load_balance_coef=0.5, init_seed=seed)
+    cfg = moe_lora.MoELoRAConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        num_experts=4,
+        top_k=2,
+        rank=4,
+        alpha=8.0,
+        dropout=0.0,
+        load_balance_coef=0.5,
+        init_seed=seed,
+    )
     return moe_lora.convert(model, cfg).train()
 
 
@@ -34,8 +42,19 @@ def dataset(n=24, S=12, seed=0):
 
 
 def args(out, **kw):
-    base = dict(output_dir=str(out), use_cpu=True, report_to=[], per_device_train_batch_size=4, learning_rate=5e-3,
-                logging_steps=1, save_strategy="no", seed=0, data_seed=0, disable_tqdm=True, max_steps=2)
+    base = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        max_steps=2,
+    )
     return tf.TrainingArguments(**{**base, **kw})
 
 
@@ -73,8 +92,10 @@ def test_aux_loss_is_in_the_loss_once_whoever_computes_it(who, tmp_path):
     if who == "model":
         trainer, plain = MoELoRATrainer(**kw), tf.Trainer(**kw)
     elif who == "compute_loss_func":
-        trainer, plain = MoELoRATrainer(**kw, compute_loss_func=causal_ce), tf.Trainer(**kw,
-                                                                                        compute_loss_func=causal_ce)
+        trainer, plain = (
+            MoELoRATrainer(**kw, compute_loss_func=causal_ce),
+            tf.Trainer(**kw, compute_loss_func=causal_ce),
+        )
     else:
         trainer, plain = MoELogitsLossTrainer(**kw), LogitsLossTrainer(**kw)
     loss = trainer.compute_loss(model, dict(batch))
@@ -104,9 +125,11 @@ def adapter_tensors(path):
 @pytest.mark.slow
 def test_adapter_only_checkpoints_router_logs_and_resume(tmp_path):
     data = dataset()
-    full = MoELoRATrainer(model=converted(), args=args(tmp_path / "full", max_steps=6, save_strategy="steps",
-                                                          save_steps=3, gradient_accumulation_steps=2),
-                          train_dataset=data)
+    full = MoELoRATrainer(
+        model=converted(),
+        args=args(tmp_path / "full", max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2),
+        train_dataset=data,
+    )
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-3"
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
@@ -120,9 +143,13 @@ def test_adapter_only_checkpoints_router_logs_and_resume(tmp_path):
     import shutil
 
     shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoint-3")
-    resumed = MoELoRATrainer(model=converted(), args=args(tmp_path / "resumed", max_steps=6, save_strategy="steps",
-                                                             save_steps=3, gradient_accumulation_steps=2),
-                             train_dataset=data)
+    resumed = MoELoRATrainer(
+        model=converted(),
+        args=args(
+            tmp_path / "resumed", max_steps=6, save_strategy="steps", save_steps=3, gradient_accumulation_steps=2
+        ),
+        train_dataset=data,
+    )
     resumed.train(resume_from_checkpoint=True)
     a = adapter_tensors(tmp_path / "full" / "checkpoint-6" / "adapter")
     b = adapter_tensors(tmp_path / "resumed" / "checkpoint-6" / "adapter")
@@ -147,12 +174,21 @@ def test_trl_sft_trainer_with_the_mixin(tmp_path):
 
     model = converted()
     rows = datasets.Dataset.from_list([{"input_ids": d["input_ids"].tolist()} for d in dataset()])
-    cfg = trl.SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
-                        max_steps=2, logging_steps=1, save_strategy="steps", save_steps=2, disable_tqdm=True,
-                        max_length=12, gradient_checkpointing=False)
+    cfg = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=2,
+        disable_tqdm=True,
+        max_length=12,
+        gradient_checkpointing=False,
+    )
     plain = trl.SFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=load_tokenizer("tiny-llama"))
-    ours = MoELoRASFTTrainer(model=model, args=cfg, train_dataset=rows,
-                             processing_class=load_tokenizer("tiny-llama"))
+    ours = MoELoRASFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=load_tokenizer("tiny-llama"))
     batch = dict(next(iter(ours.get_train_dataloader())))
     ref = reference_loss(model, batch)
     aux = aux_loss_of(model)
@@ -172,8 +208,16 @@ def test_trainer_updates_the_selection_bias_each_step_and_sets_the_warmup_scale(
     from moe_lora.model_hooks import SCALE_ATTR
 
     model = load_model("tiny-llama", **SIZES)
-    cfg = moe_lora.MoELoRAConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, rank=4, alpha=8.0,
-                                 bias_update_rate=1e-2, balance_warmup_steps=4, balance_warmup_start=0.0)
+    cfg = moe_lora.MoELoRAConfig(
+        target_modules=["q_proj", "v_proj"],
+        num_experts=4,
+        top_k=2,
+        rank=4,
+        alpha=8.0,
+        bias_update_rate=1e-2,
+        balance_warmup_steps=4,
+        balance_warmup_start=0.0,
+    )
     model = moe_lora.convert(model, cfg).train()
     trainer = MoELoRATrainer(model=model, args=args(tmp_path, max_steps=3), train_dataset=dataset())
     trainer.train()

@@ -15,13 +15,17 @@ from moe_lora.text_limits import MAX_DEPTH, MAX_NODES, short
 from moe_lora.yaml_file import parse_yaml, read_yaml
 
 BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
-    f'{chr(98 + i)}: &{chr(98 + i)} [{",".join(["*" + chr(97 + i)] * 9)}]\n' for i in range(8))
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
 
 
 def test_yaml_alias_bomb_is_refused_before_it_is_built():
     assert len(BOMB) < 400  # 9^9 = 387 million strings once expanded
-    with pytest.raises(ValueError, match=r"^--config: 'r.yaml' at line \d+, column \d+: more than "
-                                         f"{MAX_NODES} values once aliases are expanded"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--config: 'r.yaml' at line \d+, column \d+: more than "
+        f"{MAX_NODES} values once aliases are expanded",
+    ):
         parse_yaml(BOMB, "--config: 'r.yaml'")
 
 
@@ -29,11 +33,16 @@ def test_yaml_aliases_that_stay_small_still_work():
     assert parse_yaml("base: &b {rank: 4}\nother: *b\n", "x") == {"base": {"rank": 4}, "other": {"rank": 4}}
 
 
-@pytest.mark.parametrize("text", ["[" * 100_000, "a:\n" + "".join(" " * i + "- \n" for i in range(1, 300)),
-                                  "{a: " * 5000 + "1" + "}" * 5000])
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000, "a:\n" + "".join(" " * i + "- \n" for i in range(1, 300)), "{a: " * 5000 + "1" + "}" * 5000],
+)
 def test_deep_yaml_is_a_clean_error_with_the_position(text):
-    with pytest.raises(ValueError, match=rf"^--set 'x': the value at line \d+, column \d+: nested deeper than "
-                                         f"{MAX_DEPTH} levels"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^--set 'x': the value at line \d+, column \d+: nested deeper than "
+        f"{MAX_DEPTH} levels",
+    ):
         parse_yaml(text, "--set 'x': the value")
 
 
@@ -45,8 +54,19 @@ def test_aliases_that_nest_too_deep_or_cycle_are_refused():
         parse_yaml("a: &x [*x]", "f")
 
 
-@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("1E5", 1e5), ("-2e+3", -2000.0), ("1.0e-4", 1e-4),
-                                         ("3", 3), ("1e", "1e"), ("e5", "e5"), ("'1e-4'", "1e-4")])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-4", 1e-4),
+        ("1E5", 1e5),
+        ("-2e+3", -2000.0),
+        ("1.0e-4", 1e-4),
+        ("3", 3),
+        ("1e", "1e"),
+        ("e5", "e5"),
+        ("'1e-4'", "1e-4"),
+    ],
+)
 def test_exponent_numbers_are_floats(text, value):
     got = parse_yaml(text, "--set")
     assert got == value and type(got) is type(value)
@@ -55,8 +75,11 @@ def test_exponent_numbers_are_floats(text, value):
 def test_constructor_errors_and_python_tags_are_clean():
     with pytest.raises(ValueError, match=r"^f is not valid YAML"):
         parse_yaml("x: !!int 0x", "f")
-    with pytest.raises(ValueError, match=r"^f is not valid YAML at line 1, column 4: could not determine a "
-                                         "constructor"):
+    with pytest.raises(
+        ValueError,
+        match=r"^f is not valid YAML at line 1, column 4: could not determine a "
+        "constructor",
+    ):
         parse_yaml("x: !!python/object/apply:os.system ['true']", "f")
 
 
@@ -80,8 +103,9 @@ def test_oversized_config_is_refused_before_reading(tmp_path, monkeypatch):
 def test_deep_json_names_line_and_column(tmp_path):
     f = tmp_path / "ds.json"
     f.write_text('{"a":\n  ' + "[" * 100_000 + "]" * 100_000 + "}")
-    with pytest.raises(ValueError, match=re.escape(f"deepspeed: '{f}' is nested deeper than 64 levels (at line 2 "
-                                                   "column 66)")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"deepspeed: '{f}' is nested deeper than 64 levels (at line 2 column 66)")
+    ):
         read_json(f, "deepspeed")
     with pytest.raises(ValueError, match=r"^w is not valid JSON: Expecting value at line 1 column 7"):
         parse_json('{"a": }', "w")
@@ -93,8 +117,9 @@ def test_jsonl_lines_undecodable_deep_or_bad_name_the_line(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"--data: {f} line 3, column 14: byte 0xe9 is not UTF-8")):
         list(iter_json_objects(f, "--data"))
     f.write_text('{"text": "ok"}\n{"text": ' + "[" * 5000 + "]" * 5000 + "}\n")
-    with pytest.raises(ValueError, match=re.escape(f"--data: {f} line 2 is nested deeper than 64 levels (at column "
-                                                   "73)")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"--data: {f} line 2 is nested deeper than 64 levels (at column 73)")
+    ):
         list(iter_json_objects(f, "--data"))
     f.write_text('{"text": "ok"}\n{"text": }\n')
     with pytest.raises(ValueError, match=re.escape(f"--data: {f} line 2 is not valid JSON: Expecting value at col")):
@@ -156,9 +181,12 @@ def test_huge_but_consistent_config_fails_before_anything_is_allocated(monkeypat
 
     model = zoo.load_model("tiny-llama")
     huge = MoELoRAConfig(num_experts=4096, top_k=2, rank=4096, target_modules=["q_proj"])
-    with pytest.raises(ValueError, match=r"^moe_lora: the conversion adds 68,727,865,344 parameters \(largest: "
-                                         r"model\.layers\.0\.self_attn\.q_proj with 4096 experts of rank 4096.*GiB "
-                                         r"on cpu, but only .* GiB is free; lower num_experts, rank or"):
+    with pytest.raises(
+        ValueError,
+        match=r"^moe_lora: the conversion adds 68,727,865,344 parameters \(largest: "
+        r"model\.layers\.0\.self_attn\.q_proj with 4096 experts of rank 4096.*GiB "
+        r"on cpu, but only .* GiB is free; lower num_experts, rank or",
+    ):
         convert(model, huge)
     assert not any(isinstance(m, MoELoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())  # nothing was frozen either
@@ -172,8 +200,10 @@ def test_text_the_tokenizer_would_reject_is_named_by_line(tmp_path):
     TypeError on it. The reader names the line; a proper pair (an emoji) is read."""
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 here"}\n')
-    with pytest.raises(ValueError, match=re.escape(f"--data: {f} line 2: a \\u escape gives a lone surrogate "
-                                                   "('\\ud800'), which is not text")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"--data: {f} line 2: a \\u escape gives a lone surrogate ('\\ud800'), which is not text"),
+    ):
         list(iter_json_objects(f, "--data"))
     f.write_text('{"text": "ok \\ud83d\\ude00"}\n')
     assert list(iter_json_objects(f, "--data")) == [(1, {"text": "ok \U0001f600"})]

@@ -39,8 +39,10 @@ def peft_adapters(tmp_path_factory):
     x = tokens()
     dirs, expected = [], []
     for i, (r, alpha, targets, rslora) in enumerate(ADAPTERS):
-        pm = peft.get_peft_model(tiny("tiny-llama"), peft.LoraConfig(
-            r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False))
+        pm = peft.get_peft_model(
+            tiny("tiny-llama"),
+            peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, init_lora_weights=False),
+        )
         pm.eval()
         expected.append(_logits(pm, x))
         d = tmp_path_factory.mktemp(f"peft{i}")
@@ -59,8 +61,7 @@ def test_each_peft_adapter_becomes_one_expert(peft_adapters, fields):
         one_hot = [float(i == e) for e in range(2)]
         with fixed_routing(model, one_hot):
             torch.testing.assert_close(_logits(model, x), expected[i], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(_logits(merge_fixed_routing(model, one_hot), x), expected[i], atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(_logits(merge_fixed_routing(model, one_hot), x), expected[i], atol=1e-5, rtol=1e-5)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".router." in n for n in trainable), "frozen experts: only routers train"
     assert not torch.allclose(_logits(model, x), expected[0], atol=1e-4), "the learned routing mixes the experts"
@@ -115,8 +116,13 @@ def test_merge_fixed_routing_equals_the_moe_model_under_that_routing(tmp_path, a
 
 
 def test_merge_per_module_weights_and_ffn_one_hot_rule():
-    model = perturb_(convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block",
-                                                               ffn_experts=True, num_experts=2)), std=0.1)
+    model = perturb_(
+        convert(
+            tiny("tiny-llama"),
+            MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block", ffn_experts=True, num_experts=2),
+        ),
+        std=0.1,
+    )
     x = tokens()
     by_module = {"model.layers.0.mlp": [0.0, 1.0], "model.layers.1.mlp": [1.0, 0.0]}
     with fixed_routing(model, by_module):
@@ -134,8 +140,12 @@ def test_fixed_weights_are_validated():
     with pytest.raises(ValueError, match=re.escape("missing modules ['model.layers.1.self_attn.q_proj']")):
         merge_fixed_routing(model, {"model.layers.0.self_attn.q_proj": [1.0, 0.0]})
     original = model.model.layers[0].self_attn.q_proj.router
-    with pytest.raises(RuntimeError), fixed_routing(model, {"model.layers.0.self_attn.q_proj": [1.0, 0.0],
-                                                             "model.layers.1.self_attn.q_proj": [0.0, 1.0, 0.0]}):
+    with (
+        pytest.raises(RuntimeError),
+        fixed_routing(
+            model, {"model.layers.0.self_attn.q_proj": [1.0, 0.0], "model.layers.1.self_attn.q_proj": [0.0, 1.0, 0.0]}
+        ),
+    ):
         raise RuntimeError("inside")
     assert model.model.layers[0].self_attn.q_proj.router is original, "routers are restored after the context"
 

@@ -38,12 +38,16 @@ def test_config_problems_are_named(tmp_path):
     cfg.write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(ValueError, match=re.escape(f"{cfg} has peft_type 'IA3'; allowed: 'LORA'")):
         read_peft_adapter(path)
-    cfg.write_text(json.dumps({"peft_type": "LORA", "lora_alpha": "16", "use_rslora": "yes",
-                               "alpha_pattern": {"q_proj": 0}}))
+    cfg.write_text(
+        json.dumps({"peft_type": "LORA", "lora_alpha": "16", "use_rslora": "yes", "alpha_pattern": {"q_proj": 0}})
+    )
     with pytest.raises(ValueError, match=re.escape(f"invalid peft adapter config {cfg} (3 problems)")) as info:
         read_peft_adapter(path)
-    for line in ("lora_alpha: '16' must be a number > 0", "use_rslora: 'yes' must be true or false",
-                 "alpha_pattern: {'q_proj': 0} must be a mapping {module pattern: number > 0}"):
+    for line in (
+        "lora_alpha: '16' must be a number > 0",
+        "use_rslora: 'yes' must be true or false",
+        "alpha_pattern: {'q_proj': 0} must be a mapping {module pattern: number > 0}",
+    ):
         assert line in str(info.value)
 
 
@@ -63,11 +67,14 @@ def test_weights_problems_are_named(tmp_path):
         read_peft_adapter(path)
 
 
-@pytest.mark.parametrize("tensors,match", [
-    ({A: torch.ones(2, 64)}, "has only lora_A.weight"),
-    ({A: torch.ones(2, 64), B: torch.ones(64, 3)}, "has lora_A shape (2, 64) and lora_B shape (64, 3)"),
-    ({A: torch.ones(2, 64, dtype=torch.int32), B: torch.ones(64, 2)}, "has lora_A dtype torch.int32"),
-])
+@pytest.mark.parametrize(
+    "tensors,match",
+    [
+        ({A: torch.ones(2, 64)}, "has only lora_A.weight"),
+        ({A: torch.ones(2, 64), B: torch.ones(64, 3)}, "has lora_A shape (2, 64) and lora_B shape (64, 3)"),
+        ({A: torch.ones(2, 64, dtype=torch.int32), B: torch.ones(64, 2)}, "has lora_A dtype torch.int32"),
+    ],
+)
 def test_lora_pairs_that_do_not_fit_together(tmp_path, tensors, match):
     path = _peft(tmp_path / "p", tensors=tensors)
     file = path / "adapter_model.safetensors"

@@ -72,8 +72,10 @@ def test_single_expert_matches_peft_lora():
 
 def test_sparse_and_dense_paths_agree_in_the_layer():
     lin = base()
-    layers = {b: MoELoRALinear(lin, num_experts=6, top_k=2, rank=4, alpha=8, backend=b, init_seed=3)
-              for b in ("dense", "grouped")}
+    layers = {
+        b: MoELoRALinear(lin, num_experts=6, top_k=2, rank=4, alpha=8, backend=b, init_seed=3)
+        for b in ("dense", "grouped")
+    }
     for layer in layers.values():
         torch.manual_seed(2)
         layer.lora_B.data.normal_()
@@ -114,8 +116,16 @@ def test_routing_and_aux_exposed_without_global_state():
 
 def test_contrastive_layer_adds_contrastive_term_and_trains():
     torch.manual_seed(0)
-    layer = MoELoRALinear(base(), num_experts=4, top_k=2, rank=4, alpha=8, router="contrastive",
-                          contrastive_coef=1.0, load_balance_coef=0.0)
+    layer = MoELoRALinear(
+        base(),
+        num_experts=4,
+        top_k=2,
+        rank=4,
+        alpha=8,
+        router="contrastive",
+        contrastive_coef=1.0,
+        load_balance_coef=0.0,
+    )
     layer.lora_B.data.normal_()
     layer.train()
     layer(torch.randn(20, 40))
@@ -191,8 +201,12 @@ def test_fused_router_and_shrink_equals_the_unfused_path(router):
     (different inputs) takes the unfused path. With dropout in eval mode both must give the same outputs and
     gradients, the router's every parameter included."""
     torch.manual_seed(0)
-    fused, plain = (MoELoRALinear(base(), num_experts=6, top_k=2, rank=4, alpha=8, router=router, backend="dense",
-                                  init_seed=5, dropout=d) for d in (0.0, 0.1))
+    fused, plain = (
+        MoELoRALinear(
+            base(), num_experts=6, top_k=2, rank=4, alpha=8, router=router, backend="dense", init_seed=5, dropout=d
+        )
+        for d in (0.0, 0.1)
+    )
     for m in (fused, plain):
         m.lora_B.data.normal_(generator=torch.Generator().manual_seed(1))
         if router == "threshold":  # taus near 1/E, so that the thresholds select 3 to 5 of 6 experts
@@ -222,8 +236,20 @@ def test_contrastive_outputs_from_the_shrink_equal_a_second_expert_pass(collapse
     the unfused path runs the experts again on x and uses the outputs. Loss and every gradient agree, also when
     every token's first choice is one expert."""
     torch.manual_seed(0)
-    layers = [MoELoRALinear(base(), num_experts=12, top_k=2, rank=4, alpha=8, router="contrastive",
-                            contrastive_coef=1.0, init_seed=5, dropout=d) for d in (0.0, 0.1)]
+    layers = [
+        MoELoRALinear(
+            base(),
+            num_experts=12,
+            top_k=2,
+            rank=4,
+            alpha=8,
+            router="contrastive",
+            contrastive_coef=1.0,
+            init_seed=5,
+            dropout=d,
+        )
+        for d in (0.0, 0.1)
+    ]
     x = torch.randn(37, 40)
     v = torch.nn.functional.normalize(torch.randn(40), dim=0)
     if collapsed:
@@ -241,8 +267,9 @@ def test_contrastive_outputs_from_the_shrink_equal_a_second_expert_pass(collapse
         xi = x.clone().requires_grad_()
         y = m(xi)
         (y.sum() * 0 + m.last_aux_terms["contrastive"]).backward()
-        outs.append((m.last_aux_terms["contrastive"].detach(), xi.grad, m.lora_A.grad, m.lora_B.grad,
-                     m.router.weight.grad))
+        outs.append(
+            (m.last_aux_terms["contrastive"].detach(), xi.grad, m.lora_A.grad, m.lora_B.grad, m.router.weight.grad)
+        )
     if collapsed:
         assert (layers[0].last_routing.expert_ids_TK[:, 0] == 0).all()
     for a, b in zip(*outs):
@@ -345,8 +372,11 @@ def test_the_base_layer_is_called_when_anything_could_see_it():
     assert not owns_base(layer.base_layer, x, (1,), {}, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not owns_base(layer.base_layer, x, (), {}, torch.float32)
-    for register in (lin.register_forward_pre_hook, lin.register_full_backward_hook,
-                     torch.nn.modules.module.register_module_forward_hook):
+    for register in (
+        lin.register_forward_pre_hook,
+        lin.register_full_backward_hook,
+        torch.nn.modules.module.register_module_forward_hook,
+    ):
         handle = register(lambda *a: None)
         assert not owns_base(layer.base_layer, x, (), {}, torch.float32)
         handle.remove()

@@ -74,8 +74,9 @@ def loramoe_blcls(logits_BLE, task_types, alpha, weight):
         return x.var() / (x.mean() ** 2 + 1e-10)
 
     t = task_types.view(-1, 1)
-    w = torch.where(torch.concat(((t == 1).repeat(1, E // 2), (t == 0).repeat(1, E // 2)), dim=-1),
-                    1.0 + alpha, 1.0 - alpha)
+    w = torch.where(
+        torch.concat(((t == 1).repeat(1, E // 2), (t == 0).repeat(1, E // 2)), dim=-1), 1.0 + alpha, 1.0 - alpha
+    )
     return cv_squared((route_weight.sum(dim=1) * w).flatten()) * weight
 
 
@@ -109,14 +110,20 @@ def compare(ours, ref, leaves, what):
 
 
 # ---- MixLoRA as MoE-PEFT -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("B,S,E,k,layers,dead,pad", [
-    (2, 5, 8, 2, 3, None, True), (3, 7, 5, 2, 2, 4, True), (1, 1, 4, 2, 2, None, False), (2, 3, 6, 1, 1, 0, True),
-])
+@pytest.mark.parametrize(
+    "B,S,E,k,layers,dead,pad",
+    [
+        (2, 5, 8, 2, 3, None, True),
+        (3, 7, 5, 2, 2, 4, True),
+        (1, 1, 4, 2, 2, None, False),
+        (2, 3, 6, 1, 1, 0, True),
+    ],
+)
 def test_mixlora_form_is_moe_peft_pooled_over_layers(B, S, E, k, layers, dead, pad):
     T = B * S
     mask = torch.ones(B, S, dtype=torch.long)
     if pad:
-        mask[0, S - 2:] = 0
+        mask[0, S - 2 :] = 0
     logits = [leaf_logits(T, E, seed=i, dead=dead) for i in range(layers)]
     coefs = {"load_balance": 1e-3}
     mods = [fake_module(route_topk(z, k, mask.reshape(-1).bool()), coefs, LossForm("mixlora")) for z in logits]
@@ -138,8 +145,10 @@ def test_mixlora_form_is_k_times_the_pooled_normalised_loss_and_differs_from_the
 def test_mola_form_pools_each_layers_modules_and_sums_over_layers():
     """3 layers with 2, 5, 3 experts (MoLA's per-layer allocation) and 3 modules per layer, odd T, a dead expert."""
     E_L, T = [2, 5, 3], 7
-    logits = [[leaf_logits(T, E, seed=10 * i + j, dead=E - 1 if i == 1 else None) for j in range(3)]
-              for i, E in enumerate(E_L)]
+    logits = [
+        [leaf_logits(T, E, seed=10 * i + j, dead=E - 1 if i == 1 else None) for j in range(3)]
+        for i, E in enumerate(E_L)
+    ]
     coefs = {"load_balance": 1e-3}
     form = LossForm("mola")
     entries = [(fake_module(route_topk(z, 2), coefs, form), i) for i, row in enumerate(logits) for z in row]
@@ -170,8 +179,9 @@ def test_adamole_form_is_its_code_on_p_minus_tau_and_trains_the_threshold(T, E, 
 
 
 # ---- LoRAMoE -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("B,L,E,alpha,types", [(4, 6, 8, 0.0, None), (3, 5, 6, 0.3, [1, 0, 1]), (1, 1, 4, 0.5, [0]),
-                                               (2, 3, 4, 0.2, [2, 1])])
+@pytest.mark.parametrize(
+    "B,L,E,alpha,types", [(4, 6, 8, 0.0, None), (3, 5, 6, 0.3, [1, 0, 1]), (1, 1, 4, 0.5, [0]), (2, 3, 4, 0.2, [2, 1])]
+)
 def test_loramoe_form_is_its_per_sample_cv2_with_the_lbc(B, L, E, alpha, types):
     logits = [leaf_logits(B * L, E, seed=s) for s in range(3)]
     tt = torch.tensor(types if types is not None else [0] * B)
@@ -179,8 +189,11 @@ def test_loramoe_form_is_its_per_sample_cv2_with_the_lbc(B, L, E, alpha, types):
     mods = []
     for z in logits:
         routing = SoftRouter(3, E).double()(torch.zeros(B * L, 3, dtype=F64), None, logits_TE=z)
-        mods.append(fake_module(routing, coefs, LossForm("loramoe", alpha), num_samples=B,
-                                task_types_B=None if types is None else tt))
+        mods.append(
+            fake_module(
+                routing, coefs, LossForm("loramoe", alpha), num_samples=B, task_types_B=None if types is None else tt
+            )
+        )
     ours = model_aux_loss([(m, None) for m in mods])
     ref = sum(loramoe_blcls(z.view(B, L, E), tt, alpha if types is not None else 0.0, 1e-2) for z in logits)
     compare(ours, ref, logits, "loramoe")
@@ -202,11 +215,19 @@ def test_normalised_form_is_the_mean_of_the_modules_weighted_terms_and_warmup_sc
     coefs = {"load_balance": 1e-2, "z_loss": 1e-3, "cv": 1e-2}
     rs = [route_topk(leaf_logits(7, 4, seed=s), 2) for s in range(3)]
     mods = [fake_module(r, coefs, LossForm()) for r in rs]
-    expect = torch.stack([1e-2 * losses.load_balance_loss(r) + 1e-3 * losses.z_loss(r)
-                          + 1e-2 * losses.importance_cv2_loss(r) for r in rs]).mean()
+    expect = torch.stack(
+        [
+            1e-2 * losses.load_balance_loss(r) + 1e-3 * losses.z_loss(r) + 1e-2 * losses.importance_cv2_loss(r)
+            for r in rs
+        ]
+    ).mean()
     assert_close(model_aux_loss([(m, None) for m in mods]), expect, F64, "normalized")
-    half = torch.stack([0.5e-2 * losses.load_balance_loss(r) + 1e-3 * losses.z_loss(r)
-                        + 0.5e-2 * losses.importance_cv2_loss(r) for r in rs]).mean()
+    half = torch.stack(
+        [
+            0.5e-2 * losses.load_balance_loss(r) + 1e-3 * losses.z_loss(r) + 0.5e-2 * losses.importance_cv2_loss(r)
+            for r in rs
+        ]
+    ).mean()
     assert_close(model_aux_loss([(m, None) for m in mods], scale=0.5), half, F64, "scale 0.5")
 
 
@@ -255,8 +276,15 @@ def _routed(model):
 def test_converted_mixlora_model_aux_loss_is_moe_peft_on_its_blocks_logits():
     from convert_testutils import LLAMA_MLP, tokens
 
-    model = _converted(target_modules=LLAMA_MLP, router_scope="block", ffn_experts=True, num_experts=5, top_k=2,
-                       loss_form="mixlora", load_balance_coef=1e-3)
+    model = _converted(
+        target_modules=LLAMA_MLP,
+        router_scope="block",
+        ffn_experts=True,
+        num_experts=5,
+        top_k=2,
+        loss_form="mixlora",
+        load_balance_coef=1e-3,
+    )
     ids = tokens(3, 7)
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 4:] = 0
@@ -283,8 +311,15 @@ def test_converted_loramoe_model_reads_task_ids_set_on_the_model_for_one_forward
 
     from moe_lora.model_hooks import set_task_ids
 
-    model = _converted(target_modules=LLAMA_MLP, router="soft", num_experts=4, loss_form="loramoe", lbc_alpha=0.4,
-                       load_balance_coef=0.0, cv_coef=1e-2)
+    model = _converted(
+        target_modules=LLAMA_MLP,
+        router="soft",
+        num_experts=4,
+        loss_form="loramoe",
+        lbc_alpha=0.4,
+        load_balance_coef=0.0,
+        cv_coef=1e-2,
+    )
     ids, types = tokens(3, 6), torch.tensor([1, 0, 1])
     set_task_ids(model, types)
     with_types = model(input_ids=ids).aux_loss

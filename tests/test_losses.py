@@ -38,8 +38,12 @@ def test_load_balance_hand_example():
 
 def test_load_balance_masks_padding_and_zero_weight_slots():
     # third token is padding and routed to expert 1; a zero-weight slot must not count either
-    r = routing([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], [[0, 1], [0, 1], [1, 0]],
-                [[0.9, 0.1], [0.7, 0.3], [0.0, 1.0]], mask=[True, True, False])
+    r = routing(
+        [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]],
+        [[0, 1], [0, 1], [1, 0]],
+        [[0.9, 0.1], [0.7, 0.3], [0.0, 1.0]],
+        mask=[True, True, False],
+    )
     assert load_balance_loss(r).item() == pytest.approx(1.6)
 
 
@@ -56,8 +60,9 @@ def test_z_loss_hand_example():
     r = routing([[1.0], [1.0]], [[0], [1]], torch.softmax(torch.tensor(logits), -1), logits=logits)
     lse = [math.log(2.0), math.log(math.e + math.e**2)]
     assert z_loss(r).item() == pytest.approx((lse[0] ** 2 + lse[1] ** 2) / 2, rel=1e-6)
-    rm = routing([[1.0], [1.0]], [[0], [1]], torch.softmax(torch.tensor(logits), -1), logits=logits,
-                 mask=[True, False])
+    rm = routing(
+        [[1.0], [1.0]], [[0], [1]], torch.softmax(torch.tensor(logits), -1), logits=logits, mask=[True, False]
+    )
     assert z_loss(rm).item() == pytest.approx(lse[0] ** 2, rel=1e-6)
 
 
@@ -181,8 +186,8 @@ def test_contrastive_against_the_pairwise_oracle_values_and_gradients(S, E, O, s
     ours = contrastive_loss(u, ids, E, 0.2, keep.double())
     ref = _contrastive_oracle(u, ids, keep, 0.2)
     torch.testing.assert_close(ours, ref, atol=1e-10, rtol=1e-10)
-    ga, = torch.autograd.grad(ours, u, retain_graph=True)
-    gb, = torch.autograd.grad(ref, u) if ref.requires_grad else (torch.zeros_like(u),)
+    (ga,) = torch.autograd.grad(ours, u, retain_graph=True)
+    (gb,) = torch.autograd.grad(ref, u) if ref.requires_grad else (torch.zeros_like(u),)
     torch.testing.assert_close(ga, gb, atol=1e-10, rtol=1e-10)
 
 

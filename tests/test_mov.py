@@ -44,14 +44,23 @@ def test_mov_matches_the_reference_forward_and_gradients(site, T, D, O, E):
         ref = mov_reference(x64, W64, v64) @ W0.t() + b0
     (ref * g.double()).sum().backward()
     assert_close(y, ref, torch.float32, "output")
-    for name, ours, theirs in (("dx", x.grad, x64.grad), ("d router", layer.router.weight.grad, W64.grad),
-                               ("d vectors", layer.ia3_vectors.grad, v64.grad)):
+    for name, ours, theirs in (
+        ("dx", x.grad, x64.grad),
+        ("d router", layer.router.weight.grad, W64.grad),
+        ("d vectors", layer.ia3_vectors.grad, v64.grad),
+    ):
         assert_close(ours, theirs, torch.float32, name)
 
 
 def _config(**kw):
-    return MoELoRAConfig(target_modules=["k_proj", "v_proj", "down_proj"], expert_type="ia3", router="soft",
-                         num_experts=4, load_balance_coef=0.0, **kw)
+    return MoELoRAConfig(
+        target_modules=["k_proj", "v_proj", "down_proj"],
+        expert_type="ia3",
+        router="soft",
+        num_experts=4,
+        load_balance_coef=0.0,
+        **kw,
+    )
 
 
 def test_fresh_model_is_the_base_and_sites_follow_ia3():

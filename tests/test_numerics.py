@@ -17,8 +17,9 @@ from moe_lora.paths import inside
 @pytest.fixture
 def model():
     m = tiny("tiny-llama")
-    moe_lora.convert(m, moe_lora.MoELoRAConfig(target_modules=["q_proj", "down_proj"], num_experts=4, top_k=2,
-                                               rank=4, init_seed=0))
+    moe_lora.convert(
+        m, moe_lora.MoELoRAConfig(target_modules=["q_proj", "down_proj"], num_experts=4, top_k=2, rank=4, init_seed=0)
+    )
     return perturb_(m).eval()
 
 
@@ -39,8 +40,10 @@ def test_nan_in_an_expert_weight_names_the_parameter_and_the_layer(model):
         layer.lora_B[:, 3, :] = float("nan")  # every expert: whatever the routing, the layer's output is NaN
     where = locate_nonfinite(model, run(model))
     assert "non-finite parameters: model.layers.1.mlp.down_proj.lora_B" in where
-    assert "first non-finite activation: model.layers.1.mlp.down_proj (MoELoRALinear) produced NaN/inf from " \
-           "finite inputs; router logits finite" in where, where
+    assert (
+        "first non-finite activation: model.layers.1.mlp.down_proj (MoELoRALinear) produced NaN/inf from "
+        "finite inputs; router logits finite" in where
+    ), where
 
 
 def test_inf_router_weight_is_reported_as_router_logits(model):
@@ -48,8 +51,10 @@ def test_inf_router_weight_is_reported_as_router_logits(model):
         model.model.layers[0].self_attn.q_proj.router.weight[2, 0] = float("inf")
     where = locate_nonfinite(model, run(model))
     assert "model.layers.0.self_attn.q_proj.router.weight" in where
-    assert ("first non-finite activation: model.layers.0.self_attn.q_proj (MoELoRALinear) produced NaN/inf from "
-            "finite inputs; router logits NaN/inf") in where, where
+    assert (
+        "first non-finite activation: model.layers.0.self_attn.q_proj (MoELoRALinear) produced NaN/inf from "
+        "finite inputs; router logits NaN/inf"
+    ) in where, where
 
 
 def test_overflow_in_a_frozen_layer_names_that_layer(model):
@@ -59,8 +64,9 @@ def test_overflow_in_a_frozen_layer_names_that_layer(model):
         where = locate_nonfinite(model, run(model))
     finally:
         handle.remove()
-    assert where == ("first non-finite activation: model.layers.0.mlp.up_proj (Linear) produced NaN/inf from "
-                     "finite inputs"), where
+    assert where == (
+        "first non-finite activation: model.layers.0.mlp.up_proj (Linear) produced NaN/inf from finite inputs"
+    ), where
 
 
 def test_hooks_are_removed_and_training_mode_kept(model):

@@ -37,8 +37,9 @@ def test_one_adamw_step_moves_each_group_by_its_own_learning_rate():
     """First Adam step: theta <- theta - lr_g * g / (|g| + eps) (bias corrections cancel); LoRA+ sets lr_g."""
     model = _converted()
     lr, lam, router_lr, eps = 1e-3, 16.0, 3e-4, 1e-8
-    opt = torch.optim.AdamW(param_groups(model, lr, loraplus_lambda=lam, router_lr=router_lr), eps=eps,
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        param_groups(model, lr, loraplus_lambda=lam, router_lr=router_lr), eps=eps, weight_decay=0.0
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     ids = tokens()
     model(input_ids=ids, labels=ids).loss.backward()
@@ -58,8 +59,14 @@ def test_defaults_are_one_learning_rate():
     assert {g["lr"] for g in param_groups(model, 2e-4)} == {2e-4}
 
 
-@pytest.mark.parametrize("kw,field", [({"loraplus_lambda": 0}, "loraplus_lambda"), ({"router_lr": -1.0}, "router_lr"),
-                                      ({"weight_decay": -1.0}, "weight_decay")])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"loraplus_lambda": 0}, "loraplus_lambda"),
+        ({"router_lr": -1.0}, "router_lr"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+    ],
+)
 def test_bad_values_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         param_groups(_converted(), 1e-3, **kw)

@@ -12,8 +12,24 @@ from pathlib import Path
 import pytest
 
 QUALITY = Path(__file__).resolve().parents[1] / "benchmarks" / "quality"
-TINY = ["--methods", "head,topk", "--seeds", "0", "--steps", "3", "--batch-size", "4", "--train-per-task", "6",
-        "--val-per-task", "2", "--test-per-task", "3", "--jobs", "1"]
+TINY = [
+    "--methods",
+    "head,topk",
+    "--seeds",
+    "0",
+    "--steps",
+    "3",
+    "--batch-size",
+    "4",
+    "--train-per-task",
+    "6",
+    "--val-per-task",
+    "2",
+    "--test-per-task",
+    "3",
+    "--jobs",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +63,8 @@ def test_parity_check(quality):
     import quality_models as qm
 
     assert qm.check_parity({"head": 10, "lora": 1000, "topk": 1040, "threshold": 960}) == pytest.approx(
-        {"lora": 0.0, "topk": 0.04, "threshold": -0.04})
+        {"lora": 0.0, "topk": 0.04, "threshold": -0.04}
+    )
     with pytest.raises(ValueError, match="topk"):
         qm.check_parity({"lora": 1000, "topk": 1060})
 
@@ -66,8 +83,7 @@ def test_end_to_end_twice_same_numbers(quality, tmp_path):
     runs = []
     for name, plots in (("a", "main"), ("b", "none")):
         out = tmp_path / name
-        res = quality.experiment(quality.parse_args([*TINY, "--out", str(out), "--plots", plots]),
-                                 log=lambda *a: None)
+        res = quality.experiment(quality.parse_args([*TINY, "--out", str(out), "--plots", plots]), log=lambda *a: None)
         files = ["results.json", "RESULTS.md", "analysis/report.json", "analysis/index.html"]
         if plots == "main":
             files += ["accuracy.png", "per_task.png", "single_vs_multi.png"]

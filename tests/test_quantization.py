@@ -24,13 +24,24 @@ from moe_lora.quantization import (
 pytest.importorskip("bitsandbytes")
 
 SIZES = {"hidden": 64, "num_layers": 2, "intermediate": 128, "heads": 2, "vocab_size": 128}
-SPECS = {"nf4": {"bits": 4, "quant_type": "nf4"}, "fp4": {"bits": 4, "quant_type": "fp4", "double_quant": True},
-         "int8": {"bits": 8}}
+SPECS = {
+    "nf4": {"bits": 4, "quant_type": "nf4"},
+    "fp4": {"bits": 4, "quant_type": "fp4", "double_quant": True},
+    "int8": {"bits": 8},
+}
 
 
 def config(**kw):
-    return moe_lora.MoELoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], num_experts=4, top_k=2, rank=4,
-                                  alpha=8.0, dropout=0.0, init_seed=0, **kw)
+    return moe_lora.MoELoRAConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        num_experts=4,
+        top_k=2,
+        rank=4,
+        alpha=8.0,
+        dropout=0.0,
+        init_seed=0,
+        **kw,
+    )
 
 
 def quantized(spec):
@@ -130,7 +141,11 @@ def test_recipe_checks_the_quantization_spec():
     with pytest.raises(ConfigError) as e:
         load_recipe({"model": {"quantization": {"bits": 3, "quant_type": "int2", "compute_dtype": "fp8", "x": 1}}})
     text = str(e.value)
-    for part in ("model.quantization.x: unknown field", "model.quantization.bits: 3 must be 4 or 8",
-                 "model.quantization.quant_type: 'int2'", "model.quantization.compute_dtype: 'fp8'"):
+    for part in (
+        "model.quantization.x: unknown field",
+        "model.quantization.bits: 3 must be 4 or 8",
+        "model.quantization.quant_type: 'int2'",
+        "model.quantization.compute_dtype: 'fp8'",
+    ):
         assert part in text
     assert load_recipe({"model": {"quantization": {"bits": 4}}}).model.quantization == {"bits": 4}

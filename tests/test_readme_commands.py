@@ -23,11 +23,19 @@ BIN = Path(sys.executable).parent
 
 SKIPPED = {
     "make demo": "creates .venv in the directory and installs everything (minutes), then runs `moe-lora demo`, "
-                 "whose steps (convert, train, analyze) are the commands tested here",
+    "whose steps (convert, train, analyze) are the commands tested here",
     "make test": "runs this whole test suite (it would run itself)",
 }
-QUICK = ["--set", "train.max_steps=4", "--set", "schedule.warmup_steps=2", "--set", "checkpoint.every=0",
-         "--set", "logging.progress_bar=false"]
+QUICK = [
+    "--set",
+    "train.max_steps=4",
+    "--set",
+    "schedule.warmup_steps=2",
+    "--set",
+    "checkpoint.every=0",
+    "--set",
+    "logging.progress_bar=false",
+]
 REDUCED = {
     "moe-lora train --config configs/train_tiny.yaml": QUICK,
     "DS_ACCELERATOR=cpu deepspeed --num_gpus 2 training/train.py --config configs/train_tiny.yaml --set ep_size=2 "
@@ -74,8 +82,9 @@ def test_readme_command_runs(cmd, workdir):
     if cmd in SKIPPED:
         pytest.skip(SKIPPED[cmd])
     words = shlex.split(cmd)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
     while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):  # VAR=value prefixes, as the shell reads them
         key, value = words.pop(0).split("=", 1)
         env[key] = value

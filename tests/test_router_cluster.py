@@ -26,15 +26,24 @@ def mocle_reference(x_BSD, cluster_B, W0, b0, A_ERD, B_EOR, emb_ND, gate_GD, sca
     w_BG = torch.zeros_like(p_BG).scatter(1, top_i, top_p / top_p.sum(-1, keepdim=True))
     y = x_BSD @ W0.t() + b0 + scaling * (x_BSD @ A_ERD[E - 1].t() @ B_EOR[E - 1].t())
     for i in range(E - 1):
-        y = y + w_BG[:, None, i:i + 1] * scaling * (x_BSD @ A_ERD[i].t() @ B_EOR[i].t())
+        y = y + w_BG[:, None, i : i + 1] * scaling * (x_BSD @ A_ERD[i].t() @ B_EOR[i].t())
     return y
 
 
 @pytest.mark.parametrize("B,S,D,O,E,k,clusters", [(3, 4, 5, 6, 4, 2, 3), (1, 1, 3, 2, 2, 1, 1), (2, 5, 7, 3, 5, 1, 4)])
 def test_layer_matches_the_reference(B, S, D, O, E, k, clusters):
     torch.manual_seed(0)
-    layer = MoELoRALinear(nn.Linear(D, O), num_experts=E, top_k=k, rank=2, alpha=4.0, router="cluster",
-                          num_tasks=clusters, task_embedding_dim=3, load_balance_coef=0.0)
+    layer = MoELoRALinear(
+        nn.Linear(D, O),
+        num_experts=E,
+        top_k=k,
+        rank=2,
+        alpha=4.0,
+        router="cluster",
+        num_tasks=clusters,
+        task_embedding_dim=3,
+        load_balance_coef=0.0,
+    )
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(B, S, D, requires_grad=True)
@@ -43,24 +52,46 @@ def test_layer_matches_the_reference(B, S, D, O, E, k, clusters):
     y = layer(x)
     g = torch.randn_like(y)
     (y * g).sum().backward()
-    leaves = [t.detach().double().requires_grad_() for t in
-              (x, layer.lora_A, layer.lora_B, layer.router.task_embedding.weight, layer.router.weight)]
+    leaves = [
+        t.detach().double().requires_grad_()
+        for t in (x, layer.lora_A, layer.lora_B, layer.router.task_embedding.weight, layer.router.weight)
+    ]
     x64, A64, B64, emb64, gate64 = leaves
-    ref = mocle_reference(x64, cluster_B, layer.base_layer.weight.double(), layer.base_layer.bias.double(), A64, B64,
-                          emb64, gate64, layer.scaling, k)
+    ref = mocle_reference(
+        x64,
+        cluster_B,
+        layer.base_layer.weight.double(),
+        layer.base_layer.bias.double(),
+        A64,
+        B64,
+        emb64,
+        gate64,
+        layer.scaling,
+        k,
+    )
     (ref * g.double()).sum().backward()
     assert_close(y, ref, torch.float32, "output")
-    for name, ours, theirs in (("dx", x.grad, x64.grad), ("d lora_A", layer.lora_A.grad, A64.grad),
-                               ("d lora_B", layer.lora_B.grad, B64.grad),
-                               ("d cluster embedding", layer.router.task_embedding.weight.grad, emb64.grad),
-                               ("d gate", layer.router.weight.grad, gate64.grad)):
+    for name, ours, theirs in (
+        ("dx", x.grad, x64.grad),
+        ("d lora_A", layer.lora_A.grad, A64.grad),
+        ("d lora_B", layer.lora_B.grad, B64.grad),
+        ("d cluster embedding", layer.router.task_embedding.weight.grad, emb64.grad),
+        ("d gate", layer.router.weight.grad, gate64.grad),
+    ):
         assert_close(ours, theirs, torch.float32, name)
     assert torch.all(layer.last_routing.expert_ids_TK[:, -1] == E - 1)  # the universal expert, every token
 
 
 def test_each_cluster_folds_into_one_lora():
-    config = MoELoRAConfig(target_modules=["q_proj", "down_proj"], router="cluster", num_tasks=3, num_experts=4,
-                           top_k=1, rank=2, load_balance_coef=0.0)
+    config = MoELoRAConfig(
+        target_modules=["q_proj", "down_proj"],
+        router="cluster",
+        num_tasks=3,
+        num_experts=4,
+        top_k=1,
+        rank=2,
+        load_balance_coef=0.0,
+    )
     model = perturb_(moe_lora.convert(tiny("tiny-llama"), config)).eval()
     ids = tokens(batch=2, length=5)
     set_task_ids(model, torch.tensor([2, 1]))
@@ -69,10 +100,12 @@ def test_each_cluster_folds_into_one_lora():
         w = task_routing(model, c)
         assert all(v[-1] == 1.0 and sum(v) == pytest.approx(2.0) for v in w.values())
         merged = merge_fixed_routing(model, w).eval()
-        torch.testing.assert_close(merged(input_ids=ids[b:b + 1]).logits[0], both[b], atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(merged(input_ids=ids[b : b + 1]).logits[0], both[b], atol=2e-5, rtol=2e-5)
     with pytest.raises(ValueError, match="universal"):
-        moe_lora.convert(tiny("tiny-llama"), MoELoRAConfig(target_modules=["q_proj"], router="cluster", num_tasks=2,
-                                                           num_experts=2, top_k=2))
+        moe_lora.convert(
+            tiny("tiny-llama"),
+            MoELoRAConfig(target_modules=["q_proj"], router="cluster", num_tasks=2, num_experts=2, top_k=2),
+        )
 
 
 def test_kmeans_finds_separated_clusters_and_is_a_fixed_point():

@@ -35,14 +35,22 @@ def mole_reference(x_TD, W0, b0, A_NRD, B_NOR, scaling, e_NX, tau):
         mean, var = u.mean(-1, keepdim=True), u.var(-1, unbiased=False, keepdim=True)
         normed.append((u - mean) / torch.sqrt(var + 1e-5))
     G = torch.softmax(torch.cat(normed, dim=-1) @ e_NX.t() / tau, dim=-1)
-    return x_TD @ W0.t() + b0 + sum(G[:, i:i + 1] * outs[i] for i in range(N)), G
+    return x_TD @ W0.t() + b0 + sum(G[:, i : i + 1] * outs[i] for i in range(N)), G
 
 
 @pytest.mark.parametrize("T,D,O,N,r", [(7, 6, 5, 3, 2), (1, 4, 3, 2, 1), (5, 9, 7, 1, 3)])
 def test_layer_matches_mole_forward_and_gradients(T, D, O, N, r):
     torch.manual_seed(0)
-    layer = MoELoRALinear(nn.Linear(D, O), num_experts=N, top_k=1, rank=r, alpha=2.0, router="mole",
-                          load_balance_coef=0.0, router_init_std=0.5)
+    layer = MoELoRALinear(
+        nn.Linear(D, O),
+        num_experts=N,
+        top_k=1,
+        rank=r,
+        alpha=2.0,
+        router="mole",
+        load_balance_coef=0.0,
+        router_init_std=0.5,
+    )
     with torch.no_grad():
         layer.lora_B.normal_()
         layer.router.gate_temperature.fill_(0.7)
@@ -50,16 +58,23 @@ def test_layer_matches_mole_forward_and_gradients(T, D, O, N, r):
     y = layer(x)
     g = torch.randn_like(y)
     (y * g).sum().backward()
-    leaves = [t.detach().double().requires_grad_() for t in
-              (x, layer.lora_A, layer.lora_B, layer.router.weight, layer.router.gate_temperature)]
+    leaves = [
+        t.detach().double().requires_grad_()
+        for t in (x, layer.lora_A, layer.lora_B, layer.router.weight, layer.router.gate_temperature)
+    ]
     x64, A64, B64, e64, tau64 = leaves
-    ref, _ = mole_reference(x64, layer.base_layer.weight.double(), layer.base_layer.bias.double(), A64, B64,
-                            layer.scaling, e64, tau64)
+    ref, _ = mole_reference(
+        x64, layer.base_layer.weight.double(), layer.base_layer.bias.double(), A64, B64, layer.scaling, e64, tau64
+    )
     (ref * g.double()).sum().backward()
     assert_close(y, ref, torch.float32, "output")
-    for name, ours, theirs in (("dx", x.grad, x64.grad), ("d lora_A", layer.lora_A.grad, A64.grad),
-                               ("d lora_B", layer.lora_B.grad, B64.grad), ("d e", layer.router.weight.grad, e64.grad),
-                               ("d tau", layer.router.gate_temperature.grad, tau64.grad)):
+    for name, ours, theirs in (
+        ("dx", x.grad, x64.grad),
+        ("d lora_A", layer.lora_A.grad, A64.grad),
+        ("d lora_B", layer.lora_B.grad, B64.grad),
+        ("d e", layer.router.weight.grad, e64.grad),
+        ("d tau", layer.router.gate_temperature.grad, tau64.grad),
+    ):
         assert_close(ours, theirs, torch.float32, name)
 
 
@@ -75,15 +90,21 @@ def test_gating_balance_loss_against_its_formula():
     torch.testing.assert_close(g, g_ref)
     flat = torch.full((3, 4), 0.25)
     assert gating_balance_loss(routing(flat, torch.arange(4).expand(3, 4), flat)).item() == pytest.approx(
-        4 * math.log(4))
+        4 * math.log(4)
+    )
 
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
     pytest.importorskip("peft")
-    return write_peft_loras(tmp_path_factory.mktemp("mole"), [(4, 8.0, ["q_proj", "v_proj", "down_proj"]),
-                                                              (2, 4.0, ["q_proj", "v_proj", "down_proj"]),
-                                                              (4, 16.0, ["q_proj", "v_proj", "down_proj"])])
+    return write_peft_loras(
+        tmp_path_factory.mktemp("mole"),
+        [
+            (4, 8.0, ["q_proj", "v_proj", "down_proj"]),
+            (2, 4.0, ["q_proj", "v_proj", "down_proj"]),
+            (4, 16.0, ["q_proj", "v_proj", "down_proj"]),
+        ],
+    )
 
 
 def test_one_lora_is_the_peft_model(loras):

@@ -22,15 +22,24 @@ def moelora_reference(x_BSD, task_B, W0, b0, A_ERD, B_EOR, emb_ND, gate_ED, scal
     expert_weight_BE = torch.softmax(emb_ND[task_B] @ gate_ED.t(), dim=-1)
     result = x_BSD @ W0.t() + b0
     for i in range(A_ERD.shape[0]):
-        result = result + (x_BSD @ A_ERD[i].t() @ B_EOR[i].t()) * scaling * expert_weight_BE[:, None, i:i + 1]
+        result = result + (x_BSD @ A_ERD[i].t() @ B_EOR[i].t()) * scaling * expert_weight_BE[:, None, i : i + 1]
     return result
 
 
 @pytest.mark.parametrize("B,S,D,O,E,r,tasks", [(3, 5, 7, 6, 3, 2, 4), (1, 1, 4, 5, 1, 3, 1), (2, 4, 9, 3, 5, 1, 2)])
 def test_layer_matches_moelora_forward_and_gradients(B, S, D, O, E, r, tasks):
     torch.manual_seed(0)
-    layer = MoELoRALinear(nn.Linear(D, O), num_experts=E, top_k=1, rank=r, alpha=2.0 * r, router="task",
-                          num_tasks=tasks, task_embedding_dim=5, load_balance_coef=0.0)
+    layer = MoELoRALinear(
+        nn.Linear(D, O),
+        num_experts=E,
+        top_k=1,
+        rank=r,
+        alpha=2.0 * r,
+        router="task",
+        num_tasks=tasks,
+        task_embedding_dim=5,
+        load_balance_coef=0.0,
+    )
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(B, S, D, requires_grad=True)
@@ -40,17 +49,31 @@ def test_layer_matches_moelora_forward_and_gradients(B, S, D, O, E, r, tasks):
     g = torch.randn_like(y)
     (y * g).sum().backward()
 
-    leaves = [t.detach().double().requires_grad_() for t in
-              (x, layer.lora_A, layer.lora_B, layer.router.task_embedding.weight, layer.router.weight)]
+    leaves = [
+        t.detach().double().requires_grad_()
+        for t in (x, layer.lora_A, layer.lora_B, layer.router.task_embedding.weight, layer.router.weight)
+    ]
     x64, A64, B64, emb64, gate64 = leaves
-    ref = moelora_reference(x64, task_B, layer.base_layer.weight.double(), layer.base_layer.bias.double(), A64, B64,
-                            emb64, gate64, layer.scaling)
+    ref = moelora_reference(
+        x64,
+        task_B,
+        layer.base_layer.weight.double(),
+        layer.base_layer.bias.double(),
+        A64,
+        B64,
+        emb64,
+        gate64,
+        layer.scaling,
+    )
     (ref * g.double()).sum().backward()
     assert_close(y, ref, torch.float32, "output")
-    for name, ours, theirs in (("dx", x.grad, x64.grad), ("d lora_A", layer.lora_A.grad, A64.grad),
-                               ("d lora_B", layer.lora_B.grad, B64.grad),
-                               ("d task_embedding", layer.router.task_embedding.weight.grad, emb64.grad),
-                               ("d gate", layer.router.weight.grad, gate64.grad)):
+    for name, ours, theirs in (
+        ("dx", x.grad, x64.grad),
+        ("d lora_A", layer.lora_A.grad, A64.grad),
+        ("d lora_B", layer.lora_B.grad, B64.grad),
+        ("d task_embedding", layer.router.task_embedding.weight.grad, emb64.grad),
+        ("d gate", layer.router.weight.grad, gate64.grad),
+    ):
         assert_close(ours, theirs, torch.float32, name)
     # the spare embedding row (code: task_num + 1) and tasks no sample had get no gradient
     unused = sorted(set(range(tasks + 1)) - set(task_B.tolist()))
@@ -61,8 +84,9 @@ def test_per_token_ids_and_missing_ids():
     router = TaskRouter(4, 3, num_tasks=2, task_embedding_dim=3)
     router.task_ids = torch.tensor([[0, 0, 1], [1, 1, 0]])  # [B, S] per token
     out = router(torch.randn(6, 4))
-    assert torch.allclose(out.weights_TK[2], router.task_weights(1)) and torch.allclose(out.weights_TK[0],
-                                                                                          router.task_weights(0))
+    assert torch.allclose(out.weights_TK[2], router.task_weights(1)) and torch.allclose(
+        out.weights_TK[0], router.task_weights(0)
+    )
     router.task_ids = None
     with pytest.raises(RuntimeError, match="set_task_ids"):
         router(torch.randn(2, 4))
@@ -71,8 +95,16 @@ def test_per_token_ids_and_missing_ids():
 
 
 def _model(**kw):
-    config = MoELoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], num_experts=3, rank=2, router="task",
-                           num_tasks=3, task_embedding_dim=8, load_balance_coef=0.0, **kw)
+    config = MoELoRAConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        num_experts=3,
+        rank=2,
+        router="task",
+        num_tasks=3,
+        task_embedding_dim=8,
+        load_balance_coef=0.0,
+        **kw,
+    )
     return perturb_(moe_lora.convert(tiny("tiny-llama"), config))
 
 
@@ -91,7 +123,7 @@ def test_model_routes_by_the_task_ids_of_each_forward_and_each_task_folds_into_o
         model(input_ids=ids)
     for b, task in enumerate(task_B.tolist()):
         merged = merge_fixed_routing(model, task_routing(model, task)).eval()
-        torch.testing.assert_close(merged(input_ids=ids[b:b + 1]).logits[0], both[b], atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(merged(input_ids=ids[b : b + 1]).logits[0], both[b], atol=2e-5, rtol=2e-5)
     set_task_ids(model, torch.tensor([0, 0]))
     assert not torch.allclose(model(input_ids=ids).logits[0], both[0])  # another task, another output
     with pytest.raises(ValueError, match="num_tasks"):
@@ -141,12 +173,21 @@ def test_export_command_takes_a_task(tmp_path, capsys):
 
     base = tmp_path / "base"
     load_model("tiny-llama", num_layers=1, hidden=64, intermediate=96, heads=4).save_pretrained(base)
-    config = MoELoRAConfig(target_modules=["q_proj"], num_experts=2, rank=2, router="task", num_tasks=2,
-                           load_balance_coef=0.0)
+    config = MoELoRAConfig(
+        target_modules=["q_proj"], num_experts=2, rank=2, router="task", num_tasks=2, load_balance_coef=0.0
+    )
     model = perturb_(moe_lora.convert(load_model(str(base)), config))
     moe_lora.save_adapter(model, tmp_path / "adapter")
-    common = ["export", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--format", "peft",
-              "--no-progress"]
+    common = [
+        "export",
+        "--model",
+        str(base),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--format",
+        "peft",
+        "--no-progress",
+    ]
     assert main([*common, "--task", "1", "--out", str(tmp_path / "p")]) == 0
     assert "exact" in capsys.readouterr().out
     assert main([*common, "--task", "2", "--out", str(tmp_path / "q")]) == 2

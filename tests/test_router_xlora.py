@@ -21,18 +21,29 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory):
-    return write_peft_loras(tmp_path_factory.mktemp("xlora"), [(4, 8.0, TARGETS), (2, 4.0, TARGETS),
-                                                               (4, 16.0, TARGETS)])
+    return write_peft_loras(
+        tmp_path_factory.mktemp("xlora"), [(4, 8.0, TARGETS), (2, 4.0, TARGETS), (4, 16.0, TARGETS)]
+    )
 
 
 def _pair(dirs, top_k=None):
     """(ours, PEFT's XLoraModel) with the same classifier weights."""
-    ours = experts_from_peft(tiny("tiny-llama"), dirs, MoELoRAConfig(router="xlora", classifier_hidden_size=64,
-                                                                     soft_top_k=top_k, load_balance_coef=0.0,
-                                                                     router_init_std=0.5))
+    ours = experts_from_peft(
+        tiny("tiny-llama"),
+        dirs,
+        MoELoRAConfig(
+            router="xlora", classifier_hidden_size=64, soft_top_k=top_k, load_balance_coef=0.0, router_init_std=0.5
+        ),
+    )
     adapters = {str(i): str(d) for i, d in enumerate(dirs)}
-    cfg = peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=64, adapters=adapters, layerwise_scalings=True,
-                           xlora_depth=1, top_k_lora=top_k)
+    cfg = peft.XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=64,
+        adapters=adapters,
+        layerwise_scalings=True,
+        xlora_depth=1,
+        top_k_lora=top_k,
+    )
     base = tiny("tiny-llama")
     base.config.use_cache = False  # PEFT's X-LoRA refuses a KV cache
     theirs = peft.get_peft_model(base, cfg)

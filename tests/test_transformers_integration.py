@@ -18,8 +18,9 @@ GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=
 
 def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The causal LM loss transformers computes: next-token cross entropy, mean over labelled positions."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
 
 
 def _layer_mean_aux(model) -> torch.Tensor:
@@ -38,8 +39,9 @@ def test_generate_matches_base_at_init_and_differs_after_perturbation(fields):
     assert not torch.equal(cached, expected)
     for name, m in iter_routed_modules(model):  # the last (cached) step routed 1 new token per sequence
         assert m.last_routing.num_tokens == 2, name
-    assert torch.equal(model.generate(x, attention_mask=mask, use_cache=False, **GENERATE), cached), \
+    assert torch.equal(model.generate(x, attention_mask=mask, use_cache=False, **GENERATE), cached), (
         "the KV-cache path must route new tokens exactly as a full recomputation does"
+    )
 
 
 def test_left_padded_generation_routes_only_real_tokens():
@@ -130,8 +132,9 @@ def test_padding_tokens_are_excluded_from_the_balance_statistics(fields):
     for n in masked:  # right padding: a causal model's real tokens do not see the pad ids
         torch.testing.assert_close(masked_other[n], masked[n], atol=1e-6, rtol=1e-6, msg=n)
     unmasked, unmasked_other = balance(x, None), balance(other, None)
-    assert any(not torch.allclose(unmasked[n], unmasked_other[n]) for n in masked), \
+    assert any(not torch.allclose(unmasked[n], unmasked_other[n]) for n in masked), (
         "control: without the mask the pad tokens change the statistics"
+    )
     balance(x, mask)
     _, m = next(iter(iter_routed_modules(model)))
     r = m.last_routing
@@ -178,9 +181,17 @@ def test_trainer_two_steps_with_aux_in_the_loss(tmp_path):
             seen.append((loss.detach(), out.aux_loss.detach(), _ce(out.logits.detach(), inputs["labels"])))
             return (loss, out) if return_outputs else loss
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, use_cpu=True,
-                             report_to=[], save_strategy="no", logging_steps=1, learning_rate=1e-3,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+    )
     result = Recording(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 2 and len(seen) == 2
     for loss, aux, ce in seen:

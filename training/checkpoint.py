@@ -158,12 +158,17 @@ def disk_full_message(root: Path, step: int, e: BaseException) -> str:
         free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free now"
     except OSError:
         free = "free space unknown"
-    kept = (f"the newest complete checkpoint, {newest.name}, is intact and a rerun of the same command resumes "
-            "from it" if newest is not None else "no earlier checkpoint exists, so a rerun starts from step 0")
-    return (f"checkpoint step {step} could not be written to {root}: no space left on device ({free}; "
-            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Nothing of step {step} was "
-            f"committed and its partial files were removed; {kept}. Free space (or lower checkpoint.keep) and "
-            "rerun")
+    kept = (
+        f"the newest complete checkpoint, {newest.name}, is intact and a rerun of the same command resumes from it"
+        if newest is not None
+        else "no earlier checkpoint exists, so a rerun starts from step 0"
+    )
+    return (
+        f"checkpoint step {step} could not be written to {root}: no space left on device ({free}; "
+        f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Nothing of step {step} was "
+        f"committed and its partial files were removed; {kept}. Free space (or lower checkpoint.keep) and "
+        "rerun"
+    )
 
 
 def save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, export_fn=None) -> Path:
@@ -191,8 +196,7 @@ def _save(engine, root: Path, step: int, state: dict, *, rank: int, keep: int, e
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp_name, save_latest=False,
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(str(root), tag=tmp_name, save_latest=False, exclude_frozen_parameters=True)
     torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
     if export_fn is not None:
         export_fn(tmp / "adapter")
@@ -251,8 +255,9 @@ def check_pickles(tag_dir: Path) -> None:
         except Exception as e:  # UnpicklingError for a forbidden global; anything else for a damaged file
             lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
             why = next((x for x in lines if "Unsupported" in x or "WeightsUnpickler" in x), lines[0])
-            raise ValueError(f"checkpoint: {f} is not loaded: it does not read as tensors and DeepSpeed metadata "
-                             f"only ({why[:300]})") from None
+            raise ValueError(
+                f"checkpoint: {f} is not loaded: it does not read as tensors and DeepSpeed metadata only ({why[:300]})"
+            ) from None
 
 
 def strict_trainable_loader(src: dict, dst: torch.nn.Module) -> None:
@@ -262,8 +267,11 @@ def strict_trainable_loader(src: dict, dst: torch.nn.Module) -> None:
     trainable = {n for n, p in dst.named_parameters() if p.requires_grad}
     missing = sorted(trainable - src.keys())
     unexpected = sorted(k for k in src if k not in own)
-    misshaped = sorted(f"{k}: {tuple(src[k].shape)} saved, {tuple(own[k].shape)} here" for k in src
-                       if k in own and tuple(src[k].shape) != tuple(own[k].shape))
+    misshaped = sorted(
+        f"{k}: {tuple(src[k].shape)} saved, {tuple(own[k].shape)} here"
+        for k in src
+        if k in own and tuple(src[k].shape) != tuple(own[k].shape)
+    )
     problems = []
     if missing:
         problems.append(f"missing trainable keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -281,8 +289,12 @@ def load(engine, tag_dir: Path, *, rank: int, module_only: bool) -> None:
     ep_size). Resuming also restores this rank's RNG state. Every ``.pt`` file passes ``check_pickles`` first."""
     check_pickles(tag_dir)
     load_path, _ = engine.load_checkpoint(
-        str(tag_dir.parent), tag=tag_dir.name, load_module_strict=False, load_optimizer_states=not module_only,
-        load_lr_scheduler_states=not module_only, load_module_only=module_only,
+        str(tag_dir.parent),
+        tag=tag_dir.name,
+        load_module_strict=False,
+        load_optimizer_states=not module_only,
+        load_lr_scheduler_states=not module_only,
+        load_module_only=module_only,
         custom_load_fn=strict_trainable_loader,
     )
     if load_path is None:

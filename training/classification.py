@@ -29,13 +29,14 @@ def _batches(tokenizer, rows: list[dict], seq_len: int, batch_size: int):
     order = sorted(range(len(rows)), key=lambda i: -len(ids[i]))
     pad = special_ids(tokenizer)[2]
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         yield [rows[i] for i in idx], collate([(ids[i], [rows[i]["label"]]) for i in idx], pad, classification=True)
 
 
 @torch.no_grad()
-def accuracy_by_task(model: nn.Module, tokenizer, rows: list[dict], seq_len: int, batch_size: int = 64
-                     ) -> dict[str, float]:
+def accuracy_by_task(
+    model: nn.Module, tokenizer, rows: list[dict], seq_len: int, batch_size: int = 64
+) -> dict[str, float]:
     """{task: fraction of ``rows`` of that task whose argmax logit is the label} (rows without 'task': 'all')."""
     model.eval()
     hit: dict[str, int] = {}
@@ -50,8 +51,9 @@ def accuracy_by_task(model: nn.Module, tokenizer, rows: list[dict], seq_len: int
 
 
 @torch.no_grad()
-def pooled_features(model: nn.Module, tokenizer, rows: list[dict], seq_len: int, batch_size: int = 64
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def pooled_features(
+    model: nn.Module, tokenizer, rows: list[dict], seq_len: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(features [N, D]: the input of the head, labels [N], tasks) of ``rows`` through the frozen ``model``."""
     head = getattr(model, head_name(model))
     feats: list[torch.Tensor] = []
@@ -66,8 +68,10 @@ def pooled_features(model: nn.Module, tokenizer, rows: list[dict], seq_len: int,
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             x = captured[-1]
             if x.dim() == 3:  # heads that read every position and pick one after (Llama's score): not cacheable
-                raise ValueError(f"head-only floor: the head of {type(model).__name__} reads every position; "
-                                 "only pooled heads are supported")
+                raise ValueError(
+                    f"head-only floor: the head of {type(model).__name__} reads every position; "
+                    "only pooled heads are supported"
+                )
             feats.append(x.float())
             labels += [r["label"] for r in chunk]
             tasks += [r.get("task", "all") for r in chunk]
@@ -76,8 +80,17 @@ def pooled_features(model: nn.Module, tokenizer, rows: list[dict], seq_len: int,
     return torch.cat(feats), torch.tensor(labels), tasks
 
 
-def head_only_floor(model: nn.Module, tokenizer, train_rows: list[dict], test_rows: list[dict], seq_len: int, *,
-                    steps: int = 300, lr: float = 1e-2, seed: int = 0) -> dict[str, float]:
+def head_only_floor(
+    model: nn.Module,
+    tokenizer,
+    train_rows: list[dict],
+    test_rows: list[dict],
+    seq_len: int,
+    *,
+    steps: int = 300,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> dict[str, float]:
     """Held-out accuracy by task of ``model``'s head trained alone (AdamW, ``steps`` full-batch steps at ``lr``) on
     the frozen model's pooled features of ``train_rows``. The head is trained in a copy; ``model`` is unchanged."""
     import copy

@@ -24,16 +24,16 @@ class _AllToAllRows(torch.autograd.Function):
         ctx.recv_splits, ctx.send_splits, ctx.group = recv_splits, send_splits, group
         x_ND = x_ND.contiguous()
         y_MD = x_ND.new_empty((sum(recv_splits), *x_ND.shape[1:]))
-        dist.all_to_all_single(y_MD, x_ND, output_split_sizes=recv_splits, input_split_sizes=send_splits,
-                               group=group)
+        dist.all_to_all_single(y_MD, x_ND, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
         return y_MD
 
     @staticmethod
     def backward(ctx, grad_MD):
         grad_MD = grad_MD.contiguous()
         grad_ND = grad_MD.new_empty((sum(ctx.send_splits), *grad_MD.shape[1:]))
-        dist.all_to_all_single(grad_ND, grad_MD, output_split_sizes=ctx.send_splits,
-                               input_split_sizes=ctx.recv_splits, group=ctx.group)
+        dist.all_to_all_single(
+            grad_ND, grad_MD, output_split_sizes=ctx.send_splits, input_split_sizes=ctx.recv_splits, group=ctx.group
+        )
         return grad_ND, None, None, None
 
 

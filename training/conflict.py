@@ -93,8 +93,13 @@ def _stream(n: int, seed: int, task_index: int, split_index: int, task: str, ski
     return out
 
 
-def generate(n_per_task: int, seed: int = 0, tasks: list[str] | tuple[str, ...] = TASKS, split: str = "train",
-             train_per_task: int | None = None) -> list[dict]:
+def generate(
+    n_per_task: int,
+    seed: int = 0,
+    tasks: list[str] | tuple[str, ...] = TASKS,
+    split: str = "train",
+    train_per_task: int | None = None,
+) -> list[dict]:
     """``n_per_task`` examples of each task, interleaved task by task (example i of every task, then i + 1);
     identical for identical arguments. ``split='test'`` never repeats a sentence of the train split of the same
     seed drawn with ``train_per_task`` examples per task (default ``n_per_task``)."""

@@ -73,8 +73,9 @@ class TokenizedData:
         return self.input_ids[i], self.labels[i], self.task_ids[i]
 
 
-def task_ids_of_rows(rows: list[dict], names: list[str] | None = None, field: str = "task"
-                     ) -> tuple[list[int], list[str] | None] | None:
+def task_ids_of_rows(
+    rows: list[dict], names: list[str] | None = None, field: str = "task"
+) -> tuple[list[int], list[str] | None] | None:
     """(task id per row, task names) when every row has the field ``field``, else None. ``names``: the id order
     (the synthetic corpus's task list); otherwise ints are ids and other values are numbered in sorted order."""
     if not rows or any(field not in r for r in rows):
@@ -141,8 +142,10 @@ def pack(ids: list[list[int]], labels: list[list[int]], seq_len: int) -> tuple[l
     flat_ids = [t for seq in ids for t in seq]
     flat_labels = [t for seq in labels for t in seq]
     n = len(flat_ids) // seq_len
-    return ([flat_ids[i * seq_len:(i + 1) * seq_len] for i in range(n)],
-            [flat_labels[i * seq_len:(i + 1) * seq_len] for i in range(n)])
+    return (
+        [flat_ids[i * seq_len : (i + 1) * seq_len] for i in range(n)],
+        [flat_labels[i * seq_len : (i + 1) * seq_len] for i in range(n)],
+    )
 
 
 def read_classification_jsonl(path: Path, num_labels: int | None) -> list[dict]:
@@ -219,18 +222,22 @@ def to_dataset(rows: list[dict], fmt: str, section, tokenizer, resolve) -> Token
             task_tok = pack(task_tok, task_tok, section.seq_len)[0]
         ids, labels = pack(ids, labels, section.seq_len)
     else:
-        ids, labels = [s[:section.seq_len] for s in ids], [s[:section.seq_len] for s in labels]
-        task_tok = None if task_tok is None else [s[:section.seq_len] for s in task_tok]
-    data = TokenizedData(ids, labels, special_ids(tokenizer)[2], task_ids=task_tok,
-                         task_names=None if tasks is None else tasks[1])
+        ids, labels = [s[: section.seq_len] for s in ids], [s[: section.seq_len] for s in labels]
+        task_tok = None if task_tok is None else [s[: section.seq_len] for s in task_tok]
+    data = TokenizedData(
+        ids, labels, special_ids(tokenizer)[2], task_ids=task_tok, task_names=None if tasks is None else tasks[1]
+    )
     if len(data) == 0:
-        raise ValueError(f"data: no sequence of length {section.seq_len} (data.seq_len) could be formed "
-                         f"from {len(rows)} examples; lower data.seq_len or add data")
+        raise ValueError(
+            f"data: no sequence of length {section.seq_len} (data.seq_len) could be formed "
+            f"from {len(rows)} examples; lower data.seq_len or add data"
+        )
     return data
 
 
-def build_dataset(section, tokenizer, resolve, task: str = "causal_lm", num_labels: int | None = None
-                  ) -> TokenizedData:
+def build_dataset(
+    section, tokenizer, resolve, task: str = "causal_lm", num_labels: int | None = None
+) -> TokenizedData:
     """The tokenised training set of a recipe's ``data`` section for ``task`` (the recipe's model.task; all of
     it: no eval split)."""
     if task == "sequence_classification":
@@ -248,8 +255,9 @@ def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict]
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def build_datasets(section, eval_section, tokenizer, resolve, task: str = "causal_lm", num_labels: int | None = None
-                   ) -> tuple[TokenizedData, TokenizedData | None]:
+def build_datasets(
+    section, eval_section, tokenizer, resolve, task: str = "causal_lm", num_labels: int | None = None
+) -> tuple[TokenizedData, TokenizedData | None]:
     """(training set, eval set or None) of a recipe's ``data`` and ``eval`` sections: the eval set is
     eval.path (read and tokenised like the training data) or a held-out eval.fraction of the examples.
     Sequence classification has no eval set here (the recipe refuses an eval section for it)."""
@@ -265,8 +273,7 @@ def build_datasets(section, eval_section, tokenizer, resolve, task: str = "causa
     return train, None if held is None else to_dataset(held, held_fmt, section, tokenizer, resolve)
 
 
-def collate(items: list[tuple[list[int], ...]], pad_id: int, classification: bool = False
-            ) -> dict[str, torch.Tensor]:
+def collate(items: list[tuple[list[int], ...]], pad_id: int, classification: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad to the longest item: input_ids [B, S] int64, attention_mask [B, S] int64, labels [B, S] int64
     (``classification``: labels [B] int64, the class of each sequence), and task_ids [B, S] int64 (padding 0) when
     the items carry them (a third list)."""
@@ -278,11 +285,11 @@ def collate(items: list[tuple[list[int], ...]], pad_id: int, classification: boo
     with_tasks = all(len(item) > 2 for item in items)
     task_ids = torch.zeros((B, S), dtype=torch.long) if with_tasks else None
     for b, (ids, lab, *rest) in enumerate(items):
-        input_ids[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[b, :len(lab)] = torch.tensor(lab, dtype=torch.long)
-        attention_mask[b, :len(ids)] = 1
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[b, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        attention_mask[b, : len(ids)] = 1
         if with_tasks:
-            task_ids[b, :len(rest[0])] = torch.tensor(rest[0], dtype=torch.long)
+            task_ids[b, : len(rest[0])] = torch.tensor(rest[0], dtype=torch.long)
     if classification:
         labels = labels[:, 0].clone()
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -24,8 +24,14 @@ from pathlib import Path
 
 from moe_lora.json_file import read_json
 
-RECIPE_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping", "optimizer", "scheduler")
+RECIPE_OWNED = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer",
+    "scheduler",
+)
 
 
 def load_deepspeed_json(spec, resolve) -> tuple[dict | None, list[str]]:
@@ -67,23 +73,52 @@ def recipe_owned_values(recipe, world_size: int | None) -> dict:
     if s.type == "constant" and warmup == 0:
         sched = None
     elif s.type == "constant":
-        sched = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
-                                                "warmup_num_steps": warmup, "warmup_type": "linear"}}
+        sched = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": o.lr,
+                "warmup_num_steps": warmup,
+                "warmup_type": "linear",
+            },
+        }
     elif s.type == "linear":
-        sched = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": o.lr,
-                                                     "warmup_num_steps": warmup, "warmup_type": "linear",
-                                                     "total_num_steps": t.max_steps}}
+        sched = {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": o.lr,
+                "warmup_num_steps": warmup,
+                "warmup_type": "linear",
+                "total_num_steps": t.max_steps,
+            },
+        }
     else:
-        sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": t.max_steps, "warmup_min_ratio": 0.0,
-                                                      "warmup_num_steps": warmup, "cos_min_ratio": s.min_lr_ratio,
-                                                      "warmup_type": "linear"}}
+        sched = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": t.max_steps,
+                "warmup_min_ratio": 0.0,
+                "warmup_num_steps": warmup,
+                "cos_min_ratio": s.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        }
     out = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": float(o.max_grad_norm),
-        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps,
-                                                  "weight_decay": o.weight_decay, "torch_adam": True,
-                                                  "adam_w_mode": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
+        },
     }
     if sched is not None:
         out["scheduler"] = sched
@@ -100,25 +135,33 @@ def deepspeed_problems(ds: dict, recipe) -> list[str]:
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):  # not "2", 2.5, true
         p.append(f"deepspeed.zero_optimization.stage: {stage!r} must be 0, 1 or 2")
     if stage == 3:
-        p.append(f"deepspeed.zero_optimization.stage: 3 cannot be used: the experts live in DeepSpeed MoE layers "
-                 f"(expert parallelism, ep_size={recipe.ep_size}), which ZeRO stage 3 does not support; use "
-                 "stage 0, 1 or 2")
+        p.append(
+            f"deepspeed.zero_optimization.stage: 3 cannot be used: the experts live in DeepSpeed MoE layers "
+            f"(expert parallelism, ep_size={recipe.ep_size}), which ZeRO stage 3 does not support; use "
+            "stage 0, 1 or 2"
+        )
     bf16 = isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") in (True, "true")
     fp16 = isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") in (True, "true")
     if bf16 and fp16:
         p.append("deepspeed.bf16 / deepspeed.fp16: both are enabled; enable at most one")
     if ds.get("use_data_before_expert_parallelism"):
-        p.append("deepspeed.use_data_before_expert_parallelism: true is not supported (expert-parallel groups must "
-                 "be consecutive ranks, DeepSpeed's default)")
+        p.append(
+            "deepspeed.use_data_before_expert_parallelism: true is not supported (expert-parallel groups must "
+            "be consecutive ranks, DeepSpeed's default)"
+        )
     try:
         owned = recipe_owned_values(recipe, None)
     except (AttributeError, TypeError, ValueError):  # an invalid section (float('x')), reported by its own checks
         return p
     where = recipe.deepspeed if isinstance(recipe.deepspeed, str) else "the inline deepspeed mapping"
-    recipe_field = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
-                    "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "optimizer.max_grad_norm",
-                    "optimizer": "optimizer", "scheduler": "schedule",
-                    "train_batch_size": "train.micro_batch_size * train.grad_accum * world size"}
+    recipe_field = {
+        "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+        "gradient_accumulation_steps": "train.grad_accum",
+        "gradient_clipping": "optimizer.max_grad_norm",
+        "optimizer": "optimizer",
+        "scheduler": "schedule",
+        "train_batch_size": "train.micro_batch_size * train.grad_accum * world size",
+    }
     for key in RECIPE_OWNED:
         if key not in ds or ds[key] == "auto":
             continue
@@ -127,11 +170,15 @@ def deepspeed_problems(ds: dict, recipe) -> list[str]:
         if key in ("optimizer", "scheduler") or key not in owned:
             if key == "train_batch_size" and isinstance(ds[key], int):
                 continue  # checked against the world size at launch (check_batch)
-            p.append(f"deepspeed.{key}: set in {where}, but the recipe's {recipe_field[key]} section owns it; "
-                     "remove it from the JSON or set it to \"auto\"")
+            p.append(
+                f"deepspeed.{key}: set in {where}, but the recipe's {recipe_field[key]} section owns it; "
+                'remove it from the JSON or set it to "auto"'
+            )
         else:
-            p.append(f"deepspeed.{key}: {ds[key]!r} in {where} conflicts with {recipe_field[key]}={owned[key]!r}; "
-                     "remove it from the JSON or set it to \"auto\"")
+            p.append(
+                f"deepspeed.{key}: {ds[key]!r} in {where} conflicts with {recipe_field[key]}={owned[key]!r}; "
+                'remove it from the JSON or set it to "auto"'
+            )
     return p
 
 
@@ -143,8 +190,10 @@ def build_deepspeed_config(recipe, world_size: int) -> dict:
     owned = recipe_owned_values(recipe, world_size)
     given = ds.get("train_batch_size")
     if isinstance(given, int) and given != owned["train_batch_size"]:
-        raise ValueError(f"deepspeed.train_batch_size: {given} does not equal train.micro_batch_size * "
-                         f"train.grad_accum * world size = {owned['train_batch_size']} (world size {world_size})")
+        raise ValueError(
+            f"deepspeed.train_batch_size: {given} does not equal train.micro_batch_size * "
+            f"train.grad_accum * world size = {owned['train_batch_size']} (world size {world_size})"
+        )
     out = {k: v for k, v in ds.items() if v != "auto"}
     out.update(owned)
     out.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own step prints stay quiet

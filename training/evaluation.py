@@ -57,7 +57,7 @@ class Evaluator:
     def batches(self):
         """(batch, eval mask [B, S]) per forward; padding items get no labels and a zero eval mask."""
         for start in range(0, len(self.items), self.mb):
-            chunk = self.items[start:start + self.mb]
+            chunk = self.items[start : start + self.mb]
             pad = self.data[0]  # a padding item: the first one without labels (task ids kept for task routers)
             pairs = [self.data[i] if i is not None else (pad[0], [IGNORE] * len(pad[0]), *pad[2:]) for i in chunk]
             batch = collate(pairs, self.data.pad_id)
@@ -79,8 +79,11 @@ class Evaluator:
                     recorder.set_attention_mask(eval_mask.to(device))
                     if "task_ids" in batch and task_routers(model):  # MOELoRA / MoCLE: the batch's task ids
                         set_task_ids(model, batch["task_ids"].to(device))
-                    out = model(input_ids=batch["input_ids"].to(device),
-                                attention_mask=batch["attention_mask"].to(device), use_cache=False)
+                    out = model(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False,
+                    )
                     labels = batch["labels"].to(device)
                     ce = token_ce_sum(out.logits, labels)
                     stats += torch.stack([ce.double(), (labels[:, 1:] != IGNORE).sum().double()])
@@ -165,6 +168,7 @@ class EvalSchedule:
         export_adapter(engine.module, self.best_dir / "adapter", self.info.rank)
         if self.info.rank == 0:
             save_tokenizer(self.tokenizer, self.best_dir / "tokenizer")
-            write_text_atomic(self.best_dir / "best.json",
-                              json.dumps({"step": step, **metrics}, indent=2, sort_keys=True) + "\n")
+            write_text_atomic(
+                self.best_dir / "best.json", json.dumps({"step": step, **metrics}, indent=2, sort_keys=True) + "\n"
+            )
         dist.barrier()

@@ -111,8 +111,11 @@ def dispatch_combine(
     send_splits, recv_splits = torch.stack([send_GL.sum(1), recv_GL.sum(1)]).tolist()  # host sync (with nonzero)
 
     x_RD = all_to_all_rows(x_TD.index_select(0, tok_P), recv_splits, send_splits, group)
-    local_R = torch.arange(E_loc, device=x_TD.device).repeat(ep_size).repeat_interleave(
-        recv_GL.reshape(-1), output_size=sum(recv_splits))  # the total is on the host already: no sync
+    local_R = (
+        torch.arange(E_loc, device=x_TD.device)
+        .repeat(ep_size)
+        .repeat_interleave(recv_GL.reshape(-1), output_size=sum(recv_splits))
+    )  # the total is on the host already: no sync
     y_RO = lora_expert_rows(x_RD, lora_A_LRD, lora_B_LOR, local_R, scaling, backend)
     y_PO = all_to_all_rows(y_RO, send_splits, recv_splits, group)
 
@@ -139,7 +142,12 @@ class ExpertParallelMoELoRALinear(RoutedModule, MoE):
         super().__init__(
             hidden_size=layer.in_features,
             expert=LoRAExpert(layer.in_features, layer.out_features, layer.rank),
-            num_experts=E, ep_size=ep_size, k=1, min_capacity=0, drop_tokens=False, use_rts=False,
+            num_experts=E,
+            ep_size=ep_size,
+            k=1,
+            min_capacity=0,
+            drop_tokens=False,
+            use_rts=False,
             top2_2nd_expert_sampling=False,
         )
         self.deepspeed_moe.gate = layer.router
@@ -200,26 +208,36 @@ class ExpertParallelMoELoRALinear(RoutedModule, MoE):
         xd_TD = self.lora_dropout(x_TD)
         A_LRD, B_LOR = self.local_experts()
         if self.ep_size == 1:
-            delta_TO = lora_experts(xd_TD, A_LRD, B_LOR, routing.expert_ids_TK, routing.weights_TK, self.scaling,
-                                    self.backend)
+            delta_TO = lora_experts(
+                xd_TD, A_LRD, B_LOR, routing.expert_ids_TK, routing.weights_TK, self.scaling, self.backend
+            )
             pairs = None
         else:
-            delta_TO, pairs = dispatch_combine(xd_TD, routing.expert_ids_TK, routing.weights_TK, A_LRD, B_LOR,
-                                               self.scaling, self.backend, self._group(), self.ep_size)
+            delta_TO, pairs = dispatch_combine(
+                xd_TD,
+                routing.expert_ids_TK,
+                routing.weights_TK,
+                A_LRD,
+                B_LOR,
+                self.scaling,
+                self.backend,
+                self._group(),
+                self.ep_size,
+            )
         contrastive = None
         if self.training and torch.is_grad_enabled() and self.wants_expert_outputs():
             contrastive = self._contrastive(routing, xd_TD, pairs, A_LRD, B_LOR)
         self.record(routing, x, contrastive=contrastive)
         return result + delta_TO.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
-    def _contrastive(self, routing: Routing, x_TD: torch.Tensor, pairs, A_LRD: torch.Tensor, B_LOR: torch.Tensor
-                     ) -> torch.Tensor:
+    def _contrastive(
+        self, routing: Routing, x_TD: torch.Tensor, pairs, A_LRD: torch.Tensor, B_LOR: torch.Tensor
+    ) -> torch.Tensor:
         """MoELoRA contrastive loss over the routed pairs with non-zero weight of the local real tokens."""
         if pairs is None:  # ep_size == 1: every slot, as MoELoRALinear.expert_outputs
             K = routing.expert_ids_TK.shape[1]
             ids_S = routing.expert_ids_TK.reshape(-1)
-            u_SO = lora_expert_rows(x_TD.repeat_interleave(K, dim=0), A_LRD, B_LOR, ids_S, self.scaling,
-                                    self.backend)
+            u_SO = lora_expert_rows(x_TD.repeat_interleave(K, dim=0), A_LRD, B_LOR, ids_S, self.scaling, self.backend)
             return losses.slot_contrastive_loss(routing, (u_SO, ids_S), None, self.contrastive_temperature)
         y_PO, eid_P, tok_P = pairs
         keep_P = None if routing.token_mask_T is None else routing.token_mask_T.index_select(0, tok_P)
@@ -250,9 +268,11 @@ class ExpertParallelMoELoRALinear(RoutedModule, MoE):
         return plain.train(self.training)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-                f"ep_size={self.ep_size}, ep_rank={self.ep_rank}, local experts {self.global_expert_ids}, "
-                f"rank={self.rank}, scaling={self.scaling:.4g}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"ep_size={self.ep_size}, ep_rank={self.ep_rank}, local experts {self.global_expert_ids}, "
+            f"rank={self.rank}, scaling={self.scaling:.4g}"
+        )
 
 
 def expert_parallel_layers(model: nn.Module) -> list[tuple[str, ExpertParallelMoELoRALinear]]:
@@ -271,8 +291,9 @@ def to_expert_parallel(model: nn.Module, ep_size: int, ep_rank: int) -> list[str
     if not names:
         raise ValueError("model: no MoELoRALinear to distribute (convert the model with moe_lora.convert first)")
     for name in names:
-        model.set_submodule(name, ExpertParallelMoELoRALinear.from_moe_lora(model.get_submodule(name), ep_size,
-                                                                            ep_rank))
+        model.set_submodule(
+            name, ExpertParallelMoELoRALinear.from_moe_lora(model.get_submodule(name), ep_size, ep_rank)
+        )
     attach_model_hooks(model)  # the model-level hooks must see the new routed modules
     return names
 
@@ -284,8 +305,10 @@ def check_expert_parallel_ranks(model: nn.Module) -> None:
     for name, layer in expert_parallel_layers(model):
         ds_rank = groups._get_expert_parallel_rank(layer.expert_group_name)
         if ds_rank != layer.ep_rank:
-            raise RuntimeError(f"{name}: built for expert-parallel rank {layer.ep_rank}, but DeepSpeed placed this "
-                               f"process at rank {ds_rank} of group {layer.expert_group_name}")
+            raise RuntimeError(
+                f"{name}: built for expert-parallel rank {layer.ep_rank}, but DeepSpeed placed this "
+                f"process at rank {ds_rank} of group {layer.expert_group_name}"
+            )
 
 
 @contextmanager

@@ -84,11 +84,16 @@ def load_deepspeed_checkpoint(model: nn.Module, tag_dir: str | Path) -> nn.Modul
         raise ValueError("model: convert it with moe_lora.convert first (it has no MoELoRALinear)")
     missing = sorted(trainable - state.keys())
     unexpected = sorted(k for k in state if k not in own)
-    misshaped = [f"{k}: {tuple(v.shape)} saved, {tuple(own[k].shape)} here" for k, v in state.items()
-                 if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    misshaped = [
+        f"{k}: {tuple(v.shape)} saved, {tuple(own[k].shape)} here"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or misshaped:
-        raise ValueError(f"checkpoint: {tag_dir} does not match the model: missing {missing[:8]}, unexpected "
-                         f"{unexpected[:8]}, mis-shaped {misshaped[:8]}")
+        raise ValueError(
+            f"checkpoint: {tag_dir} does not match the model: missing {missing[:8]}, unexpected "
+            f"{unexpected[:8]}, mis-shaped {misshaped[:8]}"
+        )
     with torch.no_grad():
         for k, v in state.items():
             own[k].copy_(v)

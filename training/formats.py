@@ -35,15 +35,27 @@ IGNORE = -100
 FORMATS = ("auto", "text", "prompt_response", "messages", "alpaca", "sharegpt")
 FILE_SOURCES = ("jsonl", "parquet", "arrow")
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "system": "system", "tool": "tool", "function_call": "assistant",
-                  "observation": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function_call": "assistant",
+    "observation": "tool",
+}
 
-ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                     "context. Write a response that appropriately completes the request.\n\n"
-                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
 
 #: Templates for tokenizers without one (``data.chat_template: plain`` or ``chatml``). Both end an assistant
 #: turn with the tokenizer's EOS token when it has one (else the EOS rule above appends the EOS id).
@@ -109,6 +121,7 @@ def detect_format(record: dict) -> str:
 
 def canonical(record: dict, fmt: str, where: str) -> dict:
     """The canonical form of one example (see the module docstring); errors name ``where`` and the key."""
+
     def string(key, optional=False):
         v = record.get(key)
         if v is None and optional:
@@ -123,14 +136,18 @@ def canonical(record: dict, fmt: str, where: str) -> dict:
         return {"prompt": string("prompt"), "response": string("response")}
     if fmt == "alpaca":
         instruction, extra, output = string("instruction"), string("input", optional=True), string("output")
-        prompt = (ALPACA_WITH_INPUT.format(instruction=instruction, input=extra) if extra
-                  else ALPACA_NO_INPUT.format(instruction=instruction))
+        prompt = (
+            ALPACA_WITH_INPUT.format(instruction=instruction, input=extra)
+            if extra
+            else ALPACA_NO_INPUT.format(instruction=instruction)
+        )
         return {"prompt": prompt, "response": output}
     if fmt == "messages":
         return {"messages": _messages(record.get("messages"), where, "messages", "role", "content", None)}
     if fmt == "sharegpt":
-        return {"messages": _messages(record.get("conversations"), where, "conversations", "from", "value",
-                                      SHAREGPT_ROLES)}
+        return {
+            "messages": _messages(record.get("conversations"), where, "conversations", "from", "value", SHAREGPT_ROLES)
+        }
     raise ValueError(f"data.format: {fmt!r} is not one of {', '.join(FORMATS)}")
 
 
@@ -159,8 +176,10 @@ def read_examples(path: Path, source: str, fmt: str, keep: tuple[str, ...] = ())
         raise ValueError(f"data.path: {path} has no examples")
     if fmt == "auto":
         fmt = detect_format(records[0][1])
-    return [{**canonical(r, fmt, f"data.path: {path} {where}"), **{k: r[k] for k in keep if k in r}}
-            for where, r in records], fmt
+    return [
+        {**canonical(r, fmt, f"data.path: {path} {where}"), **{k: r[k] for k in keep if k in r}}
+        for where, r in records
+    ], fmt
 
 
 def kind_of(fmt: str) -> str:
@@ -177,8 +196,10 @@ def resolve_chat_template(spec: str | None, tokenizer, resolve=None) -> str:
         if isinstance(own, dict):  # several named templates: transformers uses "default"
             own = own.get("default")
         if not own:
-            raise ValueError("data.chat_template: the tokenizer has no chat template; give one in the recipe "
-                             f"(a built-in name: {', '.join(BUILTIN_TEMPLATES)}; a .jinja file; or Jinja text)")
+            raise ValueError(
+                "data.chat_template: the tokenizer has no chat template; give one in the recipe "
+                f"(a built-in name: {', '.join(BUILTIN_TEMPLATES)}; a .jinja file; or Jinja text)"
+            )
         return own
     if spec in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[spec]
@@ -186,8 +207,10 @@ def resolve_chat_template(spec: str | None, tokenizer, resolve=None) -> str:
         return spec
     path = resolve(spec) if resolve is not None else (Path(spec) if Path(spec).exists() else None)
     if path is None or not Path(path).is_file():
-        raise ValueError(f"data.chat_template: {spec!r} is neither a built-in template "
-                         f"({', '.join(BUILTIN_TEMPLATES)}), an existing file, nor Jinja text")
+        raise ValueError(
+            f"data.chat_template: {spec!r} is neither a built-in template "
+            f"({', '.join(BUILTIN_TEMPLATES)}), an existing file, nor Jinja text"
+        )
     return Path(path).read_text(encoding="utf-8")
 
 
@@ -195,13 +218,16 @@ def template_problems(spec) -> list[str]:
     """Recipe-time check of ``data.chat_template`` (the file's existence is checked by the caller)."""
     if spec is None or (isinstance(spec, str) and spec):
         return []
-    return [f"data.chat_template: {spec!r} must be null, a built-in name ({', '.join(BUILTIN_TEMPLATES)}), "
-            "a .jinja file or Jinja text"]
+    return [
+        f"data.chat_template: {spec!r} must be null, a built-in name ({', '.join(BUILTIN_TEMPLATES)}), "
+        "a .jinja file or Jinja text"
+    ]
 
 
 def render(tokenizer, messages: list[dict], template: str, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
 
 
 def assistant_spans(tokenizer, messages: list[dict], template: str) -> tuple[str, list[tuple[int, int]]]:
@@ -214,9 +240,11 @@ def assistant_spans(tokenizer, messages: list[dict], template: str) -> tuple[str
         head = render(tokenizer, messages[:i], template, True) if i else _render_empty(tokenizer, template)
         upto = render(tokenizer, messages[: i + 1], template, False)
         if not (full.startswith(upto) and upto.startswith(head)):
-            raise ValueError("data.chat_template: the template does not render a conversation's first turns as "
-                             "the beginning of the whole conversation (it rewrites earlier turns), so the "
-                             "assistant turns cannot be located for the loss mask; use another template")
+            raise ValueError(
+                "data.chat_template: the template does not render a conversation's first turns as "
+                "the beginning of the whole conversation (it rewrites earlier turns), so the "
+                "assistant turns cannot be located for the loss mask; use another template"
+            )
         spans.append((len(head), len(upto)))
     return full, spans
 
@@ -230,8 +258,9 @@ def _render_empty(tokenizer, template: str) -> str:
         return ""
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], template: str, bos: int | None,
-                          eos: int | None) -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    tokenizer, messages: list[dict], template: str, bos: int | None, eos: int | None
+) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation (labels = ids on assistant turns, -100 elsewhere)."""
     full, spans = assistant_spans(tokenizer, messages, template)
     if getattr(tokenizer, "is_fast", False):
@@ -260,8 +289,9 @@ def tokenize_conversation(tokenizer, messages: list[dict], template: str, bos: i
     return ids, labels
 
 
-def tokenize_conversations(convs: list[list[dict]], tokenizer, template: str, bos: int | None,
-                           eos: int | None) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_conversations(
+    convs: list[list[dict]], tokenizer, template: str, bos: int | None, eos: int | None
+) -> tuple[list[list[int]], list[list[int]]]:
     ids_out, labels_out = [], []
     for messages in convs:
         ids, labels = tokenize_conversation(tokenizer, messages, template, bos, eos)

@@ -95,26 +95,33 @@ class HealthMonitor:
             self.skipped += 1
             self.skipped_in_a_row += 1
             scale = f", loss scale {metrics['loss_scale']:g}" if "loss_scale" in metrics else ""
-            self.report(f"step {step}: the optimizer skipped the update (gradient overflow{scale}); "
-                        f"{self.skipped} skipped so far, {self.skipped_in_a_row} in a row",
-                        error and self.skipped_in_a_row >= self.max_in_a_row)
+            self.report(
+                f"step {step}: the optimizer skipped the update (gradient overflow{scale}); "
+                f"{self.skipped} skipped so far, {self.skipped_in_a_row} in a row",
+                error and self.skipped_in_a_row >= self.max_in_a_row,
+            )
         norm = metrics.get("grad_norm")
         if norm is not None and not math.isfinite(norm):
-            self.report(f"step {step}: the gradient norm is {norm} (non-finite gradients)",
-                        error and bool(metrics["step_applied"]))
+            self.report(
+                f"step {step}: the gradient norm is {norm} (non-finite gradients)",
+                error and bool(metrics["step_applied"]),
+            )
         loss = metrics.get("loss")
         if loss is None or not math.isfinite(loss):
             return
         if len(self.first) < self.w:
             self.first.append(loss)
             return
-        self.recent = [*self.recent, loss][-self.w:]
+        self.recent = [*self.recent, loss][-self.w :]
         start, now = sum(self.first) / self.w, sum(self.recent) / len(self.recent)
         if len(self.recent) == self.w and now > start * RISE and not self.rise_reported:
             self.rise_reported = True
-            self.report(f"step {step}: the loss rose above its start: mean {now:.4g} over the last {self.w} steps, "
-                        f"{start:.4g} over the first {self.w} (diverging: lower optimizer.lr, or set "
-                        "optimizer.max_grad_norm)", error)
+            self.report(
+                f"step {step}: the loss rose above its start: mean {now:.4g} over the last {self.w} steps, "
+                f"{start:.4g} over the first {self.w} (diverging: lower optimizer.lr, or set "
+                "optimizer.max_grad_norm)",
+                error,
+            )
 
     def finish(self, model: torch.nn.Module, steps_run: int, ep_size: int) -> None:
         """End-of-run checks (collective): no step applied at all, experts whose lora_B never left zero. Expert-
@@ -132,9 +139,12 @@ class HealthMonitor:
                 f"no optimizer step was applied: all {self.skipped} steps of this run were skipped (gradient "
                 f"overflow every step); {n_zero} of {n_total} experts' lora_B are still zero, so the adapter does "
                 "not change the model. With fp16/bf16 try fp32 (a deepspeed JSON without fp16/bf16), a lower "
-                "optimizer.lr, or optimizer.max_grad_norm")
+                "optimizer.lr, or optimizer.max_grad_norm"
+            )
         if n_zero:
             example = f" (e.g. {zero[0]})" if zero else ""
-            self.report(f"{n_zero} of {n_total} experts' lora_B are still exactly zero after training{example}: "
-                        "those experts never changed the model (no token routed to them, or no update applied)",
-                        self.policy == "error")
+            self.report(
+                f"{n_zero} of {n_total} experts' lora_B are still exactly zero after training{example}: "
+                "those experts never changed the model (no token routed to them, or no update applied)",
+                self.policy == "error",
+            )

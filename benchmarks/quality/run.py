@@ -52,13 +52,28 @@ from quality_train import FeatureCache, Job, TrainSettings, run_job, setup_torch
 from moe_lora import zoo  # noqa: E402
 from moe_lora.analysis import write_report_dir  # noqa: E402
 
-QUICK = MappingProxyType({"steps": 30, "train_per_task": 120, "val_per_task": 20, "test_per_task": 50,
-                          "timing_rounds": 2})
+QUICK = MappingProxyType(
+    {"steps": 30, "train_per_task": 120, "val_per_task": 20, "test_per_task": 50, "timing_rounds": 2}
+)
 SINGLE_TASK_METHODS = ("lora", "topk")
 #: rough relative cost of a multi-task run (measured step times), for scheduling only
-JOB_COST = MappingProxyType({"contrastive": 5, "threshold": 4, "threshold_adamole": 4, "topk": 3, "soft": 3,
-                             "soft_loramoe": 3, "mola_inverted": 3, "topk_mola_form": 3, "topk_zloss": 3,
-                             "topk_warmup": 3, "topk_auxfree": 3, "lora": 2, "head": 1})
+JOB_COST = MappingProxyType(
+    {
+        "contrastive": 5,
+        "threshold": 4,
+        "threshold_adamole": 4,
+        "topk": 3,
+        "soft": 3,
+        "soft_loramoe": 3,
+        "mola_inverted": 3,
+        "topk_mola_form": 3,
+        "topk_zloss": 3,
+        "topk_warmup": 3,
+        "topk_auxfree": 3,
+        "lora": 2,
+        "head": 1,
+    }
+)
 #: keys whose values legitimately differ between two runs of the same settings
 VOLATILE = frozenset({"train_seconds", "wall_seconds", "command", "machine", "out", "jobs", "timing"})
 
@@ -67,29 +82,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"1 seed and short training ({dict(QUICK)})")
     p.add_argument("--seeds", default=None, help="comma-separated run seeds (default 0,1,2,3,4; --quick: 0)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/quality/results; "
-                                               "--quick: runs/quality-quick)")
-    p.add_argument("--methods", default=",".join(METHOD_NAMES), help="comma-separated subset of "
-                                                                      + ", ".join(METHOD_NAMES))
+    p.add_argument(
+        "--out", default=None, help="output folder (default benchmarks/quality/results; --quick: runs/quality-quick)"
+    )
+    p.add_argument(
+        "--methods", default=",".join(METHOD_NAMES), help="comma-separated subset of " + ", ".join(METHOD_NAMES)
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps per multi-task run")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (no selection)")
-    p.add_argument("--lr-grid", default=None, help="comma-separated learning rates each method picks from on the "
-                                                   "first seed's validation set (default 1e-3,2e-3)")
+    p.add_argument(
+        "--lr-grid",
+        default=None,
+        help="comma-separated learning rates each method picks from on the "
+        "first seed's validation set (default 1e-3,2e-3)",
+    )
     p.add_argument("--train-per-task", type=int, default=None)
     p.add_argument("--val-per-task", type=int, default=None)
     p.add_argument("--test-per-task", type=int, default=None)
-    p.add_argument("--timing-rounds", type=int, default=None,
-                   help="alternated step-timing rounds per method before training (default 5; --quick: 2; 0: skip)")
+    p.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=None,
+        help="alternated step-timing rounds per method before training (default 5; --quick: 2; 0: skip)",
+    )
     p.add_argument("--no-single-task", action="store_true", help="skip the single-task vs multi-task runs")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel worker processes (default 2; 1: in "
-                                                       "this process). Numbers do not depend on it.")
-    p.add_argument("--plots", choices=("all", "main", "none"), default="all",
-                   help="PNGs to draw: all, main (not the router report's; it has one panel per routed linear), none")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="runs in parallel worker processes (default 2; 1: in this process). Numbers do not depend on it.",
+    )
+    p.add_argument(
+        "--plots",
+        choices=("all", "main", "none"),
+        default="all",
+        help="PNGs to draw: all, main (not the router report's; it has one panel per routed linear), none",
+    )
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two results.json and exit")
-    p.add_argument("--render", metavar="DIR", help="rewrite DIR/RESULTS.md and the main plots from DIR/results.json "
-                                                   "(no training) and exit")
+    p.add_argument(
+        "--render",
+        metavar="DIR",
+        help="rewrite DIR/RESULTS.md and the main plots from DIR/results.json (no training) and exit",
+    )
     return p.parse_args(argv)
 
 
@@ -101,14 +137,23 @@ def resolve(args: argparse.Namespace) -> tuple[SuiteSpec, TrainSettings, list[in
         return v if v is not None else quick.get(name, default)
 
     spec = SuiteSpec()
-    spec = replace(spec, train_per_task=pick("train_per_task", spec.train_per_task),
-                   val_per_task=pick("val_per_task", spec.val_per_task),
-                   test_per_task=pick("test_per_task", spec.test_per_task))
+    spec = replace(
+        spec,
+        train_per_task=pick("train_per_task", spec.train_per_task),
+        val_per_task=pick("val_per_task", spec.val_per_task),
+        test_per_task=pick("test_per_task", spec.test_per_task),
+    )
     ts = TrainSettings()
-    grid = (args.lr,) if args.lr is not None else tuple(float(x) for x in args.lr_grid.split(",") if x.strip()) \
-        if args.lr_grid else ts.lr_grid
-    ts = replace(ts, steps=pick("steps", ts.steps), batch_size=pick("batch_size", ts.batch_size), lr=grid[0],
-                 lr_grid=grid)
+    grid = (
+        (args.lr,)
+        if args.lr is not None
+        else tuple(float(x) for x in args.lr_grid.split(",") if x.strip())
+        if args.lr_grid
+        else ts.lr_grid
+    )
+    ts = replace(
+        ts, steps=pick("steps", ts.steps), batch_size=pick("batch_size", ts.batch_size), lr=grid[0], lr_grid=grid
+    )
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2,3,4")).split(",") if s.strip()]
     methods = [method_by_name(m.strip()).name for m in args.methods.split(",") if m.strip()]
     out = Path(args.out) if args.out else (Path("runs/quality-quick") if args.quick else HERE / "results")
@@ -133,23 +178,33 @@ def spec_summary(runs: list[dict]) -> dict[str, dict]:
     out = {}
     for name in dict.fromkeys(r["method"] for r in runs if "specialisation" in r and r["mixture"] == "multi"):
         rs = [r["specialisation"] for r in runs if r["method"] == name and r["mixture"] == "multi"]
-        balance = {"dead": list(mean_std([s.get("dead", 0) for s in rs])),
-                   "cv": list(mean_std([s.get("cv") or 0.0 for s in rs]))}
+        balance = {
+            "dead": list(mean_std([s.get("dead", 0) for s in rs])),
+            "cv": list(mean_std([s.get("cv") or 0.0 for s in rs])),
+        }
         if any(s["mean"] is None for s in rs):
             out[name] = {"mean": None, **balance}
             continue
         depths = list(rs[0]["by_depth"])
-        out[name] = {"mean": list(mean_std([s["mean"] for s in rs])),
-                     "max_layer": sum(max(v for v in s["per_layer"] if v is not None) for s in rs) / len(rs),
-                     "by_depth": {k: sum(s["by_depth"].get(k, 0.0) for s in rs) / len(rs) for k in depths},
-                     **balance}
+        out[name] = {
+            "mean": list(mean_std([s["mean"] for s in rs])),
+            "max_layer": sum(max(v for v in s["per_layer"] if v is not None) for s in rs) / len(rs),
+            "by_depth": {k: sum(s["by_depth"].get(k, 0.0) for s in rs) / len(rs) for k in depths},
+            **balance,
+        }
     return out
 
 
 def analysis_rows(report: dict) -> list[dict]:
     spec = specialisation(report)["per_layer"]
-    return [{"name": layer["name"].replace("encoder.layer.", "L").replace("attention.", "attn."), "nmi": nmi,
-             "load_by_task": layer["load_by_task"]} for layer, nmi in zip(report["layers"], spec)]
+    return [
+        {
+            "name": layer["name"].replace("encoder.layer.", "L").replace("attention.", "attn."),
+            "nmi": nmi,
+            "load_by_task": layer["load_by_task"],
+        }
+        for layer, nmi in zip(report["layers"], spec)
+    ]
 
 
 class Runner:
@@ -176,9 +231,11 @@ class Runner:
         head = f"seed {job.seed} {job.method:<14} lr {r.lr:g}"
         if job.mixture != "multi":
             return f"{head} single-task {job.mixture:<10} test {100 * r.test_mean:5.1f}  train {r.train_seconds:.0f}s"
-        return (f"{head} test mean {100 * r.test_mean:5.1f}  "
-                + " ".join(f"{t} {100 * a:5.1f}" for t, a in r.test.items())
-                + f"  val {100 * r.val_mean:5.1f}  loss {r.final_loss:.3f}  train {r.train_seconds:.0f}s")
+        return (
+            f"{head} test mean {100 * r.test_mean:5.1f}  "
+            + " ".join(f"{t} {100 * a:5.1f}" for t, a in r.test.items())
+            + f"  val {100 * r.val_mean:5.1f}  loss {r.final_loss:.3f}  train {r.train_seconds:.0f}s"
+        )
 
     def run(self, jobs: list[Job]) -> list:
         """RunResults of ``jobs``, in job order."""
@@ -190,8 +247,7 @@ class Runner:
             return results
         results = [None] * len(jobs)
         # Longest jobs first, so that no worker idles at the end; results stay in job order.
-        order = sorted(range(len(jobs)),
-                       key=lambda i: -JOB_COST.get(jobs[i].method, 1) * (jobs[i].mixture == "multi"))
+        order = sorted(range(len(jobs)), key=lambda i: -JOB_COST.get(jobs[i].method, 1) * (jobs[i].mixture == "multi"))
         futures = {self.pool.submit(run_job, jobs[i], *self.args): i for i in order}
         for fut in as_completed(futures):
             i = futures[fut]
@@ -225,8 +281,10 @@ def experiment(args: argparse.Namespace, log=print) -> dict:
     for name, n in counts.items():
         log(f"  {name:<14} {n:>9,}")
     parity = check_parity(counts)  # raises when an adapter method is more than 5% off PEFT LoRA
-    log("parity: every adapter method within 5% of PEFT LoRA: "
-        + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in parity.items()))
+    log(
+        "parity: every adapter method within 5% of PEFT LoRA: "
+        + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in parity.items())
+    )
 
     timing = {}
     rounds = args.timing_rounds if args.timing_rounds is not None else QUICK["timing_rounds"] if args.quick else 5
@@ -235,9 +293,13 @@ def experiment(args: argparse.Namespace, log=print) -> dict:
         train_mix = [e for t in tasks for e in suite["train"][t]]
         batch = collate(zoo.load_tokenizer("minilm"), batches(train_mix, ts.batch_size, 1, 0)[0], ts.max_length)
         timing = step_times({n: m for n, m in models.items() if n in methods}, batch, rounds)
-        log("step time (alternated, median): " + ", ".join(
-            f"{n} {t['ms']:.0f} ms" + (f" ({t['vs_lora']:.2f}x LoRA)" if "vs_lora" in t else "")
-            for n, t in timing.items()))
+        log(
+            "step time (alternated, median): "
+            + ", ".join(
+                f"{n} {t['ms']:.0f} ms" + (f" ({t['vs_lora']:.2f}x LoRA)" if "vs_lora" in t else "")
+                for n, t in timing.items()
+            )
+        )
     del models
     features = None
     if "head" in methods:  # frozen-encoder features of every sentence, once, shared by the head-only runs
@@ -250,35 +312,56 @@ def experiment(args: argparse.Namespace, log=print) -> dict:
         # Phase 1: every method at every grid learning rate on the first seed; each keeps its best on validation.
         first = runner.run([Job(m, seeds[0], lr=lr) for m in methods for lr in ts.lr_grid])
         chosen = pick_lr(first, methods)
-        log(f"learning rate per method (best validation mean on seed {seeds[0]}): "
-            + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()))
+        log(
+            f"learning rate per method (best validation mean on seed {seeds[0]}): "
+            + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items())
+        )
         # Phase 2: the other seeds, and the single-task runs, at each method's learning rate.
         jobs = [Job(m, s, lr=chosen[m]) for s in seeds[1:] for m in methods]
         if not args.no_single_task:
-            jobs += [Job(m, s, t, single_steps, lr=chosen[m]) for s in seeds for m in SINGLE_TASK_METHODS
-                     if m in methods for t in tasks]
+            jobs += [
+                Job(m, s, t, single_steps, lr=chosen[m])
+                for s in seeds
+                for m in SINGLE_TASK_METHODS
+                if m in methods
+                for t in tasks
+            ]
         rest = runner.run(jobs)
     done = [*first, *rest]
     selected = [r.mixture != "multi" or r.lr == chosen[r.method] for r in done]
     all_runs = [run_dict(r, sel) for r, sel in zip(done, selected)]
     results = [d for d in all_runs if d["selected"]]
-    reports = {(r.method, r.seed): r.routing for r, sel in zip(done, selected)
-               if sel and r.routing is not None and r.mixture == "multi"}
+    reports = {
+        (r.method, r.seed): r.routing
+        for r, sel in zip(done, selected)
+        if sel and r.routing is not None and r.mixture == "multi"
+    }
 
     res = {
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]]),
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "out": str(out),
-        "settings": {"suite": asdict(spec), "train": asdict(ts), "seeds": seeds, "methods": methods,
-                     "tasks": tasks, "threads": args.threads, "jobs": args.jobs, "single_steps": single_steps,
-                     "quick": args.quick},
+        "settings": {
+            "suite": asdict(spec),
+            "train": asdict(ts),
+            "seeds": seeds,
+            "methods": methods,
+            "tasks": tasks,
+            "threads": args.threads,
+            "jobs": args.jobs,
+            "single_steps": single_steps,
+            "quick": args.quick,
+        },
         "label_space": list(LABELS),
         "labels": {m.name: m.label for m in METHODS},
         "parameters": counts,
         "parity": parity,
         "lr_chosen": chosen,
-        "lr_selection": [{k: d[k] for k in ("method", "seed", "lr", "val_mean", "test_mean", "selected")}
-                         for d in all_runs if d["mixture"] == "multi" and d["seed"] == seeds[0]],
+        "lr_selection": [
+            {k: d[k] for k in ("method", "seed", "lr", "val_mean", "test_mean", "selected")}
+            for d in all_runs
+            if d["mixture"] == "multi" and d["seed"] == seeds[0]
+        ],
         "runs": all_runs,
         "summary": summarize_runs(results, tasks),
         "single_vs_multi": single_vs_multi(results, tasks),
@@ -289,14 +372,24 @@ def experiment(args: argparse.Namespace, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # The analysed run: best validation mean among sparse-routed MoE-LoRA runs (a dense soft router sends every
     # token to every expert, so its load by task is uniform by construction and cannot show specialisation).
-    moe_runs = [r for r in results if r["mixture"] == "multi" and (r["method"], r["seed"]) in reports
-                and r.get("specialisation", {}).get("mean") is not None]
+    moe_runs = [
+        r
+        for r in results
+        if r["mixture"] == "multi"
+        and (r["method"], r["seed"]) in reports
+        and r.get("specialisation", {}).get("mean") is not None
+    ]
     if moe_runs:
         best = max(moe_runs, key=lambda r: r["val_mean"])
         report = reports[(best["method"], best["seed"])]
         write_report_dir(report, out / "analysis", plots=args.plots == "all")
-        res["analysis"] = {"method": best["method"], "seed": best["seed"], "val_mean": best["val_mean"],
-                           "depth_profile": specialisation(report)["by_depth"], "layers": analysis_rows(report)}
+        res["analysis"] = {
+            "method": best["method"],
+            "seed": best["seed"],
+            "val_mean": best["val_mean"],
+            "depth_profile": specialisation(report)["by_depth"],
+            "layers": analysis_rows(report),
+        }
     res["wall_seconds"] = time.perf_counter() - t_start
     write_outputs(res, out, plots=args.plots != "none")
     log(f"wrote {out}/RESULTS.md, results.json; wall time {res['wall_seconds'] / 60:.1f} min")

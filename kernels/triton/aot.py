@@ -125,8 +125,19 @@ class Job:
 
     def key(self) -> tuple:
         # R = r itself is a runtime int: the compiled code differs only in whether it is a multiple of 16.
-        return (self.kernel, self.dtype, self.capability, self.block_m, self.block_r, self.block_k, self.block_n,
-                self.num_warps, self.num_stages, self.variant, self.ranks[0] % 16 == 0)
+        return (
+            self.kernel,
+            self.dtype,
+            self.capability,
+            self.block_m,
+            self.block_r,
+            self.block_k,
+            self.block_n,
+            self.num_warps,
+            self.num_stages,
+            self.variant,
+            self.ranks[0] % 16 == 0,
+        )
 
 
 #: det: deterministic (per-slot outputs), d = 4096; atomic: fp32 atomic outputs; split: N_SPLIT = 4 (batches with
@@ -139,8 +150,9 @@ def heuristic_configs(rank: int, num_sms: int, dim: int = MODEL_DIM, element_siz
     size on a GPU with ``num_sms`` SMs."""
     seen: dict[tuple, TileConfig] = {}
     for rows in _ROWS_PER_EXPERT:
-        cfg = choose_tile_config(rows * _NUM_EXPERTS, _NUM_EXPERTS, rank, dim, dim, num_sms=num_sms,
-                                 element_size=element_size)
+        cfg = choose_tile_config(
+            rows * _NUM_EXPERTS, _NUM_EXPERTS, rank, dim, dim, num_sms=num_sms, element_size=element_size
+        )
         # The split counts depend on the tile count against the SMs, not on these rows: every config can be split
         # (the "split" variant compiles each with N_SPLIT > 1), so they are left out of the key.
         key = (*cfg.as_list()[:6], cfg.num_warps, cfg.num_stages)
@@ -152,22 +164,36 @@ def _heuristic_jobs(kernel: str, cfg: TileConfig, base: dict, variant: str) -> l
     if kernel == "backward_weights":
         if variant in ("atomic", "split"):  # the weight kernel has neither
             return []
-        return [Job(**base, source="heuristic", block_m=0, block_k=cfg.block_mw, block_n=cfg.block_w,
-                    variant=variant)]
-    return [Job(**base, source="heuristic", block_m=cfg.block_m, block_k=cfg.block_k, block_n=cfg.block_n,
-                variant=variant)]
+        return [Job(**base, source="heuristic", block_m=0, block_k=cfg.block_mw, block_n=cfg.block_w, variant=variant)]
+    return [
+        Job(**base, source="heuristic", block_m=cfg.block_m, block_k=cfg.block_k, block_n=cfg.block_n, variant=variant)
+    ]
 
 
 def _autotune_jobs(kernel: str, cfg: TileConfig, base: dict, tiles: str) -> list[Job]:
     out = []
     if kernel == "backward_weights":
         for c in autotune_space_weights(cfg.block_r, tiles):
-            out.append(Job(**{**base, "num_warps": c["num_warps"], "num_stages": c["num_stages"]},
-                           source="autotune", block_m=0, block_k=c["BLOCK_MW"], block_n=c["BLOCK_W"]))
+            out.append(
+                Job(
+                    **{**base, "num_warps": c["num_warps"], "num_stages": c["num_stages"]},
+                    source="autotune",
+                    block_m=0,
+                    block_k=c["BLOCK_MW"],
+                    block_n=c["BLOCK_W"],
+                )
+            )
     else:
         for c in autotune_space_slots(cfg.block_r, cfg.block_m, tiles):
-            out.append(Job(**{**base, "num_warps": c["num_warps"], "num_stages": c["num_stages"]},
-                           source="autotune", block_m=cfg.block_m, block_k=c["BLOCK_K"], block_n=c["BLOCK_N"]))
+            out.append(
+                Job(
+                    **{**base, "num_warps": c["num_warps"], "num_stages": c["num_stages"]},
+                    source="autotune",
+                    block_m=cfg.block_m,
+                    block_k=c["BLOCK_K"],
+                    block_n=c["BLOCK_N"],
+                )
+            )
     return out
 
 
@@ -193,8 +219,15 @@ def enumerate_jobs(
                     dim = ODD_DIM if variant == "odd_d" else MODEL_DIM
                     for cfg in heuristic_configs(rank, ARCHS[cap].sms, dim, element_size):
                         for kernel in kernels:
-                            base = dict(kernel=kernel, dtype=dtype, capability=cap, ranks=(rank,),
-                                        block_r=cfg.block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                            base = dict(
+                                kernel=kernel,
+                                dtype=dtype,
+                                capability=cap,
+                                ranks=(rank,),
+                                block_r=cfg.block_r,
+                                num_warps=cfg.num_warps,
+                                num_stages=cfg.num_stages,
+                            )
                             new = _heuristic_jobs(kernel, cfg, base, variant)
                             if autotune and variant == "det":
                                 new += _autotune_jobs(kernel, cfg, base, tile_class(dim, dim, element_size))
@@ -204,25 +237,53 @@ def enumerate_jobs(
                                     jobs[job.key()] = job
                                 elif rank not in old.ranks:
                                     jobs[job.key()] = Job(**{**old.__dict__, "ranks": (*old.ranks, rank)})
-    return sorted(jobs.values(), key=lambda j: (KERNELS.index(j.kernel), DTYPES.index(j.dtype), -j.capability,
-                                                j.source != "heuristic", VARIANTS.index(j.variant), j.block_r,
-                                                j.ranks[0] % 16 == 0, j.block_m, j.block_k, j.block_n, j.num_warps,
-                                                j.num_stages))
+    return sorted(
+        jobs.values(),
+        key=lambda j: (
+            KERNELS.index(j.kernel),
+            DTYPES.index(j.dtype),
+            -j.capability,
+            j.source != "heuristic",
+            VARIANTS.index(j.variant),
+            j.block_r,
+            j.ranks[0] % 16 == 0,
+            j.block_m,
+            j.block_k,
+            j.block_n,
+            j.num_warps,
+            j.num_stages,
+        ),
+    )
 
 
-def representative_jobs(*, capabilities=(90, 80), rank: int = 16, rows_per_expert: int = 512,
-                        kernels=KERNELS, dtypes=DTYPES) -> list[Job]:
+def representative_jobs(
+    *, capabilities=(90, 80), rank: int = 16, rows_per_expert: int = 512, kernels=KERNELS, dtypes=DTYPES
+) -> list[Job]:
     """One compilation per kernel x dtype x architecture: the config ``choose_tile_config`` picks for one
     prefill-like launch (E = 8 experts with ``rows_per_expert`` slots each, d_in = d_out = 4096, rank r) on that
     architecture's SM count. The cheap subset of ``enumerate_jobs`` (the default test run compiles it)."""
     jobs = []
     for cap in capabilities:
         for dtype in dtypes:
-            cfg = choose_tile_config(rows_per_expert * _NUM_EXPERTS, _NUM_EXPERTS, rank, MODEL_DIM, MODEL_DIM,
-                                     num_sms=ARCHS[cap].sms, element_size=4 if dtype == "fp32" else 2)
+            cfg = choose_tile_config(
+                rows_per_expert * _NUM_EXPERTS,
+                _NUM_EXPERTS,
+                rank,
+                MODEL_DIM,
+                MODEL_DIM,
+                num_sms=ARCHS[cap].sms,
+                element_size=4 if dtype == "fp32" else 2,
+            )
             for kernel in kernels:
-                base = dict(kernel=kernel, dtype=dtype, capability=cap, ranks=(rank,), block_r=cfg.block_r,
-                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                base = dict(
+                    kernel=kernel,
+                    dtype=dtype,
+                    capability=cap,
+                    ranks=(rank,),
+                    block_r=cfg.block_r,
+                    num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages,
+                )
                 jobs += _heuristic_jobs(kernel, cfg, base, "det")
     return jobs
 
@@ -231,13 +292,43 @@ def representative_jobs(*, capabilities=(90, 80), rank: int = 16, rows_per_exper
 
 # Pointer roles: "in" = the input dtype (x, A, B, g and the outputs in it), "f32", "i32" (sorted order, tile map).
 _POINTERS = {
-    "forward": {"x_ptr": "in", "a_ptr": "in", "b_ptr": "in", "w_ptr": "f32", "order_ptr": "i32", "ends_ptr": "i32",
-                "tile_expert_ptr": "i32", "tile_start_ptr": "i32", "out_ptr": "out", "h_ptr": "f32"},
-    "backward_slots": {"g_ptr": "in", "a_ptr": "in", "b_ptr": "in", "w_ptr": "f32", "h_ptr": "f32",
-                       "order_ptr": "i32", "ends_ptr": "i32", "tile_expert_ptr": "i32", "tile_start_ptr": "i32",
-                       "dw_ptr": "f32", "dh_ptr": "f32", "dx_ptr": "out"},
-    "backward_weights": {"x_ptr": "in", "g_ptr": "in", "w_ptr": "f32", "h_ptr": "f32", "dh_ptr": "f32",
-                         "order_ptr": "i32", "ends_ptr": "i32", "da_ptr": "in", "db_ptr": "in"},
+    "forward": {
+        "x_ptr": "in",
+        "a_ptr": "in",
+        "b_ptr": "in",
+        "w_ptr": "f32",
+        "order_ptr": "i32",
+        "ends_ptr": "i32",
+        "tile_expert_ptr": "i32",
+        "tile_start_ptr": "i32",
+        "out_ptr": "out",
+        "h_ptr": "f32",
+    },
+    "backward_slots": {
+        "g_ptr": "in",
+        "a_ptr": "in",
+        "b_ptr": "in",
+        "w_ptr": "f32",
+        "h_ptr": "f32",
+        "order_ptr": "i32",
+        "ends_ptr": "i32",
+        "tile_expert_ptr": "i32",
+        "tile_start_ptr": "i32",
+        "dw_ptr": "f32",
+        "dh_ptr": "f32",
+        "dx_ptr": "out",
+    },
+    "backward_weights": {
+        "x_ptr": "in",
+        "g_ptr": "in",
+        "w_ptr": "f32",
+        "h_ptr": "f32",
+        "dh_ptr": "f32",
+        "order_ptr": "i32",
+        "ends_ptr": "i32",
+        "da_ptr": "in",
+        "db_ptr": "in",
+    },
 }
 
 
@@ -296,13 +387,21 @@ def build_source(job: Job):
     rank = job.ranks[0]
     atomic = job.variant == "atomic"
     type_of = {"in": job.dtype, "f32": "fp32", "i32": "i32", "out": "fp32" if atomic else job.dtype}
-    constexprs: dict[str, object] = {"TOP_K": 2, "BLOCK_R": job.block_r,
-                                     "DOT_PRECISION": _dot_precision(_TORCH_DTYPE[job.dtype])}
+    constexprs: dict[str, object] = {
+        "TOP_K": 2,
+        "BLOCK_R": job.block_r,
+        "DOT_PRECISION": _dot_precision(_TORCH_DTYPE[job.dtype]),
+    }
     if job.kernel == "backward_weights":
         constexprs.update(BLOCK_MW=job.block_k, BLOCK_W=job.block_n, COMPUTE_DA=True, COMPUTE_DB=True)
     else:
-        constexprs.update(BLOCK_M=job.block_m, BLOCK_K=job.block_k, BLOCK_N=job.block_n, ATOMIC=atomic,
-                          N_SPLIT=4 if job.variant == "split" else 1)
+        constexprs.update(
+            BLOCK_M=job.block_m,
+            BLOCK_K=job.block_k,
+            BLOCK_N=job.block_n,
+            ATOMIC=atomic,
+            N_SPLIT=4 if job.variant == "split" else 1,
+        )
         constexprs.update({"SAVE_H": True} if job.kernel == "forward" else {"COMPUTE_DX": True})
     ints = _int_args(rank, ODD_DIM if job.variant == "odd_d" else MODEL_DIM)
     signature: dict[str, str] = {}
@@ -335,8 +434,9 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(cuobjdump_path()), "--dump-resource-usage", f.name], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            [str(cuobjdump_path()), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     match = _RESOURCE_RE.search(out)
     if match is None:
         raise RuntimeError(f"cuobjdump printed no resource line:\n{out}")
@@ -350,22 +450,39 @@ def compile_job(job: Job) -> dict:
     from triton import knobs
     from triton.backends.compiler import GPUTarget
 
-    row: dict = {"kernel": job.kernel, "dtype": job.dtype, "arch": ARCHS[job.capability].name,
-                 "source": job.source, "variant": job.variant, "ranks": list(job.ranks), "tiles": job.tiles,
-                 "block_m": job.block_m, "block_r": job.block_r, "block_k": job.block_k, "block_n": job.block_n,
-                 "num_warps": job.num_warps, "num_stages": job.num_stages}
+    row: dict = {
+        "kernel": job.kernel,
+        "dtype": job.dtype,
+        "arch": ARCHS[job.capability].name,
+        "source": job.source,
+        "variant": job.variant,
+        "ranks": list(job.ranks),
+        "tiles": job.tiles,
+        "block_m": job.block_m,
+        "block_r": job.block_r,
+        "block_k": job.block_k,
+        "block_n": job.block_n,
+        "num_warps": job.num_warps,
+        "num_stages": job.num_stages,
+    }
     start = time.perf_counter()
     log = io.StringIO()
     try:
         with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
             knobs.compilation.always_compile = True  # a fresh ptxas run, so that its -v log can be read
             knobs.nvidia.dump_ptxas_log = True
-            compiled = triton.compile(build_source(job), target=GPUTarget("cuda", job.capability, 32),
-                                      options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+            compiled = triton.compile(
+                build_source(job),
+                target=GPUTarget("cuda", job.capability, 32),
+                options={"num_warps": job.num_warps, "num_stages": job.num_stages},
+            )
         usage = resource_usage(compiled.asm["cubin"])
     except Exception as exc:  # report every failing config, not only the first
-        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[:2000]}",
-                   compile_s=round(time.perf_counter() - start, 2))
+        row.update(
+            ok=False,
+            error=f"{type(exc).__name__}: {str(exc).strip()[:2000]}",
+            compile_s=round(time.perf_counter() - start, 2),
+        )
         return row
     spills = _SPILL_RE.findall(log.getvalue())
     dynamic = int(compiled.metadata.shared)

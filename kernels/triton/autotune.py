@@ -35,6 +35,7 @@ def weight_kernel_configs() -> list[triton.Config]:
 
 def _launch_tiles(named_args, kwargs) -> tuple[int, int, str]:
     """(BLOCK_R, BLOCK_M, tile_class) of the launch being tuned (its first tensor argument gives the dtype)."""
+
     def get(name, default):
         return kwargs.get(name, named_args.get(name, default))
 

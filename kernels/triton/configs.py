@@ -141,8 +141,10 @@ def choose_tile_config(
     block_mw = 64 if rows_per_expert >= 64 and element_size < 4 else 32
     block_w = 64 if element_size < 4 else 32
     num_warps = 4
-    while not (slot_tiles_fit(block_m, block_r, block_k, block_n, num_warps, tiles)
-               and weight_tiles_fit(block_mw, block_w, block_r, num_warps, tiles)):
+    while not (
+        slot_tiles_fit(block_m, block_r, block_k, block_n, num_warps, tiles)
+        and weight_tiles_fit(block_mw, block_w, block_r, num_warps, tiles)
+    ):
         if num_warps < 8:
             num_warps = 8
         elif block_m > 16:
@@ -204,8 +206,11 @@ def slot_tiles_fit(block_m: int, block_r: int, block_k: int, block_n: int, num_w
     threads = 32 * num_warps
     operand_elements, accumulator_elements = block_m * max(block_k, block_n), block_m * block_r
     total = SLOT_TILE_TOTAL_LIMITS.get(tiles, operand + accumulator)
-    return (operand_elements <= operand * threads and accumulator_elements <= accumulator * threads
-            and operand_elements + accumulator_elements <= total * threads)
+    return (
+        operand_elements <= operand * threads
+        and accumulator_elements <= accumulator * threads
+        and operand_elements + accumulator_elements <= total * threads
+    )
 
 
 def weight_tiles_fit(block_mw: int, block_w: int, block_r: int, num_warps: int, tiles: str) -> bool:
@@ -227,8 +232,9 @@ def autotune_space_slots(block_r: int, block_m: int = 64, tiles: str = "tensor_c
             continue
         for num_warps, num_stages in ((4, 2), (4, 3), (8, 3)):
             if slot_tiles_fit(block_m, block_r, block_k, block_n, num_warps, tiles):
-                space.append({"BLOCK_K": block_k, "BLOCK_N": block_n, "num_warps": num_warps,
-                              "num_stages": num_stages})
+                space.append(
+                    {"BLOCK_K": block_k, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+                )
     return space
 
 
@@ -241,6 +247,7 @@ def autotune_space_weights(block_r: int, tiles: str = "tensor_core") -> list[dic
             continue
         for num_warps, num_stages in ((4, 2), (4, 3), (8, 3)):
             if weight_tiles_fit(block_mw, block_w, block_r, num_warps, tiles):
-                space.append({"BLOCK_MW": block_mw, "BLOCK_W": block_w, "num_warps": num_warps,
-                              "num_stages": num_stages})
+                space.append(
+                    {"BLOCK_MW": block_mw, "BLOCK_W": block_w, "num_warps": num_warps, "num_stages": num_stages}
+                )
     return space

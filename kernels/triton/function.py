@@ -196,8 +196,9 @@ def lora_experts_triton(
     E, R, D = lora_A_ERD.shape
     O = lora_B_EOR.shape[1]
     if tile_config is None:
-        tile_config = choose_tile_config(T * K, E, R, D, O, num_sms=_num_sms(x_TD.device),
-                                         element_size=x_TD.element_size())
+        tile_config = choose_tile_config(
+            T * K, E, R, D, O, num_sms=_num_sms(x_TD.device), element_size=x_TD.element_size()
+        )
     elif tile_config.block_r < R:
         raise ValueError(f"tile_config.block_r={tile_config.block_r} < rank {R}")
     return LoRAExpertsTritonFunction.apply(

@@ -44,8 +44,15 @@ class RouterMonitor:
         prefix: tag prefix of the scalars (``{prefix}/{layer}/{metric}``).
     """
 
-    def __init__(self, model: nn.Module, *, log_every: int = 50, collapse_threshold: float = 0.9,
-                 collapse_patience: int = 3, prefix: str = "router"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        log_every: int = 50,
+        collapse_threshold: float = 0.9,
+        collapse_patience: int = 3,
+        prefix: str = "router",
+    ):
         if not (isinstance(log_every, int) and log_every >= 1):
             raise ValueError(f"log_every: {log_every!r} must be an int >= 1")
         if not 0.0 < collapse_threshold <= 1.0:
@@ -95,8 +102,9 @@ class RouterMonitor:
             out[f"{p}/{name}/token_entropy_norm"] = float(m["token_entropy_norm"])
             out[f"{p}/{name}/active_experts"] = float(m["mean_active_experts"])
             # one expert (plain LoRA as the E=1 case) takes everything by construction: not a collapse
-            is_collapsed = len(m["load"]) > 1 and (max(m["weighted_load"]) > self.collapse_threshold
-                                                   or bool(m["dead_experts"]))
+            is_collapsed = len(m["load"]) > 1 and (
+                max(m["weighted_load"]) > self.collapse_threshold or bool(m["dead_experts"])
+            )
             collapsed += is_collapsed
             self._track(name, m, is_collapsed, step_idx)
         cvs = [float(m["cv"]) for m in metrics.values()]
@@ -121,12 +129,15 @@ class RouterMonitor:
 
     def histograms(self) -> dict[str, torch.Tensor]:
         """{``{prefix}/{layer}/load``: [E] fp32 CPU tensor of f_e} of the last check ({} before the first)."""
-        return {f"{self.prefix}/{name}/load": torch.tensor(m["load"], dtype=torch.float32)
-                for name, m in self.last_metrics.items()}
+        return {
+            f"{self.prefix}/{name}/load": torch.tensor(m["load"], dtype=torch.float32)
+            for name, m in self.last_metrics.items()
+        }
 
 
-def write_tensorboard(writer, step: int, scalars: dict[str, float], histograms: dict[str, torch.Tensor] | None = None
-                      ) -> None:
+def write_tensorboard(
+    writer, step: int, scalars: dict[str, float], histograms: dict[str, torch.Tensor] | None = None
+) -> None:
     """Log ``scalars`` and per-expert load ``histograms`` to a torch.utils.tensorboard.SummaryWriter.
 
     A load vector f [E] is written as a raw histogram with one bucket per expert (bucket e spans (e - 1/2,
@@ -140,7 +151,13 @@ def write_tensorboard(writer, step: int, scalars: dict[str, float], histograms: 
         ids = torch.arange(E, dtype=torch.float64)
         total = float(f.sum())
         writer.add_histogram_raw(
-            tag, min=0.0, max=float(E - 1), num=total, sum=float((ids * f).sum()),
-            sum_squares=float((ids * ids * f).sum()), bucket_limits=[e + 0.5 for e in range(E)],
-            bucket_counts=f.tolist(), global_step=step,
+            tag,
+            min=0.0,
+            max=float(E - 1),
+            num=total,
+            sum=float((ids * f).sum()),
+            sum_squares=float((ids * ids * f).sum()),
+            bucket_limits=[e + 0.5 for e in range(E)],
+            bucket_counts=f.tolist(),
+            global_step=step,
         )

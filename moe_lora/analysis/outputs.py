@@ -16,8 +16,14 @@ from ..atomic_dir import commit_dir, new_temp_dir, publish_modes, recover
 from ..paths import dangerous_output_dir, symlinks_in, unwritable_reason
 
 #: The files of a report directory (plots.write_plots writes the PNGs, page.write_index the page).
-REPORT_FILES = ("report.json", "index.html", "load_heatmap.png", "cv_entropy.png", "coactivation.png",
-                "load_by_task.png")
+REPORT_FILES = (
+    "report.json",
+    "index.html",
+    "load_heatmap.png",
+    "cv_entropy.png",
+    "coactivation.png",
+    "load_by_task.png",
+)
 
 
 def report_dir_problem(out_dir: str | Path, flag: str = "out_dir") -> str | None:
@@ -29,19 +35,25 @@ def report_dir_problem(out_dir: str | Path, flag: str = "out_dir") -> str | None
     if why:
         return f"{flag}: {why}"
     if out_dir.is_symlink():
-        return (f"{flag}: {str(out_dir)!r} is a symbolic link (to {out_dir.readlink()}); the report directory is "
-                "replaced as a whole, give the real directory")
+        return (
+            f"{flag}: {str(out_dir)!r} is a symbolic link (to {out_dir.readlink()}); the report directory is "
+            "replaced as a whole, give the real directory"
+        )
     if not out_dir.is_dir():
         return None
     links = symlinks_in(out_dir)
     if links:
-        return (f"{flag}: {str(out_dir)!r} holds symbolic links ({', '.join(links[:5])}); a report never writes "
-                "through a link (it could overwrite files outside the directory): remove them or use another "
-                "directory")
+        return (
+            f"{flag}: {str(out_dir)!r} holds symbolic links ({', '.join(links[:5])}); a report never writes "
+            "through a link (it could overwrite files outside the directory): remove them or use another "
+            "directory"
+        )
     foreign = sorted(c.name for c in out_dir.iterdir() if c.name not in REPORT_FILES)
     if foreign:
-        return (f"{flag}: {str(out_dir)!r} holds files that are not part of a report ({', '.join(foreign[:5])}); "
-                "write the report to a new or empty directory")
+        return (
+            f"{flag}: {str(out_dir)!r} holds files that are not part of a report ({', '.join(foreign[:5])}); "
+            "write the report to a new or empty directory"
+        )
     return None
 
 
@@ -71,5 +83,8 @@ def write_report_dir(report: dict, out_dir: str | Path, *, plots: bool = True) -
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"report": out_dir / "report.json", "index": out_dir / "index.html",
-            **{k: out_dir / v for k, v in files.items()}}
+    return {
+        "report": out_dir / "report.json",
+        "index": out_dir / "index.html",
+        **{k: out_dir / v for k, v in files.items()},
+    }

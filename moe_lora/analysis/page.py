@@ -43,9 +43,9 @@ window.addEventListener("load", function () {
 CAPTIONS = {
     "load_heatmap": "Load fraction f_e of each expert per layer (sums to 1 per row; uniform = 1/E).",
     "cv_entropy": "Per-layer coefficient of variation of the load (0 = balanced, sqrt(E/k - 1) = every token goes "
-                  "to the same k experts) and routing entropies normalised by log E.",
+    "to the same k experts) and routing entropies normalised by log E.",
     "coactivation": "Co-activation per layer: share of tokens routed to both expert i and expert j "
-                    "(diagonal: share of tokens routed to i).",
+    "(diagonal: share of tokens routed to i).",
     "load_by_task": "Load per expert and layer, separately for each task / domain label of the data.",
     "compare": "Two runs side by side: CV and normalised entropies per layer.",
 }
@@ -76,45 +76,99 @@ def render_index(report: dict, plots: dict[str, str], title: str = "MoE-LoRA rou
     """The HTML text of the page (``plots``: {plot key: file name relative to the page})."""
     s = report["summary"]
     meta = [
-        ["model", report["model"]], ["adapter", report["adapter"]], ["data", report["data"]],
-        ["sequences", report["num_sequences"]], ["real tokens", report["num_tokens"]],
-        ["labels", report["labels"]], ["schema version", report["schema_version"]],
+        ["model", report["model"]],
+        ["adapter", report["adapter"]],
+        ["data", report["data"]],
+        ["sequences", report["num_sequences"]],
+        ["real tokens", report["num_tokens"]],
+        ["labels", report["labels"]],
+        ["schema version", report["schema_version"]],
         ["created by", report["created_by"]],
     ]
-    summary = [[k, s[k]] for k in ("num_layers", "mean_cv", "max_cv", "max_cv_layer", "mean_max_over_mean",
-                                   "total_dead_experts", "layers_with_dead_experts", "mean_entropy_mean_dist_norm",
-                                   "mean_token_entropy_norm", "mean_active_experts", "layers_without_tokens")]
-    headers = ["layer", "E", "k", "router", "tokens", "CV", "max/mean", "dead experts", "H(mean p)/logE", "H(p)/logE",
-               "chosen w", "active"]
+    summary = [
+        [k, s[k]]
+        for k in (
+            "num_layers",
+            "mean_cv",
+            "max_cv",
+            "max_cv_layer",
+            "mean_max_over_mean",
+            "total_dead_experts",
+            "layers_with_dead_experts",
+            "mean_entropy_mean_dist_norm",
+            "mean_token_entropy_norm",
+            "mean_active_experts",
+            "layers_without_tokens",
+        )
+    ]
+    headers = [
+        "layer",
+        "E",
+        "k",
+        "router",
+        "tokens",
+        "CV",
+        "max/mean",
+        "dead experts",
+        "H(mean p)/logE",
+        "H(p)/logE",
+        "chosen w",
+        "active",
+    ]
     rows, warn = [], set()
     for i, layer in enumerate(report["layers"]):
-        rows.append([layer["name"], layer["num_experts"], layer["top_k"], layer["router"], layer["num_tokens"],
-                     layer["cv"], layer["max_over_mean"], layer["dead_experts"], layer["entropy_mean_dist_norm"],
-                     layer["token_entropy_norm"], layer["mean_chosen_weight"], layer["mean_active_experts"]])
+        rows.append(
+            [
+                layer["name"],
+                layer["num_experts"],
+                layer["top_k"],
+                layer["router"],
+                layer["num_tokens"],
+                layer["cv"],
+                layer["max_over_mean"],
+                layer["dead_experts"],
+                layer["entropy_mean_dist_norm"],
+                layer["token_entropy_norm"],
+                layer["mean_chosen_weight"],
+                layer["mean_active_experts"],
+            ]
+        )
         if layer["dead_experts"]:
             warn.add(i)
     figures = []
     for key, fname in plots.items():
         caption = html.escape(CAPTIONS.get(key, key))
         src = html.escape(fname, quote=True)
-        figures.append(f'<figure id="{html.escape(key, quote=True)}"><img src="{src}" alt="{caption}">'
-                       f"<figcaption>{caption}</figcaption></figure>")
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-        f"<h1>{html.escape(title)}</h1>",
-        _table(["", ""], meta),
-        "<h2>Summary</h2>",
-        _table(["metric", "value"], summary),
-        "<h2>Layers</h2>",
-        "<p>Rows with dead experts are highlighted. Definitions: <code>SCHEMA.md</code> of "
-        "<code>moe_lora.analysis</code>; raw numbers: <a href=\"report.json\">report.json</a>.</p>",
-        _table(headers, rows, warn_rows=warn),
-        "<h2>Plots</h2>",
-        *figures,
-        f"<script>{_SCRIPT}</script>",
-        "</body>", "</html>", "",
-    ])
+        figures.append(
+            f'<figure id="{html.escape(key, quote=True)}"><img src="{src}" alt="{caption}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            f"<title>{html.escape(title)}</title>",
+            f"<style>{_CSS}</style>",
+            "</head>",
+            "<body>",
+            f"<h1>{html.escape(title)}</h1>",
+            _table(["", ""], meta),
+            "<h2>Summary</h2>",
+            _table(["metric", "value"], summary),
+            "<h2>Layers</h2>",
+            "<p>Rows with dead experts are highlighted. Definitions: <code>SCHEMA.md</code> of "
+            '<code>moe_lora.analysis</code>; raw numbers: <a href="report.json">report.json</a>.</p>',
+            _table(headers, rows, warn_rows=warn),
+            "<h2>Plots</h2>",
+            *figures,
+            f"<script>{_SCRIPT}</script>",
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
 
 
 def write_index(report: dict, plots: dict[str, str], out_dir: Path) -> Path:

@@ -91,8 +91,13 @@ def _heatmap(ax, M: np.ndarray, ylabels: list[str], title: str, fig: Figure, vma
 def plot_load_heatmap(layers: list[dict], path: Path) -> None:
     M = _load_matrix(layers)
     fig = _figure(max(6.0, 0.35 * M.shape[1] + 3), max(3.0, 0.22 * len(layers) + 1.5))
-    _heatmap(fig.add_subplot(), M, short_names([x["name"] for x in layers]),
-             "Expert load f_e per layer (uniform = 1/E)", fig)
+    _heatmap(
+        fig.add_subplot(),
+        M,
+        short_names([x["name"] for x in layers]),
+        "Expert load f_e per layer (uniform = 1/E)",
+        fig,
+    )
     _save(fig, path)
 
 
@@ -102,14 +107,22 @@ def plot_cv_entropy(layers: list[dict], path: Path) -> None:
     fig = _figure(max(7.0, 0.28 * len(layers) + 3), 6.0)
     ax_cv, ax_h = fig.subplots(2, 1, sharex=True)
     ax_cv.plot(x, [layer["cv"] for layer in layers], marker="o", label="CV of load")
-    ax_cv.plot(x, [collapse_cv(layer["num_experts"], layer["top_k"]) for layer in layers], ls=":", color="grey",
-               label="collapse (every token on the same k experts): sqrt(E/k - 1)")
+    ax_cv.plot(
+        x,
+        [collapse_cv(layer["num_experts"], layer["top_k"]) for layer in layers],
+        ls=":",
+        color="grey",
+        label="collapse (every token on the same k experts): sqrt(E/k - 1)",
+    )
     ax_cv.set_ylabel("CV = std(f) / mean(f)")
     ax_cv.set_ylim(bottom=0)
     ax_cv.legend(fontsize=8)
     ax_cv.set_title("Load imbalance and routing entropy per layer", fontsize=10)
-    for key, label in (("entropy_mean_dist_norm", "H(mean p) / log E"), ("token_entropy_norm", "mean H(p) / log E"),
-                       ("load_entropy_norm", "H(f) / log E")):
+    for key, label in (
+        ("entropy_mean_dist_norm", "H(mean p) / log E"),
+        ("token_entropy_norm", "mean H(p) / log E"),
+        ("load_entropy_norm", "H(f) / log E"),
+    ):
         ax_h.plot(x, [layer[key] for layer in layers], marker=".", label=label)
     ax_h.set_ylim(-0.02, 1.02)
     ax_h.set_ylabel("entropy / log E")
@@ -136,7 +149,7 @@ def plot_coactivation(layers: list[dict], path: Path) -> None:
         ax.tick_params(labelsize=6)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    for ax in axes[len(layers):]:
+    for ax in axes[len(layers) :]:
         ax.set_axis_off()
     fig.suptitle("Co-activation: share of tokens routed to both expert i (row) and j (column)", fontsize=10)
     fig.colorbar(im, ax=list(axes[: len(layers)]), shrink=0.6, label="share of tokens")
@@ -151,13 +164,16 @@ def task_panels(layers: list[dict], tasks: list[str]) -> list[tuple[str, np.ndar
     ranked = sorted(tasks, key=lambda t: -tokens[t])  # stable: data order among equals
     shown = ranked if len(ranked) <= MAX_TASK_PANELS else ranked[: MAX_TASK_PANELS - 1]
     panels = [(f"load on task {plain_label(repr(t))}", _load_matrix(layers, task=t)) for t in shown]
-    rest = ranked[len(shown):]
+    rest = ranked[len(shown) :]
     if rest:
         E = max(layer["num_experts"] for layer in layers)
         M = np.full((len(layers), E), np.nan)
         for i, layer in enumerate(layers):
-            weights = [(layer["tokens_by_task"].get(t, 0), layer["load_by_task"][t]) for t in rest
-                       if t in layer["load_by_task"]]
+            weights = [
+                (layer["tokens_by_task"].get(t, 0), layer["load_by_task"][t])
+                for t in rest
+                if t in layer["load_by_task"]
+            ]
             total = sum(w for w, _ in weights)
             if total > 0:
                 row = sum(w * np.asarray(load, dtype=float) for w, load in weights) / total
@@ -176,7 +192,7 @@ def plot_load_by_task(layers: list[dict], tasks: list[str], path: Path) -> None:
     vmax = max(float(np.nanmax(M)) if np.isfinite(M).any() else 0.0 for _, M in panels) or 1.0
     for ax, (title, M) in zip(axes, panels):
         _heatmap(ax, M, names, title, fig, vmax=vmax)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_axis_off()
     _save(fig, path)
 
@@ -191,6 +207,7 @@ def plot_comparison(a: dict, b: dict, path: Path, label_a: str = "A", label_b: s
     fig = _figure(max(7.0, 0.28 * len(rows) + 3), 6.0)
     ax_cv, ax_h = fig.subplots(2, 1, sharex=True)
     for side, label, color in (("a", label_a, "C0"), ("b", label_b, "C1")):
+
         def col(key, side=side):
             return [np.nan if r[side] is None else r[side][key] for r in rows]
 

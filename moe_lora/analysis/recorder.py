@@ -42,8 +42,11 @@ def router_info(module: nn.Module) -> dict:
     else:  # a router of this package names itself; another one goes by its class
         name, top_k = getattr(type(router), "name", type(router).__name__), getattr(router, "k_per_token", None)
     num_experts = getattr(module, "num_experts", None) or getattr(router, "num_experts", None)
-    return {"num_experts": None if num_experts is None else int(num_experts),
-            "top_k": None if top_k is None else int(top_k), "router": name}
+    return {
+        "num_experts": None if num_experts is None else int(num_experts),
+        "top_k": None if top_k is None else int(top_k),
+        "router": name,
+    }
 
 
 class RoutingRecorder:
@@ -119,8 +122,9 @@ class RoutingRecorder:
     def set_labels(self, labels_B: Sequence[str | None] | None) -> None:
         """One label per sequence of the next forwards (None entries: unlabelled); None clears."""
         self._device_cache.clear()
-        self._labels_B = None if labels_B is None else torch.tensor([self._index_of(x) for x in labels_B],
-                                                                    dtype=torch.long)
+        self._labels_B = (
+            None if labels_B is None else torch.tensor([self._index_of(x) for x in labels_B], dtype=torch.long)
+        )
 
     @contextmanager
     def label(self, name: str | None) -> Iterator[None]:
@@ -150,8 +154,10 @@ class RoutingRecorder:
             return None
         B = self._labels_B.numel()
         if B == 0 or T % B != 0:
-            raise ValueError(f"set_labels: {B} labels do not divide the {T} tokens of a routed layer's input "
-                             "(expected input [B, S, D] with one label per sequence)")
+            raise ValueError(
+                f"set_labels: {B} labels do not divide the {T} tokens of a routed layer's input "
+                "(expected input [B, S, D] with one label per sequence)"
+            )
         return self._on(0, self._labels_B, device).repeat_interleave(T // B)
 
     def _mask_for(self, routing: Routing, device: torch.device) -> torch.Tensor | None:
@@ -175,13 +181,15 @@ class RoutingRecorder:
             acc.update(routing, mask_T, label_T, len(self.label_names))
             if self.keep_tokens:
                 T = routing.num_tokens
-                self.records.setdefault(name, []).append(RoutingRecord(
-                    weights_TK=routing.weights_TK.detach().cpu(),
-                    expert_ids_TK=routing.expert_ids_TK.detach().cpu(),
-                    probs_TE=routing.probs_TE.detach().cpu(),
-                    mask_T=torch.ones(T, dtype=torch.bool) if mask_T is None else mask_T.cpu().bool(),
-                    label_T=torch.full((T,), -1, dtype=torch.long) if label_T is None else label_T.cpu(),
-                ))
+                self.records.setdefault(name, []).append(
+                    RoutingRecord(
+                        weights_TK=routing.weights_TK.detach().cpu(),
+                        expert_ids_TK=routing.expert_ids_TK.detach().cpu(),
+                        probs_TE=routing.probs_TE.detach().cpu(),
+                        mask_T=torch.ones(T, dtype=torch.bool) if mask_T is None else mask_T.cpu().bool(),
+                        label_T=torch.full((T,), -1, dtype=torch.long) if label_T is None else label_T.cpu(),
+                    )
+                )
 
     def reset(self) -> None:
         """Forget everything recorded (hooks and label names stay)."""

@@ -99,8 +99,17 @@ def summarize(layers: list[dict], layers_without_tokens: list[str] | None = None
     }
 
 
-def build_report(layers: list[dict], *, model: str, adapter: str | None, data: str | None, num_sequences: int,
-                 num_tokens: int, labels: list[str], layers_without_tokens: list[str] | None = None) -> dict:
+def build_report(
+    layers: list[dict],
+    *,
+    model: str,
+    adapter: str | None,
+    data: str | None,
+    num_sequences: int,
+    num_tokens: int,
+    labels: list[str],
+    layers_without_tokens: list[str] | None = None,
+) -> dict:
     """Assemble a schema-1 report from per-layer entries (``RoutingRecorder.metrics().values()``)."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -121,8 +130,9 @@ def _check_keys(obj: dict, spec: dict[str, tuple[type, ...]], where: str, proble
         if key not in obj:
             problems.append(f"{where}: missing key {key!r}")
         elif isinstance(obj[key], bool) or not isinstance(obj[key], types):
-            problems.append(f"{where}.{key}: {type(obj[key]).__name__} is not "
-                            f"{' or '.join(t.__name__ for t in types)}")
+            problems.append(
+                f"{where}.{key}: {type(obj[key]).__name__} is not {' or '.join(t.__name__ for t in types)}"
+            )
         elif isinstance(obj[key], float) and not math.isfinite(obj[key]):
             problems.append(f"{where}.{key}: {obj[key]} is not finite")
 
@@ -199,18 +209,27 @@ def read_report(path: str | Path) -> dict:
 
 
 # ---- comparing two runs --------------------------------------------------------------------------------------
-COMPARE_COLUMNS = (("cv", "CV"), ("entropy_mean_dist_norm", "H(P)/logE"), ("token_entropy_norm", "H(p)/logE"),
-                   ("dead", "dead"))
+COMPARE_COLUMNS = (
+    ("cv", "CV"),
+    ("entropy_mean_dist_norm", "H(P)/logE"),
+    ("token_entropy_norm", "H(p)/logE"),
+    ("dead", "dead"),
+)
 
 
 def compare_rows(a: dict, b: dict) -> list[dict]:
     """One row per layer name present in either report (a's order, then b's extras): {name, a, b}, where a and
     b map each COMPARE_COLUMNS key to a number, or are None when the layer is missing from that report."""
+
     def pick(layer):
         if layer is None:
             return None
-        return {"cv": layer["cv"], "entropy_mean_dist_norm": layer["entropy_mean_dist_norm"],
-                "token_entropy_norm": layer["token_entropy_norm"], "dead": len(layer["dead_experts"])}
+        return {
+            "cv": layer["cv"],
+            "entropy_mean_dist_norm": layer["entropy_mean_dist_norm"],
+            "token_entropy_norm": layer["token_entropy_norm"],
+            "dead": len(layer["dead_experts"]),
+        }
 
     by_a = {layer["name"]: layer for layer in a["layers"]}
     by_b = {layer["name"]: layer for layer in b["layers"]}

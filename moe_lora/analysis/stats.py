@@ -90,8 +90,13 @@ class RoutingAccumulator:
             self.label_tokens_L = torch.cat([self.label_tokens_L, self.label_tokens_L.new_zeros(pad)])
 
     @torch.no_grad()
-    def update(self, routing: Routing, mask_T: torch.Tensor | None = None, label_T: torch.Tensor | None = None,
-               num_labels: int = 0) -> None:
+    def update(
+        self,
+        routing: Routing,
+        mask_T: torch.Tensor | None = None,
+        label_T: torch.Tensor | None = None,
+        num_labels: int = 0,
+    ) -> None:
         """Add one forward. Sums are rebuilt out of place, so the recorder works inside and outside
         ``torch.inference_mode`` alike.
 
@@ -126,7 +131,8 @@ class RoutingAccumulator:
             l_T = l_T.clamp_min(0)
             self.label_tokens_L = self.label_tokens_L.index_add(0, l_T, lm_T)
             flat_LE = self.label_counts_LE.reshape(-1).index_add(
-                0, (l_T[:, None] * E + torch.arange(E, device=self.device)).reshape(-1),
+                0,
+                (l_T[:, None] * E + torch.arange(E, device=self.device)).reshape(-1),
                 (chosen_TE * lm_T[:, None]).reshape(-1),
             )
             self.label_counts_LE = flat_LE.view(-1, E)

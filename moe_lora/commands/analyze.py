@@ -26,20 +26,31 @@ HELP = "router load statistics, plots and an HTML report over a dataset (or --co
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="built-in model name (tiny-llama, minilm, ...) or a local model directory")
-    parser.add_argument("--run", help="a training output_dir (moe-lora train): its base model, tokenizer and adapter "
-                        "(instead of --model/--adapter; --out defaults to RUN/analysis)")
+    parser.add_argument(
+        "--run",
+        help="a training output_dir (moe-lora train): its base model, tokenizer and adapter "
+        "(instead of --model/--adapter; --out defaults to RUN/analysis)",
+    )
     parser.add_argument("--adapter", help="saved MoE-LoRA adapter directory (moe_lora.save_adapter output)")
     parser.add_argument("--config", help="MoELoRAConfig YAML/JSON to convert the model freshly (without --adapter)")
     parser.add_argument("--data", help="JSONL file: 'text' (or 'prompt' + 'response'), optional 'task'/'label'")
     parser.add_argument("--out", help="output directory (report.json, *.png, index.html; compare.png)")
-    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
-                        help="compare two report.json files (or their directories) instead of analysing")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="compare two report.json files (or their directories) instead of analysing",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     parser.add_argument("--max-length", type=int, default=256, help="truncate sequences to this many tokens")
     parser.add_argument("--max-samples", type=int, default=None, help="use only the first N records")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="model dtype (routers always compute in fp32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="model dtype (routers always compute in fp32)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in tiny models' random weights")
     parser.add_argument("--no-plots", action="store_true", help="write report.json and index.html only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -85,8 +96,11 @@ def make_batches(tokenizer, texts: list[str], labels: list[str | None], batch_si
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
-        yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-               "labels": [labels[i] for i in idx]}
+        yield {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "labels": [labels[i] for i in idx],
+        }
 
 
 # ---- model ----------------------------------------------------------------------------------------------------
@@ -107,9 +121,19 @@ def forward_kwargs(model) -> set[str]:
 
 
 # ---- commands -------------------------------------------------------------------------------------------------
-def analyse(model, tokenizer, texts: list[str], labels: list[str | None], *, batch_size: int = 8,
-            max_length: int = 256, model_name: str = "", adapter: str | None = None, data: str | None = None,
-            progress: bool = True) -> dict:
+def analyse(
+    model,
+    tokenizer,
+    texts: list[str],
+    labels: list[str | None],
+    *,
+    batch_size: int = 8,
+    max_length: int = 256,
+    model_name: str = "",
+    adapter: str | None = None,
+    data: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Run ``model`` (already converted or with its adapter loaded) over ``texts`` with no grad, recording every
     routed layer, and return the report (schema: moe_lora/analysis/SCHEMA.md). ``labels`` (one per text, or
     None) give the per-task load."""
@@ -129,8 +153,13 @@ def analyse(model, tokenizer, texts: list[str], labels: list[str | None], *, bat
     recorder = RoutingRecorder(model)
     recorder.register_labels(list(dict.fromkeys(x for x in labels if x is not None)))  # data order
     with torch.no_grad(), recorder:
-        for batch in tqdm(make_batches(tokenizer, texts, labels, batch_size, max_length),
-                          total=num_batches, desc="analyze", unit="batch", disable=not progress):
+        for batch in tqdm(
+            make_batches(tokenizer, texts, labels, batch_size, max_length),
+            total=num_batches,
+            desc="analyze",
+            unit="batch",
+            disable=not progress,
+        ):
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch["attention_mask"].to(device)
             recorder.set_labels(batch["labels"] if labelled else None)
@@ -141,8 +170,13 @@ def analyse(model, tokenizer, texts: list[str], labels: list[str | None], *, bat
     if not metrics:
         raise ValueError("no routed layer saw a token: does the model run its MoE-LoRA layers on this input?")
     return build_report(
-        list(metrics.values()), model=model_name, adapter=adapter, data=data,
-        num_sequences=len(texts), num_tokens=num_tokens, labels=recorder.label_names,
+        list(metrics.values()),
+        model=model_name,
+        adapter=adapter,
+        data=data,
+        num_sequences=len(texts),
+        num_tokens=num_tokens,
+        labels=recorder.label_names,
         layers_without_tokens=[n for n in recorder.modules if n not in metrics],
     )
 
@@ -151,16 +185,21 @@ def print_summary(report: dict, paths: dict) -> None:
     from moe_lora.analysis import task_expert_nmi
 
     s = report["summary"]
-    print(f"analysed {report['num_sequences']} sequences, {report['num_tokens']} tokens, "
-          f"{s['num_layers']} routed layers")
-    print(f"mean load CV {s['mean_cv']:.4f} (max {s['max_cv']:.4f} in {s['max_cv_layer']}), "
-          f"dead experts {s['total_dead_experts']} in {s['layers_with_dead_experts']} layers, "
-          f"mean H(P)/log E {s['mean_entropy_mean_dist_norm']:.4f}")
+    print(
+        f"analysed {report['num_sequences']} sequences, {report['num_tokens']} tokens, {s['num_layers']} routed layers"
+    )
+    print(
+        f"mean load CV {s['mean_cv']:.4f} (max {s['max_cv']:.4f} in {s['max_cv_layer']}), "
+        f"dead experts {s['total_dead_experts']} in {s['layers_with_dead_experts']} layers, "
+        f"mean H(P)/log E {s['mean_entropy_mean_dist_norm']:.4f}"
+    )
     nmi = [(v, layer["name"]) for layer in report["layers"] if (v := task_expert_nmi(layer)) is not None]
     if nmi:
         best = max(nmi)
-        print(f"task-expert nMI (0: tasks share the experts alike, 1: disjoint experts per task) mean "
-              f"{sum(v for v, _ in nmi) / len(nmi):.4f}, max {best[0]:.4f} in {best[1]}")
+        print(
+            f"task-expert nMI (0: tasks share the experts alike, 1: disjoint experts per task) mean "
+            f"{sum(v for v, _ in nmi) / len(nmi):.4f}, max {best[0]:.4f} in {best[1]}"
+        )
     print(f"report: {paths['report']}\npage:   {paths['index']}")
 
 
@@ -192,13 +231,19 @@ def check_analysis_args(args: argparse.Namespace):
         problems.append("--adapter or --config: required (a saved adapter, or a config to convert freshly)")
     need_dir(problems, "--adapter", args.adapter)
     need_file(problems, "--config", args.config, required=False)
-    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length),
-                        ("--max-samples", args.max_samples)):
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-length", args.max_length),
+        ("--max-samples", args.max_samples),
+    ):
         at_least(problems, flag, value, 1)
     device = None
     try:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        device = (
+            torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if args.device == "auto"
             else torch.device(args.device)
+        )
         if device.type == "cuda" and not torch.cuda.is_available():
             problems.append(f"--device: {args.device!r} but CUDA is not available (use cpu or auto)")
     except RuntimeError:
@@ -225,9 +270,18 @@ def run_analysis(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_moe_model(args), zoo.load_tokenizer(args.model)
     model = model.to(device).eval()
-    report = analyse(model, tokenizer, texts, labels, batch_size=args.batch_size,
-                     max_length=args.max_length, model_name=args.model, adapter=args.adapter,
-                     data=str(args.data), progress=not args.no_progress)
+    report = analyse(
+        model,
+        tokenizer,
+        texts,
+        labels,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        model_name=args.model,
+        adapter=args.adapter,
+        data=str(args.data),
+        progress=not args.no_progress,
+    )
     paths = write_report_dir(report, args.out, plots=not args.no_plots)
     print_summary(report, paths)
     return 0
@@ -245,9 +299,12 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"A: {path_a} (model {a['model']}, adapter {a['adapter']}, {a['num_tokens']} tokens)")
     print(f"B: {path_b} (model {b['model']}, adapter {b['adapter']}, {b['num_tokens']} tokens)")
     print(format_comparison(compare_rows(a, b)))
-    for key, title in (("mean_cv", "mean CV"), ("total_dead_experts", "dead experts"),
-                       ("mean_entropy_mean_dist_norm", "mean H(P)/log E"),
-                       ("mean_token_entropy_norm", "mean H(p)/log E")):
+    for key, title in (
+        ("mean_cv", "mean CV"),
+        ("total_dead_experts", "dead experts"),
+        ("mean_entropy_mean_dist_norm", "mean H(P)/log E"),
+        ("mean_token_entropy_norm", "mean H(p)/log E"),
+    ):
         va, vb = a["summary"][key], b["summary"][key]
         fmt = (lambda v: str(v)) if isinstance(va, int) and isinstance(vb, int) else (lambda v: f"{v:.4f}")
         print(f"{title:<18} A {fmt(va):>10}   B {fmt(vb):>10}")

@@ -18,9 +18,12 @@ HELP = "convert a dense model into MoE-LoRA and write its initial adapter (or --
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="a built-in model (tiny-llama, tiny-mistral, tiny-qwen2, tiny-gpt2, minilm) or a local "
-                             "transformers directory")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a built-in model (tiny-llama, tiny-mistral, tiny-qwen2, tiny-gpt2, minilm) or a local "
+        "transformers directory",
+    )
     parser.add_argument("--config", required=True, help="YAML file with the MoELoRAConfig (or a moe_lora: section)")
     parser.add_argument("--out", help="adapter directory to write (required unless --dry-run)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")

@@ -37,23 +37,44 @@ HELP = "write a trained MoE-LoRA model as a Mixtral/Qwen2MoE checkpoint, a PEFT 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from moe_lora.exporters import FORMATS
 
-    parser.add_argument("--model", required=True,
-                        help="the base model: a built-in name (tiny-llama, tiny-mistral, tiny-qwen2, tiny-gpt2, "
-                             "minilm) or a local transformers directory")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="the base model: a built-in name (tiny-llama, tiny-mistral, tiny-qwen2, tiny-gpt2, "
+        "minilm) or a local transformers directory",
+    )
     parser.add_argument("--adapter", required=True, help="the trained MoE-LoRA adapter directory (save_adapter)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="what to write (see above)")
     parser.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier export)")
-    parser.add_argument("--routing", help="fixed routing for peft/merged: weights 'w1,w2,...' for every routed "
-                                          "module, or a JSON/YAML file with a list or {module: [weights]}")
+    parser.add_argument(
+        "--routing",
+        help="fixed routing for peft/merged: weights 'w1,w2,...' for every routed "
+        "module, or a JSON/YAML file with a list or {module: [weights]}",
+    )
     parser.add_argument("--expert", type=int, help="fixed routing for peft/merged: expert e alone (one-hot)")
-    parser.add_argument("--task", type=int, help="fixed routing for peft/merged: task T's weights of a model with "
-                                                 "task-conditioned routers (router 'task', MOELoRA); exact")
-    parser.add_argument("--routing-from", metavar="DATA.jsonl",
-                        help="fixed routing for peft/merged: the mean routing over this data set (APPROXIMATE)")
-    parser.add_argument("--rank", type=int, help="peft: the adapter's rank (default: exact); below the exact rank "
-                                                 "the deltas are SVD-truncated and the error printed")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="dtype of the written weights (default: the base model's)")
+    parser.add_argument(
+        "--task",
+        type=int,
+        help="fixed routing for peft/merged: task T's weights of a model with "
+        "task-conditioned routers (router 'task', MOELoRA); exact",
+    )
+    parser.add_argument(
+        "--routing-from",
+        metavar="DATA.jsonl",
+        help="fixed routing for peft/merged: the mean routing over this data set (APPROXIMATE)",
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        help="peft: the adapter's rank (default: exact); below the exact rank "
+        "the deltas are SVD-truncated and the error printed",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the written weights (default: the base model's)",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the built-in tiny models' random weights")
     parser.add_argument("--batch-size", type=int, default=8, help="--routing-from: sequences per forward")
@@ -69,8 +90,9 @@ def parse_routing(value: str):
     if Path(value).expanduser().is_file():
         data = read_yaml(Path(value).expanduser(), "--routing")
         ok = (isinstance(data, list) and all(isinstance(x, int | float) for x in data)) or (
-            isinstance(data, dict) and all(isinstance(v, list) and all(isinstance(x, int | float) for x in v)
-                                           for v in data.values()))
+            isinstance(data, dict)
+            and all(isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in data.values())
+        )
         if not ok:
             raise ValueError(f"--routing: {value!r} must hold a list of weights or {{module name: [weights]}}")
         return data
@@ -91,15 +113,28 @@ def run(args: argparse.Namespace) -> int:
     need_dir(problems, "--adapter", args.adapter)
     writable_dir(problems, "--out", args.out)
     need_file(problems, "--routing-from", args.routing_from, required=False)
-    given = [f for f, v in (("--routing", args.routing), ("--expert", args.expert),
-                            ("--routing-from", args.routing_from), ("--task", args.task)) if v is not None]
+    given = [
+        f
+        for f, v in (
+            ("--routing", args.routing),
+            ("--expert", args.expert),
+            ("--routing-from", args.routing_from),
+            ("--task", args.task),
+        )
+        if v is not None
+    ]
     if len(given) > 1:
         problems.append(f"{' and '.join(given)}: give one fixed routing")
     if given and args.format == "mixtral":
-        problems.append(f"{given[0]}: --format mixtral keeps the learned routing; a fixed routing is for peft or "
-                        "merged")
-    for flag, value in (("--rank", args.rank), ("--batch-size", args.batch_size), ("--max-length", args.max_length),
-                        ("--max-samples", args.max_samples)):
+        problems.append(
+            f"{given[0]}: --format mixtral keeps the learned routing; a fixed routing is for peft or merged"
+        )
+    for flag, value in (
+        ("--rank", args.rank),
+        ("--batch-size", args.batch_size),
+        ("--max-length", args.max_length),
+        ("--max-samples", args.max_samples),
+    ):
         at_least(problems, flag, value, 1)
     raise_problems(problems)
     routing = parse_routing(args.routing) if args.routing is not None else None
@@ -115,11 +150,22 @@ def run(args: argparse.Namespace) -> int:
         batches = make_batches(zoo.load_tokenizer(args.model), texts, labels, args.batch_size, args.max_length)
         routing = mean_routing(model, batches, progress=not args.no_progress)
         approximate = f"mean routing over {args.routing_from} ({len(texts)} records)"
-    result = export(model, args.out, args.format, routing=routing, expert=args.expert, rank=args.rank,
-                    approximate_routing=approximate, dtype=dtype, max_shard_size=args.max_shard_size,
-                    progress=not args.no_progress)
-    print(f"wrote {result.path} ({args.format}, {'exact' if result.exact else 'APPROXIMATE'}, "
-          f"{result.bytes / 1e6:.1f} MB)")
+    result = export(
+        model,
+        args.out,
+        args.format,
+        routing=routing,
+        expert=args.expert,
+        rank=args.rank,
+        approximate_routing=approximate,
+        dtype=dtype,
+        max_shard_size=args.max_shard_size,
+        progress=not args.no_progress,
+    )
+    print(
+        f"wrote {result.path} ({args.format}, {'exact' if result.exact else 'APPROXIMATE'}, "
+        f"{result.bytes / 1e6:.1f} MB)"
+    )
     for note in result.notes:
         print(f"  {note}")
     return 0

@@ -20,11 +20,20 @@ HELP = "train adapters from a recipe (DeepSpeed; one process here, many with the
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="training recipe YAML (e.g. configs/train_tiny.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set train.max_steps=20 (the value is parsed as YAML)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.max_steps=20 (the value is parsed as YAML)",
+    )
     parser.add_argument("--help-recipe", action="store_true", help="print every recipe field and exit")
-    parser.add_argument("--json", action="store_true",
-                        help="print the result (paths and metrics) as one line of JSON, the last line of the output")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result (paths and metrics) as one line of JSON, the last line of the output",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         print(summary_line(result))
         findings = result["health"]["findings"]
         if findings:  # train.on_unhealthy: warn
-            print(f"health: {len(findings)} warning(s), {result['health']['skipped_steps']} skipped update(s); "
-                  f"first: {findings[0]} (health events in {result['metrics_file']})")
+            print(
+                f"health: {len(findings)} warning(s), {result['health']['skipped_steps']} skipped update(s); "
+                f"first: {findings[0]} (health events in {result['metrics_file']})"
+            )
     return 0

@@ -60,16 +60,19 @@ def _weights(model: nn.Module, routing, expert: int | None, problems: list[str])
         routed = dict(iter_routed_modules(model))
         bad = sorted({m.num_experts for m in routed.values() if not 0 <= expert < m.num_experts})
         if isinstance(expert, bool) or not isinstance(expert, int) or bad:
-            problems.append(f"expert: {expert!r} must be an expert index in [0, E) for every routed module "
-                            f"(E = {sorted({m.num_experts for m in routed.values()})})")
+            problems.append(
+                f"expert: {expert!r} must be an expert index in [0, E) for every routed module "
+                f"(E = {sorted({m.num_experts for m in routed.values()})})"
+            )
             return None
-        return {n: torch.nn.functional.one_hot(torch.tensor(expert), m.num_experts).float()
-                for n, m in routed.items()}
+        return {n: torch.nn.functional.one_hot(torch.tensor(expert), m.num_experts).float() for n, m in routed.items()}
     if routing is None:
         w = peft_format.default_weights(model)
         if w is None:
-            problems.append("routing: required (a weight vector [E], {module: [E]}, or expert=e): the model has "
-                            "routed modules with several experts, so a plain model needs a fixed routing")
+            problems.append(
+                "routing: required (a weight vector [E], {module: [E]}, or expert=e): the model has "
+                "routed modules with several experts, so a plain model needs a fixed routing"
+            )
         return w
     try:
         return resolve_fixed_weights(model, routing)
@@ -78,10 +81,20 @@ def _weights(model: nn.Module, routing, expert: int | None, problems: list[str])
         return None
 
 
-def export(model: nn.Module, out_dir: str | Path, format: str = "mixtral", *, routing=None,
-           expert: int | None = None, rank: int | None = None, approximate_routing: str | None = None,
-           tokenizer=None, dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
-           progress: bool = False) -> ExportResult:
+def export(
+    model: nn.Module,
+    out_dir: str | Path,
+    format: str = "mixtral",
+    *,
+    routing=None,
+    expert: int | None = None,
+    rank: int | None = None,
+    approximate_routing: str | None = None,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    progress: bool = False,
+) -> ExportResult:
     """Write ``model`` (converted, trained) to ``out_dir`` in ``format`` (see the module docstring).
 
     Args:
@@ -117,8 +130,9 @@ def export(model: nn.Module, out_dir: str | Path, format: str = "mixtral", *, ro
     out_dtype = dtype or base_dtype
     if format == "mixtral":
         if routing is not None or expert is not None or approximate_routing is not None:
-            problems.append("routing: --format mixtral keeps the learned routers; a fixed routing is for peft or "
-                            "merged")
+            problems.append(
+                "routing: --format mixtral keeps the learned routers; a fixed routing is for peft or merged"
+            )
         if problems:
             raise ConfigError(problems, "export")
         plan, refusals = mixtral.plan_moe_export(model)
@@ -130,44 +144,66 @@ def export(model: nn.Module, out_dir: str | Path, format: str = "mixtral", *, ro
         raise ConfigError(problems, "export")
     refusals = peft_format.fixed_routing_problems(model, weights)
     if format == "peft" and converted_plan(model).config.modules_to_save:
-        refusals.append(f"modules_to_save: {converted_plan(model).config.modules_to_save} are trained in full; "
-                        "this export writes LoRA tensors only")
+        refusals.append(
+            f"modules_to_save: {converted_plan(model).config.modules_to_save} are trained in full; "
+            "this export writes LoRA tensors only"
+        )
     if refusals:
-        instead = ("--format mixtral (keeps the learned routing) or a one-hot routing (--expert e)"
-                   if format == "peft" else "--format mixtral (keeps the learned routing), or --expert e")
+        instead = (
+            "--format mixtral (keeps the learned routing) or a one-hot routing (--expert e)"
+            if format == "peft"
+            else "--format mixtral (keeps the learned routing), or --expert e"
+        )
         if format == "peft" and converted_plan(model).config.modules_to_save:
             instead = "--format merged (writes the whole model) or " + instead
         raise ExportRefused(format, refusals, instead)
-    record = {"format": format, "routing": {n: [float(x) for x in w] for n, w in weights.items()},
-              "routing_source": approximate_routing or ("given" if routing is not None or expert is not None
-                                                        else "single expert (weight 1)")}
+    record = {
+        "format": format,
+        "routing": {n: [float(x) for x in w] for n, w in weights.items()},
+        "routing_source": approximate_routing
+        or ("given" if routing is not None or expert is not None else "single expert (weight 1)"),
+    }
     if format == "peft":
         return _write_peft(model, Path(out_dir), weights, rank, approximate_routing, tokenizer, record)
-    return _write_merged(model, Path(out_dir), weights, approximate_routing, tokenizer, out_dtype, shard_bytes,
-                         record)
+    return _write_merged(model, Path(out_dir), weights, approximate_routing, tokenizer, out_dtype, shard_bytes, record)
 
 
 def _source(model: nn.Module) -> dict:
     p = converted_plan(model)
-    return {"base_model": getattr(model.config, "name_or_path", None), "base_class": type(model).__name__,
-            "moe_lora_config": p.config.to_dict()}
+    return {
+        "base_model": getattr(model.config, "name_or_path", None),
+        "base_class": type(model).__name__,
+        "moe_lora_config": p.config.to_dict(),
+    }
 
 
 def _write_moe(model, out: Path, plan: mixtral.MoEExportPlan, dtype, shard_bytes, tokenizer, progress):
     cfg = mixtral.moe_config(model, plan, dtype)
     entries = mixtral.moe_entries(model, plan, dtype)
-    notes = [f"{cfg.architectures[0]}: E={plan.num_experts}, top-{plan.top_k}, {len(plan.blocks)} MixLoRA blocks "
-             f"of {plan.num_layers} layers, {len(plan.merged)} single-expert linears merged"]
+    notes = [
+        f"{cfg.architectures[0]}: E={plan.num_experts}, top-{plan.top_k}, {len(plan.blocks)} MixLoRA blocks "
+        f"of {plan.num_layers} layers, {len(plan.merged)} single-expert linears merged"
+    ]
     if dtype != torch.float32:
-        notes.append(f"the gate is stored in {dtype} (moe-lora routes in fp32): near-tied experts may be chosen "
-                     "differently")
+        notes.append(
+            f"the gate is stored in {dtype} (moe-lora routes in fp32): near-tied experts may be chosen differently"
+        )
     with writer.staged(out) as tmp:
         writer.write_shards(tmp, entries, shard_bytes, progress)
         cfg.save_pretrained(tmp)
         writer.save_generation_config(tmp, model)
         tok = writer.save_tokenizer(tmp, model, tokenizer)
-        writer.write_record(tmp, {"format": "mixtral", "target": cfg.architectures[0], "exact": True,
-                                  "tokenizer": tok, "notes": notes, **_source(model)})
+        writer.write_record(
+            tmp,
+            {
+                "format": "mixtral",
+                "target": cfg.architectures[0],
+                "exact": True,
+                "tokenizer": tok,
+                "notes": notes,
+                **_source(model),
+            },
+        )
     return writer_result(out, "mixtral", True, notes)
 
 
@@ -185,22 +221,36 @@ def _write_peft(model, out: Path, weights, rank, approximate_routing, tokenizer,
     exact = not lossy and approximate_routing is None
     notes = [f"PEFT LoRA rank {config['r']} on {len(config['target_modules'])} modules"]
     if errors and not lossy:
-        notes.append(f"truncated to rank {config['r']} on {len(errors)} modules without loss (their deltas have "
-                     "lower rank)")
+        notes.append(
+            f"truncated to rank {config['r']} on {len(errors)} modules without loss (their deltas have lower rank)"
+        )
     elif lossy:
         worst = max(errors, key=errors.get)
-        notes.append(f"APPROXIMATE: SVD-truncated to rank {config['r']} on {len(errors)} modules; relative "
-                     f"Frobenius error of the weight delta max {errors[worst]:.3e} ({worst}), mean "
-                     f"{sum(errors.values()) / len(errors):.3e}")
+        notes.append(
+            f"APPROXIMATE: SVD-truncated to rank {config['r']} on {len(errors)} modules; relative "
+            f"Frobenius error of the weight delta max {errors[worst]:.3e} ({worst}), mean "
+            f"{sum(errors.values()) / len(errors):.3e}"
+        )
     if approximate_routing:
         notes.append(f"APPROXIMATE: fixed routing = {approximate_routing}")
     with writer.staged(out) as tmp:
         writer.write_new_file(tmp / "adapter_model.safetensors", serialize(tensors, metadata={"format": "pt"}))
-        writer.write_new_file(tmp / "adapter_config.json",
-                              (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        writer.write_new_file(
+            tmp / "adapter_config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        )
         tok = writer.save_tokenizer(tmp, model, tokenizer)
-        writer.write_record(tmp, {**record, "exact": exact, "rank": config["r"], "truncation_errors": errors,
-                                  "tokenizer": tok, "notes": notes, **_source(model)})
+        writer.write_record(
+            tmp,
+            {
+                **record,
+                "exact": exact,
+                "rank": config["r"],
+                "truncation_errors": errors,
+                "tokenizer": tok,
+                "notes": notes,
+                **_source(model),
+            },
+        )
     return writer_result(out, "peft", exact, notes, errors)
 
 
@@ -218,8 +268,9 @@ def _write_merged(model, out: Path, weights, approximate_routing, tokenizer, dty
     return writer_result(out, "merged", exact, notes)
 
 
-def mean_routing(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
-                 progress: bool = False) -> dict[str, torch.Tensor]:
+def mean_routing(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], progress: bool = False
+) -> dict[str, torch.Tensor]:
     """{routed module: mean routing weights [E] over the real tokens of ``batches``} (dicts with input_ids and
     attention_mask), the dense gate matrix G[t, e] averaged: an APPROXIMATE fixed routing for a data set."""
     from tqdm.auto import tqdm

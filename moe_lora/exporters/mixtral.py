@@ -55,8 +55,10 @@ from .writer import TensorEntry
 
 #: base model_type -> the transformers MoE model_type it exports to.
 MOE_TYPE = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe"}
-INSTEAD = ("--format merged (a dense model) or --format peft (a LoRA adapter), each for a fixed routing given "
-           "with --routing or --expert")
+INSTEAD = (
+    "--format merged (a dense model) or --format peft (a LoRA adapter), each for a fixed routing given "
+    "with --routing or --expert"
+)
 #: Mixtral's expert projection names per role.
 MIXTRAL_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
 GATED_PATHS = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -78,8 +80,11 @@ def mixtral_k(router: nn.Module) -> int | None:
 
 def _single_expert_ok(module: MoELoRALinear) -> bool:
     """A one-expert linear whose router gives weight 1 to every token (a plain LoRA)."""
-    return access.num_experts(module) == 1 and type(access.router_of(module)) in (TopKRouter, ContrastiveRouter,
-                                                                                  SoftRouter)
+    return access.num_experts(module) == 1 and type(access.router_of(module)) in (
+        TopKRouter,
+        ContrastiveRouter,
+        SoftRouter,
+    )
 
 
 @dataclass
@@ -102,8 +107,10 @@ def plan_moe_export(model: nn.Module) -> tuple[MoEExportPlan | None, list[str]]:
     model_type = getattr(config, "model_type", None)
     moe_type = MOE_TYPE.get(model_type)
     if moe_type is None:
-        problems.append(f"base model: model_type {model_type!r} ({type(model).__name__}) has no transformers MoE "
-                        f"class to export to; supported: {', '.join(f'{a} -> {b}' for a, b in MOE_TYPE.items())}")
+        problems.append(
+            f"base model: model_type {model_type!r} ({type(model).__name__}) has no transformers MoE "
+            f"class to export to; supported: {', '.join(f'{a} -> {b}' for a, b in MOE_TYPE.items())}"
+        )
     if model_type == "llama":
         for flag in ("attention_bias", "mlp_bias"):
             if getattr(config, flag, False):
@@ -120,38 +127,51 @@ def plan_moe_export(model: nn.Module) -> tuple[MoEExportPlan | None, list[str]]:
             where = f"block {name!r}"
             match = re.fullmatch(r"model\.layers\.(\d+)\.mlp", name)
             if not m.ffn_experts:
-                problems.append(f"{where}: router_scope block without ffn_experts mixes the experts' deltas inside "
-                                "each projection, not whole FFNs as Mixtral's experts are")
+                problems.append(
+                    f"{where}: router_scope block without ffn_experts mixes the experts' deltas inside "
+                    "each projection, not whole FFNs as Mixtral's experts are"
+                )
                 continue
             if m.layout.kind != "gated" or match is None:
-                problems.append(f"{where}: a {m.layout.kind} block outside model.layers.N.mlp; the MoE classes "
-                                "need gate/up/down projections in model.layers.N.mlp")
+                problems.append(
+                    f"{where}: a {m.layout.kind} block outside model.layers.N.mlp; the MoE classes "
+                    "need gate/up/down projections in model.layers.N.mlp"
+                )
                 continue
             router = access.router_of(m)
             k = mixtral_k(router)
             if k is None:
-                problems.append(f"{where}: router {type(router).__name__} cannot be written as a top-k softmax "
-                                "gate (threshold and expert-choice routers pick a varying number of experts)")
+                problems.append(
+                    f"{where}: router {type(router).__name__} cannot be written as a top-k softmax "
+                    "gate (threshold and expert-choice routers pick a varying number of experts)"
+                )
                 continue
             blocks[int(match.group(1))] = (name, m)
-            ek[int(match.group(1))] = (access.num_experts(next(e for e in m.modules() if isinstance(e, ExpertLinear))),
-                                       k)
+            ek[int(match.group(1))] = (
+                access.num_experts(next(e for e in m.modules() if isinstance(e, ExpertLinear))),
+                k,
+            )
         elif isinstance(m, MoELoRALinear):
             if _single_expert_ok(m):
                 merged[base_path(name)] = m
             else:
-                per_linear.append(f"{base_path(name)} (E={access.num_experts(m)}, "
-                                  f"router {type(access.router_of(m)).__name__})")
+                per_linear.append(
+                    f"{base_path(name)} (E={access.num_experts(m)}, router {type(access.router_of(m)).__name__})"
+                )
     if per_linear:
-        problems.append(f"per-linear routers on {len(per_linear)} modules, e.g. {', '.join(per_linear[:3])}: "
-                        "outside the MoE blocks an export holds plain weights, so only single-expert (E=1) "
-                        "linears with a top-k or soft router (weight 1 for every token) merge")
+        problems.append(
+            f"per-linear routers on {len(per_linear)} modules, e.g. {', '.join(per_linear[:3])}: "
+            "outside the MoE blocks an export holds plain weights, so only single-expert (E=1) "
+            "linears with a top-k or soft router (weight 1 for every token) merge"
+        )
     if not blocks and not any("block" in p for p in problems):
         problems.append("model: no MixLoRA FFN-expert block (router_scope: block, ffn_experts: true)")
     pairs = sorted(set(ek.values()))
     if len(pairs) > 1:
-        problems.append(f"num_experts/top_k: the MoE classes take one (E, k) for every layer, got (E, k) by layer "
-                        f"{ {i: ek[i] for i in sorted(ek)} }")
+        problems.append(
+            f"num_experts/top_k: the MoE classes take one (E, k) for every layer, got (E, k) by layer "
+            f"{ {i: ek[i] for i in sorted(ek)} }"
+        )
     if problems:
         return None, problems
     E, k = pairs[0]
@@ -180,27 +200,52 @@ def moe_config(model: nn.Module, p: MoEExportPlan, dtype: torch.dtype):
 
     src = model.config
     common = dict(
-        vocab_size=src.vocab_size, hidden_size=src.hidden_size, intermediate_size=src.intermediate_size,
-        num_hidden_layers=src.num_hidden_layers, num_attention_heads=src.num_attention_heads,
-        num_key_value_heads=src.num_key_value_heads, hidden_act=src.hidden_act,
-        max_position_embeddings=src.max_position_embeddings, initializer_range=src.initializer_range,
-        rms_norm_eps=src.rms_norm_eps, use_cache=src.use_cache, pad_token_id=src.pad_token_id,
-        bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id, tie_word_embeddings=src.tie_word_embeddings,
-        attention_dropout=src.attention_dropout, rope_parameters=dict(src.rope_parameters),
-        num_experts_per_tok=p.top_k, output_router_logits=False,
+        vocab_size=src.vocab_size,
+        hidden_size=src.hidden_size,
+        intermediate_size=src.intermediate_size,
+        num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=src.num_attention_heads,
+        num_key_value_heads=src.num_key_value_heads,
+        hidden_act=src.hidden_act,
+        max_position_embeddings=src.max_position_embeddings,
+        initializer_range=src.initializer_range,
+        rms_norm_eps=src.rms_norm_eps,
+        use_cache=src.use_cache,
+        pad_token_id=src.pad_token_id,
+        bos_token_id=src.bos_token_id,
+        eos_token_id=src.eos_token_id,
+        tie_word_embeddings=src.tie_word_embeddings,
+        attention_dropout=src.attention_dropout,
+        rope_parameters=dict(src.rope_parameters),
+        num_experts_per_tok=p.top_k,
+        output_router_logits=False,
     )
     if p.moe_type == "mixtral":
         head_dim = getattr(src, "head_dim", None)
-        cfg = tf.MixtralConfig(**common, head_dim=head_dim, sliding_window=getattr(src, "sliding_window", None),
-                               num_local_experts=p.num_experts, router_jitter_noise=0.0)
+        cfg = tf.MixtralConfig(
+            **common,
+            head_dim=head_dim,
+            sliding_window=getattr(src, "sliding_window", None),
+            num_local_experts=p.num_experts,
+            router_jitter_noise=0.0,
+        )
         cfg.architectures = ["MixtralForCausalLM"]
     else:
         dense = [i for i in range(p.num_layers) if i not in p.blocks]
-        cfg = tf.Qwen2MoeConfig(**common, num_experts=p.num_experts, moe_intermediate_size=src.intermediate_size,
-                                shared_expert_intermediate_size=1, norm_topk_prob=True, decoder_sparse_step=1,
-                                mlp_only_layers=dense, qkv_bias=True, use_sliding_window=src.use_sliding_window,
-                                sliding_window=src.sliding_window, max_window_layers=src.max_window_layers,
-                                layer_types=list(src.layer_types))
+        cfg = tf.Qwen2MoeConfig(
+            **common,
+            num_experts=p.num_experts,
+            moe_intermediate_size=src.intermediate_size,
+            shared_expert_intermediate_size=1,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=dense,
+            qkv_bias=True,
+            use_sliding_window=src.use_sliding_window,
+            sliding_window=src.sliding_window,
+            max_window_layers=src.max_window_layers,
+            layer_types=list(src.layer_types),
+        )
         cfg.architectures = ["Qwen2MoeForCausalLM"]
     cfg.dtype = dtype
     return cfg
@@ -225,8 +270,12 @@ def moe_entries(model: nn.Module, p: MoEExportPlan, dtype: torch.dtype) -> list[
             return lambda: t
         base = lin.base_layer
         transpose = not isinstance(base, nn.Linear)  # Conv1D stores [in, out]
-        return lambda: t.float() + (access.delta_OI(lin, torch.ones(1)).t() if transpose
-                                    else access.delta_OI(lin, torch.ones(1))).to(t.device)
+        return lambda: (
+            t.float()
+            + (access.delta_OI(lin, torch.ones(1)).t() if transpose else access.delta_OI(lin, torch.ones(1))).to(
+                t.device
+            )
+        )
 
     def layer_entries(i: int) -> list[TensorEntry]:
         prefix = f"model.layers.{i}.mlp"
@@ -242,26 +291,47 @@ def moe_entries(model: nn.Module, p: MoEExportPlan, dtype: torch.dtype) -> list[
         else:
             _, blk = block
             router = access.router_of(blk)
-            out.append(TensorEntry(gate_key, (E, D), dtype, lambda r=router: access.router_weight_ED(r).float()
-                                   / access.router_temperature(r)))
+            out.append(
+                TensorEntry(
+                    gate_key,
+                    (E, D),
+                    dtype,
+                    lambda r=router: access.router_weight_ED(r).float() / access.router_temperature(r),
+                )
+            )
             experts = {role: (blk.projection(role) or (None, None))[1] for role in GATED_PATHS}
         for e in range(E):
             for role in ("gate", "up", "down"):
-                key = (f"model.layers.{i}.{moe}.experts.{e}.{MIXTRAL_NAMES[role]}.weight" if p.moe_type == "mixtral"
-                       else f"{prefix}.experts.{e}.{GATED_PATHS[role]}.weight")
+                key = (
+                    f"model.layers.{i}.{moe}.experts.{e}.{MIXTRAL_NAMES[role]}.weight"
+                    if p.moe_type == "mixtral"
+                    else f"{prefix}.experts.{e}.{GATED_PATHS[role]}.weight"
+                )
                 ex, base = experts[role], W[role]
                 if ex is None:
                     out.append(_entry(key, base, dtype, lambda b=base: b))
                 else:
                     one_hot = torch.zeros(E)
                     one_hot[e] = 1.0
-                    out.append(_entry(key, base, dtype,
-                                      lambda b=base, x=ex, w=one_hot: b.float() + access.delta_OI(x, w).to(b.device)))
+                    out.append(
+                        _entry(
+                            key,
+                            base,
+                            dtype,
+                            lambda b=base, x=ex, w=one_hot: b.float() + access.delta_OI(x, w).to(b.device),
+                        )
+                    )
         if p.moe_type == "qwen2_moe":
             F_s = 1
             for role, shape in (("gate", (F_s, D)), ("up", (F_s, D)), ("down", (D, F_s))):
-                out.append(TensorEntry(f"{prefix}.shared_expert.{GATED_PATHS[role]}.weight", shape, dtype,
-                                       lambda s=shape: torch.zeros(s)))
+                out.append(
+                    TensorEntry(
+                        f"{prefix}.shared_expert.{GATED_PATHS[role]}.weight",
+                        shape,
+                        dtype,
+                        lambda s=shape: torch.zeros(s),
+                    )
+                )
             out.append(TensorEntry(f"{prefix}.shared_expert_gate.weight", (1, D), dtype, lambda: torch.zeros(1, D)))
         return out
 

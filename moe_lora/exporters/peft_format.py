@@ -56,14 +56,19 @@ def is_one_hot_or_zero(w_E: torch.Tensor) -> bool:
 
 def fixed_routing_problems(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
     """FFN-expert blocks whose fixed weights are not one-hot (or zero): not one FFN (one problem naming them)."""
-    bad = [(name, weights[name]) for name, m in iter_routed_modules(model)
-           if isinstance(m, MoEBlock) and m.ffn_experts and not is_one_hot_or_zero(weights[name])]
+    bad = [
+        (name, weights[name])
+        for name, m in iter_routed_modules(model)
+        if isinstance(m, MoEBlock) and m.ffn_experts and not is_one_hot_or_zero(weights[name])
+    ]
     if not bad:
         return []
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-    return [f"routing: FFN-expert blocks {', '.join(repr(n) for n, _ in bad[:3])}{more} get weights "
-            f"{[round(float(x), 4) for x in bad[0][1]]}; MixLoRA experts combine non-linearly, so only a one-hot "
-            f"(or all-zero) routing is a single FFN with one LoRA per projection"]
+    return [
+        f"routing: FFN-expert blocks {', '.join(repr(n) for n, _ in bad[:3])}{more} get weights "
+        f"{[round(float(x), 4) for x in bad[0][1]]}; MixLoRA experts combine non-linearly, so only a one-hot "
+        f"(or all-zero) routing is a single FFN with one LoRA per projection"
+    ]
 
 
 def module_loras(model: nn.Module, weights: dict[str, torch.Tensor]):
@@ -90,11 +95,14 @@ def truncate(A_NI: torch.Tensor, B_ON: torch.Tensor, rank: int) -> tuple[torch.T
     N = A_NI.shape[0]
     if rank >= N:
         pad = rank - N
-        return (torch.cat([A_NI, A_NI.new_zeros(pad, A_NI.shape[1])]),
-                torch.cat([B_ON, B_ON.new_zeros(B_ON.shape[0], pad)], dim=1), 0.0)
+        return (
+            torch.cat([A_NI, A_NI.new_zeros(pad, A_NI.shape[1])]),
+            torch.cat([B_ON, B_ON.new_zeros(B_ON.shape[0], pad)], dim=1),
+            0.0,
+        )
     qa, ra = torch.linalg.qr(A_NI.double().t())  # A^T = qa ra
-    qb, rb = torch.linalg.qr(B_ON.double())      # B = qb rb
-    U, S, Vh = torch.linalg.svd(rb @ ra.t())      # B A = qb (rb ra^T) qa^T
+    qb, rb = torch.linalg.qr(B_ON.double())  # B = qb rb
+    U, S, Vh = torch.linalg.svd(rb @ ra.t())  # B A = qb (rb ra^T) qa^T
     root = S[:rank].sqrt()
     B_new = (qb @ U[:, :rank]) * root
     A_new = root[:, None] * (Vh[:rank] @ qa.t())

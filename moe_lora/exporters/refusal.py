@@ -10,5 +10,7 @@ class ExportRefused(ValueError):
     def __init__(self, format: str, problems: list[str], instead: str):
         self.format, self.problems, self.instead = format, list(problems), instead
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"export --format {format}: refused, nothing was written ({len(self.problems)} "
-                         f"problem{'s' if len(self.problems) != 1 else ''}):\n{lines}\n  instead: {instead}")
+        super().__init__(
+            f"export --format {format}: refused, nothing was written ({len(self.problems)} "
+            f"problem{'s' if len(self.problems) != 1 else ''}):\n{lines}\n  instead: {instead}"
+        )

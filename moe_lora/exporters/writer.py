@@ -58,8 +58,10 @@ def check_out_dir(path: str | Path) -> list[str]:
         return [f"out: {path} exists and is not a directory"]
     children = [c.name for c in path.iterdir()]
     if children and RECORD_NAME not in children:
-        return [f"out: {path} exists and holds files that are not an earlier export ({', '.join(sorted(children)[:5])}"
-                f"); export to a new or empty directory"]
+        return [
+            f"out: {path} exists and holds files that are not an earlier export ({', '.join(sorted(children)[:5])}"
+            f"); export to a new or empty directory"
+        ]
     return []
 
 

@@ -18,8 +18,18 @@ from .topk import ContrastiveRouter, TopKRouter
 from .xlora import XLoRARouter
 
 ROUTER_CLASSES: dict[str, type[Router]] = {
-    cls.name: cls for cls in (TopKRouter, SoftRouter, ThresholdRouter, ExpertChoiceRouter, ContrastiveRouter,
-                              TaskRouter, MoLERouter, XLoRARouter, ClusterRouter)
+    cls.name: cls
+    for cls in (
+        TopKRouter,
+        SoftRouter,
+        ThresholdRouter,
+        ExpertChoiceRouter,
+        ContrastiveRouter,
+        TaskRouter,
+        MoLERouter,
+        XLoRARouter,
+        ClusterRouter,
+    )
 }
 
 

@@ -96,8 +96,9 @@ class Router(nn.Module):
             return None
         return self.weight.float()
 
-    def forward(self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None,
-                logits_TE: torch.Tensor | None = None) -> Routing:
+    def forward(
+        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None, logits_TE: torch.Tensor | None = None
+    ) -> Routing:
         """Route the rows of x_TD. ``logits_TE``: the logits x @ linear_weight()^T, when the caller computed them."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             if logits_TE is None:

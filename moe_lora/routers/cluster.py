@@ -54,16 +54,20 @@ class ClusterRouter(TaskRouter):
 
     def select(self, probs_TE, x_TD, token_mask_T):
         T, E = probs_TE.shape
-        top_p_TK, ids_TK = torch.topk(probs_TE[:, :E - 1], self.k, dim=-1)
+        top_p_TK, ids_TK = torch.topk(probs_TE[:, : E - 1], self.k, dim=-1)
         weights_TK = top_p_TK / top_p_TK.sum(-1, keepdim=True)
         universal_T1 = torch.full((T, 1), E - 1, dtype=ids_TK.dtype, device=ids_TK.device)
-        return (torch.cat([weights_TK, torch.ones_like(weights_TK[:, :1])], 1), torch.cat([ids_TK, universal_T1], 1),
-                None)
+        return (
+            torch.cat([weights_TK, torch.ones_like(weights_TK[:, :1])], 1),
+            torch.cat([ids_TK, universal_T1], 1),
+            None,
+        )
 
     def task_weights(self, task: int) -> torch.Tensor:
         """[E] weights of cluster ``task``: the renormalised top-k of the cluster experts and 1 for the universal."""
-        probs_1E = torch.softmax(self.task_logits(torch.tensor([int(task)], device=self.weight.device))
-                                 / self.temperature, dim=-1)
+        probs_1E = torch.softmax(
+            self.task_logits(torch.tensor([int(task)], device=self.weight.device)) / self.temperature, dim=-1
+        )
         w_1K, ids_1K, _ = self.select(probs_1E, probs_1E, None)
         return torch.zeros(self.num_experts, device=w_1K.device).index_add_(0, ids_1K[0], w_1K[0])
 

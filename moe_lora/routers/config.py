@@ -61,13 +61,17 @@ class RouterConfig:
             if not (is_int(self.top_k) and self.top_k >= 1):
                 p.append(f"top_k: {self.top_k!r} must be an int >= 1")
             elif self.name in ("soft", "xlora") and self.top_k > num_experts:
-                p.append(f"top_k: {self.top_k} is larger than num_experts={num_experts} (the soft router keeps "
-                         "the k largest)")
+                p.append(
+                    f"top_k: {self.top_k} is larger than num_experts={num_experts} (the soft router keeps "
+                    "the k largest)"
+                )
             elif (problem := k_problem(self.name, self.top_k, num_experts)) is not None:
                 p.append(problem)
             elif self.name == "cluster" and self.top_k > num_experts - 1:
-                p.append(f"top_k: {self.top_k} must be at most num_experts - 1 = {num_experts - 1} for router "
-                         "'cluster' (the last expert is the universal one)")
+                p.append(
+                    f"top_k: {self.top_k} must be at most num_experts - 1 = {num_experts - 1} for router "
+                    "'cluster' (the last expert is the universal one)"
+                )
         if not (is_number(self.temperature) and self.temperature > 0):
             p.append(f"temperature: {self.temperature!r} must be a number > 0")
         if not (is_number(self.jitter_noise) and 0.0 <= self.jitter_noise < 1.0):
@@ -81,13 +85,17 @@ class RouterConfig:
         if self.name in TASK_ROUTERS and not (is_int(self.num_tasks) and self.num_tasks >= 1):
             p.append(f"num_tasks: {self.num_tasks!r} must be an int >= 1 with router {self.name!r}")
         if self.name == "cluster" and is_int(num_experts) and num_experts < 2:
-            p.append(f"num_experts: {num_experts} must be >= 2 for router 'cluster' (cluster experts and the "
-                     "universal expert, the last)")
+            p.append(
+                f"num_experts: {num_experts} must be >= 2 for router 'cluster' (cluster experts and the "
+                "universal expert, the last)"
+            )
         if not (is_int(self.task_embedding_dim) and self.task_embedding_dim >= 1):
             p.append(f"task_embedding_dim: {self.task_embedding_dim!r} must be an int >= 1")
         if self.name == "xlora" and not (is_int(self.classifier_hidden_size) and self.classifier_hidden_size >= 1):
-            p.append(f"classifier_hidden_size: {self.classifier_hidden_size!r} must be the model's hidden size "
-                     "(an int >= 1) with router 'xlora'")
+            p.append(
+                f"classifier_hidden_size: {self.classifier_hidden_size!r} must be the model's hidden size "
+                "(an int >= 1) with router 'xlora'"
+            )
         if not (is_number(self.bias_update_rate) and self.bias_update_rate >= 0):
             p.append(f"bias_update_rate: {self.bias_update_rate!r} must be a number >= 0")
         return p
@@ -101,19 +109,48 @@ class RouterConfig:
 
 
 #: MoELoRAConfig's names of the router settings (the names MoELoRALinear's keywords take too).
-ROUTER_SETTINGS = ("router_temperature", "jitter_noise", "router_init_std", "soft_top_k", "threshold_max",
-                   "capacity_factor", "num_tasks", "task_embedding_dim", "classifier_hidden_size", "bias_update_rate")
+ROUTER_SETTINGS = (
+    "router_temperature",
+    "jitter_noise",
+    "router_init_std",
+    "soft_top_k",
+    "threshold_max",
+    "capacity_factor",
+    "num_tasks",
+    "task_embedding_dim",
+    "classifier_hidden_size",
+    "bias_update_rate",
+)
 
 
-def router_config_from_settings(router: str, top_k, router_temperature=1.0, jitter_noise=0.0, router_init_std=0.02,
-                                soft_top_k=None, threshold_max=None, capacity_factor=2.0, num_tasks=None,
-                                task_embedding_dim=64, classifier_hidden_size=None,
-                                bias_update_rate=0.0) -> RouterConfig:
+def router_config_from_settings(
+    router: str,
+    top_k,
+    router_temperature=1.0,
+    jitter_noise=0.0,
+    router_init_std=0.02,
+    soft_top_k=None,
+    threshold_max=None,
+    capacity_factor=2.0,
+    num_tasks=None,
+    task_embedding_dim=64,
+    classifier_hidden_size=None,
+    bias_update_rate=0.0,
+) -> RouterConfig:
     """The RouterConfig of MoELoRAConfig's router settings: the one place their names are translated
     (router_temperature -> temperature, router_init_std -> init_std; the k a token keeps: ``top_k`` for the
     top-k and contrastive routers, ``soft_top_k`` for the soft router, none for the others)."""
     k = top_k if router in FIXED_K_ROUTERS else soft_top_k if router in ("soft", "xlora") else None
-    return RouterConfig(name=router, top_k=k, temperature=router_temperature, jitter_noise=jitter_noise,
-                        init_std=router_init_std, threshold_max=threshold_max, capacity_factor=capacity_factor,
-                        num_tasks=num_tasks, task_embedding_dim=task_embedding_dim,
-                        classifier_hidden_size=classifier_hidden_size, bias_update_rate=bias_update_rate)
+    return RouterConfig(
+        name=router,
+        top_k=k,
+        temperature=router_temperature,
+        jitter_noise=jitter_noise,
+        init_std=router_init_std,
+        threshold_max=threshold_max,
+        capacity_factor=capacity_factor,
+        num_tasks=num_tasks,
+        task_embedding_dim=task_embedding_dim,
+        classifier_hidden_size=classifier_hidden_size,
+        bias_update_rate=bias_update_rate,
+    )

@@ -55,17 +55,22 @@ class MoLERouter(Router):
         a submodule: the layer owns the router), and give the gate its shape e [N, N * O]."""
         object.__setattr__(self, "_experts_of", layer)
         self.out_features = layer.out_features
-        self.weight = nn.Parameter(torch.empty(self.num_experts, self.num_experts * layer.out_features,
-                                               dtype=torch.float32, device=self.weight.device))
+        self.weight = nn.Parameter(
+            torch.empty(
+                self.num_experts, self.num_experts * layer.out_features, dtype=torch.float32, device=self.weight.device
+            )
+        )
         self.reset_parameters()
 
     def lora_outputs(self, x_TD: torch.Tensor) -> torch.Tensor:
         """[T, N, O] fp32: E_i(x) = s B_i A_i x for every LoRA i."""
         layer = self.__dict__.get("_experts_of")
         if layer is None or layer.lora_A.numel() == 0:
-            raise RuntimeError("router 'mole' reads its layer's LoRA outputs, but it is bound to none (build it "
-                               "through MoELoRALinear; expert-parallel layers, whose experts live elsewhere, are "
-                               "not supported)")
+            raise RuntimeError(
+                "router 'mole' reads its layer's LoRA outputs, but it is bound to none (build it "
+                "through MoELoRALinear; expert-parallel layers, whose experts live elsewhere, are "
+                "not supported)"
+            )
         h_TNr = torch.einsum("td,nrd->tnr", x_TD.float(), layer.lora_A.float())
         return layer.scaling * torch.einsum("tnr,nor->tno", h_TNr, layer.lora_B.float())
 

@@ -54,8 +54,10 @@ class TaskRouter(Router):
         """[T] int64 task id of every token row of this forward, from ``self.task_ids``."""
         ids = self.task_ids
         if ids is None:
-            raise RuntimeError("router 'task' (MOELoRA) needs the task ids of this forward: call "
-                               "moe_lora.set_task_ids(model, ids) before it ([B] per sequence or [B, S] per token)")
+            raise RuntimeError(
+                "router 'task' (MOELoRA) needs the task ids of this forward: call "
+                "moe_lora.set_task_ids(model, ids) before it ([B] per sequence or [B, S] per token)"
+            )
         ids = ids.to(device=device, dtype=torch.long).reshape(-1)
         if ids.numel() == T:
             return ids

@@ -55,8 +55,10 @@ class XLoRARouter(Router):
         h = self.context_TH
         if h is None or h.shape[0] != T:
             got = "none" if h is None else f"{h.shape[0]} rows"
-            raise RuntimeError(f"router 'xlora' needs the first pass's hidden states for its {T} tokens (got {got}): "
-                               "call the converted model itself, whose two-pass hook computes them")
+            raise RuntimeError(
+                f"router 'xlora' needs the first pass's hidden states for its {T} tokens (got {got}): "
+                "call the converted model itself, whose two-pass hook computes them"
+            )
         return h.float() @ self.weight.float().t() + self.bias.float()
 
     @property
@@ -76,5 +78,6 @@ class XLoRARouter(Router):
         return weights_TE, ids, None
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", classifier_hidden_size={self.classifier_hidden_size}, "
-                f"top_k={self.xlora_top_k}")
+        return (
+            super().extra_repr() + f", classifier_hidden_size={self.classifier_hidden_size}, top_k={self.xlora_top_k}"
+        )

@@ -123,10 +123,12 @@ def assert_matches(entry: dict, expected: dict, tol: float = 1e-9) -> None:
         if isinstance(want, dict):
             assert set(got) == set(want), (key, set(got), set(want))
             for k in want:
-                np.testing.assert_allclose(np.asarray(got[k], float), np.asarray(want[k], float), rtol=tol, atol=tol,
-                                           err_msg=f"{key}[{k}]")
+                np.testing.assert_allclose(
+                    np.asarray(got[k], float), np.asarray(want[k], float), rtol=tol, atol=tol, err_msg=f"{key}[{k}]"
+                )
         elif isinstance(want, list):
             assert got == want, (key, got, want)
         else:
-            np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), rtol=tol, atol=tol,
-                                       err_msg=key)
+            np.testing.assert_allclose(
+                np.asarray(got, float), np.asarray(want, float), rtol=tol, atol=tol, err_msg=key
+            )

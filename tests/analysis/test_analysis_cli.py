@@ -25,11 +25,17 @@ from moe_lora.commands.analyze import read_jsonl
 
 RECORDS = (
     [{"text": f"what is {i} plus {i + 3}? the answer is {2 * i + 3}.", "task": "math"} for i in range(5)]
-    + [{"prompt": f"write a loop over {n} items", "response": f"for x in range({n}): print(x)", "task": "code"}
-       for n in (3, 10, 100)]
-    + [{"text": "an unlabelled record about the weather, which is long enough to be truncated at twenty-four "
-                "tokens by the max length option of the command"},
-       {"text": "short", "label": "code"}]
+    + [
+        {"prompt": f"write a loop over {n} items", "response": f"for x in range({n}): print(x)", "task": "code"}
+        for n in (3, 10, 100)
+    ]
+    + [
+        {
+            "text": "an unlabelled record about the weather, which is long enough to be truncated at twenty-four "
+            "tokens by the max length option of the command"
+        },
+        {"text": "short", "label": "code"},
+    ]
 )
 TARGETS = ["q_proj", "up_proj"]
 PLOTS = ("load_heatmap.png", "cv_entropy.png", "coactivation.png", "load_by_task.png")
@@ -55,9 +61,17 @@ def model_dir(tmp_path_factory) -> Path:
     import transformers as tf
 
     path = tmp_path_factory.mktemp("small-llama")
-    config = tf.LlamaConfig(vocab_size=30522, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                            tie_word_embeddings=True, **zoo.MINILM_SPECIAL_IDS)
+    config = tf.LlamaConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        **zoo.MINILM_SPECIAL_IDS,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         tf.LlamaForCausalLM(config).save_pretrained(path)
@@ -72,9 +86,24 @@ def analysis_dir(tmp_path_factory, data_file, model_dir) -> Path:
     config = root / "method.yaml"
     MoELoRAConfig(target_modules=TARGETS, num_experts=4, top_k=2, rank=4, router_init_std=1.0).to_yaml(config)
     out = root / "out"
-    rc, stdout, stderr = _run_cli(["analyze", "--model", str(model_dir), "--config", str(config), "--data",
-                                   str(data_file), "--out", str(out), "--batch-size", "4", "--max-length", "24",
-                                   "--no-progress"])
+    rc, stdout, stderr = _run_cli(
+        [
+            "analyze",
+            "--model",
+            str(model_dir),
+            "--config",
+            str(config),
+            "--data",
+            str(data_file),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--max-length",
+            "24",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, stderr
     assert "routed layers" in stdout and str(out / "report.json") in stdout
     return out
@@ -114,15 +143,34 @@ def test_cli_writes_a_valid_report_with_plots(analysis_dir, data_file, model_dir
 def test_cli_with_a_saved_adapter_matches_the_in_process_model(tmp_path, data_file, model_dir):
     """save_adapter -> `analyze --adapter` gives the load an in-process recorder measures on the same model."""
     model = zoo.load_model(str(model_dir))
-    model = convert(model, MoELoRAConfig(target_modules=["up_proj"], num_experts=4, top_k=1, rank=4,
-                                         router_init_std=1.0, init_seed=5)) or model
+    model = (
+        convert(
+            model,
+            MoELoRAConfig(
+                target_modules=["up_proj"], num_experts=4, top_k=1, rank=4, router_init_std=1.0, init_seed=5
+            ),
+        )
+        or model
+    )
     with torch.no_grad():  # routers that a fresh conversion would not reproduce: only loading gives them
         for _, module in iter_routed_modules(model):
             module.router.weight.copy_(module.router.weight.flip(0) * 2.0)
     save_adapter(model, tmp_path / "adapter")
-    rc, _, stderr = _run_cli(["analyze", "--model", str(model_dir), "--adapter", str(tmp_path / "adapter"),
-                              "--data", str(data_file), "--out", str(tmp_path / "out"), "--no-progress",
-                              "--no-plots"])
+    rc, _, stderr = _run_cli(
+        [
+            "analyze",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--data",
+            str(data_file),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--no-plots",
+        ]
+    )
     assert rc == 0, stderr
     report = read_report(tmp_path / "out")
     assert report["adapter"] == str(tmp_path / "adapter")
@@ -147,12 +195,14 @@ def _stack_report(path: Path, collapse: bool, extra_layer: bool = False) -> Path
     force_logits(model.layers[0], one_expert_logits(E) if collapse else zero_logits(E))
     force_logits(model.layers[1], zero_logits(E))
     if not collapse:  # uniform p, top-1: ties go to expert 0 in torch.topk; spread tokens instead
-        model.layers[0].router.logits = lambda x: torch.nn.functional.one_hot(
-            torch.arange(x.shape[0]) % E, E).float() * 1e4
+        model.layers[0].router.logits = lambda x: (
+            torch.nn.functional.one_hot(torch.arange(x.shape[0]) % E, E).float() * 1e4
+        )
     with RoutingRecorder(model) as rec, torch.no_grad():
         model(torch.randn(2, 8, D))
-    report = build_report(list(rec.metrics().values()), model="stack", adapter=None, data=None, num_sequences=2,
-                          num_tokens=16, labels=[])
+    report = build_report(
+        list(rec.metrics().values()), model="stack", adapter=None, data=None, num_sequences=2, num_tokens=16, labels=[]
+    )
     write_report_dir(report, path, plots=False)
     return path / "report.json"
 
@@ -176,22 +226,54 @@ def test_cli_compare(tmp_path):
 def test_cli_errors_are_reported_without_traceback(tmp_path, data_file):
     rc, _, err = _run_cli(["analyze", "--model", "tiny-llama", "--data", str(data_file), "--out", str(tmp_path)])
     assert rc == 2 and "--adapter or --config: required" in err
-    rc, _, err = _run_cli(["analyze", "--data", "nope.jsonl", "--config", "x.yaml", "--out", str(data_file),
-                           "--batch-size", "0", "--device", "tpu"])
+    rc, _, err = _run_cli(
+        [
+            "analyze",
+            "--data",
+            "nope.jsonl",
+            "--config",
+            "x.yaml",
+            "--out",
+            str(data_file),
+            "--batch-size",
+            "0",
+            "--device",
+            "tpu",
+        ]
+    )
     assert rc == 2 and "invalid command line (6 problems)" in err, err  # every problem at once
-    for problem in ("--model: required", "--data: file 'nope.jsonl' does not exist", "--out: ", "is not a directory",
-                    "--config: file 'x.yaml' does not exist", "--batch-size: 0 must be >= 1", "--device: 'tpu'"):
+    for problem in (
+        "--model: required",
+        "--data: file 'nope.jsonl' does not exist",
+        "--out: ",
+        "is not a directory",
+        "--config: file 'x.yaml' does not exist",
+        "--batch-size: 0 must be >= 1",
+        "--device: 'tpu'",
+    ):
         assert problem in err, (problem, err)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     config = tmp_path / "c.yaml"
     MoELoRAConfig(target_modules=TARGETS).to_yaml(config)
-    rc, _, err = _run_cli(["analyze", "--model", "tiny-llama", "--config", str(config), "--data", str(bad),
-                           "--out", str(tmp_path / "o")])
+    rc, _, err = _run_cli(
+        ["analyze", "--model", "tiny-llama", "--config", str(config), "--data", str(bad), "--out", str(tmp_path / "o")]
+    )
     assert rc == 2 and "bad.jsonl line 2 has no string 'text'" in err
     config.write_text("num_experts: 4\n  top_k: [2\n")
-    rc, _, err = _run_cli(["analyze", "--model", "tiny-llama", "--config", str(config), "--data", str(data_file),
-                           "--out", str(tmp_path / "o")])
+    rc, _, err = _run_cli(
+        [
+            "analyze",
+            "--model",
+            "tiny-llama",
+            "--config",
+            str(config),
+            "--data",
+            str(data_file),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "--config: " in err and "is not valid YAML at line 2" in err, err
     (tmp_path / "r.json").write_text(json.dumps({"schema_version": 99}))
     rc, _, err = _run_cli(["analyze", "--compare", str(tmp_path / "r.json"), str(tmp_path / "r.json")])
@@ -220,9 +302,22 @@ def _browser() -> str | None:
 
 def _load_in_browser(browser: str, page: Path, profile: Path) -> tuple[str, list[str]]:
     """(DOM after the load event, console messages) of ``page`` in headless Chromium."""
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]

@@ -80,8 +80,17 @@ def test_expert_choice_active_experts():
     assert sum(layer["active_experts_hist"]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("router,E,k", [("topk", 4, 2), ("topk", 5, 1), ("contrastive", 4, 2), ("soft", 4, 1),
-                                        ("threshold", 6, 1), ("expert_choice", 4, 1)])
+@pytest.mark.parametrize(
+    "router,E,k",
+    [
+        ("topk", 4, 2),
+        ("topk", 5, 1),
+        ("contrastive", 4, 2),
+        ("soft", 4, 1),
+        ("threshold", 6, 1),
+        ("expert_choice", 4, 1),
+    ],
+)
 def test_report_equals_recomputation_from_raw_routing(router, E, k, tmp_path):
     """Random routers, padding and labels over several forwards: every number of report.json (written, read
     back and validated) equals an independent numpy recomputation from the raw routing (keep_tokens=True)."""
@@ -102,8 +111,9 @@ def test_report_equals_recomputation_from_raw_routing(router, E, k, tmp_path):
                 layer.token_mask = None
             model(torch.randn(2, 3, D, generator=gen))
     layers = list(rec.metrics().values())
-    report = build_report(layers, model="stack", adapter=None, data=None, num_sequences=11, num_tokens=0,
-                          labels=rec.label_names)
+    report = build_report(
+        layers, model="stack", adapter=None, data=None, num_sequences=11, num_tokens=0, labels=rec.label_names
+    )
     write_report_dir(report, tmp_path, plots=False)
     back = read_report(tmp_path / "report.json")
     assert back["labels"] == ["math", "code", "prose"]
@@ -218,8 +228,9 @@ def test_recorder_needs_routed_modules():
 def test_validate_report_finds_problems():
     model = Stack([("topk", 4, 2)])
     _, m = _metrics(model, [torch.randn(2, 3, D)])
-    report = build_report(list(m.values()), model="x", adapter=None, data=None, num_sequences=2, num_tokens=6,
-                          labels=[])
+    report = build_report(
+        list(m.values()), model="x", adapter=None, data=None, num_sequences=2, num_tokens=6, labels=[]
+    )
     assert validate_report(report) == []
     bad = {**report, "layers": [dict(report["layers"][0])]}
     del bad["layers"][0]["cv"]
@@ -249,8 +260,13 @@ def test_cuda_accumulators_match_cpu_and_never_sync():
         rec = RoutingRecorder(model)
         rec.set_labels(["a", "b", None])
         rec.set_attention_mask(mask_BS.to(device))
-        moved = [[type(r)(**{k: (v.to(device) if k in to_cuda else v) for k, v in vars(r).items()
-                             if k != "extras"}) for r in step] for step in routings]
+        moved = [
+            [
+                type(r)(**{k: (v.to(device) if k in to_cuda else v) for k, v in vars(r).items() if k != "extras"})
+                for r in step
+            ]
+            for step in routings
+        ]
         rec.record("layers.0", moved[0][0])  # first call allocates; copies the labels to the device once
         if device == "cuda":
             torch.cuda.synchronize()

@@ -25,18 +25,26 @@ def labelled_report():
     with RoutingRecorder(model) as rec, torch.no_grad():
         rec.register_labels(LABELS)
         for start in range(0, len(LABELS), 20):
-            labels = LABELS[start:start + 20]
+            labels = LABELS[start : start + 20]
             rec.set_labels(labels)
             model(torch.randn(len(labels), 1 + start % 3, 16))
-    return build_report(list(rec.metrics().values()), model="stack", adapter=None, data=None,
-                        num_sequences=len(LABELS), num_tokens=0, labels=rec.label_names)
+    return build_report(
+        list(rec.metrics().values()),
+        model="stack",
+        adapter=None,
+        data=None,
+        num_sequences=len(LABELS),
+        num_tokens=0,
+        labels=rec.label_names,
+    )
 
 
 def test_mathtext_labels_and_hundreds_of_tasks_make_a_whole_report(tmp_path, labelled_report):
     paths = write_report_dir(labelled_report, tmp_path / "r")
     names = sorted(p.name for p in (tmp_path / "r").iterdir())
-    assert names == sorted(["report.json", "index.html", "load_heatmap.png", "cv_entropy.png", "coactivation.png",
-                            "load_by_task.png"])
+    assert names == sorted(
+        ["report.json", "index.html", "load_heatmap.png", "cv_entropy.png", "coactivation.png", "load_by_task.png"]
+    )
     assert paths["load_by_task"].stat().st_size > 0
     assert "price $5 and $6" in (tmp_path / "r" / "index.html").read_text()
     assert read_report(tmp_path / "r")["labels"] == LABELS
@@ -81,8 +89,10 @@ def test_links_inside_or_as_the_report_dir_are_refused(tmp_path, labelled_report
     out = tmp_path / "r"
     out.mkdir()
     (out / "index.html").symlink_to(victim)
-    with pytest.raises(ValueError, match=re.escape(f"out_dir: '{out}' holds symbolic links (index.html); a report "
-                                                   "never writes through a link")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"out_dir: '{out}' holds symbolic links (index.html); a report never writes through a link"),
+    ):
         write_report_dir(labelled_report, out)
     assert victim.read_text() == "keep me"
     (tmp_path / "elsewhere").mkdir()
@@ -94,8 +104,15 @@ def test_links_inside_or_as_the_report_dir_are_refused(tmp_path, labelled_report
     assert "holds files that are not part of a report (notes.txt)" in report_dir_problem(tmp_path / "mixed")
 
 
-@pytest.mark.parametrize("out, why", [("/", "is the file-system root"), (".", "is the current directory"),
-                                      ("..", "or one of its parents"), ("~", "is the home directory")])
+@pytest.mark.parametrize(
+    "out, why",
+    [
+        ("/", "is the file-system root"),
+        (".", "is the current directory"),
+        ("..", "or one of its parents"),
+        ("~", "is the home directory"),
+    ],
+)
 def test_dangerous_report_dirs_are_refused(out, why):
     assert why in report_dir_problem(out)
 

@@ -10,8 +10,12 @@ from moe_lora.analysis import task_expert_nmi
 
 
 def layer(load_by_task: dict, tokens_by_task: dict, E: int, active: float = 2.0) -> dict:
-    return {"load_by_task": load_by_task, "tokens_by_task": tokens_by_task, "num_experts": E,
-            "mean_active_experts": active}
+    return {
+        "load_by_task": load_by_task,
+        "tokens_by_task": tokens_by_task,
+        "num_experts": E,
+        "mean_active_experts": active,
+    }
 
 
 def joint_mi(load_by_task: dict, tokens_by_task: dict) -> float:
@@ -25,8 +29,9 @@ def joint_mi(load_by_task: dict, tokens_by_task: dict) -> float:
 
 
 def test_disjoint_experts_give_one_and_shared_experts_zero():
-    assert task_expert_nmi(layer({"a": [0.5, 0.5, 0, 0], "b": [0, 0, 0.5, 0.5]}, {"a": 10, "b": 10}, 4)) == \
-        pytest.approx(1.0)
+    assert task_expert_nmi(
+        layer({"a": [0.5, 0.5, 0, 0], "b": [0, 0, 0.5, 0.5]}, {"a": 10, "b": 10}, 4)
+    ) == pytest.approx(1.0)
     assert task_expert_nmi(layer({"a": [0.25] * 4, "b": [0.25] * 4}, {"a": 3, "b": 9}, 4)) == pytest.approx(0.0)
 
 
@@ -38,7 +43,6 @@ def test_matches_the_joint_table_formula_with_unequal_tasks():
 
 
 def test_undefined_cases_are_none():
-    assert task_expert_nmi(layer({"a": [1.0]}, {"a": 5}, 1)) is None                       # one expert
-    assert task_expert_nmi(layer({"a": [0.5, 0.5]}, {"a": 5}, 2)) is None                  # one task
+    assert task_expert_nmi(layer({"a": [1.0]}, {"a": 5}, 1)) is None  # one expert
+    assert task_expert_nmi(layer({"a": [0.5, 0.5]}, {"a": 5}, 2)) is None  # one task
     assert task_expert_nmi(layer({"a": [0.5, 0.5], "b": [0.5, 0.5]}, {"a": 1, "b": 1}, 2, active=2.0)) is None
-

@@ -73,8 +73,15 @@ def run_offsets(model, root: Path, name: str, start: str, use_exchange: bool) ->
         log = root / name / f"{n}.log"
         status = fork_and_wait(lambda t=target, n=n, log=log: child(t, n, log))
         ops = read_log(log)
-        cases.append({"n": n, "dir": str(case), "status": status, "ops_started": len(ops),
-                      "killed_at": ops[-1] if status == "killed" else None})
+        cases.append(
+            {
+                "n": n,
+                "dir": str(case),
+                "status": status,
+                "ops_started": len(ops),
+                "killed_at": ops[-1] if status == "killed" else None,
+            }
+        )
     return {"start": start, "exchange": use_exchange, "total": len(trace), "trace": trace, "cases": cases}
 
 
@@ -107,8 +114,9 @@ def forked_save(model, target: Path, delay: float | None) -> tuple[str, float]:
 
 def run_timed(model, root: Path, name: str, start: str, kills: int, seed: int) -> dict:
     """Kills after a delay drawn uniformly from 0 .. 1.2 x the time a forked save takes (measured 3 times)."""
-    duration = statistics.median(forked_save(model, setup(root / name / f"t{i}", start, root), None)[1]
-                                 for i in range(3))
+    duration = statistics.median(
+        forked_save(model, setup(root / name / f"t{i}", start, root), None)[1] for i in range(3)
+    )
     rng = random.Random(f"{seed}:{name}")
     cases = []
     for i in range(kills):

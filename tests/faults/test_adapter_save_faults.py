@@ -58,8 +58,12 @@ def test_the_switch_counts_the_operations_of_a_save_and_uninstalls(tmp_path):
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("faults")
-    proc = subprocess.run([sys.executable, str(WORKER), str(root), str(TIMED_KILLS), str(SEED)],
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), str(root), str(TIMED_KILLS), str(SEED)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root, json.loads((root / "manifest.json").read_text())
 
@@ -156,10 +160,11 @@ def test_a_kill_at_every_operation_leaves_the_old_or_the_new_adapter(faults, che
         n = case["n"]
         assert case["status"] == ("completed" if n == total else "killed"), case
         if n < total:
-            assert case["ops_started"] == n + 1 and _normal(case["killed_at"]) == _normal(trace[n]), \
+            assert case["ops_started"] == n + 1 and _normal(case["killed_at"]) == _normal(trace[n]), (
                 f"kill {n}: the save must repeat the counted operations"
+            )
         got = checker.outcome(Path(case["dir"]) / "a")
-        assert got == expected_outcome(scenario, n), f"{name}: killed before op {n} ({trace[n:n + 1]})"
+        assert got == expected_outcome(scenario, n), f"{name}: killed before op {n} ({trace[n : n + 1]})"
         seen[got] = seen.get(got, 0) + 1
         checker.leftovers_refused_then_cleaned(Path(case["dir"]))
     print(f"\n{name}: {total} operations, {total + 1} kill offsets (0..{total}, the last completes): {seen}")
@@ -181,5 +186,7 @@ def test_a_kill_at_a_random_time_leaves_the_old_or_the_new_adapter(faults, check
         checker.leftovers_refused_then_cleaned(Path(case["dir"]))
     killed = sum(c["status"] == "killed" for c in scenario["cases"])
     assert killed >= 1, "no kill landed before the save finished"
-    print(f"\n{name}: {len(scenario['cases'])} kills after 0..{1.2 * scenario['save_s'] * 1e3:.1f} ms "
-          f"(a save takes {scenario['save_s'] * 1e3:.1f} ms), {killed} before it finished: {seen}")
+    print(
+        f"\n{name}: {len(scenario['cases'])} kills after 0..{1.2 * scenario['save_s'] * 1e3:.1f} ms "
+        f"(a save takes {scenario['save_s'] * 1e3:.1f} ms), {killed} before it finished: {seen}"
+    )

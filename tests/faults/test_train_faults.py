@@ -20,8 +20,13 @@ KILLS, SEED = 8, 0
 def manifest(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_faults")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(HERE / "train_worker.py"), str(root), str(KILLS), str(SEED)],
-                          env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "train_worker.py"), str(root), str(KILLS), str(SEED)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads((root / "manifest.json").read_text())
 

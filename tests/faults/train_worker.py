@@ -34,8 +34,9 @@ def recipe(out: Path) -> dict:
 
 def train_child(out: Path, kill_at: int | None, log: Path) -> None:
     """A forked child: one-rank process group on a fresh port, the fault switch, run_training."""
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
     from moe_lora.training import run_training
 
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -52,8 +53,11 @@ def read_log(file: Path) -> list[str]:
 def pick_offsets(trace: list[str], kills: int, seed: int) -> list[int]:
     """The commit points of the checkpoints (manifest, tag directory rename, ``latest``), then
     seeded draws over all operations (the adapter's own commit points are tried one by one in its own test)."""
-    commits = [i for i, op in enumerate(trace)
-               if op.startswith(("replace .COMPLETE.json.tmp", "replace .tmp-step", "replace .latest.tmp"))]
+    commits = [
+        i
+        for i, op in enumerate(trace)
+        if op.startswith(("replace .COMPLETE.json.tmp", "replace .tmp-step", "replace .latest.tmp"))
+    ]
     rng = random.Random(seed)
     rest = [i for i in range(len(trace)) if i not in commits]
     drawn = rng.sample(rest, max(0, min(len(rest), kills - len(commits))))
@@ -79,12 +83,20 @@ def main() -> None:
         first = fork_and_wait(lambda out=out, n=n: train_child(out, n, root / f"case{n}.log"), timeout=300)
         logged = sorted(read_metrics(out / "metrics.jsonl")) if (out / "metrics.jsonl").exists() else []
         left = [s for s, _ in complete_tags(out / "checkpoints")]
-        second = fork_and_wait(lambda out=out, n=n: train_child(out, None, root / f"case{n}.resume.log"),
-                               timeout=300)
+        second = fork_and_wait(lambda out=out, n=n: train_child(out, None, root / f"case{n}.resume.log"), timeout=300)
         result = json.loads((out / "result.json").read_text()) if second == "completed" else None
-        cases.append({"n": n, "op": trace[n], "first": first, "logged_steps": logged, "complete_tags": left,
-                      "second": second, "resumed_from": None if result is None else result["start_step"],
-                      "losses": None if result is None else result["losses"]})
+        cases.append(
+            {
+                "n": n,
+                "op": trace[n],
+                "first": first,
+                "logged_steps": logged,
+                "complete_tags": left,
+                "second": second,
+                "resumed_from": None if result is None else result["start_step"],
+                "losses": None if result is None else result["losses"],
+            }
+        )
     manifest = {"total_ops": len(trace), "ref_losses": ref, "every": EVERY, "max_steps": MAX_STEPS, "cases": cases}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
 

@@ -14,6 +14,7 @@ from tolerances import assert_close
 
 def oracle(u, g, du, dg, w):
     """The module docstring's formulas in fp64, with silu written out: act(x) = x * sigmoid(x)."""
+
     def act(x):
         return x * torch.sigmoid(x)
 
@@ -35,8 +36,10 @@ def check_against_oracle(chain, S, F_):
     leaves = [t.float().requires_grad_() for t in data]
     ref = [t.clone().requires_grad_() for t in data]
     gen = torch.Generator().manual_seed(1)
-    gp, gwd = torch.randn(S, F_, generator=gen, dtype=torch.float64), torch.randn(S, F_, generator=gen,
-                                                                                  dtype=torch.float64)
+    gp, gwd = (
+        torch.randn(S, F_, generator=gen, dtype=torch.float64),
+        torch.randn(S, F_, generator=gen, dtype=torch.float64),
+    )
     p, wd = chain(*leaves)
     torch.autograd.backward([p, wd], [gp.float(), gwd.float()])
     p_ref, wd_ref = oracle(*ref)

@@ -74,13 +74,22 @@ def test_grouped_rows_mm_refuses_slot_order():
 
 
 @pytest.mark.parametrize("router", ["topk", "threshold", "contrastive"])
-@pytest.mark.parametrize("arch,targets", [("tiny-llama", LLAMA_MLP), ("tiny-llama", ["gate_proj", "down_proj"]),
-                                          ("tiny-gpt2", ["mlp.c_fc", "mlp.c_proj"])])
+@pytest.mark.parametrize(
+    "arch,targets",
+    [("tiny-llama", LLAMA_MLP), ("tiny-llama", ["gate_proj", "down_proj"]), ("tiny-gpt2", ["mlp.c_fc", "mlp.c_proj"])],
+)
 def test_ffn_expert_order_equals_slot_order_with_gradients(arch, targets, router):
     """The torch backend's expert-order MixLoRA path and the slot-order path (the dense backend, as Triton takes
     it), fp64: the same output, aux loss and gradients of every adapter tensor (6 experts, 2 x 5 tokens)."""
-    cfg = MoELoRAConfig(target_modules=targets, router_scope="block", ffn_experts=True, num_experts=6, top_k=2,
-                        router=router, contrastive_coef=0.1)
+    cfg = MoELoRAConfig(
+        target_modules=targets,
+        router_scope="block",
+        ffn_experts=True,
+        num_experts=6,
+        top_k=2,
+        router=router,
+        contrastive_coef=0.1,
+    )
     fast = perturb_(convert(tiny(arch), cfg)).double().train()
     slow = copy.deepcopy(fast)
     for m in slow.modules():

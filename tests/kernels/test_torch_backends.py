@@ -62,7 +62,12 @@ def test_backend_matches_reference_fp32(backend, shape):
     y, grads = run(lambda *a: call(backend, *a, 0.7), x, A, B, ids, w, g_TO)
     x64, A64, B64, w64 = (t.double() for t in (x, A, B, w))
     y_ref, grads_ref = run(
-        lambda *a: lora_experts_reference(*a, 0.7, compute_dtype=torch.float64), x64, A64, B64, ids, w64,
+        lambda *a: lora_experts_reference(*a, 0.7, compute_dtype=torch.float64),
+        x64,
+        A64,
+        B64,
+        ids,
+        w64,
         g_TO.double(),
     )
     assert y.dtype == torch.float32 and y.shape == (T, O)
@@ -82,7 +87,10 @@ def test_backend_bf16_close_to_fp32_reference(backend):
     y, grads = run(lambda *a: call(backend, *a, 0.7), x, A, B, ids, w, g_TO)
     y_ref, grads_ref = run(
         lambda *a: lora_experts_reference(*a, 0.7, compute_dtype=torch.float64),
-        *(t.double() for t in (x, A, B)), ids, w.double(), g_TO.double(),
+        *(t.double() for t in (x, A, B)),
+        ids,
+        w.double(),
+        g_TO.double(),
     )
     assert y.dtype == torch.bfloat16
     assert_close(y, y_ref, torch.bfloat16, f"{backend} bf16 forward")

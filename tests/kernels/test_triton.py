@@ -366,7 +366,8 @@ def test_tile_configs_fit_their_register_budget(element_size, d):
                         assert c.block_m <= 64, c
                     if tiles == "fp32":
                         assert c.block_w == c.block_mw == 32 and c.block_k == c.block_n == (
-                            16 if c.block_r == 128 else 32), c
+                            16 if c.block_r == 128 else 32
+                        ), c
                     space = autotune_space_slots(c.block_r, c.block_m, tiles)
                     assert space and all(
                         slot_tiles_fit(c.block_m, c.block_r, e["BLOCK_K"], e["BLOCK_N"], e["num_warps"], tiles)

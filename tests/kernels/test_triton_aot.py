@@ -44,8 +44,13 @@ def _check(rows: list[dict]) -> None:
             problems.append(f"{name}: {r.get('error')}")
         elif r["spills"] and (r["dtype"] != "fp32" or r["source"] == "heuristic"):
             problems.append(f"{name}: spills ({r['stack_bytes']} B stack, {r['spill_store_bytes']} B spill stores)")
-        elif (r["kernel"] == "forward" and r["source"] == "heuristic" and r["variant"] != "atomic"
-              and min(r["ranks"]) <= 16 and r["regs"] > 128):  # the atomic path: kernels/README.md says why
+        elif (
+            r["kernel"] == "forward"
+            and r["source"] == "heuristic"
+            and r["variant"] != "atomic"
+            and min(r["ranks"]) <= 16
+            and r["regs"] > 128
+        ):  # the atomic path: kernels/README.md says why
             problems.append(f"{name}: {r['regs']} registers at r <= 16 (limit 128)")
     assert not problems, "\n".join(problems)
 
@@ -56,8 +61,9 @@ def _compile(jobs):
     return rows
 
 
-full_sweep = pytest.mark.skipif(os.environ.get("MOE_LORA_AOT_FULL") != "1",
-                                reason="the exhaustive AOT sweep is opt-in: MOE_LORA_AOT_FULL=1")
+full_sweep = pytest.mark.skipif(
+    os.environ.get("MOE_LORA_AOT_FULL") != "1", reason="the exhaustive AOT sweep is opt-in: MOE_LORA_AOT_FULL=1"
+)
 
 
 @pytest.mark.parametrize("capability", [90, 80])
@@ -90,15 +96,29 @@ def test_heuristic_configs_and_variants_compile_for_sm80(kernel, dtype):
 @pytest.mark.parametrize("block_r", [16, 32, 64, 128])
 @pytest.mark.parametrize("kernel", aot.KERNELS)
 def test_autotune_space_compiles_bf16_sm90(kernel, block_r):
-    jobs = [j for j in aot.enumerate_jobs(kernels=(kernel,), dtypes=("bf16",), capabilities=(90,), variants=("det",))
-            if j.source == "autotune" and j.block_r == block_r]
+    jobs = [
+        j
+        for j in aot.enumerate_jobs(kernels=(kernel,), dtypes=("bf16",), capabilities=(90,), variants=("det",))
+        if j.source == "autotune" and j.block_r == block_r
+    ]
     _check(_compile(jobs))
 
 
 def test_a_config_that_cannot_compile_is_reported():
     """A 16-bit dot with an 8-wide reduction is rejected by triton: the row says so instead of passing."""
-    job = aot.Job(kernel="forward", dtype="bf16", capability=90, source="heuristic", ranks=(8,), block_m=16,
-                  block_r=8, block_k=64, block_n=64, num_warps=4, num_stages=3)
+    job = aot.Job(
+        kernel="forward",
+        dtype="bf16",
+        capability=90,
+        source="heuristic",
+        ranks=(8,),
+        block_m=16,
+        block_r=8,
+        block_k=64,
+        block_n=64,
+        num_warps=4,
+        num_stages=3,
+    )
     row = aot.compile_job(job)
     assert not row["ok"] and row["error"]
     with pytest.raises(AssertionError, match="forward bf16 sm_90"):
@@ -111,14 +131,23 @@ def test_enumeration_covers_every_heuristic_choice(element_size, dim):
     splits aside: the "split" variant compiles every config with N_SPLIT > 1)."""
     for cap, arch in aot.ARCHS.items():
         for rank in aot.RANKS:
-            known = {(c.block_m, c.block_k, c.block_n, c.block_r, c.block_mw, c.block_w, c.num_warps, c.num_stages)
-                     for c in aot.heuristic_configs(rank, arch.sms, dim, element_size)}
+            known = {
+                (c.block_m, c.block_k, c.block_n, c.block_r, c.block_mw, c.block_w, c.num_warps, c.num_stages)
+                for c in aot.heuristic_configs(rank, arch.sms, dim, element_size)
+            }
             for experts in (1, 8, 64):
                 for slots in (1, 2, 7, 100, 130, 500, 1000, 4000, 8192, 30000, 200000):
-                    c = choose_tile_config(slots, experts, rank, dim, dim, num_sms=arch.sms,
-                                           element_size=element_size)
-                    key = (c.block_m, c.block_k, c.block_n, c.block_r, c.block_mw, c.block_w, c.num_warps,
-                           c.num_stages)
+                    c = choose_tile_config(slots, experts, rank, dim, dim, num_sms=arch.sms, element_size=element_size)
+                    key = (
+                        c.block_m,
+                        c.block_k,
+                        c.block_n,
+                        c.block_r,
+                        c.block_mw,
+                        c.block_w,
+                        c.num_warps,
+                        c.num_stages,
+                    )
                     assert key in known, (cap, rank, experts, slots, c)
 
 

@@ -39,8 +39,11 @@ from tolerances import assert_close
 _USABLE = {name for name, (ok, _) in backend_status().items() if ok}
 CPU_BACKENDS = [b for b in BACKENDS if b not in ("triton", "megablocks") and (b == "auto" or b in _USABLE)]
 CPU_BACKENDS += ["grouped_loop", "grouped_padded"] + (["grouped_mm"] if hasattr(F, "grouped_mm") else [])
-FORCED = {"grouped_loop": dict(use_grouped_mm=False, use_padded=False),
-          "grouped_padded": dict(use_grouped_mm=False, use_padded=True), "grouped_mm": dict(use_grouped_mm=True)}
+FORCED = {
+    "grouped_loop": dict(use_grouped_mm=False, use_padded=False),
+    "grouped_padded": dict(use_grouped_mm=False, use_padded=True),
+    "grouped_mm": dict(use_grouped_mm=True),
+}
 
 ROUTINGS = ("topk", "empty_experts", "collapsed", "variable_k")
 DIM = st.one_of(st.integers(1, 48), st.sampled_from([8, 16, 32, 48]))
@@ -98,8 +101,9 @@ def cases(draw, dtypes=(torch.float32, torch.bfloat16)):
         ids = torch.arange(E).expand(T, E).clone()
     elif routing == "collapsed":  # every first slot on one expert: C = T, past PAD_LIMIT when E > 2K (grouped loop)
         experts = torch.randperm(E, generator=g)
-        ids = torch.stack([torch.cat([experts[:1], experts[1:][torch.randperm(E - 1, generator=g)[: K - 1]]])
-                           for _ in range(T)])
+        ids = torch.stack(
+            [torch.cat([experts[:1], experts[1:][torch.randperm(E - 1, generator=g)[: K - 1]]]) for _ in range(T)]
+        )
     else:
         experts = torch.randperm(E, generator=g)[:pool]  # the other E - pool experts get no token
         ids = torch.stack([experts[torch.randperm(pool, generator=g)[:K]] for _ in range(T)])
@@ -180,8 +184,9 @@ def test_triton_matches_fp64_reference(triton_device, data):
     """The Triton kernels agree with the fp64 reference (fp32 only in the interpreter, whose tl.dot lacks bf16)."""
     on_cuda = triton_device.type == "cuda"
     case = data.draw(cases(dtypes=(torch.float32, torch.bfloat16) if on_cuda else (torch.float32,)))
-    moved = Case(*(t.to(triton_device) for t in (case.x, case.A, case.B, case.ids, case.w, case.g)),
-                 case.scaling, case.dtype)
+    moved = Case(
+        *(t.to(triton_device) for t in (case.x, case.A, case.B, case.ids, case.w, case.g)), case.scaling, case.dtype
+    )
     y, grads = forward_backward(lora_experts_triton, moved)
     check_against_reference(case, y.cpu(), [t.cpu() for t in grads], "triton")
 
@@ -196,7 +201,8 @@ def test_triton_properties_in_interpreter():
     node = f"{Path(__file__).resolve()}::test_triton_matches_fp64_reference"
     cmd = [sys.executable, "-m", "pytest", node, "-q", "-p", "no:cacheprovider"]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    child = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-                           timeout=300)
+    child = subprocess.run(
+        cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=300
+    )
     report = child.stdout[-6000:] + child.stderr[-2000:]
     assert child.returncode == 0 and "1 passed" in report, f"Triton property failed in the interpreter:\n{report}"

@@ -49,14 +49,31 @@ def examples(n: int) -> settings:
 NAME = st.text(string.ascii_letters + string.digits + "_.", min_size=1, max_size=8)
 TEXT = st.text(max_size=8)
 #: Invalid for every MoELoRAConfig field (YAML gives bytes for !!binary, dates for 2024-01-01, sets for !!set).
-JUNK = st.one_of(st.binary(max_size=3), st.dates(), st.sets(st.integers(0, 3), max_size=2),
-                 st.dictionaries(st.one_of(TEXT, st.integers(0, 3)), st.integers(0, 3), max_size=2))
+JUNK = st.one_of(
+    st.binary(max_size=3),
+    st.dates(),
+    st.sets(st.integers(0, 3), max_size=2),
+    st.dictionaries(st.one_of(TEXT, st.integers(0, 3)), st.integers(0, 3), max_size=2),
+)
 LONG = st.text(string.ascii_letters, min_size=256, max_size=300)  # too long for a file name
-ANY = st.one_of(st.none(), st.booleans(), st.integers(-3, 100), st.floats(), TEXT, LONG, JUNK,
-                st.lists(st.one_of(st.integers(0, 5), NAME), max_size=3))
+ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 100),
+    st.floats(),
+    TEXT,
+    LONG,
+    JUNK,
+    st.lists(st.one_of(st.integers(0, 5), NAME), max_size=3),
+)
 NOT_INT = st.one_of(JUNK, st.booleans(), st.floats(), TEXT, st.lists(st.integers(0, 5), min_size=1, max_size=2))
-NOT_NUM = st.one_of(JUNK, st.booleans(), TEXT, st.lists(st.floats(0, 1), min_size=1, max_size=2),
-                    st.sampled_from([math.nan, math.inf, -math.inf]))
+NOT_NUM = st.one_of(
+    JUNK,
+    st.booleans(),
+    TEXT,
+    st.lists(st.floats(0, 1), min_size=1, max_size=2),
+    st.sampled_from([math.nan, math.inf, -math.inf]),
+)
 NOT_BOOL = st.one_of(JUNK, st.none(), st.integers(0, 1), st.floats(), TEXT, st.lists(st.booleans(), max_size=2))
 
 
@@ -70,8 +87,14 @@ def nums(lo: float, hi: float, **excl):
 
 def one_of_names(choices):
     """(valid, invalid) for a field that takes one of ``choices``."""
-    bad = st.one_of(JUNK, st.none(), st.integers(), st.floats(), TEXT.filter(lambda s: s not in choices),
-                    st.lists(st.sampled_from(choices), min_size=1, max_size=2))
+    bad = st.one_of(
+        JUNK,
+        st.none(),
+        st.integers(),
+        st.floats(),
+        TEXT.filter(lambda s: s not in choices),
+        st.lists(st.sampled_from(choices), min_size=1, max_size=2),
+    )
     return st.sampled_from(choices), bad
 
 
@@ -88,18 +111,44 @@ UNIT = number(nums(0, 1, exclude_max=True), st.one_of(nums(1, 10), nums(-10, -1e
 
 #: field -> (valid on its own, invalid whatever the other fields are)
 SPECS = {
-    "target_modules": (st.one_of(NAMES, NAMES.map(tuple), REGEX),
-                       st.one_of(JUNK, st.none(), st.integers(), st.sampled_from([[], [""], "q_proj(", "[", "*"]),
-                                 st.lists(st.integers(), min_size=1, max_size=2))),
-    "layers_to_transform": (st.one_of(st.none(), st.lists(ints(0, 40), max_size=4)),
-                            st.one_of(JUNK, TEXT, st.integers(), st.lists(ints(-5, -1), min_size=1, max_size=2),
-                                      st.sampled_from([[1.0], [True], [None], [[0]]]))),
-    "num_experts": (st.one_of(ints(1, 32), st.lists(ints(1, 16), min_size=1, max_size=4), st.sampled_from(SHAPES)),
-                    st.one_of(ints(-3, 0), st.just([]), st.lists(ints(-2, 0), min_size=1, max_size=3), JUNK,
-                              st.none(), st.booleans(), st.floats(), TEXT.filter(lambda s: s not in SHAPES),
-                              st.sampled_from([[1.5], ["4"], [True]]))),
-    "top_k": (st.one_of(ints(1, 8), st.lists(ints(1, 8), min_size=1, max_size=4)),
-              st.one_of(ints(-3, 0), st.just([]), st.just([0]), JUNK, st.none(), st.booleans(), st.floats(), TEXT)),
+    "target_modules": (
+        st.one_of(NAMES, NAMES.map(tuple), REGEX),
+        st.one_of(
+            JUNK,
+            st.none(),
+            st.integers(),
+            st.sampled_from([[], [""], "q_proj(", "[", "*"]),
+            st.lists(st.integers(), min_size=1, max_size=2),
+        ),
+    ),
+    "layers_to_transform": (
+        st.one_of(st.none(), st.lists(ints(0, 40), max_size=4)),
+        st.one_of(
+            JUNK,
+            TEXT,
+            st.integers(),
+            st.lists(ints(-5, -1), min_size=1, max_size=2),
+            st.sampled_from([[1.0], [True], [None], [[0]]]),
+        ),
+    ),
+    "num_experts": (
+        st.one_of(ints(1, 32), st.lists(ints(1, 16), min_size=1, max_size=4), st.sampled_from(SHAPES)),
+        st.one_of(
+            ints(-3, 0),
+            st.just([]),
+            st.lists(ints(-2, 0), min_size=1, max_size=3),
+            JUNK,
+            st.none(),
+            st.booleans(),
+            st.floats(),
+            TEXT.filter(lambda s: s not in SHAPES),
+            st.sampled_from([[1.5], ["4"], [True]]),
+        ),
+    ),
+    "top_k": (
+        st.one_of(ints(1, 8), st.lists(ints(1, 8), min_size=1, max_size=4)),
+        st.one_of(ints(-3, 0), st.just([]), st.just([0]), JUNK, st.none(), st.booleans(), st.floats(), TEXT),
+    ),
     "expert_budget": (ints(1, 40), st.one_of(ints(-3, 0), NOT_INT, st.none())),
     "allocation_groups": (ints(1, 8), st.one_of(ints(-3, 0), NOT_INT, st.none())),
     "rank": (ints(1, 64), st.one_of(ints(-3, 0), NOT_INT, st.none())),
@@ -115,17 +164,22 @@ SPECS = {
     "router_init_std": COEF,
     "jitter_noise": UNIT,
     "soft_top_k": (st.one_of(st.none(), ints(1, 8)), st.one_of(ints(-3, 0), NOT_INT)),
-    "threshold_max": (st.one_of(st.none(), nums(0, 1, exclude_min=True)),
-                      st.one_of(nums(-1, 0), nums(1, 10, exclude_min=True), NOT_NUM)),
+    "threshold_max": (
+        st.one_of(st.none(), nums(0, 1, exclude_min=True)),
+        st.one_of(nums(-1, 0), nums(1, 10, exclude_min=True), NOT_NUM),
+    ),
     "capacity_factor": POSITIVE,
     "num_tasks": (st.one_of(st.none(), ints(1, 8)), st.one_of(ints(-3, 0), NOT_INT)),
     "task_embedding_dim": (ints(1, 64), st.one_of(ints(-3, 0), NOT_INT, st.none())),
     "classifier_hidden_size": (st.one_of(st.none(), ints(1, 64)), st.one_of(ints(-3, 0), NOT_INT)),
     "use_dora": (st.booleans(), NOT_BOOL),
     "expert_type": one_of_names(EXPERT_TYPES),
-    "ia3_feedforward_modules": (st.one_of(st.lists(NAME, max_size=2), st.lists(NAME, max_size=2).map(tuple)),
-                                st.one_of(JUNK, st.none(), NAME, st.integers(), st.just([""]),
-                                          st.lists(st.integers(), min_size=1, max_size=2))),
+    "ia3_feedforward_modules": (
+        st.one_of(st.lists(NAME, max_size=2), st.lists(NAME, max_size=2).map(tuple)),
+        st.one_of(
+            JUNK, st.none(), NAME, st.integers(), st.just([""]), st.lists(st.integers(), min_size=1, max_size=2)
+        ),
+    ),
     "gate_balance_coef": COEF,
     "load_balance_coef": COEF,
     "z_loss_coef": COEF,
@@ -138,14 +192,14 @@ SPECS = {
     "balance_warmup_steps": (ints(0, 100), st.one_of(ints(-3, -1), NOT_INT, st.none())),
     "balance_warmup_start": COEF,
     "bias_update_rate": COEF,
-    "modules_to_save": (st.one_of(st.lists(NAME, max_size=2), st.lists(NAME, max_size=2).map(tuple)),
-                        st.one_of(JUNK, st.none(), NAME, st.integers(), st.lists(st.integers(), min_size=1,
-                                                                                  max_size=2))),
+    "modules_to_save": (
+        st.one_of(st.lists(NAME, max_size=2), st.lists(NAME, max_size=2).map(tuple)),
+        st.one_of(JUNK, st.none(), NAME, st.integers(), st.lists(st.integers(), min_size=1, max_size=2)),
+    ),
 }
 assert sorted(SPECS) == sorted(FIELDS), "every MoELoRAConfig field needs a strategy"
 
-UNKNOWN_KEYS = st.dictionaries(st.one_of(NAME.filter(lambda k: k not in FIELDS), st.integers(0, 3)), ANY,
-                               max_size=2)
+UNKNOWN_KEYS = st.dictionaries(st.one_of(NAME.filter(lambda k: k not in FIELDS), st.integers(0, 3)), ANY, max_size=2)
 
 
 @st.composite
@@ -260,12 +314,28 @@ def _section_fields(cls, prefix: str) -> list[str]:
 
 #: Paths whose value may be anything (its validity is up to the loader), and paths that are errors whatever the
 #: value (unknown keys). The inline DeepSpeed mapping is free-form, so values under it are never "surely invalid".
-FIELD_PATHS = sorted({*_leaves(TINY_RECIPE), *SECTIONS, "model.sizes", "moe_lora", "ep_size", "deepspeed",
-                      "output_dir", *(p for name, cls in SECTIONS.items() for p in _section_fields(cls, name))})
-DEEPSPEED_PATHS = ["deepspeed.zero_optimization.stage", "deepspeed.bf16.enabled", "deepspeed.fp16",
-                   "deepspeed.train_micro_batch_size_per_gpu", "deepspeed.gradient_accumulation_steps",
-                   "deepspeed.gradient_clipping", "deepspeed.train_batch_size",
-                   "deepspeed.use_data_before_expert_parallelism"]
+FIELD_PATHS = sorted(
+    {
+        *_leaves(TINY_RECIPE),
+        *SECTIONS,
+        "model.sizes",
+        "moe_lora",
+        "ep_size",
+        "deepspeed",
+        "output_dir",
+        *(p for name, cls in SECTIONS.items() for p in _section_fields(cls, name)),
+    }
+)
+DEEPSPEED_PATHS = [
+    "deepspeed.zero_optimization.stage",
+    "deepspeed.bf16.enabled",
+    "deepspeed.fp16",
+    "deepspeed.train_micro_batch_size_per_gpu",
+    "deepspeed.gradient_accumulation_steps",
+    "deepspeed.gradient_clipping",
+    "deepspeed.train_batch_size",
+    "deepspeed.use_data_before_expert_parallelism",
+]
 UNKNOWN_PATHS = ["trian", "train.micro_batch_sise", "moe_lora.num_expert", "data.synthetic.task", "model.sizes.hiden"]
 #: Invalid for every recipe field outside the DeepSpeed mapping.
 SURELY_BAD = st.one_of(st.binary(max_size=3), st.dates(), st.sets(st.integers(0, 3), max_size=2))
@@ -375,6 +445,6 @@ def test_recipe_loads_or_names_the_changed_field(changes):
         assert any(p.startswith(f"{path}:") for p in result), f"{path!r} is not named in {result}"
     for p in result:
         head = p.split(":", 1)[0]
-        assert any(path in p or path.split(".")[-1] in p or head.split(".")[0] == path.split(".")[0]
-                   for path, _, _ in changes), f"problem about nothing that was changed: {p!r} ({changes})"
-
+        assert any(
+            path in p or path.split(".")[-1] in p or head.split(".")[0] == path.split(".")[0] for path, _, _ in changes
+        ), f"problem about nothing that was changed: {p!r} ({changes})"

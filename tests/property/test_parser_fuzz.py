@@ -52,19 +52,22 @@ def _bomb(width: int, levels: int) -> str:
 
 
 SCALAR = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
-STRUCT = st.recursive(SCALAR, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                      max_leaves=30)
+STRUCT = st.recursive(
+    SCALAR, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=30
+)
 
 
 def _edit(base: str):
     """Random edits of a valid text: insert, delete or replace a slice at a random place."""
     return st.tuples(st.integers(0, len(base)), st.integers(0, 40), st.text(max_size=40)).map(
-        lambda t: base[: t[0]] + t[2] + base[t[0] + t[1]:])
+        lambda t: base[: t[0]] + t[2] + base[t[0] + t[1] :]
+    )
 
 
 def _edit_bytes(base: bytes):
     return st.tuples(st.integers(0, len(base)), st.integers(0, 40), st.binary(max_size=40)).map(
-        lambda t: base[: t[0]] + t[2] + base[t[0] + t[1]:])
+        lambda t: base[: t[0]] + t[2] + base[t[0] + t[1] :]
+    )
 
 
 def _texts(valid: str) -> st.SearchStrategy[str]:
@@ -79,16 +82,21 @@ def _texts(valid: str) -> st.SearchStrategy[str]:
 
 
 def _bytes(valid: str) -> st.SearchStrategy[bytes]:
-    return st.one_of(st.binary(max_size=300), _texts(valid).map(lambda t: t.encode("utf-8", "surrogatepass")),
-                     _edit_bytes(valid.encode()))
+    return st.one_of(
+        st.binary(max_size=300),
+        _texts(valid).map(lambda t: t.encode("utf-8", "surrogatepass")),
+        _edit_bytes(valid.encode()),
+    )
 
 
 def _valid_adapter_config() -> str:
     from moe_lora import MoELoRAConfig, convert, zoo
     from moe_lora.adapter_io import adapter_metadata
 
-    model = convert(zoo.load_model("tiny-llama", num_layers=1, hidden=32, intermediate=64, heads=2),
-                    MoELoRAConfig(num_experts=2, top_k=1, rank=2, target_modules=["q_proj"]))
+    model = convert(
+        zoo.load_model("tiny-llama", num_layers=1, hidden=32, intermediate=64, heads=2),
+        MoELoRAConfig(num_experts=2, top_k=1, rank=2, target_modules=["q_proj"]),
+    )
     return json.dumps(adapter_metadata(model), indent=1)
 
 
@@ -156,9 +164,15 @@ def json_config(data: bytes):
 
 TARGETS = {
     "YAML text (parse_yaml)": (yaml_text, lambda: _texts(VALID_RECIPE)),
-    "--set KEY=VALUE (parse_override + recipe)": (set_flag, lambda: st.one_of(
-        _texts(VALID_SET), st.tuples(st.sampled_from(["optimizer.lr", "train.max_steps", "moe_lora", "x.y.z", ""]),
-                                     _texts("1e-4")).map(lambda kv: f"{kv[0]}={kv[1]}"))),
+    "--set KEY=VALUE (parse_override + recipe)": (
+        set_flag,
+        lambda: st.one_of(
+            _texts(VALID_SET),
+            st.tuples(
+                st.sampled_from(["optimizer.lr", "train.max_steps", "moe_lora", "x.y.z", ""]), _texts("1e-4")
+            ).map(lambda kv: f"{kv[0]}={kv[1]}"),
+        ),
+    ),
     "recipe file (load_recipe)": (recipe_file, lambda: _bytes(VALID_RECIPE)),
     "MoELoRAConfig YAML (load_config)": (config_file, lambda: _bytes(VALID_CONFIG)),
     "adapter_config.json (read_adapter_config)": (adapter_config, lambda: _bytes(_valid_adapter_config())),
@@ -184,8 +198,9 @@ def classify(fn, inp) -> tuple[str, str]:
 def run_target(name: str, examples: int) -> collections.Counter:
     fn, strategy = TARGETS[name]
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(inp=strategy())
     def check(inp):
         kind, detail = classify(fn, inp)

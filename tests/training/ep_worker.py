@@ -34,18 +34,27 @@ def dump_run(name: str, out: Path, trainer, result: dict) -> None:
 
     module = trainer.engine.module
     expert_ids = {id(p) for _, layer in expert_parallel_layers(module) for p in layer.experts.parameters()}
-    dense = {n: p.detach().clone() for n, p in module.named_parameters()
-             if p.requires_grad and id(p) not in expert_ids}
+    dense = {
+        n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad and id(p) not in expert_ids
+    }
     experts = {}
     for lname, layer in expert_parallel_layers(module):
         A, B = layer.local_experts()
-        experts[lname] = {"ids": layer.global_expert_ids, "A": A.detach().clone(), "B": B.detach().clone(),
-                          "num_local_modules": len(layer.experts)}
+        experts[lname] = {
+            "ids": layer.global_expert_ids,
+            "A": A.detach().clone(),
+            "B": B.detach().clone(),
+            "num_local_modules": len(layer.experts),
+        }
     groups = trainer.engine.basic_optimizer.param_groups
-    param_groups = [{"name": g.get("name"), "moe": bool(g.get("moe", False)),
-                     "numel": sum(p.numel() for p in g["params"])} for g in groups]
-    torch.save({"result": result, "dense": dense, "experts": experts, "param_groups": param_groups},
-               out / f"{name}_rank{dist.get_rank()}.pt")
+    param_groups = [
+        {"name": g.get("name"), "moe": bool(g.get("moe", False)), "numel": sum(p.numel() for p in g["params"])}
+        for g in groups
+    ]
+    torch.save(
+        {"result": result, "dense": dense, "experts": experts, "param_groups": param_groups},
+        out / f"{name}_rank{dist.get_rank()}.pt",
+    )
 
 
 def train(name: str, out: Path, recipe: dict) -> dict:
@@ -77,16 +86,22 @@ def scenario_ep2(out: Path) -> None:
     train("z0", out, with_eval(tiny_recipe(out / "z0", stage=0), out))
     train("z1", out, tiny_recipe(out / "z1", stage=1, micro=2, grad_accum=2))
     train("z2", out, tiny_recipe(out / "z2", stage=2))
-    train("z2_bf16", out, tiny_recipe(out / "z2_bf16", deepspeed={"zero_optimization": {"stage": 2},
-                                                                  "bf16": {"enabled": True}}))
+    train(
+        "z2_bf16",
+        out,
+        tiny_recipe(out / "z2_bf16", deepspeed={"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}),
+    )
     train("kill_ref", out, tiny_recipe(out / "kill_ref", stage=2, max_steps=16, every=4))
 
 
 def scenario_ep1(out: Path) -> None:
     train("ref", out, with_eval(tiny_recipe(out / "ref", ep_size=1, stage=0, micro=8), out))
     init = str(out.parent / "ep2" / "z2" / "checkpoints")
-    train("init_from_ep2", out, tiny_recipe(out / "init_from_ep2", ep_size=1, stage=2, micro=8, max_steps=1,
-                                            checkpoint__init_from=init))
+    train(
+        "init_from_ep2",
+        out,
+        tiny_recipe(out / "init_from_ep2", ep_size=1, stage=2, micro=8, max_steps=1, checkpoint__init_from=init),
+    )
 
 
 def scenario_dispatch(out: Path) -> None:
@@ -109,8 +124,11 @@ def scenario_dispatch(out: Path) -> None:
         return m
 
     report = {}
-    cases = {"9_vs_2": ((0, 9), (9, 11), False), "5_vs_0": ((0, 5), (5, 5), False),
-             "nothing_to_rank1": ((0, 7), (7, 10), True)}
+    cases = {
+        "9_vs_2": ((0, 9), (9, 11), False),
+        "5_vs_0": ((0, 5), (5, 5), False),
+        "nothing_to_rank1": ((0, 7), (7, 10), True),
+    }
     for case, (span0, span1, skew) in cases.items():
         ref, ep = layer(5), ExpertParallelMoELoRALinear.from_moe_lora(layer(5), world, rank)
         ep.deepspeed_moe._set_ep_group(dist.group.WORLD)
@@ -136,7 +154,8 @@ def scenario_dispatch(out: Path) -> None:
         B_grad = torch.stack([e.lora_B.grad for e in ep.experts])
         received = int(ep.last_routing.weights_TK.ne(0).sum())
         report[case] = {
-            "tokens": hi - lo, "routed_pairs": received,
+            "tokens": hi - lo,
+            "routed_pairs": received,
             "y": (y - y_ref[lo:hi]).abs().max().item() if hi > lo else 0.0,
             "x_grad": (x.grad - x_ref.grad[lo:hi]).abs().max().item() if hi > lo else 0.0,
             "A_grad": (A_grad - grads["A"][ids]).abs().max().item(),
@@ -181,8 +200,9 @@ def scenario_numerics(out: Path) -> None:
     layer = "model.layers.1.mlp.down_proj.base_layer"
     undo = poison(layer, at_forward=2)
     try:
-        skip = train("skip", out, tiny_recipe(out / "skip", ep_size=1, micro=8, max_steps=4,
-                                              train__on_nonfinite="skip_step"))
+        skip = train(
+            "skip", out, tiny_recipe(out / "skip", ep_size=1, micro=8, max_steps=4, train__on_nonfinite="skip_step")
+        )
     finally:
         undo()
     result["losses_skip"] = skip["losses"]
@@ -200,8 +220,9 @@ def scenario_numerics(out: Path) -> None:
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
-    {"ep2": scenario_ep2, "ep1": scenario_ep1, "dispatch": scenario_dispatch,
-     "numerics": scenario_numerics}[scenario](out_dir)
+    {"ep2": scenario_ep2, "ep1": scenario_ep1, "dispatch": scenario_dispatch, "numerics": scenario_numerics}[scenario](
+        out_dir
+    )
     from moe_lora.training.distributed import finish_distributed
 
     finish_distributed()

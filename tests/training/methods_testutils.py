@@ -31,9 +31,16 @@ def train_one_rank(tmp_path: Path, timeout: float = 300, recipe: dict | None = N
     recipe = recipe or tiny_recipe(tmp_path / "run", ep_size=1, stage=0, **overrides)
     recipe_file, out_file = tmp_path / "recipe.json", tmp_path / "out.json"
     recipe_file.write_text(json.dumps(recipe))
-    proc = subprocess.run([PYTHON, str(WORKER), str(recipe_file), str(out_file)], cwd=REPO,
-                          env=rank_env(0, 1, free_port()), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [PYTHON, str(WORKER), str(recipe_file), str(out_file)],
+        cwd=REPO,
+        env=rank_env(0, 1, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode:
-        raise AssertionError(f"training failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"training failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return json.loads(out_file.read_text())

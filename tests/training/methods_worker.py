@@ -25,10 +25,14 @@ def main(recipe_file: str, out_file: str) -> None:
     result = trainer.run()
     engine = trainer.engine
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    groups = [{"name": g.get("name"), "lr": float(g["lr"]), "params": [names.get(id(p), "?") for p in g["params"]]}
-              for g in engine.basic_optimizer.param_groups]
-    out = {"result": {"losses": {str(k): v for k, v in result["losses"].items()},
-                      "adapter_dir": result["adapter_dir"]}, "groups": groups}
+    groups = [
+        {"name": g.get("name"), "lr": float(g["lr"]), "params": [names.get(id(p), "?") for p in g["params"]]}
+        for g in engine.basic_optimizer.param_groups
+    ]
+    out = {
+        "result": {"losses": {str(k): v for k, v in result["losses"].items()}, "adapter_dir": result["adapter_dir"]},
+        "groups": groups,
+    }
     Path(out_file).write_text(json.dumps(out))
     finish_distributed()
 

@@ -62,13 +62,14 @@ def test_resume_reports_what_changed_since_the_checkpoint(tmp_path):
     from moe_lora.training.trainer import Trainer
 
     saved = load_recipe(tiny_recipe(tmp_path)).to_dict()
-    now = load_recipe(tiny_recipe(tmp_path, optimizer={"lr": 3e-3, "max_grad_norm": 0.0},
-                                  logging={"log_every": 5}))
+    now = load_recipe(tiny_recipe(tmp_path, optimizer={"lr": 3e-3, "max_grad_norm": 0.0}, logging={"log_every": 5}))
     trainer = Trainer(now, DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu")))
     assert trainer.resume_differences({"num_sequences": 400, "recipe": saved}, 400) == [
-        "optimizer.lr: 0.01 in the checkpoint, 0.003 now (this run's value is used)"]
+        "optimizer.lr: 0.01 in the checkpoint, 0.003 now (this run's value is used)"
+    ]
     assert trainer.resume_differences({"num_sequences": 300, "recipe": saved}, 400)[0].startswith(
-        "data: 300 sequences when the checkpoint was written, 400 now")
+        "data: 300 sequences when the checkpoint was written, 400 now"
+    )
 
 
 class _Payload:

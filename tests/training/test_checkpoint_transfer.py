@@ -47,10 +47,17 @@ def test_ep2_checkpoint_layout(ep2_runs):
     assert (root / "latest").read_text() == "step00000003" and is_complete(tag)
     manifest = json.loads((tag / MANIFEST).read_text())
     expert_files = sorted(f for f in manifest["files"] if f.startswith("layer_"))
-    assert expert_files == sorted(f"layer_{L}_expert_{e}_mp_rank_00_model_states.pt" for L in range(6)
-                                  for e in range(E))  # one file per global expert of each of the 6 MoE layers
-    assert {"mp_rank_00_model_states.pt", "rng_rank00000.pt", "rng_rank00001.pt", "trainer_state.json",
-            "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= set(manifest["files"])
+    assert expert_files == sorted(
+        f"layer_{L}_expert_{e}_mp_rank_00_model_states.pt" for L in range(6) for e in range(E)
+    )  # one file per global expert of each of the 6 MoE layers
+    assert {
+        "mp_rank_00_model_states.pt",
+        "rng_rank00000.pt",
+        "rng_rank00001.pt",
+        "trainer_state.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    } <= set(manifest["files"])
     state = read_state(tag)
     assert (state["step"], state["world_size"], state["ep_size"], state["zero_stage"]) == (3, 2, 2, 2)
     main = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]

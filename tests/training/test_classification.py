@@ -24,11 +24,14 @@ BERT_TARGETS = r"bert\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|
 
 
 def cls_recipe(**over) -> dict:
-    r = {"model": {"name": "minilm", "task": "sequence_classification"},
-         "moe_lora": {"target_modules": BERT_TARGETS, "num_experts": 4, "top_k": 2, "rank": 2},
-         "data": {"source": "synthetic", "seq_len": 32, "synthetic": {"num_examples": 40, "seed": 0}},
-         "schedule": {"type": "constant", "warmup_steps": 0}, "train": {"max_steps": 2},
-         "deepspeed": {"zero_optimization": {"stage": 0}}}
+    r = {
+        "model": {"name": "minilm", "task": "sequence_classification"},
+        "moe_lora": {"target_modules": BERT_TARGETS, "num_experts": 4, "top_k": 2, "rank": 2},
+        "data": {"source": "synthetic", "seq_len": 32, "synthetic": {"num_examples": 40, "seed": 0}},
+        "schedule": {"type": "constant", "warmup_steps": 0},
+        "train": {"max_steps": 2},
+        "deepspeed": {"zero_optimization": {"stage": 0}},
+    }
     for dotted, value in over.items():
         node = r
         *head, last = dotted.split(".")
@@ -58,8 +61,9 @@ def test_conflict_test_split_holds_no_training_sentence():
     train = {ex["text"] for ex in conflict.generate(300, seed=1)}
     test = conflict.generate(100, seed=1, split="test", train_per_task=300)
     assert len(test) == 400 and not train & {ex["text"] for ex in test}
-    assert conflict.generate(10, seed=1, tasks=["topic"]) == [ex for ex in conflict.generate(10, seed=1)
-                                                             if ex["task"] == "topic"]
+    assert conflict.generate(10, seed=1, tasks=["topic"]) == [
+        ex for ex in conflict.generate(10, seed=1) if ex["task"] == "topic"
+    ]
     with pytest.raises(ValueError, match="unknown task"):
         conflict.generate(1, tasks=["sentimen"])
 
@@ -73,13 +77,17 @@ def test_recipe_task_fields_and_every_problem_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_recipe(bad)
     text = str(e.value)
-    for needle in ("model.num_labels: 3, but the built-in classification set has 6 labels",
-                   "data.synthetic.tasks: unknown sequence_classification task 'copy'", "data.format: 'text'"):
+    for needle in (
+        "model.num_labels: 3, but the built-in classification set has 6 labels",
+        "data.synthetic.tasks: unknown sequence_classification task 'copy'",
+        "data.format: 'text'",
+    ):
         assert needle in text, text
     (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0}\n')
     with pytest.raises(ConfigError, match=r"model\.num_labels: required"):
-        load_recipe(cls_recipe(**{"data.source": "jsonl", "data.path": str(tmp_path / "d.jsonl"), "data.synthetic":
-                                  {}}))
+        load_recipe(
+            cls_recipe(**{"data.source": "jsonl", "data.path": str(tmp_path / "d.jsonl"), "data.synthetic": {}})
+        )
     with pytest.raises(ConfigError) as e:
         load_recipe(cls_recipe(**{"model.task": "classify", "model.num_labels": 1}))
     text = str(e.value)
@@ -129,8 +137,10 @@ def test_load_model_sequence_classification_heads_are_seeded():
     assert torch.equal(a.classifier.weight, b.classifier.weight)
     c = load_model("minilm", task="sequence_classification", num_labels=6, seed=2)
     assert not torch.equal(a.classifier.weight, c.classifier.weight)
-    assert torch.equal(a.bert.encoder.layer[0].attention.self.query.weight,
-                       load_model("minilm").encoder.layer[0].attention.self.query.weight)
+    assert torch.equal(
+        a.bert.encoder.layer[0].attention.self.query.weight,
+        load_model("minilm").encoder.layer[0].attention.self.query.weight,
+    )
     llama = load_model("tiny-llama", task="sequence_classification", num_labels=3, **TINY_SIZES)
     assert head_name(llama) == "score" and llama.score.out_features == 3
     with pytest.raises(ValueError, match="num_labels: 1 must be an int >= 2"):
@@ -174,8 +184,15 @@ def test_head_only_floor_trains_only_a_copy_of_the_head():
     model = load_model("minilm", task="sequence_classification", num_labels=6)
     before = model.classifier.weight.clone()
     tok = load_tokenizer("minilm")
-    acc = head_only_floor(model, tok, conflict.generate(20, 0), conflict.generate(5, 0, split="test",
-                          train_per_task=20), 32, steps=50, lr=1e-2)
+    acc = head_only_floor(
+        model,
+        tok,
+        conflict.generate(20, 0),
+        conflict.generate(5, 0, split="test", train_per_task=20),
+        32,
+        steps=50,
+        lr=1e-2,
+    )
     assert set(acc) == set(conflict.TASKS) and acc["topic"] > 0.25  # topic words separate well in pooled features
     assert torch.equal(model.classifier.weight, before)
 
@@ -197,7 +214,10 @@ def test_unmatched_target_lists_the_linear_modules():
     model = load_model("minilm", task="sequence_classification", num_labels=6)
     with pytest.raises(ValueError) as e:
         plan(model, MoELoRAConfig(target_modules=["q_proj"]))
-    assert re.search(r"its linear modules: bert\.encoder\.layer\.<i>\.attention\.self\.query \(i = 0\.\.5\), .*"
-                     r"bert\.encoder\.layer\.<i>\.output\.dense \(i = 0\.\.5\), classifier$", str(e.value))
+    assert re.search(
+        r"its linear modules: bert\.encoder\.layer\.<i>\.attention\.self\.query \(i = 0\.\.5\), .*"
+        r"bert\.encoder\.layer\.<i>\.output\.dense \(i = 0\.\.5\), classifier$",
+        str(e.value),
+    )
     with pytest.raises(ValueError, match=r"matches no linear module; the linear modules of SentenceClassifier: bert"):
         plan(model, MoELoRAConfig(target_modules=r"nothing"))

@@ -19,13 +19,26 @@ from moe_lora.zoo import load_model
 @pytest.mark.slow
 def test_moe_lora_train_one_process(tmp_path):
     out = tmp_path / "run"
-    recipe = tiny_recipe(out, ep_size=1, stage=1, micro=8, max_steps=4, every=2,
-                         logging={"log_every": 2, "router_every": 2, "tensorboard": True, "progress_bar": True},
-                         schedule={"type": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1})
+    recipe = tiny_recipe(
+        out,
+        ep_size=1,
+        stage=1,
+        micro=8,
+        max_steps=4,
+        every=2,
+        logging={"log_every": 2, "router_every": 2, "tensorboard": True, "progress_bar": True},
+        schedule={"type": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1},
+    )
     path = write_recipe(tmp_path / "r.yaml", recipe)
     env = {k: v for k, v in launcher_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-m", "moe_lora.cli", "train", "--config", str(path), "--json"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_lora.cli", "train", "--config", str(path), "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["world_size"] == 1 and result["steps"] == 4 and result["adapter_dir"] == str(out / "adapter")
@@ -43,8 +56,9 @@ def test_moe_lora_train_one_process(tmp_path):
 
     model = load_adapter(load_model("tiny-llama", seed=0, **TINY_SIZES), out / "adapter")
     trained = dict(model.named_parameters())
-    step4 = load_adapter(load_model("tiny-llama", seed=0, **TINY_SIZES),
-                         out / "checkpoints" / "step00000004" / "adapter")
+    step4 = load_adapter(
+        load_model("tiny-llama", seed=0, **TINY_SIZES), out / "checkpoints" / "step00000004" / "adapter"
+    )
     for n, p in step4.named_parameters():
         assert torch.equal(p, trained[n])
     assert trained["model.layers.1.mlp.down_proj.lora_B"].abs().max() > 0

@@ -30,14 +30,45 @@ def test_demo_runs_end_to_end_at_toy_sizes(tmp_path):
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "demo"
     env = {k: v for k, v in launcher_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-m", "moe_lora.cli", "demo", "--recipe", str(path), "--out", str(out),
-                           "--steps", "2", "--test-per-task", "3", "--floor-steps", "2", "--cpu-threads", "1",
-                           "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_lora.cli",
+            "demo",
+            "--recipe",
+            str(path),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--test-per-task",
+            "3",
+            "--floor-steps",
+            "2",
+            "--cpu-threads",
+            "1",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
-    for needle in ("[1/4] MoE-LoRA topk top-2 of 4, r=4", "[2/4] LoRA r=", "(moe-lora E=1, k=1 == plain LoRA)",
-                   "[3/4] head-only floor", "held-out accuracy (%), 3 unseen sentences per task, seed 0",
-                   "dead experts", "task-expert nMI", "wall time", "CPU time"):
+    for needle in (
+        "[1/4] MoE-LoRA topk top-2 of 4, r=4",
+        "[2/4] LoRA r=",
+        "(moe-lora E=1, k=1 == plain LoRA)",
+        "[3/4] head-only floor",
+        "held-out accuracy (%), 3 unseen sentences per task, seed 0",
+        "dead experts",
+        "task-expert nMI",
+        "wall time",
+        "CPU time",
+    ):
         assert needle in text, (needle, text[-3000:])
     results = json.loads((out / "results.json").read_text())
     assert len(results["accuracy"]) == 3 and all(set(a) == set(conflict.TASKS) for a in results["accuracy"].values())

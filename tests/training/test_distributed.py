@@ -22,8 +22,9 @@ def test_cpu_start_compiles_nothing(tmp_path):
     ext_dir.mkdir()
     env = {k: v for k, v in launcher_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["TORCH_EXTENSIONS_DIR"] = str(ext_dir)
-    proc = subprocess.run([sys.executable, "-c", START], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", START], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-3:] == ["0", "1", "None"]
     assert list(ext_dir.iterdir()) == []

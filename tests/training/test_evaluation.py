@@ -27,8 +27,17 @@ def chat_file(path, n=80):
     with open(path, "w") as f:
         for _ in range(n):
             xs = rng.sample(WORDS, 3)
-            f.write(json.dumps({"messages": [{"role": "user", "content": "reverse: " + " ".join(xs)},
-                                             {"role": "assistant", "content": " ".join(xs[::-1])}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": "reverse: " + " ".join(xs)},
+                            {"role": "assistant", "content": " ".join(xs[::-1])},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -39,8 +48,15 @@ def chat_run(tmp_path_factory):
     from moe_lora.training.trainer import Trainer
 
     tmp = tmp_path_factory.mktemp("chat_run")
-    recipe = tiny_recipe(tmp / "run", ep_size=1, max_steps=4, every=2, data__source="jsonl",
-                         data__path=str(chat_file(tmp / "chat.jsonl")), data__seq_len=32)
+    recipe = tiny_recipe(
+        tmp / "run",
+        ep_size=1,
+        max_steps=4,
+        every=2,
+        data__source="jsonl",
+        data__path=str(chat_file(tmp / "chat.jsonl")),
+        data__seq_len=32,
+    )
     recipe["data"]["chat_template"] = "plain"
     del recipe["data"]["synthetic"]
     recipe["eval"] = {"every": 2, "fraction": 0.25, "micro_batch_size": 8}
@@ -94,13 +110,19 @@ def test_best_adapter_metrics_file_and_checkpoint_tokenizer(chat_run):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == [
-        (s, pytest.approx(evals[s]["eval_loss"])) for s in (2, 4)]
+        (s, pytest.approx(evals[s]["eval_loss"])) for s in (2, 4)
+    ]
     assert "eval/router/all/load_cv_mean" in events.Tags()["scalars"]
     for tag in ("step00000002", "step00000004"):
         assert (out / "checkpoints" / tag / "tokenizer" / "tokenizer_config.json").is_file()
     record = json.loads((out / "run.json").read_text())
-    assert record["base_model"] == {"name": "tiny-llama", "path": None, "sizes": recipe.model.sizes, "seed": 0,
-                                   "quantization": None}
+    assert record["base_model"] == {
+        "name": "tiny-llama",
+        "path": None,
+        "sizes": recipe.model.sizes,
+        "seed": 0,
+        "quantization": None,
+    }
 
 
 def test_analyze_opens_the_run(chat_run, tmp_path, capsys):
@@ -108,7 +130,7 @@ def test_analyze_opens_the_run(chat_run, tmp_path, capsys):
 
     _, result = chat_run
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": " ".join(WORDS[i:i + 3])}) + "\n" for i in range(6)))
+    data.write_text("".join(json.dumps({"text": " ".join(WORDS[i : i + 3])}) + "\n" for i in range(6)))
     assert main(["analyze", "--run", result["output_dir"], "--data", str(data), "--no-plots", "--no-progress"]) == 0
     assert "analysed 6 sequences" in capsys.readouterr().out
     report = json.loads((Path(result["output_dir"]) / "analysis" / "report.json").read_text())

@@ -81,8 +81,11 @@ def test_ep2_eval_matches_single_rank(ep2_runs, ep1_runs):
             got = evals[step]
             assert got.keys() == metrics.keys()
             assert got["eval_tokens"] == metrics["eval_tokens"] > 0
-            assert abs(got["eval_loss"] - metrics["eval_loss"]) < LOSS_ATOL, (step, got["eval_loss"],
-                                                                                 metrics["eval_loss"])
+            assert abs(got["eval_loss"] - metrics["eval_loss"]) < LOSS_ATOL, (
+                step,
+                got["eval_loss"],
+                metrics["eval_loss"],
+            )
             for key, value in metrics.items():
                 if key.startswith("eval/router/"):
                     assert abs(got[key] - value) < 1e-4, (step, key, got[key], value)
@@ -129,8 +132,18 @@ def _layers(router="topk", **kw):
         with torch.no_grad():
             base.weight.copy_(torch.randn(10, 12, generator=torch.Generator().manual_seed(0)))
             base.bias.fill_(0.1)
-        m = MoELoRALinear(base, num_experts=4, top_k=2, rank=3, alpha=6.0, router=router, init_seed=1,
-                          z_loss_coef=1e-2, cv_coef=1e-2, **kw)
+        m = MoELoRALinear(
+            base,
+            num_experts=4,
+            top_k=2,
+            rank=3,
+            alpha=6.0,
+            router=router,
+            init_seed=1,
+            z_loss_coef=1e-2,
+            cv_coef=1e-2,
+            **kw,
+        )
         with torch.no_grad():
             m.lora_B.normal_(generator=torch.Generator().manual_seed(2))
         return m
@@ -174,8 +187,12 @@ def test_expert_parallel_layer_holds_a_slice_and_names_experts_for_deepspeed():
     torch.testing.assert_close(A_loc, A[2:], atol=0, rtol=0)
     torch.testing.assert_close(B_loc, B[2:], atol=0, rtol=0)
     names = {n for n, _ in ep.named_parameters()}
-    assert names == {"deepspeed_moe.gate.weight", "base_layer.weight", "base_layer.bias",
-                     *(f"deepspeed_moe.experts.deepspeed_experts.{i}.lora_{m}" for i in (0, 1) for m in "AB")}
+    assert names == {
+        "deepspeed_moe.gate.weight",
+        "base_layer.weight",
+        "base_layer.bias",
+        *(f"deepspeed_moe.experts.deepspeed_experts.{i}.lora_{m}" for i in (0, 1) for m in "AB"),
+    }
     for n, p in ep.named_parameters():
         assert is_moe_param(p) == ("deepspeed_experts" in n), n
         if is_moe_param(p):

@@ -21,9 +21,13 @@ from moe_lora.training.formats import (
 from moe_lora.training.recipe import DataSection, EvalSection, load_recipe
 from moe_lora.zoo import load_tokenizer
 
-CONV = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
-        {"role": "assistant", "content": "hello friend"}, {"role": "user", "content": "bye"},
-        {"role": "assistant", "content": "see you"}]
+CONV = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "hi there"},
+    {"role": "assistant", "content": "hello friend"},
+    {"role": "user", "content": "bye"},
+    {"role": "assistant", "content": "see you"},
+]
 BOS, EOS = 101, 102  # [CLS], [SEP] of the MiniLM vocabulary (the tiny models' tokenizer)
 
 
@@ -38,10 +42,29 @@ def labelled(tokenizer, ids, labels):
 
 def test_messages_loss_on_assistant_turns_only_token_by_token(tokenizer):
     ids, labels = tokenize_conversation(tokenizer, CONV, BUILTIN_TEMPLATES["plain"], BOS, EOS)
-    expected = [("[CLS]", False), ("system", False), (":", False), ("be", False), ("brief", False),
-                ("user", False), (":", False), ("hi", False), ("there", False), ("assistant", False), (":", False),
-                ("hello", True), ("friend", True), ("user", False), (":", False), ("bye", False),
-                ("assistant", False), (":", False), ("see", True), ("you", True), ("[SEP]", True)]
+    expected = [
+        ("[CLS]", False),
+        ("system", False),
+        (":", False),
+        ("be", False),
+        ("brief", False),
+        ("user", False),
+        (":", False),
+        ("hi", False),
+        ("there", False),
+        ("assistant", False),
+        (":", False),
+        ("hello", True),
+        ("friend", True),
+        ("user", False),
+        (":", False),
+        ("bye", False),
+        ("assistant", False),
+        (":", False),
+        ("see", True),
+        ("you", True),
+        ("[SEP]", True),
+    ]
     assert labelled(tokenizer, ids, labels) == expected
     assert all(y in (IGNORE, t) for t, y in zip(ids, labels))  # a label is the token itself or -100
 
@@ -55,9 +78,11 @@ def test_chatml_closes_each_assistant_turn_inside_the_loss(tokenizer):
 
 
 def test_bos_and_eos_are_not_doubled_when_the_template_writes_them(tokenizer):
-    template = ("[CLS]{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
-                "{% if m['role'] == 'assistant' %} [SEP]{% endif %} {% endfor %}"
-                "{% if add_generation_prompt %}assistant: {% endif %}")
+    template = (
+        "[CLS]{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %} [SEP]{% endif %} {% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     ids, labels = tokenize_conversation(tokenizer, CONV[1:3], template, BOS, EOS)
     assert ids.count(BOS) == 1 and ids.count(EOS) == 1 and ids[0] == BOS
     assert [w for w, keep in labelled(tokenizer, ids, labels) if keep] == ["hello", "friend", "[SEP]"]
@@ -91,8 +116,9 @@ def test_sharegpt_and_alpaca_map_to_the_canonical_forms(tokenizer):
     with_input = canonical({"instruction": "add", "input": "2 3", "output": "5"}, "alpaca", "row 0")
     assert "### Input:\n2 3\n\n### Response:\n" in with_input["prompt"]
     with pytest.raises(ValueError, match=r"row 3: conversations\[1\]\.from is 'robot'"):
-        canonical({"conversations": [{"from": "human", "value": "a"}, {"from": "robot", "value": "b"}]},
-                  "sharegpt", "row 3")
+        canonical(
+            {"conversations": [{"from": "human", "value": "a"}, {"from": "robot", "value": "b"}]}, "sharegpt", "row 3"
+        )
     with pytest.raises(ValueError, match="has no assistant turn"):
         canonical({"messages": [{"role": "user", "content": "a"}]}, "messages", "line 1")
 
@@ -115,8 +141,9 @@ def test_jsonl_parquet_and_arrow_give_the_same_examples(tmp_path):
     records = [{"messages": CONV}, {"messages": CONV[1:3]}]
     paths = write_all(tmp_path, records)
     got = {src: read_examples(p, src, "auto") for src, p in paths.items()}
-    assert got["jsonl"] == got["parquet"] == got["arrow"] == ([{"messages": CONV}, {"messages": CONV[1:3]}],
-                                                              "messages")
+    assert (
+        got["jsonl"] == got["parquet"] == got["arrow"] == ([{"messages": CONV}, {"messages": CONV[1:3]}], "messages")
+    )
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match="is not a readable parquet file"):
         read_examples(tmp_path / "bad.parquet", "parquet", "auto")
@@ -124,19 +151,26 @@ def test_jsonl_parquet_and_arrow_give_the_same_examples(tmp_path):
 
 def test_recipe_data_fields_are_checked_together(tmp_path):
     with pytest.raises(ConfigError) as e:
-        load_recipe({"data": {"source": "parquet", "format": "chat", "chat_template": 3},
-                     "eval": {"every": 5, "fraction": 2}})
+        load_recipe(
+            {"data": {"source": "parquet", "format": "chat", "chat_template": 3}, "eval": {"every": 5, "fraction": 2}}
+        )
     text = str(e.value)
-    for part in ("data.path: None must name a parquet file", "data.format: 'chat'", "data.chat_template: 3",
-                 "eval.fraction: 2 must be a number in [0, 1)"):
+    for part in (
+        "data.path: None must name a parquet file",
+        "data.format: 'chat'",
+        "data.chat_template: 3",
+        "eval.fraction: 2 must be a number in [0, 1)",
+    ):
         assert part in text
     with pytest.raises(ConfigError, match=r"eval\.every: 5 needs an eval set: eval\.path or eval\.fraction > 0"):
         load_recipe({"eval": {"every": 5}})
 
 
 def test_messages_dataset_with_a_held_out_fraction(tmp_path, tokenizer):
-    records = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
-               for w in ("lamp", "river", "stone", "cloud", "tree", "bird", "fish", "sand", "wind", "snow")]
+    records = [
+        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+        for w in ("lamp", "river", "stone", "cloud", "tree", "bird", "fish", "sand", "wind", "snow")
+    ]
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     tok = copy.deepcopy(tokenizer)

@@ -61,7 +61,8 @@ def test_skipped_updates_and_nonfinite_gradients():
         "step 1: the optimizer skipped the update (gradient overflow, loss scale 65536); 1 skipped so far, 1 in a row",
         "step 1: the gradient norm is inf (non-finite gradients)",
         "step 2: the optimizer skipped the update (gradient overflow); 2 skipped so far, 2 in a row",
-        "step 2: the gradient norm is inf (non-finite gradients)"]
+        "step 2: the gradient norm is inf (non-finite gradients)",
+    ]
     h.after_step(3, {"step_applied": 1.0, "loss": 5.0})  # the run in a row is broken
     h.after_step(4, {"step_applied": 0.0, "loss": 5.0})
     h.after_step(5, {"step_applied": 0.0, "loss": 5.0})
@@ -77,8 +78,10 @@ def test_skipped_updates_and_nonfinite_gradients():
 def test_zero_b_experts_counts_each_expert():
     from moe_lora import MoELoRAConfig, convert, zoo
 
-    model = convert(zoo.load_model("tiny-llama", num_layers=1, hidden=32, intermediate=64, heads=2),
-                    MoELoRAConfig(num_experts=3, top_k=1, rank=2, target_modules=["q_proj", "v_proj"]))
+    model = convert(
+        zoo.load_model("tiny-llama", num_layers=1, hidden=32, intermediate=64, heads=2),
+        MoELoRAConfig(num_experts=3, top_k=1, rank=2, target_modules=["q_proj", "v_proj"]),
+    )
     zero, total = zero_b_experts(model)
     assert len(total) == 6 and zero == total
     b = dict(model.named_parameters())["model.layers.0.self_attn.v_proj.lora_B"]
@@ -89,8 +92,10 @@ def test_zero_b_experts_counts_each_expert():
 
 # ---- the lock -------------------------------------------------------------------------------------------------
 def _hold_in_child(path: Path) -> subprocess.Popen:
-    code = ("import sys, time; from moe_lora.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
-            "print('held', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from moe_lora.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "print('held', flush=True); time.sleep(600)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     return child
@@ -101,8 +106,11 @@ def test_second_run_is_told_who_holds_the_dir_and_a_dead_holder_is_taken_over(tm
 
     child = _hold_in_child(tmp_path)
     try:
-        with pytest.raises(RunLockedError, match=rf"output_dir: {tmp_path} is in use by another run: pid {child.pid} "
-                                                 rf"on host '{socket.gethostname()}', started"):
+        with pytest.raises(
+            RunLockedError,
+            match=rf"output_dir: {tmp_path} is in use by another run: pid {child.pid} "
+            rf"on host '{socket.gethostname()}', started",
+        ):
             RunLock(tmp_path).acquire()
     finally:
         child.kill()  # kill -9: the lock file stays, with the dead pid in it
@@ -137,8 +145,14 @@ def _train(tmp_path, scenario: str, recipe: dict, gpu: bool = False) -> subproce
     path = write_recipe(tmp_path / f"{scenario}.yaml", recipe)
     drop = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") + (("DS_ACCELERATOR",) if gpu else ())
     env = {k: v for k, v in launcher_env().items() if k not in drop}
-    return subprocess.run([sys.executable, str(WORKER), scenario, str(path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [sys.executable, str(WORKER), scenario, str(path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def _health_events(out: Path) -> list[str]:
@@ -149,12 +163,15 @@ def _health_events(out: Path) -> list[str]:
 @pytest.mark.slow
 def test_bf16_run_whose_every_step_overflows_exits_4(tmp_path):
     out = tmp_path / "run"
-    recipe = tiny_recipe(out, ep_size=1, max_steps=3, deepspeed={"zero_optimization": {"stage": 2},
-                                                                  "bf16": {"enabled": True}})
+    recipe = tiny_recipe(
+        out, ep_size=1, max_steps=3, deepspeed={"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+    )
     proc = _train(tmp_path, "overflow", recipe)
     assert proc.returncode == 4, proc.stderr[-3000:]
-    assert ("moe-lora train: error: no optimizer step was applied: all 3 steps of this run were skipped (gradient "
-            "overflow every step); 24 of 24 experts' lora_B are still zero") in proc.stderr
+    assert (
+        "moe-lora train: error: no optimizer step was applied: all 3 steps of this run were skipped (gradient "
+        "overflow every step); 24 of 24 experts' lora_B are still zero"
+    ) in proc.stderr
     assert [m["step_applied"] for m in read_metrics(out / "metrics.jsonl").values()] == [0.0, 0.0, 0.0]
     assert len(_health_events(out)) == 6  # a skipped update and an inf gradient norm per step
     assert (out / "adapter" / "adapter_config.json").is_file()  # written before the verdict
@@ -166,9 +183,21 @@ def test_fp16_run_whose_every_step_overflows_exits_4(tmp_path):
     """fp16 with DeepSpeed's dynamic loss scaler (CUDA only: DeepSpeed's CPU accelerator has no fp16): every update
     is skipped and the scale halves after each (hysteresis 1), which the health events report."""
     out = tmp_path / "run"
-    recipe = tiny_recipe(out, ep_size=1, max_steps=3, deepspeed={
-        "zero_optimization": {"stage": 2},
-        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "hysteresis": 1, "min_loss_scale": 1}})
+    recipe = tiny_recipe(
+        out,
+        ep_size=1,
+        max_steps=3,
+        deepspeed={
+            "zero_optimization": {"stage": 2},
+            "fp16": {
+                "enabled": True,
+                "loss_scale": 0,
+                "initial_scale_power": 16,
+                "hysteresis": 1,
+                "min_loss_scale": 1,
+            },
+        },
+    )
     proc = _train(tmp_path, "overflow", recipe, gpu=True)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "no optimizer step was applied: all 3 steps of this run were skipped" in proc.stderr
@@ -182,8 +211,16 @@ def test_fp16_run_whose_every_step_overflows_exits_4(tmp_path):
 @pytest.mark.slow
 def test_fp32_run_at_a_huge_lr_is_stopped(tmp_path):
     out = tmp_path / "run"
-    recipe = tiny_recipe(out, ep_size=1, stage=2, micro=8, max_steps=6, optimizer={"lr": 1.0e6, "max_grad_norm": 1.0},
-                         train__on_unhealthy="error", train__max_skipped_steps=2)
+    recipe = tiny_recipe(
+        out,
+        ep_size=1,
+        stage=2,
+        micro=8,
+        max_steps=6,
+        optimizer={"lr": 1.0e6, "max_grad_norm": 1.0},
+        train__on_unhealthy="error",
+        train__max_skipped_steps=2,
+    )
     proc = _train(tmp_path, "plain", recipe)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "the optimizer skipped the update (gradient overflow); 2 skipped so far, 2 in a row" in proc.stderr
@@ -198,10 +235,14 @@ def test_full_disk_at_a_checkpoint_says_what_survived_and_the_rerun_resumes(tmp_
     proc = _train(tmp_path, "enospc", recipe)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert (f"moe-lora train: error: checkpoint step 4 could not be written to {out / 'checkpoints'}: no space left "
-            "on device") in proc.stderr
-    assert ("Nothing of step 4 was committed and its partial files were removed; the newest complete checkpoint, "
-            "step00000002, is intact and a rerun of the same command resumes from it") in proc.stderr
+    assert (
+        f"moe-lora train: error: checkpoint step 4 could not be written to {out / 'checkpoints'}: no space left "
+        "on device"
+    ) in proc.stderr
+    assert (
+        "Nothing of step 4 was committed and its partial files were removed; the newest complete checkpoint, "
+        "step00000002, is intact and a rerun of the same command resumes from it"
+    ) in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step00000002"]
     proc = _train(tmp_path, "plain", recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -45,8 +45,9 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, ep2_runs):
     assert committed and committed[-1] in (4, 8, 12), committed
     resume_step = committed[-1]
 
-    second = subprocess.run(launcher_cmd(path, 2), cwd=REPO, env=launcher_env(), capture_output=True, text=True,
-                            timeout=400)
+    second = subprocess.run(
+        launcher_cmd(path, 2), cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=400
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     records = [line for line in metrics.read_text().splitlines() if '"event": "resume"' in line]
     assert len(records) == 1 and f'"from_step": {resume_step}' in records[0], records
@@ -60,5 +61,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, ep2_runs):
     assert max(before.values()) < 1e-6, before  # and the killed run had matched it too
     assert [s for s, _ in complete_tags(tmp_path / "run" / "checkpoints")] == [12, 16]  # keep: 2
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-    print(f"killed after step {killed_after}, resumed from {resume_step}; max |loss - uninterrupted| after the "
-          f"resume {max(diffs.values()):.3g}")
+    print(
+        f"killed after step {killed_after}, resumed from {resume_step}; max |loss - uninterrupted| after the "
+        f"resume {max(diffs.values()):.3g}"
+    )

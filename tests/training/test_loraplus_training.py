@@ -11,8 +11,9 @@ from methods_testutils import train_one_rank
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", [{"type": "constant", "warmup_steps": 2}, {"type": "cosine", "warmup_steps": 2}])
 def test_each_group_keeps_its_learning_rate_ratio_under_the_schedule(tmp_path, schedule):
-    out = train_one_rank(tmp_path, max_steps=4, optimizer__loraplus_lambda=16.0, optimizer__router_lr=5e-3,
-                         schedule=schedule)
+    out = train_one_rank(
+        tmp_path, max_steps=4, optimizer__loraplus_lambda=16.0, optimizer__router_lr=5e-3, schedule=schedule
+    )
     lr_of = {}
     for g in out["groups"]:
         for n in g["params"]:

@@ -17,8 +17,11 @@ def _round_trip(adapter_dir, tmp_path, task_ids=None, trained="lora_B"):
         return load_model("tiny-llama", seed=0, **TINY_SIZES)
 
     model = load_adapter(fresh(), adapter_dir).eval()
-    moved = [float((p.detach() - (1.0 if trained == "ia3_vectors" else 0.0)).abs().max())
-             for n, p in model.named_parameters() if n.endswith(trained)]
+    moved = [
+        float((p.detach() - (1.0 if trained == "ia3_vectors" else 0.0)).abs().max())
+        for n, p in model.named_parameters()
+        if n.endswith(trained)
+    ]
     assert moved and max(moved) > 0, "training changed the adapter"
     save_adapter(model, tmp_path / "again")
     again = load_adapter(fresh(), tmp_path / "again").eval()

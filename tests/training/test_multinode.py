@@ -27,11 +27,31 @@ def test_two_nodes_with_expert_parallelism_match_one_process(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = str(free_port())
-    procs = [subprocess.Popen([str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n),
-                               "--master_addr", "127.0.0.1", "--master_port", port,
-                               str(REPO / "training" / "train.py"), "--config", str(recipe)],
-                              cwd=REPO, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for n in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                str(DEEPSPEED),
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(n),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                str(REPO / "training" / "train.py"),
+                "--config",
+                str(recipe),
+            ],
+            cwd=REPO,
+            env=launcher_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
     outs = []
     for p in procs:
         out, _ = p.communicate(timeout=400)

@@ -33,8 +33,9 @@ def test_skip_step_skips_only_the_bad_step_and_logs_where(numerics):
     losses = {int(k): v for k, v in r["losses_skip"].items()}
     assert math.isnan(losses[2]) and all(math.isfinite(losses[s]) for s in (1, 3, 4)), losses
     assert losses[1] == r["losses_a"]["1"]  # the steps before the bad one are the clean run's
-    warnings = [json.loads(line) for line in (out / "skip" / "metrics.jsonl").read_text().splitlines()
-                if '"warning"' in line]
+    warnings = [
+        json.loads(line) for line in (out / "skip" / "metrics.jsonl").read_text().splitlines() if '"warning"' in line
+    ]
     assert len(warnings) == 1 and "skipped step 2" in warnings[0]["message"]
     assert "model.layers.1.mlp.down_proj.base_layer (Linear) produced NaN/inf" in warnings[0]["message"]
     assert read_metrics(out / "skip" / "metrics.jsonl")[2]["skipped"] == 1.0

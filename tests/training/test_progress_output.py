@@ -14,8 +14,9 @@ from torch import nn
 from moe_lora.analysis.monitor import RouterCollapseWarning
 from moe_lora.training.progress import RunLog
 
-SETTINGS = SimpleNamespace(progress_bar=True, tensorboard=False, router_every=0, log_every=1, report_to=[],
-                           project="x")
+SETTINGS = SimpleNamespace(
+    progress_bar=True, tensorboard=False, router_every=0, log_every=1, report_to=[], project="x"
+)
 
 
 def test_warning_goes_above_the_bar_and_the_filters_come_back(tmp_path, monkeypatch):

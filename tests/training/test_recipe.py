@@ -38,8 +38,10 @@ def test_zero_stage_3_is_one_clear_error(tmp_path):
 
 def test_ep_size_must_divide_every_layers_experts(tmp_path):
     p = problems_of(tiny_recipe(tmp_path, ep_size=3))
-    assert p == ["ep_size: 3 does not divide moe_lora.num_experts=4 (layers with 4 experts); every layer's expert "
-                 "count must be a multiple of ep_size"]
+    assert p == [
+        "ep_size: 3 does not divide moe_lora.num_experts=4 (layers with 4 experts); every layer's expert "
+        "count must be a multiple of ep_size"
+    ]
     # a per-group allocation: only the group whose count is odd is named
     p = problems_of(tiny_recipe(tmp_path, moe_lora__num_experts=[4, 6], moe_lora__top_k=2, ep_size=4))
     assert len(p) == 1 and "layers with 6 experts" in p[0]
@@ -51,8 +53,9 @@ def test_ep_size_must_divide_the_world_size(tmp_path):
     r.check_world(4)
     with pytest.raises(ConfigError) as info:
         r.check_world(3)
-    assert info.value.problems == ["ep_size: 2 does not divide the world size 3 (ranks form groups of ep_size "
-                                   "consecutive ranks)"]
+    assert info.value.problems == [
+        "ep_size: 2 does not divide the world size 3 (ranks form groups of ep_size consecutive ranks)"
+    ]
 
 
 def test_missing_data_file_is_one_clear_error(tmp_path):
@@ -62,9 +65,17 @@ def test_missing_data_file_is_one_clear_error(tmp_path):
 
 
 def test_all_problems_are_reported_at_once(tmp_path):
-    recipe = tiny_recipe(tmp_path, ep_size=3, deepspeed={"zero_optimization": {"stage": 3}, "fp16": {"enabled": True},
-                                                          "bf16": {"enabled": True}, "train_batch_size": 999,
-                                                          "optimizer": {"type": "Adam"}})
+    recipe = tiny_recipe(
+        tmp_path,
+        ep_size=3,
+        deepspeed={
+            "zero_optimization": {"stage": 3},
+            "fp16": {"enabled": True},
+            "bf16": {"enabled": True},
+            "train_batch_size": 999,
+            "optimizer": {"type": "Adam"},
+        },
+    )
     recipe["train"]["micro_batch_sise"] = 4  # typo
     recipe["trian"] = {}
     recipe["moe_lora"]["rank"] = 0
@@ -72,23 +83,28 @@ def test_all_problems_are_reported_at_once(tmp_path):
     recipe["schedule"]["type"] = "cosinus"
     p = problems_of(recipe)
     text = "\n".join(p)
-    for expected in ("train.micro_batch_sise: unknown field (did you mean 'micro_batch_size'?)",
-                     "trian: unknown section (did you mean 'train'?)",
-                     "moe_lora.rank: 0 must be an int >= 1",
-                     "optimizer.lr: -1 must be a number > 0",
-                     "schedule.type: 'cosinus' (did you mean 'cosine'?)",
-                     "ep_size: 3 does not divide",
-                     "deepspeed.zero_optimization.stage: 3",
-                     "deepspeed.bf16 / deepspeed.fp16: both are enabled",
-                     "deepspeed.optimizer: set in the inline deepspeed mapping"):
+    for expected in (
+        "train.micro_batch_sise: unknown field (did you mean 'micro_batch_size'?)",
+        "trian: unknown section (did you mean 'train'?)",
+        "moe_lora.rank: 0 must be an int >= 1",
+        "optimizer.lr: -1 must be a number > 0",
+        "schedule.type: 'cosinus' (did you mean 'cosine'?)",
+        "ep_size: 3 does not divide",
+        "deepspeed.zero_optimization.stage: 3",
+        "deepspeed.bf16 / deepspeed.fp16: both are enabled",
+        "deepspeed.optimizer: set in the inline deepspeed mapping",
+    ):
         assert expected in text, f"missing {expected!r} in:\n{text}"
 
 
 def test_recipe_owned_deepspeed_keys_must_agree(tmp_path):
-    p = problems_of(tiny_recipe(tmp_path, deepspeed={"train_micro_batch_size_per_gpu": 16,
-                                                     "gradient_accumulation_steps": "auto"}))
-    assert p == ["deepspeed.train_micro_batch_size_per_gpu: 16 in the inline deepspeed mapping conflicts with "
-                 "train.micro_batch_size=4; remove it from the JSON or set it to \"auto\""]
+    p = problems_of(
+        tiny_recipe(tmp_path, deepspeed={"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": "auto"})
+    )
+    assert p == [
+        "deepspeed.train_micro_batch_size_per_gpu: 16 in the inline deepspeed mapping conflicts with "
+        'train.micro_batch_size=4; remove it from the JSON or set it to "auto"'
+    ]
     load_recipe(tiny_recipe(tmp_path, deepspeed={"train_micro_batch_size_per_gpu": 4}))  # equal is fine
 
 
@@ -120,8 +136,14 @@ def test_train_script_reports_a_world_size_ep_size_cannot_split(tmp_path):
 
 def test_cli_reports_a_bad_recipe(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "out", ep_size=3))
-    proc = subprocess.run([sys.executable, "-m", "moe_lora.cli", "train", "--config", str(path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env=launcher_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_lora.cli", "train", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=launcher_env(),
+    )
     assert proc.returncode == 2
     assert "ep_size: 3 does not divide moe_lora.num_experts=4" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -17,15 +17,21 @@ from moe_lora.training.recipe import load_recipe, parse_override
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "train_tiny.yaml"
 BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
-    f'{chr(98 + i)}: &{chr(98 + i)} [{",".join(["*" + chr(97 + i)] * 9)}]\n' for i in range(8))
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
 
 
 def test_alias_bomb_recipe_fails_fast_at_its_position(tmp_path):
     f = tmp_path / "r.yaml"
-    f.write_text("model:\n  name: tiny-llama\nmoe_lora:\n  target_modules: [q_proj]\nx:\n"
-                 + "".join("  " + line + "\n" for line in BOMB.splitlines()))
-    with pytest.raises(ConfigError, match=re.escape(f"config: '{f}' at line 11, column ") + r"\d+: more than 200000 "
-                                          "values once aliases are expanded"):
+    f.write_text(
+        "model:\n  name: tiny-llama\nmoe_lora:\n  target_modules: [q_proj]\nx:\n"
+        + "".join("  " + line + "\n" for line in BOMB.splitlines())
+    )
+    with pytest.raises(
+        ConfigError,
+        match=re.escape(f"config: '{f}' at line 11, column ") + r"\d+: more than 200000 "
+        "values once aliases are expanded",
+    ):
         load_recipe(f)
 
 
@@ -34,8 +40,11 @@ def test_deep_recipe_and_deep_set_value_are_clean_errors(tmp_path):
     f.write_text("train:\n  max_steps: " + "[" * 100_000 + "\n")
     with pytest.raises(ConfigError, match=re.escape(f"config: '{f}' at line 2, column 76: nested deeper than 64")):
         load_recipe(f)
-    with pytest.raises(ConfigError, match=r"--set 'train.max_steps=\[\[\[.*: the value at line 1, column 65: "
-                                          "nested deeper than 64 levels"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--set 'train.max_steps=\[\[\[.*: the value at line 1, column 65: "
+        "nested deeper than 64 levels",
+    ):
         parse_override("train.max_steps=" + "[" * 100_000)
 
 
@@ -52,8 +61,15 @@ def test_undecodable_recipe_names_file_line_and_column(tmp_path):
         load_recipe(f)
 
 
-@pytest.mark.parametrize("out, why", [("/", "is the file-system root"), ("../..", "or one of its parents"),
-                                      (".", "is the current directory"), ("~", "is the home directory")])
+@pytest.mark.parametrize(
+    "out, why",
+    [
+        ("/", "is the file-system root"),
+        ("../..", "or one of its parents"),
+        (".", "is the current directory"),
+        ("~", "is the home directory"),
+    ],
+)
 def test_dangerous_output_dirs_fail_validation(out, why):
     with pytest.raises(ConfigError, match=re.escape(f"output_dir: {out!r} ") + ".*" + re.escape(why)):
         load_recipe(TINY, {"output_dir": out})
@@ -64,7 +80,8 @@ def test_shipped_recipe_finds_its_deepspeed_json_from_elsewhere(tmp_path, monkey
     r = load_recipe(TINY, {"output_dir": str(tmp_path / "run")})
     ds = build_deepspeed_config(r, 1)
     assert ds["zero_optimization"]["stage"] == 2 and r.resolve_beside(r.deepspeed).samefile(
-        REPO / "configs" / "deepspeed" / "zero2_fp32.json")
+        REPO / "configs" / "deepspeed" / "zero2_fp32.json"
+    )
 
 
 def test_deep_or_undecodable_json_beside_the_recipe_is_named(tmp_path):

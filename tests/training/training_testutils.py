@@ -28,8 +28,17 @@ TINY_SIZES = {"hidden": 64, "num_layers": 2, "intermediate": 128, "heads": 2}
 E, TOPK = 4, 2
 
 
-def tiny_recipe(output_dir, *, ep_size: int = 2, stage: int = 0, micro: int = 4, grad_accum: int = 1,
-                max_steps: int = 3, every: int = 0, **extra) -> dict:
+def tiny_recipe(
+    output_dir,
+    *,
+    ep_size: int = 2,
+    stage: int = 0,
+    micro: int = 4,
+    grad_accum: int = 1,
+    max_steps: int = 3,
+    every: int = 0,
+    **extra,
+) -> dict:
     """A recipe that trains in well under a second per step: 2-layer Llama (hidden 64), 6 MoE layers of 4 experts.
 
     Dropout off and auxiliary coefficients 0 (the per-rank aux loss is not the global one), unpacked sequences
@@ -38,15 +47,32 @@ def tiny_recipe(output_dir, *, ep_size: int = 2, stage: int = 0, micro: int = 4,
     """
     recipe = {
         "model": {"name": "tiny-llama", "sizes": dict(TINY_SIZES), "seed": 0},
-        "moe_lora": {"target_modules": ["q_proj", "v_proj", "down_proj"], "num_experts": E, "top_k": TOPK,
-                     "rank": 4, "alpha": 8.0, "dropout": 0.0, "router_init_std": 0.5, "load_balance_coef": 0.0,
-                     "init_seed": 0},
-        "data": {"source": "synthetic", "seq_len": 32, "packing": False,
-                 "synthetic": {"num_examples": 400, "seed": 0}},
+        "moe_lora": {
+            "target_modules": ["q_proj", "v_proj", "down_proj"],
+            "num_experts": E,
+            "top_k": TOPK,
+            "rank": 4,
+            "alpha": 8.0,
+            "dropout": 0.0,
+            "router_init_std": 0.5,
+            "load_balance_coef": 0.0,
+            "init_seed": 0,
+        },
+        "data": {
+            "source": "synthetic",
+            "seq_len": 32,
+            "packing": False,
+            "synthetic": {"num_examples": 400, "seed": 0},
+        },
         "optimizer": {"lr": 1.0e-2, "max_grad_norm": 0.0},
         "schedule": {"type": "constant", "warmup_steps": 0},
-        "train": {"max_steps": max_steps, "micro_batch_size": micro, "grad_accum": grad_accum, "seed": 0,
-                  "cpu_threads": 1},
+        "train": {
+            "max_steps": max_steps,
+            "micro_batch_size": micro,
+            "grad_accum": grad_accum,
+            "seed": 0,
+            "cpu_threads": 1,
+        },
         "ep_size": ep_size,
         "deepspeed": {"zero_optimization": {"stage": stage}},
         "output_dir": str(output_dir),
@@ -70,9 +96,17 @@ def free_port() -> int:
 
 def rank_env(rank: int, world: int, port: int) -> dict:
     env = dict(os.environ)
-    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+    )
     return env
 
 
@@ -84,8 +118,15 @@ def run_ranks(world: int, scenario: str, out_dir: Path, timeout: float = 400) ->
     with contextlib.ExitStack() as stack:
         for r in range(world):
             log = stack.enter_context(open(out_dir / f"{scenario}_rank{r}.log", "w"))
-            procs.append(subprocess.Popen([PYTHON, str(WORKER), scenario, str(out_dir)], cwd=REPO,
-                                          env=rank_env(r, world, port), stdout=log, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [PYTHON, str(WORKER), scenario, str(out_dir)],
+                    cwd=REPO,
+                    env=rank_env(r, world, port),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
         try:
             codes = [p.wait(timeout=timeout) for p in procs]
         finally:
@@ -94,16 +135,25 @@ def run_ranks(world: int, scenario: str, out_dir: Path, timeout: float = 400) ->
                     p.kill()
                     p.wait()
     if any(codes):
-        text = "\n".join(f"--- rank {r} (exit {c}) ---\n" + (out_dir / f"{scenario}_rank{r}.log").read_text()[-4000:]
-                         for r, c in enumerate(codes))
+        text = "\n".join(
+            f"--- rank {r} (exit {c}) ---\n" + (out_dir / f"{scenario}_rank{r}.log").read_text()[-4000:]
+            for r, c in enumerate(codes)
+        )
         raise AssertionError(f"scenario {scenario!r} failed:\n{text}")
 
 
 def start_train_script(world: int, recipe_path: Path, **popen) -> list[subprocess.Popen]:
     """training/train.py as ``world`` rank processes with a launcher's environment (as torchrun starts it)."""
     port = free_port()
-    return [subprocess.Popen([PYTHON, str(REPO / "training" / "train.py"), "--config", str(recipe_path)], cwd=REPO,
-                             env=rank_env(r, world, port), **popen) for r in range(world)]
+    return [
+        subprocess.Popen(
+            [PYTHON, str(REPO / "training" / "train.py"), "--config", str(recipe_path)],
+            cwd=REPO,
+            env=rank_env(r, world, port),
+            **popen,
+        )
+        for r in range(world)
+    ]
 
 
 def run_train_script(world: int, recipe_path: Path, timeout: float = 300) -> list[subprocess.CompletedProcess]:
@@ -121,8 +171,16 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 
 def launcher_cmd(recipe_path: Path, num_ranks: int) -> list[str]:
-    return [str(DEEPSPEED), "--num_gpus", str(num_ranks), "--master_port", str(free_port()),
-            str(REPO / "training" / "train.py"), "--config", str(recipe_path)]
+    return [
+        str(DEEPSPEED),
+        "--num_gpus",
+        str(num_ranks),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "training" / "train.py"),
+        "--config",
+        str(recipe_path),
+    ]
 
 
 def launcher_env() -> dict:

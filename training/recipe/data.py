@@ -19,8 +19,9 @@ DATA_FORMATS = FORMATS
 
 @dataclass
 class SyntheticSection:
-    num_examples: int = option(4000, "Number of generated examples (sequence classification: split evenly "
-                                     "over the tasks).")
+    num_examples: int = option(
+        4000, "Number of generated examples (sequence classification: split evenly over the tasks)."
+    )
     tasks: list | None = option(
         None,
         f"Tasks to mix, each with its own rule; null = all. causal_lm: {', '.join(TASKS)} (training/synthetic.py); "
@@ -39,10 +40,16 @@ class SyntheticSection:
         elif self.tasks is not None:
             for t in self.tasks:
                 if t not in allowed:
-                    p.append(f"data.synthetic.tasks: unknown {task} task {t!r}{suggest(str(t), allowed)}; "
-                             f"allowed: {', '.join(allowed)}")
-        if (task == "sequence_classification" and is_int(self.num_examples) and isinstance(self.tasks, list | None)
-                and self.num_examples < len(self.tasks or conflict.TASKS)):
+                    p.append(
+                        f"data.synthetic.tasks: unknown {task} task {t!r}{suggest(str(t), allowed)}; "
+                        f"allowed: {', '.join(allowed)}"
+                    )
+        if (
+            task == "sequence_classification"
+            and is_int(self.num_examples)
+            and isinstance(self.tasks, list | None)
+            and self.num_examples < len(self.tasks or conflict.TASKS)
+        ):
             p.append(f"data.synthetic.num_examples: {self.num_examples} is fewer than one example per task")
         if not is_int(self.seed):
             p.append(f"data.synthetic.seed: {self.seed!r} must be an int")
@@ -72,37 +79,54 @@ class DataSection:
         f"({', '.join(BUILTIN_TEMPLATES)}), a .jinja file, or Jinja text. It is saved with the tokenizer.",
     )
     seq_len: int = option(128, "Tokens per sequence (packed block length, or the truncation length without packing).")
-    packing: bool = option(True, "causal_lm: concatenate examples into full seq_len blocks (else pad each batch to "
-                                 "its longest). Sequence classification never packs.")
+    packing: bool = option(
+        True,
+        "causal_lm: concatenate examples into full seq_len blocks (else pad each batch to "
+        "its longest). Sequence classification never packs.",
+    )
     shuffle_seed: int = option(0, "Seed of the per-epoch permutation of the sampler.")
     task_field: str = option(
-        "task", "Field of each example holding its task (or cluster) id, for the 'task' and 'cluster' routers "
-        "(moe-lora cluster writes 'cluster').")
+        "task",
+        "Field of each example holding its task (or cluster) id, for the 'task' and 'cluster' routers "
+        "(moe-lora cluster writes 'cluster').",
+    )
     synthetic: SyntheticSection = section(SyntheticSection, "Settings of the built-in synthetic corpus.")
 
     def problems(self, resolve, task: str = "causal_lm") -> list[str]:
         p = []
         if task == "sequence_classification" and self.format != "auto":
-            p.append(f"data.format: {self.format!r} is for causal_lm; sequence classification reads 'text' and "
-                     "'label' (leave data.format at 'auto')")
+            p.append(
+                f"data.format: {self.format!r} is for causal_lm; sequence classification reads 'text' and "
+                "'label' (leave data.format at 'auto')"
+            )
         if task == "sequence_classification" and self.source not in ("synthetic", "jsonl"):
             p.append(f"data.source: {self.source!r}; sequence classification reads 'synthetic' or 'jsonl'")
         if self.source not in DATA_SOURCES:
-            p.append(f"data.source: {self.source!r}{suggest(self.source, DATA_SOURCES)}; allowed: "
-                     f"{', '.join(DATA_SOURCES)}")
+            p.append(
+                f"data.source: {self.source!r}{suggest(self.source, DATA_SOURCES)}; allowed: {', '.join(DATA_SOURCES)}"
+            )
         if self.source in FILE_SOURCES:
             p += file_problems("data.path", self.path, self.source, resolve)
         elif self.path is not None:
-            p.append(f"data.path: {self.path!r} is only used with a file source ({', '.join(FILE_SOURCES)}; source "
-                     f"is {self.source!r})")
+            p.append(
+                f"data.path: {self.path!r} is only used with a file source ({', '.join(FILE_SOURCES)}; source "
+                f"is {self.source!r})"
+            )
         if self.format not in DATA_FORMATS:
-            p.append(f"data.format: {self.format!r}{suggest(self.format, DATA_FORMATS)}; allowed: "
-                     f"{', '.join(DATA_FORMATS)}")
+            p.append(
+                f"data.format: {self.format!r}{suggest(self.format, DATA_FORMATS)}; allowed: {', '.join(DATA_FORMATS)}"
+            )
         p += template_problems(self.chat_template)
-        if (isinstance(self.chat_template, str) and self.chat_template not in BUILTIN_TEMPLATES
-                and "{" not in self.chat_template and resolve(self.chat_template) is None):
-            p.append(f"data.chat_template: {self.chat_template!r} is neither a built-in "
-                     f"({', '.join(BUILTIN_TEMPLATES)}), an existing file, nor Jinja text")
+        if (
+            isinstance(self.chat_template, str)
+            and self.chat_template not in BUILTIN_TEMPLATES
+            and "{" not in self.chat_template
+            and resolve(self.chat_template) is None
+        ):
+            p.append(
+                f"data.chat_template: {self.chat_template!r} is neither a built-in "
+                f"({', '.join(BUILTIN_TEMPLATES)}), an existing file, nor Jinja text"
+            )
         if not (is_int(self.seq_len) and self.seq_len >= 8):
             p.append(f"data.seq_len: {self.seq_len!r} must be an int >= 8")
         if not isinstance(self.packing, bool):

@@ -38,8 +38,12 @@ class EvalSection:
             p += file_problems("eval.path", self.path, "jsonl" if source == "synthetic" else source, resolve)
             if is_number(self.fraction) and self.fraction > 0:
                 p.append(f"eval.fraction: {self.fraction!r} and eval.path {self.path!r}: give one")
-        if is_int(self.every) and self.every > 0 and self.path is None and not (
-                is_number(self.fraction) and self.fraction > 0):
+        if (
+            is_int(self.every)
+            and self.every > 0
+            and self.path is None
+            and not (is_number(self.fraction) and self.fraction > 0)
+        ):
             p.append(f"eval.every: {self.every} needs an eval set: eval.path or eval.fraction > 0")
         if self.micro_batch_size is not None and not (is_int(self.micro_batch_size) and self.micro_batch_size >= 1):
             p.append(f"eval.micro_batch_size: {self.micro_batch_size!r} must be null or an int >= 1")

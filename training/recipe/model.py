@@ -35,8 +35,10 @@ class ModelSection:
         {},
         f"Built-in tiny models only: sizes for moe_lora.zoo.tiny_config ({', '.join(TINY_SIZES)}).",
     )
-    seed: int = option(0, "Seed of the built-in tiny models' random weights and of a new classification head "
-                          "(identical on every rank).")
+    seed: int = option(
+        0,
+        "Seed of the built-in tiny models' random weights and of a new classification head (identical on every rank).",
+    )
     task: str = option(
         "causal_lm",
         "'causal_lm' (next-token loss; the model's causal-LM class) or 'sequence_classification' (its "
@@ -60,8 +62,10 @@ class ModelSection:
         if not isinstance(self.name, str) or not self.name:
             p.append(f"model.name: {self.name!r} must be a model name or directory")
         elif self.name not in BUILTIN and resolve(self.name) is None:
-            p.append(f"model.name: {self.name!r} is neither a built-in model ({', '.join(BUILTIN)}) nor an existing "
-                     "directory")
+            p.append(
+                f"model.name: {self.name!r} is neither a built-in model ({', '.join(BUILTIN)}) nor an existing "
+                "directory"
+            )
         elif self.name not in BUILTIN and not (resolve(self.name) / "config.json").exists():
             p.append(f"model.name: directory {self.name!r} has no config.json")
         elif self.name not in BUILTIN:
@@ -73,8 +77,9 @@ class ModelSection:
                 p.append(f"model.sizes: only the tiny built-ins ({', '.join(TINY)}) take sizes, not {self.name!r}")
             for k, v in self.sizes.items():
                 if k not in TINY_SIZES:
-                    p.append(f"model.sizes.{k}: unknown size{suggest(k, TINY_SIZES)}; "
-                             f"allowed: {', '.join(TINY_SIZES)}")
+                    p.append(
+                        f"model.sizes.{k}: unknown size{suggest(k, TINY_SIZES)}; allowed: {', '.join(TINY_SIZES)}"
+                    )
                 elif not (is_int(v) and v >= 1):
                     p.append(f"model.sizes.{k}: {v!r} must be an int >= 1")
         if not is_int(self.seed):
@@ -91,4 +96,3 @@ class ModelSection:
         if self.num_labels is not None and not (is_int(self.num_labels) and self.num_labels >= 2):
             p.append(f"model.num_labels: {self.num_labels!r} must be null or an int >= 2")
         return p
-

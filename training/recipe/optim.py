@@ -37,8 +37,11 @@ class OptimizerSection:
             p.append(f"optimizer.lr: {self.lr!r} must be a number > 0")
         if not (is_number(self.weight_decay) and self.weight_decay >= 0):
             p.append(f"optimizer.weight_decay: {self.weight_decay!r} must be a number >= 0")
-        if not (isinstance(self.betas, list) and len(self.betas) == 2 and all(is_number(b) and 0 <= b < 1
-                                                                             for b in self.betas)):
+        if not (
+            isinstance(self.betas, list)
+            and len(self.betas) == 2
+            and all(is_number(b) and 0 <= b < 1 for b in self.betas)
+        ):
             p.append(f"optimizer.betas: {self.betas!r} must be two numbers in [0, 1)")
         if not (is_number(self.eps) and self.eps > 0):
             p.append(f"optimizer.eps: {self.eps!r} must be a number > 0")
@@ -71,11 +74,12 @@ class ScheduleSection:
         if not (is_int(self.warmup_steps) and self.warmup_steps >= 0):
             p.append(f"schedule.warmup_steps: {self.warmup_steps!r} must be an int >= 0")
         elif self.warmup_steps == 0 and self.type in SCHEDULES and self.type != "constant":
-            p.append(f"schedule.warmup_steps: 0 works with schedule.type 'constant' only; DeepSpeed's {self.type} "
-                     "schedule needs a warmup of at least 1 step")
+            p.append(
+                f"schedule.warmup_steps: 0 works with schedule.type 'constant' only; DeepSpeed's {self.type} "
+                "schedule needs a warmup of at least 1 step"
+            )
         elif is_int(max_steps) and self.warmup_steps > max_steps:
             p.append(f"schedule.warmup_steps: {self.warmup_steps} exceeds train.max_steps={max_steps}")
         if not (is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1):
             p.append(f"schedule.min_lr_ratio: {self.min_lr_ratio!r} must be in [0, 1]")
         return p
-

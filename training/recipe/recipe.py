@@ -137,16 +137,26 @@ class Recipe:
         p += self.data.problems(self.resolve, self.model.task)
         p += self.eval.problems(self.resolve, self.data.source)
         if self.model.task == "sequence_classification" and (self.eval.every or self.eval.path or self.eval.fraction):
-            p.append("eval: evaluation during training is for causal_lm; a sequence-classification run is scored on "
-                     "held-out data afterwards (moe-lora demo shows how)")
-        if (self.model.task == "sequence_classification" and self.model.num_labels is None
-                and self.data.source == "jsonl"):
+            p.append(
+                "eval: evaluation during training is for causal_lm; a sequence-classification run is scored on "
+                "held-out data afterwards (moe-lora demo shows how)"
+            )
+        if (
+            self.model.task == "sequence_classification"
+            and self.model.num_labels is None
+            and self.data.source == "jsonl"
+        ):
             p.append("model.num_labels: required for model.task sequence_classification with JSONL data")
-        elif (self.model.task == "sequence_classification" and self.data.source == "synthetic"
-              and self.model.num_labels not in (None, len(conflict.LABELS))):
+        elif (
+            self.model.task == "sequence_classification"
+            and self.data.source == "synthetic"
+            and self.model.num_labels not in (None, len(conflict.LABELS))
+        ):
             n = len(conflict.LABELS)
-            p.append(f"model.num_labels: {self.model.num_labels!r}, but the built-in classification set has {n} "
-                     f"labels ({', '.join(conflict.LABELS)}); use {n} or null")
+            p.append(
+                f"model.num_labels: {self.model.num_labels!r}, but the built-in classification set has {n} "
+                f"labels ({', '.join(conflict.LABELS)}); use {n} or null"
+            )
         p += self.optimizer.problems()
         p += self.schedule.problems(self.train.max_steps)
         p += self.train.problems()
@@ -163,8 +173,9 @@ class Recipe:
                 elif why:
                     p.append(f"output_dir: {why}")
             except (OSError, ValueError, RuntimeError) as e:  # too long for the file system, a NUL byte, a loop
-                p.append(f"output_dir: {short(self.output_dir)} is not a usable path "
-                         f"({getattr(e, 'strerror', None) or e})")
+                p.append(
+                    f"output_dir: {short(self.output_dir)} is not a usable path ({getattr(e, 'strerror', None) or e})"
+                )
         if not (is_int(self.ep_size) and self.ep_size >= 1):
             p.append(f"ep_size: {self.ep_size!r} must be an int >= 1")
         elif config is not None:
@@ -210,14 +221,20 @@ class Recipe:
         fields of an invalid one, whose own problems are already reported)."""
         p = []
         if self.ep_size > 1 and cfg.router_scope != "linear":
-            p.append(f"ep_size: {self.ep_size} needs moe_lora.router_scope 'linear' (one router per linear); "
-                     f"router_scope {cfg.router_scope!r} trains with ep_size 1 only")
+            p.append(
+                f"ep_size: {self.ep_size} needs moe_lora.router_scope 'linear' (one router per linear); "
+                f"router_scope {cfg.router_scope!r} trains with ep_size 1 only"
+            )
         if self.ep_size > 1 and (cfg.expert_type != "lora" or cfg.use_dora is True):
-            p.append(f"ep_size: {self.ep_size} needs plain LoRA experts; expert_type {cfg.expert_type!r} (MoV's "
-                     f"vectors) and use_dora {cfg.use_dora!r} train with ep_size 1 only")
+            p.append(
+                f"ep_size: {self.ep_size} needs plain LoRA experts; expert_type {cfg.expert_type!r} (MoV's "
+                f"vectors) and use_dora {cfg.use_dora!r} train with ep_size 1 only"
+            )
         if cfg.router in ("mole", "xlora"):
-            p.append(f"moe_lora.router: {cfg.router!r} gates over pretrained LoRAs (moe_lora.experts_from_peft), "
-                     f"which a recipe cannot load; train its gates in your own loop (configs/{cfg.router}.yaml)")
+            p.append(
+                f"moe_lora.router: {cfg.router!r} gates over pretrained LoRAs (moe_lora.experts_from_peft), "
+                f"which a recipe cannot load; train its gates in your own loop (configs/{cfg.router}.yaml)"
+            )
         L = self.num_layers()
         ne = cfg.num_experts
         if L is None:
@@ -232,16 +249,20 @@ class Recipe:
                 values = [v for i, v in enumerate(values) if i in keep]
         bad = sorted({v for v in values if is_int(v) and v % self.ep_size})
         if bad:
-            p.append(f"ep_size: {self.ep_size} does not divide moe_lora.num_experts={ne!r} (layers with "
-                     f"{', '.join(map(str, bad))} experts); every layer's expert count must be a multiple of ep_size")
+            p.append(
+                f"ep_size: {self.ep_size} does not divide moe_lora.num_experts={ne!r} (layers with "
+                f"{', '.join(map(str, bad))} experts); every layer's expert count must be a multiple of ep_size"
+            )
         return p
 
     def check_world(self, world_size: int) -> None:
         """Runtime checks that need the world size (before the model is loaded)."""
         p = []
         if world_size % self.ep_size:
-            p.append(f"ep_size: {self.ep_size} does not divide the world size {world_size} (ranks form groups of "
-                     "ep_size consecutive ranks)")
+            p.append(
+                f"ep_size: {self.ep_size} does not divide the world size {world_size} (ranks form groups of "
+                "ep_size consecutive ranks)"
+            )
         if p:
             raise ConfigError(p, f"training recipe{'' if self.source is None else ' ' + self.source}")
 
@@ -257,8 +278,9 @@ class Recipe:
         kwargs: dict[str, Any] = {"source": source}
         for key, value in data.items():
             if key not in top:
-                problems.append(f"{key}: unknown section{suggest(key, sorted(top))}; "
-                                f"allowed: {', '.join(sorted(top))}")
+                problems.append(
+                    f"{key}: unknown section{suggest(key, sorted(top))}; allowed: {', '.join(sorted(top))}"
+                )
             elif key in SECTIONS:
                 built, section_problems = build_section(SECTIONS[key], value, key)
                 problems += section_problems
@@ -300,10 +322,15 @@ class Recipe:
                 lines.append(f"{f.name} (default {f.default!r}):  {f.metadata['help']}")
         return "\n".join(lines)
 
+
 #: The top-level sections ({name: section class}) and the nested ones ({(section, field): section class}).
 SECTIONS = {f.name: f.metadata["section"] for f in fields(Recipe) if "section" in f.metadata}
-NESTED = {(name, f.name): f.metadata["section"] for name, cls in SECTIONS.items() for f in fields(cls)
-          if "section" in f.metadata}
+NESTED = {
+    (name, f.name): f.metadata["section"]
+    for name, cls in SECTIONS.items()
+    for f in fields(cls)
+    if "section" in f.metadata
+}
 
 
 def load_recipe(recipe: str | Path | dict | Recipe, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -322,4 +349,3 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: dict[str, Any] | 
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError([str(e)], "command line") from None
     return Recipe.from_dict(apply_overrides(data, overrides), str(path))
-

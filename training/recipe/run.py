@@ -57,14 +57,20 @@ class TrainSection:
         if self.cpu_threads is not None and not (is_int(self.cpu_threads) and self.cpu_threads >= 1):
             p.append(f"train.cpu_threads: {self.cpu_threads!r} must be null or an int >= 1")
         if self.on_nonfinite not in ("error", "skip_step"):
-            p.append(f"train.on_nonfinite: {self.on_nonfinite!r} is not one of 'error', 'skip_step'"
-                     + suggest(self.on_nonfinite, ("error", "skip_step")))
+            p.append(
+                f"train.on_nonfinite: {self.on_nonfinite!r} is not one of 'error', 'skip_step'"
+                + suggest(self.on_nonfinite, ("error", "skip_step"))
+            )
         elif self.on_nonfinite == "skip_step" and is_int(self.grad_accum) and self.grad_accum != 1:
-            p.append(f"train.on_nonfinite: 'skip_step' needs train.grad_accum: 1 (got {self.grad_accum!r}): the "
-                     "micro-batches before a bad one have already added their gradients")
+            p.append(
+                f"train.on_nonfinite: 'skip_step' needs train.grad_accum: 1 (got {self.grad_accum!r}): the "
+                "micro-batches before a bad one have already added their gradients"
+            )
         if self.on_unhealthy not in ("warn", "error"):
-            p.append(f"train.on_unhealthy: {self.on_unhealthy!r} is not one of 'warn', 'error'"
-                     + suggest(self.on_unhealthy, ("warn", "error")))
+            p.append(
+                f"train.on_unhealthy: {self.on_unhealthy!r} is not one of 'warn', 'error'"
+                + suggest(self.on_unhealthy, ("warn", "error"))
+            )
         if not (is_int(self.max_skipped_steps) and self.max_skipped_steps >= 1):
             p.append(f"train.max_skipped_steps: {self.max_skipped_steps!r} must be an int >= 1")
         return p
@@ -138,4 +144,3 @@ class LoggingSection:
         if not (isinstance(self.project, str) and self.project):
             p.append(f"logging.project: {self.project!r} must be a non-empty string")
         return p
-
