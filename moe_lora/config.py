@@ -161,7 +161,8 @@ class MoELoRAConfig:
         0.0,
         "LoRAMoE's localized balancing constraint (loss_form 'loramoe'): importance weights 1 + alpha on the "
         "experts of a sample's task type (type 1: the first E/2 experts, type 0: the others), 1 - alpha elsewhere. "
-        "Task types come from model_hooks.set_task_ids.",
+        "Task types come from model_hooks.set_task_ids ([B] per sample or [B, S] per token); the trainer reads "
+        "them from the data's data.task_field as the ints 0 and 1.",
     )
     balance_warmup_steps: int = _f(
         0,

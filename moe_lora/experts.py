@@ -211,7 +211,7 @@ class RoutedModule:
 
     is_routing_source = True
     token_mask: torch.Tensor | None = None  # [T] bool, set per forward by the converted model's hooks
-    task_ids: torch.Tensor | None = None  # [B] task types or [B] / [B, S] task ids (model_hooks.set_task_ids)
+    task_ids: torch.Tensor | None = None  # [B] / [B, S] task ids or LoRAMoE task types (model_hooks.set_task_ids)
     last_routing: Routing | None = None
     last_aux_terms: dict[str, torch.Tensor] | None = None
     last_aux_loss: torch.Tensor | None = None
@@ -222,6 +222,11 @@ class RoutedModule:
         self.coefs = aux.coefs()  # built once
         self.contrastive_temperature = float(aux.contrastive_temperature)
         self.loss_form = aux.form()
+
+    def reads_task_types(self) -> bool:
+        """Whether this module's loss reads task types: LoRAMoE's localized balancing constraint (loss form
+        ``loramoe`` with lbc_alpha > 0 and the CV term on)."""
+        return self.loss_form.name == "loramoe" and self.loss_form.lbc_alpha > 0 and self.coefs.get("cv", 0.0) > 0
 
     def token_mask_for(self, num_tokens: int) -> torch.Tensor | None:
         """The padding mask of this forward's T tokens (None: every token is real, or the mask is for another
@@ -256,7 +261,7 @@ class RoutedModule:
             self.coefs,
             self.loss_form,
             num_samples=num_samples_of(x),
-            task_types_B=self.task_ids,
+            task_types=self.task_ids,
             expert_outputs=expert_outputs,
             expert_factors=expert_factors,
             contrastive_temperature=self.contrastive_temperature,

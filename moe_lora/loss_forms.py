@@ -64,7 +64,7 @@ def module_terms(
     form: LossForm,
     *,
     num_samples: int = 1,
-    task_types_B: torch.Tensor | None = None,
+    task_types: torch.Tensor | None = None,
     expert_outputs=None,
     expert_factors=None,
     contrastive_temperature: float = 0.1,
@@ -87,9 +87,7 @@ def module_terms(
         terms["z_loss"] = losses.z_loss(routing)
     if coefs.get("cv", 0.0) > 0:
         if form.name == "loramoe":
-            if task_types_B is not None and task_types_B.numel() != num_samples:
-                task_types_B = None
-            terms["cv"] = losses.loramoe_cv2_loss(routing, num_samples, task_types_B, form.lbc_alpha)
+            terms["cv"] = losses.loramoe_cv2_loss(routing, num_samples, task_types, form.lbc_alpha)
         else:
             terms["cv"] = losses.importance_cv2_loss(routing)
     if coefs.get("gate_balance", 0.0) > 0:  # MoLE's gating balance loss
