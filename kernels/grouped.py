@@ -1,4 +1,4 @@
-"""Grouped LoRA-expert compute in PyTorch: sort (token, slot) pairs by expert, grouped GEMMs, sum back.
+"""Grouped LoRA-expert compute in PyTorch: sort (token, slot) pairs by expert, grouped GEMMs, scatter back.
 
 Forward, with the pairs sorted by expert (kernels/metadata.py)::
 
@@ -24,10 +24,11 @@ Which GEMM runs the groups:
   CPU that runs torch with one intra-op thread. It needs 16-byte aligned row strides (D, O and r multiples of 4
   in fp32, 8 in 16-bit) and fp32 or 16-bit tensors. Its CPU kernel (torch 2.13) is a C++ loop of one BLAS GEMM
   per group on exactly the S rows. With one thread that beats the padded grid below (E = 64, k = 2, r = 16,
-  d = 512, T = 1024: forward + backward 0.64x its time, inference 0.74x). With more threads each small GEMM is a
-  parallel region of its own, one thread synchronisation per group and product, where the grid's batched GEMM
-  is one: on the shared 2-core machine (other jobs holding both cores) grouped_mm ran 4-13x slower than with one
-  thread and the grid won (benchmarks/README.md, "E=64: router GEMMs and the padded grid").
+  d = 512, T = 1024: forward + backward 0.64-0.77x its time, inference 0.72-0.83x). With more threads each
+  small GEMM is a parallel region of its own, one thread synchronisation per group and product, where the
+  grid's batched GEMM is one: on the shared 2-core machine (other jobs holding both cores) grouped_mm ran
+  6-13x slower than with one thread and the grid won (benchmarks/README.md, "E=64: router GEMMs and the
+  padded grid").
 * Otherwise (several CPU threads, older torch, odd sizes, fp64): on the CPU batched GEMMs over a padded [E, C]
   grid (kernels/padded.py) while the routing is near balance, else a loop of BLAS matmuls over the expert
   groups. benchmarks/scaling.py measures the CPU path against the dense one (benchmarks/README.md).
