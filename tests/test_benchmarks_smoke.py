@@ -49,6 +49,31 @@ def test_benchmark_quick_run_writes_its_table(tmp_path, script, keys):
         assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_e64_profile_labels_the_parts_and_ab_loads_the_other_tree(tmp_path):
+    """benchmarks/e64.py: the profile attributes time to the router, the experts and the base, forward and backward;
+    --against HEAD builds the committed tree's layer next to this one's and reports the ratios."""
+    pytest.importorskip("peft")
+    out = tmp_path / "e64.json"
+    args = ["--profile", "--steps", "1", "--tokens", "64", "--against", "HEAD", "--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "e64.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    train = data["profile"]["train"]
+    assert {"router", "experts", "base"} <= set(train["parts"]) and train["total_ms"] > 0
+    assert any(k.startswith("router bwd GEMM") for k in train["kinds"])
+    assert any(k.startswith("experts bwd GEMM") for k in train["kinds"])
+    assert "experts" in data["profile"]["infer"]["parts"]
+    for mode in ("train", "infer"):
+        ab = data["ab"][mode]
+        assert ab["new_over_old"] > 0 and set(ab["ms"]) == {"old", "new", "peft_r32"}
+
+
 def test_saved_bytes_counts_each_storage_once_and_no_parameters(monkeypatch):
     """x saved by two GEMMs and a view of it count once; the weight autograd saves for dx is not activation memory."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
