@@ -216,8 +216,10 @@ class MoEBlock(RoutedModule, nn.Module):
 
     @property
     def compile_seconds(self) -> float:
-        """Seconds this block spent compiling (first calls of each new shape of its pair chain)."""
-        return 0.0 if self.pair_chain is None else self.pair_chain.compile_seconds
+        """Seconds this block spent compiling (first calls of each new shape of its pair chain and its contrastive
+        loss)."""
+        chain = 0.0 if self.pair_chain is None else self.pair_chain.compile_seconds
+        return chain + self.contrastive_loss.compile_seconds
 
     def attach_outside(self, experts: list[ExpertLinear]) -> None:
         """The block's ExpertLinears that run after its entry module returns (BERT's down projection)."""

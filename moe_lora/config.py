@@ -182,9 +182,9 @@ class MoELoRAConfig:
     )
     torch_compile: bool = _f(
         True,
-        "CPU only: run MixLoRA's [S, F] elementwise chain through torch.compile where its measured cost rule "
-        "says that pays (compilation on first use, reported as compile_seconds; eager when compiling fails); "
-        "false: always eager.",
+        "CPU only: run MixLoRA's [S, F] elementwise chain and the contrastive loss through torch.compile where "
+        "their measured cost rules say that pays (compilation on first use, reported as compile_seconds; eager "
+        "when compiling fails); false: always eager.",
     )
     modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (a classifier).")
 
@@ -284,8 +284,6 @@ class MoELoRAConfig:
             )
         if self.router_scope not in ROUTER_SCOPES:
             p.append(f"router_scope: {self.router_scope!r}; allowed: {', '.join(ROUTER_SCOPES)}")
-        if not isinstance(self.torch_compile, bool):
-            p.append(f"torch_compile: {self.torch_compile!r} must be true or false")
         if not isinstance(self.ffn_experts, bool):
             p.append(f"ffn_experts: {self.ffn_experts!r} must be true or false")
         elif self.ffn_experts and self.router_scope != "block":
@@ -407,6 +405,7 @@ class MoELoRAConfig:
             lbc_alpha=self.lbc_alpha,
             balance_warmup_steps=self.balance_warmup_steps,
             balance_warmup_start=self.balance_warmup_start,
+            compile_contrastive=self.torch_compile,
         )
 
     # ---- serialisation ----------------------------------------------------------------------------------
