@@ -54,7 +54,8 @@ def pair_chain(
 
 class PairChain:
     """The chain for one activation, compiled on first use where that pays; ``compile_seconds`` reports the
-    compilation (first calls of each new shape) apart from the steps.
+    compilation (first calls of each new shape: dynamo's trace and the forward graph; AOTAutograd compiles the
+    backward graph at the first backward, which it does not see) apart from the steps.
 
     Args:
         act: the FFN's activation (e.g. ``torch.nn.functional.silu``).

@@ -11,7 +11,8 @@ compiled function is the eager one traced, so the value and the gradients agree 
 form, h_TEr for the low-rank form; the rule below, measured by benchmarks/contrastive_compiled.py) on CPU tensors
 outside another compiled graph, and falls back to eager otherwise: no compiler, a compile error (warned once, eager
 from then on), small inputs, CUDA tensors, or ``compile=False``. ``compile_seconds`` adds up the first call of each
-new input shape (tracing, code generation, the C++ build), apart from the steps that follow.
+new input shape (tracing, code generation, the C++ build of the forward graph; AOTAutograd compiles the backward
+graph at the first backward, which it does not see), apart from the steps that follow.
 
 torch.compile caches per code object, so every instance shares the compiled graphs of one form (a model's routed
 modules of one size compile once); ``dynamic=None`` compiles a static graph for the first T and one with a symbolic
