@@ -43,7 +43,7 @@ def test_benchmark_quick_run_writes_its_table(tmp_path, script, keys):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,  # peft_compiled compiles its training and inference graphs (minutes on a loaded CPU)
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
