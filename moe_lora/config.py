@@ -181,6 +181,12 @@ class MoELoRAConfig:
         "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
         "cost), 'dense', 'grouped', 'reference', 'triton', 'megablocks'.",
     )
+    torch_compile: bool = _f(
+        True,
+        "CPU only: run MixLoRA's [S, F] elementwise chain and the contrastive loss through torch.compile where "
+        "their measured cost rules say that pays (compilation on first use, reported as compile_seconds; eager "
+        "when compiling fails); false: always eager.",
+    )
     modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (a classifier).")
 
     def __post_init__(self) -> None:
@@ -400,6 +406,7 @@ class MoELoRAConfig:
             lbc_alpha=self.lbc_alpha,
             balance_warmup_steps=self.balance_warmup_steps,
             balance_warmup_start=self.balance_warmup_start,
+            compile_contrastive=self.torch_compile,
         )
 
     # ---- serialisation ----------------------------------------------------------------------------------

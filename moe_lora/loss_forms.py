@@ -68,13 +68,15 @@ def module_terms(
     expert_outputs=None,
     expert_factors=None,
     contrastive_temperature: float = 0.1,
+    contrastive_loss=None,
 ) -> tuple[dict[str, torch.Tensor], losses.BalanceStats | None]:
     """(unweighted per-module terms by name, pooled-balance sums or None) of one module's forward in ``form``.
 
     Terms: load_balance (normalized, loramoe: Switch; adamole: AdaMoLE's; pooled forms: none here), z_loss when
     its coefficient is positive (not in pooled forms: pooled), cv when its coefficient is positive (loramoe:
     LoRAMoE's per-sample CV^2 with the LBC; otherwise the batch importance CV^2), contrastive when outputs or
-    factors are given (see losses.aux_terms)."""
+    factors are given (see losses.aux_terms), through ``contrastive_loss`` (a contrastive_compiled.ContrastiveLoss:
+    compiled where its cost rule says so) when given."""
     terms: dict[str, torch.Tensor] = {}
     stats = None
     if form.name in POOLED:
@@ -94,7 +96,7 @@ def module_terms(
         terms["gate_balance"] = losses.gating_balance_loss(routing)
     if expert_outputs is not None or expert_factors is not None:
         terms["contrastive"] = losses.slot_contrastive_loss(
-            routing, expert_outputs, expert_factors, contrastive_temperature
+            routing, expert_outputs, expert_factors, contrastive_temperature, contrastive_loss
         )
     return terms, stats
 

@@ -373,18 +373,23 @@ def _prototype_cross_entropy(
     return torch.where(present_E.sum() >= 2, loss, loss * 0.0)
 
 
-def slot_contrastive_loss(routing: Routing, outputs: tuple | None, factors: tuple | None, temperature: float):
+def slot_contrastive_loss(
+    routing: Routing, outputs: tuple | None, factors: tuple | None, temperature: float, compiled=None
+):
     """The contrastive loss over the T*K (token, slot) pairs of ``routing``, in slot order: from the outputs
     (u_SO, ids_S) or from the factors (h_TEr, lora_B_EOR, scaling); slots with zero routing weight and padding
-    tokens are left out."""
+    tokens are left out. ``compiled``: a moe_lora.contrastive_compiled.ContrastiveLoss to compute it with (the
+    same functions, compiled where its cost rule says so); None: eager."""
     keep_TK = routing.weights_TK > 0
     if routing.token_mask_T is not None:
         keep_TK = keep_TK & routing.token_mask_T[:, None]
     if factors is not None:
         h_TEr, lora_B_EOR, scaling = factors
-        return contrastive_loss_lowrank(h_TEr, routing.expert_ids_TK, lora_B_EOR, scaling, temperature, keep_TK)
+        lowrank = contrastive_loss_lowrank if compiled is None else compiled.lowrank
+        return lowrank(h_TEr, routing.expert_ids_TK, lora_B_EOR, scaling, temperature, keep_TK)
     u_SO, ids_S = outputs
-    return contrastive_loss(u_SO, ids_S, routing.num_experts, temperature, keep_TK.reshape(-1))
+    loss = contrastive_loss if compiled is None else compiled.outputs
+    return loss(u_SO, ids_S, routing.num_experts, temperature, keep_TK.reshape(-1))
 
 
 def weighted_sum(terms: dict[str, torch.Tensor], coefs: dict[str, float]) -> torch.Tensor:
