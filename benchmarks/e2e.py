@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from readme_markers import write_between_markers
+
 from moe_lora import MoELoRAConfig
-from moe_lora.atomic_dir import write_text_atomic
 from moe_lora.convert import convert
 from moe_lora.zoo import load_model
 
@@ -109,14 +110,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_readme_table(path: Path, table: str) -> None:
-    """Replace what lies between the two marker lines of ``path`` with ``table`` (atomically)."""
-    begin, end = "<!-- e2e-table -->", "<!-- /e2e-table -->"
-    text = path.read_text()
-    head, found, rest = text.partition(begin)
-    if not found or end not in rest:
-        raise SystemExit(f"--readme: {path} has no {begin} line followed by a {end} line to write the table between")
-    tail = rest.split(end, 1)[1]
-    write_text_atomic(path, f"{head}{begin}\n{table}\n{end}{tail}")
+    """Replace what lies between the e2e-table marker lines of ``path`` with ``table`` (atomically)."""
+    write_between_markers(path, "e2e-table", table)
 
 
 def build(name: str, args) -> torch.nn.Module:
