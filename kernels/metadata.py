@@ -6,6 +6,8 @@ For S = T*K (token, slot) pairs::
     tok_S     [S]  int64  token of each sorted pair (order_S // K)
     counts_E  [E]  int64  pairs per expert (0 for an expert that got no token)
     offs_E    [E]  int32  cumulative ends (what torch grouped_mm takes as ``offs``)
+    inv_S     [S]  int64  sorted position of pair s = t*K + k (the inverse of order_S): rows in expert order go
+                          back to pair order with one gather, ``v_S.index_select(0, inv_S)``
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class SortMeta:
     tok_S: torch.Tensor
     counts_E: torch.Tensor
     offs_E: torch.Tensor
+    inv_S: torch.Tensor
 
     @staticmethod
     def build(expert_ids_TK: torch.Tensor, num_experts: int) -> SortMeta:
@@ -29,7 +32,8 @@ class SortMeta:
         order_S = torch.argsort(flat_S, stable=True)
         counts_E = torch.bincount(flat_S, minlength=num_experts)
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        return SortMeta(order_S=order_S, tok_S=order_S // K, counts_E=counts_E, offs_E=offs_E)
+        inv_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(flat_S.numel(), device=flat_S.device))
+        return SortMeta(order_S=order_S, tok_S=order_S // K, counts_E=counts_E, offs_E=offs_E, inv_S=inv_S)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ that to pay (the cost rule below, measured by benchmarks/pair_chain.py) and torc
 to the eager function otherwise (no compiler, a compile error, small inputs, CUDA tensors). Both give p and wd to
 fp32 rounding of each other; with du = dg = 0 both give wd == 0 exactly (the two act() calls see the same inputs
 in the same loop).
+
+Each ``MoEBlock`` in FFN mode owns one ``PairChain`` (no module-global state of ours). torch.compile's own cache is
+per code object, so the blocks share their compiled graphs: activations of one class (every layer's SiLU module)
+need one graph per grad mode, not one per layer. With ``dynamic=None`` (the default) the first S compiles a static
+graph and the second S one graph with a symbolic S, which serves every later S: a training run with varying
+token counts compiles at most twice per grad mode, far below dynamo's recompile limit.
 """
 
 from __future__ import annotations
@@ -48,12 +54,17 @@ def pair_chain(
 
 class PairChain:
     """The chain for one activation, compiled on first use where that pays; ``compile_seconds`` reports the
-    compilation (first calls of each new shape) apart from the steps.
+    compilation (first calls of each new shape: dynamo's trace and the forward graph; AOTAutograd compiles the
+    backward graph at the first backward, which it does not see) apart from the steps.
 
     Args:
         act: the FFN's activation (e.g. ``torch.nn.functional.silu``).
         min_elements: S*F from which the compiled function is used.
         compile: False never compiles (the eager fallback only).
+        dynamic: torch.compile's ``dynamic`` (None: static for the first shape, symbolic S after a change).
+
+    Copies (``copy.deepcopy``, pickling) drop the compiled function: a copy compiles again on its first call
+    with its own activation.
     """
 
     def __init__(
@@ -62,13 +73,18 @@ class PairChain:
         *,
         min_elements: int = MIN_COMPILED_ELEMENTS,
         compile: bool = True,
+        dynamic: bool | None = None,
     ) -> None:
         self.act = act
         self.min_elements = min_elements
+        self.dynamic = dynamic
         self.compile_seconds = 0.0
         self.failure: str | None = None if compile else "compile=False"
         self._compiled = None
         self._seen: set[tuple] = set()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_compiled": None, "_seen": set()}
 
     def _eager(self, u_SF, g_SF, du_SF, dg_SF, w_S1):
         return pair_chain(u_SF, g_SF, du_SF, dg_SF, w_S1, self.act)
@@ -91,7 +107,7 @@ class PairChain:
         start = time.perf_counter()
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(self._eager, fullgraph=True, dynamic=False)
+                self._compiled = torch.compile(self._eager, fullgraph=True, dynamic=self.dynamic)
             out = self._compiled(u_SF, g_SF, du_SF, dg_SF, w_S1)
         except Exception as exc:  # no C++ compiler, an unsupported act, ...: eager from now on, said once
             self.failure = f"{type(exc).__name__}: {str(exc).strip()[:300]}"

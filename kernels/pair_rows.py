@@ -59,8 +59,7 @@ class PairLayout:
             return PairLayout(ar_S // K, flat_S, w_flat, ar_S, None, T, K)
         sort = SortMeta.build(expert_ids_TK, num_experts)
         order_S = sort.order_S
-        inv_S = torch.empty_like(order_S).scatter_(0, order_S, torch.arange(T * K, device=flat_S.device))
-        return PairLayout(sort.tok_S, flat_S[order_S], w_flat[order_S], inv_S, sort, T, K)
+        return PairLayout(sort.tok_S, flat_S[order_S], w_flat[order_S], sort.inv_S, sort, T, K)
 
     def to_slot_order(self, v_S: torch.Tensor) -> torch.Tensor:
         """[S, ...] rows of this layout -> the same rows in slot order (pair t*K + k)."""

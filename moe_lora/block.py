@@ -42,6 +42,12 @@ converter's matching in targets.py finds it):
       on gathered rows when E*r is large: the same cost rule as lora_experts), every expand and the W2
       experts' shrink on the expert's own rows, r columns wide instead of E*r. Other backends (Triton,
       reference) take the pairs in slot order through ``lora_expert_rows``.
+
+      The [S, F] chain of the gated layout (a0 = act(g), p = act(g + dg) * (u + du), wd = w * (p - a0 * u))
+      runs through the block's own ``PairChain`` (kernels/pair_chain.py): torch.compile's fused C++ loop on CPU
+      rows from its measured cost rule's size, eager below it, on CUDA, inside an outer compiled graph, after a
+      failed compile (warned once), or always with ``compile_pair_chain=False`` (config ``torch_compile:
+      false``). Both keep wd exactly 0 while B = 0; ``compile_seconds`` reports the compilation.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from .experts import AuxLossConfig, ExpertConfig, LoRAExperts, RoutedModule
 from .kernels import choose_torch_path, lora_expert_rows, lora_experts
 from .kernels.api import resolve_backend
 from .kernels.fused import can_fuse, fused_lora_forward
+from .kernels.pair_chain import PairChain
 from .kernels.pair_rows import PairLayout, gather_pairs, grouped_rows_mm, sum_pairs
 from .routers import Router
 from .routing import Routing
@@ -172,10 +179,19 @@ class MoEBlock(RoutedModule, nn.Module):
         router: the block router, reading the block input [T, D].
         aux: the auxiliary losses (FFN mode's contrastive loss: u = the down projection's pair delta).
         ffn_experts: MixLoRA FFN experts instead of per-projection deltas (gated and plain layouts).
+        compile_pair_chain: False keeps the FFN mode's [S, F] chain eager (``pair_chain.uses_compiled`` is then
+            always False); True compiles it where its cost rule says it pays.
     """
 
     def __init__(
-        self, base_layer: nn.Module, layout: BlockLayout, router: Router, aux: AuxLossConfig, *, ffn_experts: bool
+        self,
+        base_layer: nn.Module,
+        layout: BlockLayout,
+        router: Router,
+        aux: AuxLossConfig,
+        *,
+        ffn_experts: bool,
+        compile_pair_chain: bool = True,
     ):
         super().__init__()
         if ffn_experts and layout.kind not in ("gated", "plain"):
@@ -193,6 +209,17 @@ class MoEBlock(RoutedModule, nn.Module):
         self.role_paths = {role: name[len(prefix) :] for role, name in layout.roles if name.startswith(prefix)}
         self.outside = [name for _, name in layout.roles if not name.startswith(prefix)]  # BERT's down projection
         self._outside: tuple[ExpertLinear, ...] = ()  # plain references: the modules are registered by the model
+        # the gated FFN's [S, F] chain, this block's own (not a submodule: it holds no parameter of its own)
+        gated_ffn = ffn_experts and layout.kind == "gated"
+        act = getattr(base_layer, _ACT[layout.kind], None) if gated_ffn else None
+        self.pair_chain = PairChain(act, compile=compile_pair_chain) if act is not None else None
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds this block spent compiling (first calls of each new shape of its pair chain and its contrastive
+        loss)."""
+        chain = 0.0 if self.pair_chain is None else self.pair_chain.compile_seconds
+        return chain + self.contrastive_loss.compile_seconds
 
     def attach_outside(self, experts: list[ExpertLinear]) -> None:
         """The block's ExpertLinears that run after its entry module returns (BERT's down projection)."""
@@ -265,18 +292,25 @@ class MoEBlock(RoutedModule, nn.Module):
         # d = p - act(W1 x) * W3 x per pair, with the base product computed again in the pair layout: gathering
         # h0's rows instead would differ from p by an ulp where torch's vectorised and scalar activation loops
         # meet at other offsets of the two layouts, and d must be exactly 0 while the experts' B are 0
+        w_S1 = layout.w_S.to(h0.dtype)[:, None]
+        wd_SF = None  # w * d, the weighted correction of each pair
         if g is not None:
             g_SF = gather_pairs(g.reshape(T, F), layout)
-            a0_SF = act(g_SF)
-            a1_SF = a0_SF if dg_SF is None else act(g_SF + dg_SF)
-            p_SF = a1_SF * (u_SF if du_SF is None else u_SF + du_SF)
-            d_SF = None if dg_SF is None and du_SF is None else p_SF - a0_SF * u_SF
+            chain = self.pair_chain if self.pair_chain is not None and self.pair_chain.act is act else None
+            if chain is not None and dg_SF is not None and du_SF is not None:
+                p_SF, wd_SF = chain(u_SF, g_SF, du_SF, dg_SF, w_S1)  # compiled where its cost rule says so
+            else:
+                a0_SF = act(g_SF)
+                a1_SF = a0_SF if dg_SF is None else act(g_SF + dg_SF)
+                p_SF = a1_SF * (u_SF if du_SF is None else u_SF + du_SF)
+                if dg_SF is not None or du_SF is not None:
+                    wd_SF = w_S1 * (p_SF - a0_SF * u_SF)
         else:
             p_SF = act(u_SF if du_SF is None else u_SF + du_SF)
-            d_SF = None if du_SF is None else p_SF - act(u_SF)
+            if du_SF is not None:
+                wd_SF = w_S1 * (p_SF - act(u_SF))
 
-        w_S1 = layout.w_S.to(h0.dtype)[:, None]
-        h_in = h0 if d_SF is None else h0 + sum_pairs(w_S1 * d_SF, layout).view(h0.shape)
+        h_in = h0 if wd_SF is None else h0 + sum_pairs(wd_SF, layout).view(h0.shape)
         y = down_base(h_in)  # W2 once for all T rows
         u_SO = None
         if down_exp is not None:

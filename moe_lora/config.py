@@ -161,7 +161,8 @@ class MoELoRAConfig:
         0.0,
         "LoRAMoE's localized balancing constraint (loss_form 'loramoe'): importance weights 1 + alpha on the "
         "experts of a sample's task type (type 1: the first E/2 experts, type 0: the others), 1 - alpha elsewhere. "
-        "Task types come from model_hooks.set_task_ids.",
+        "Task types come from model_hooks.set_task_ids ([B] per sample or [B, S] per token); the trainer reads "
+        "them from the data's data.task_field as the ints 0 and 1.",
     )
     balance_warmup_steps: int = _f(
         0,
@@ -179,6 +180,12 @@ class MoELoRAConfig:
         "auto",
         "Expert compute: 'auto' (triton on CUDA, torch elsewhere), 'torch' (dense-gated or grouped by "
         "cost), 'dense', 'grouped', 'reference', 'triton', 'megablocks'.",
+    )
+    torch_compile: bool = _f(
+        True,
+        "CPU only: run MixLoRA's [S, F] elementwise chain and the contrastive loss through torch.compile where "
+        "their measured cost rules say that pays (compilation on first use, reported as compile_seconds; eager "
+        "when compiling fails); false: always eager.",
     )
     modules_to_save: list[str] = _f([], "Extra modules trained in full and saved with the adapter (a classifier).")
 
@@ -399,6 +406,7 @@ class MoELoRAConfig:
             lbc_alpha=self.lbc_alpha,
             balance_warmup_steps=self.balance_warmup_steps,
             balance_warmup_start=self.balance_warmup_start,
+            compile_contrastive=self.torch_compile,
         )
 
     # ---- serialisation ----------------------------------------------------------------------------------

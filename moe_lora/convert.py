@@ -446,7 +446,12 @@ def convert(model: nn.Module, config: MoELoRAConfig) -> nn.Module:
         router = _build_router(config, head.in_features, head.num_experts, head.top_k, entry_name)
         router.reset_parameters(expert_generator(module_seed(config.init_seed, entry_name), -1))
         block = MoEBlock(
-            model.get_submodule(entry_name), layout, router.to(device), aux, ffn_experts=config.ffn_experts
+            model.get_submodule(entry_name),
+            layout,
+            router.to(device),
+            aux,
+            ffn_experts=config.ffn_experts,
+            compile_pair_chain=config.torch_compile,
         )
         block.attach_outside([experts[n] for n in block.outside if n in experts])
         model.set_submodule(entry_name, block.train(block.base_layer.training))

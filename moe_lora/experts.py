@@ -29,6 +29,7 @@ from torch import nn
 
 from . import losses
 from .checks import is_int, is_number
+from .contrastive_compiled import ContrastiveLoss
 from .errors import ConfigError, suggest
 from .kernels.api import BACKENDS
 from .loss_forms import LOSS_FORMS, LossForm, module_terms, num_samples_of
@@ -109,6 +110,7 @@ class AuxLossConfig:
     lbc_alpha: float = 0.0
     balance_warmup_steps: int = 0
     balance_warmup_start: float = 0.0
+    compile_contrastive: bool = True  # the contrastive loss through torch.compile where its cost rule says so
 
     def problems(self) -> list[str]:
         p = [
@@ -131,6 +133,8 @@ class AuxLossConfig:
             p.append(f"balance_warmup_steps: {self.balance_warmup_steps!r} must be an int >= 0")
         if not (is_number(self.balance_warmup_start) and self.balance_warmup_start >= 0):
             p.append(f"balance_warmup_start: {self.balance_warmup_start!r} must be a number >= 0")
+        if not isinstance(self.compile_contrastive, bool):
+            p.append(f"torch_compile: {self.compile_contrastive!r} must be true or false")
         return p
 
     def form(self) -> LossForm:
@@ -211,7 +215,7 @@ class RoutedModule:
 
     is_routing_source = True
     token_mask: torch.Tensor | None = None  # [T] bool, set per forward by the converted model's hooks
-    task_ids: torch.Tensor | None = None  # [B] task types or [B] / [B, S] task ids (model_hooks.set_task_ids)
+    task_ids: torch.Tensor | None = None  # [B] / [B, S] task ids or LoRAMoE task types (model_hooks.set_task_ids)
     last_routing: Routing | None = None
     last_aux_terms: dict[str, torch.Tensor] | None = None
     last_aux_loss: torch.Tensor | None = None
@@ -222,6 +226,18 @@ class RoutedModule:
         self.coefs = aux.coefs()  # built once
         self.contrastive_temperature = float(aux.contrastive_temperature)
         self.loss_form = aux.form()
+        # this module's own compiled-or-eager contrastive loss (moe_lora.contrastive_compiled); not a submodule
+        self.contrastive_loss = ContrastiveLoss(compile=aux.compile_contrastive)
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds this module spent compiling (first calls of each new shape; its contrastive loss)."""
+        return self.contrastive_loss.compile_seconds
+
+    def reads_task_types(self) -> bool:
+        """Whether this module's loss reads task types: LoRAMoE's localized balancing constraint (loss form
+        ``loramoe`` with lbc_alpha > 0 and the CV term on)."""
+        return self.loss_form.name == "loramoe" and self.loss_form.lbc_alpha > 0 and self.coefs.get("cv", 0.0) > 0
 
     def token_mask_for(self, num_tokens: int) -> torch.Tensor | None:
         """The padding mask of this forward's T tokens (None: every token is real, or the mask is for another
@@ -256,10 +272,11 @@ class RoutedModule:
             self.coefs,
             self.loss_form,
             num_samples=num_samples_of(x),
-            task_types_B=self.task_ids,
+            task_types=self.task_ids,
             expert_outputs=expert_outputs,
             expert_factors=expert_factors,
             contrastive_temperature=self.contrastive_temperature,
+            contrastive_loss=self.contrastive_loss,
         )
         if contrastive is not None:
             terms["contrastive"] = contrastive

@@ -21,6 +21,10 @@ What the mixin changes:
       loss <- loss + aux         when it does (training_step divides the sum)
 
   so that each optimizer step adds the mean aux loss of its micro-batches, whoever computed the loss.
+* Task ids: a ``task_ids`` column ([B] per sequence or [B, S] per token; the collator must keep it) is taken out
+  of the inputs before the forward and handed to the model with ``set_task_ids``: the task- and
+  cluster-conditioned routers (MOELoRA, MoCLE) route by it, LoRAMoE's localized balancing constraint reads it as
+  task types. The column is kept through ``remove_unused_columns``.
 * Logs: every logging step adds ``aux_loss`` (mean over the forwards since the last log) and router load over the
   same window (moe_lora.analysis.RoutingRecorder over training forwards): ``router/load_cv_mean``,
   ``router/load_cv_max``, ``router/dead_experts``, ``router/entropy_norm_mean``.
@@ -37,7 +41,7 @@ from torch import nn
 from .adapter_io import load_adapter, save_adapter
 from .balancing import update_selection_biases
 from .loss_forms import balance_scale
-from .model_hooks import aux_loss_of, aux_outside_loss, set_balance_scale
+from .model_hooks import aux_loss_of, aux_outside_loss, set_balance_scale, set_task_ids
 
 ADAPTER_SUBDIR = "adapter"
 
@@ -62,6 +66,10 @@ class MoELoRATrainerMixin:
             set_balance_scale(
                 plain, balance_scale(self.state.global_step, cfg.balance_warmup_steps, cfg.balance_warmup_start)
             )
+
+        if isinstance(inputs, dict) and inputs.get("task_ids") is not None:  # for this forward only
+            set_task_ids(plain, torch.as_tensor(inputs["task_ids"]))
+            inputs = {k: v for k, v in inputs.items() if k != "task_ids"}
 
         def capture(module, args, output):
             if module.training and torch.is_grad_enabled():
@@ -88,6 +96,13 @@ class MoELoRATrainerMixin:
             self._moe_aux_count = getattr(self, "_moe_aux_count", 0) + 1
             self._moe_recorder(plain)
         return (loss, outputs) if return_outputs else loss
+
+    def _set_signature_columns_if_needed(self):
+        """The trainer's columns plus ``task_ids``, so that ``remove_unused_columns`` keeps it."""
+        super()._set_signature_columns_if_needed()
+        cols = getattr(self, "_signature_columns", None)
+        if cols is not None and "task_ids" not in cols:
+            cols.append("task_ids")
 
     def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
         """Whether Trainer.training_step leaves the loss undivided by the accumulation steps (its own rule)."""

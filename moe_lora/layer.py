@@ -39,6 +39,7 @@ AUX_SETTINGS = {
     "gate_balance_coef": "gate_balance",
     "loss_form": "loss_form",
     "lbc_alpha": "lbc_alpha",
+    "torch_compile": "compile_contrastive",
 }
 
 

@@ -64,17 +64,19 @@ def module_terms(
     form: LossForm,
     *,
     num_samples: int = 1,
-    task_types_B: torch.Tensor | None = None,
+    task_types: torch.Tensor | None = None,
     expert_outputs=None,
     expert_factors=None,
     contrastive_temperature: float = 0.1,
+    contrastive_loss=None,
 ) -> tuple[dict[str, torch.Tensor], losses.BalanceStats | None]:
     """(unweighted per-module terms by name, pooled-balance sums or None) of one module's forward in ``form``.
 
     Terms: load_balance (normalized, loramoe: Switch; adamole: AdaMoLE's; pooled forms: none here), z_loss when
     its coefficient is positive (not in pooled forms: pooled), cv when its coefficient is positive (loramoe:
     LoRAMoE's per-sample CV^2 with the LBC; otherwise the batch importance CV^2), contrastive when outputs or
-    factors are given (see losses.aux_terms)."""
+    factors are given (see losses.aux_terms), through ``contrastive_loss`` (a contrastive_compiled.ContrastiveLoss:
+    compiled where its cost rule says so) when given."""
     terms: dict[str, torch.Tensor] = {}
     stats = None
     if form.name in POOLED:
@@ -87,16 +89,14 @@ def module_terms(
         terms["z_loss"] = losses.z_loss(routing)
     if coefs.get("cv", 0.0) > 0:
         if form.name == "loramoe":
-            if task_types_B is not None and task_types_B.numel() != num_samples:
-                task_types_B = None
-            terms["cv"] = losses.loramoe_cv2_loss(routing, num_samples, task_types_B, form.lbc_alpha)
+            terms["cv"] = losses.loramoe_cv2_loss(routing, num_samples, task_types, form.lbc_alpha)
         else:
             terms["cv"] = losses.importance_cv2_loss(routing)
     if coefs.get("gate_balance", 0.0) > 0:  # MoLE's gating balance loss
         terms["gate_balance"] = losses.gating_balance_loss(routing)
     if expert_outputs is not None or expert_factors is not None:
         terms["contrastive"] = losses.slot_contrastive_loss(
-            routing, expert_outputs, expert_factors, contrastive_temperature
+            routing, expert_outputs, expert_factors, contrastive_temperature, contrastive_loss
         )
     return terms, stats
 

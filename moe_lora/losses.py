@@ -181,7 +181,7 @@ def gating_balance_loss(routing: Routing, eps: float = 1e-12) -> torch.Tensor:
 def loramoe_cv2_loss(
     routing: Routing,
     num_samples: int = 1,
-    task_types_B: torch.Tensor | None = None,
+    task_types: torch.Tensor | None = None,
     lbc_alpha: float = 0.0,
     eps: float = 1e-10,
 ) -> torch.Tensor:
@@ -201,24 +201,45 @@ def loramoe_cv2_loss(
     too); for odd E the code's weighting does not broadcast, here type 0 gets the E - E // 2 last experts. The
     paper writes the LBC as Var(Z) / Mean(Z); the code, followed here, divides by Mean(Z)^2.
 
+    Types per token (packed sequences, whose samples mix examples of different types; not in the reference):
+    the weighting moves inside the sum, Z[b, e] = sum over the tokens t of sample b of I[type_t, e] p_e(x_t).
+    When every token of a sample has the sample's type this is the formula above (up to fp32 rounding: the
+    weight multiplies each token instead of the sum).
+
     Args:
         num_samples: B; the T tokens are B samples of T / B consecutive tokens (the [B, L] layout of the input).
-        task_types_B: [B] int task type per sample, or None.
+        task_types: int task types, [B] one per sample, or [T] / [B, L] one per token; None: no LBC.
     """
     T, E = routing.probs_TE.shape
     if num_samples < 1 or T % num_samples:
         raise ValueError(f"num_samples: {num_samples} does not divide the {T} routed tokens")
     m_T = _mask(routing)
-    Q_BE = (routing.probs_TE * m_T[:, None]).view(num_samples, T // num_samples, E).sum(1)
-    if task_types_B is not None and lbc_alpha != 0.0:
-        first_E = torch.arange(E, device=Q_BE.device) < E // 2
-        t_B1 = task_types_B.to(Q_BE.device).reshape(-1, 1)
-        own_BE = torch.where(first_E[None, :], t_B1 == 1, t_B1 == 0)
-        Q_BE = Q_BE * torch.where(own_BE, 1.0 + lbc_alpha, 1.0 - lbc_alpha).to(Q_BE.dtype)
+    p_TE = routing.probs_TE * m_T[:, None]
+    per_token = task_types is not None and task_types.numel() == T and num_samples != T
+    if task_types is not None and not per_token and task_types.numel() != num_samples:
+        raise ValueError(
+            f"task_types: {task_types.numel()} types for {num_samples} samples of {T // num_samples} tokens; "
+            "give one per sample [B] or one per token [B, L]"
+        )
+    if task_types is not None and lbc_alpha != 0.0 and per_token:
+        p_TE = p_TE * _lbc_weights(task_types, E, lbc_alpha, p_TE)
+    Q_BE = p_TE.view(num_samples, T // num_samples, E).sum(1)
+    if task_types is not None and lbc_alpha != 0.0 and not per_token:
+        Q_BE = Q_BE * _lbc_weights(task_types, E, lbc_alpha, Q_BE)
     z = Q_BE.reshape(-1)
     if z.numel() == 1:
         return z.sum() * 0.0
     return z.var() / (z.mean().square() + eps)
+
+
+def _lbc_weights(types: torch.Tensor, E: int, alpha: float, like_NE: torch.Tensor) -> torch.Tensor:
+    """[N, E] LBC weights I of ``types`` ([N] or any shape with N values): 1 + alpha where expert e belongs to the
+    row's type (type 1: e < E // 2; type 0: e >= E // 2), else 1 - alpha; dtype and device of ``like_NE``."""
+    first_E = torch.arange(E, device=like_NE.device) < E // 2
+    t_N1 = types.to(like_NE.device).reshape(-1, 1)
+    own_NE = torch.where(first_E[None, :], t_N1 == 1, t_N1 == 0)
+    hi, lo = like_NE.new_tensor(1.0 + alpha), like_NE.new_tensor(1.0 - alpha)
+    return torch.where(own_NE, hi, lo)
 
 
 def contrastive_loss(
@@ -352,18 +373,23 @@ def _prototype_cross_entropy(
     return torch.where(present_E.sum() >= 2, loss, loss * 0.0)
 
 
-def slot_contrastive_loss(routing: Routing, outputs: tuple | None, factors: tuple | None, temperature: float):
+def slot_contrastive_loss(
+    routing: Routing, outputs: tuple | None, factors: tuple | None, temperature: float, compiled=None
+):
     """The contrastive loss over the T*K (token, slot) pairs of ``routing``, in slot order: from the outputs
     (u_SO, ids_S) or from the factors (h_TEr, lora_B_EOR, scaling); slots with zero routing weight and padding
-    tokens are left out."""
+    tokens are left out. ``compiled``: a moe_lora.contrastive_compiled.ContrastiveLoss to compute it with (the
+    same functions, compiled where its cost rule says so); None: eager."""
     keep_TK = routing.weights_TK > 0
     if routing.token_mask_T is not None:
         keep_TK = keep_TK & routing.token_mask_T[:, None]
     if factors is not None:
         h_TEr, lora_B_EOR, scaling = factors
-        return contrastive_loss_lowrank(h_TEr, routing.expert_ids_TK, lora_B_EOR, scaling, temperature, keep_TK)
+        lowrank = contrastive_loss_lowrank if compiled is None else compiled.lowrank
+        return lowrank(h_TEr, routing.expert_ids_TK, lora_B_EOR, scaling, temperature, keep_TK)
     u_SO, ids_S = outputs
-    return contrastive_loss(u_SO, ids_S, routing.num_experts, temperature, keep_TK.reshape(-1))
+    loss = contrastive_loss if compiled is None else compiled.outputs
+    return loss(u_SO, ids_S, routing.num_experts, temperature, keep_TK.reshape(-1))
 
 
 def weighted_sum(terms: dict[str, torch.Tensor], coefs: dict[str, float]) -> torch.Tensor:

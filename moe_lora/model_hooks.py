@@ -8,7 +8,7 @@ Two hooks on the top-level model (never a patched ``forward``, never module-glob
   modules ignore a mask whose numel differs from their token count. It also clears each module's
   ``last_aux_loss`` so that a module that does not run cannot contribute a stale value. The task ids set with
   ``set_task_ids`` travel the same way: every routed module gets ``task_ids`` ([B] per sequence or [B, S] per
-  token, or None: LoRAMoE's localized balancing constraint reads [B] task types), and so does its router when it
+  token, or None: LoRAMoE's localized balancing constraint reads them as task types), and so does its router when it
   reads them (``uses_task_ids``: MOELoRA's and MoCLE's task- and cluster-conditioned routers).
 * forward hook (always called, also on error): clears the masks and the task ids and sets
 
@@ -105,6 +105,12 @@ def set_task_ids(model: nn.Module, task_ids: torch.Tensor | None, *, keep: bool 
 def task_routers(model: nn.Module) -> list[nn.Module]:
     """The routers of ``model`` that read task ids (set_task_ids)."""
     return [r for m in routed_modules(model) if getattr(r := getattr(m, "router", None), "uses_task_ids", False)]
+
+
+def task_type_modules(model: nn.Module) -> list[nn.Module]:
+    """The routed modules of ``model`` whose loss reads task types (LoRAMoE's localized balancing constraint:
+    RoutedModule.reads_task_types)."""
+    return [m for m in routed_modules(model) if getattr(m, "reads_task_types", lambda: False)()]
 
 
 def _hand_task_ids(model: nn.Module, task_ids: torch.Tensor | None) -> None:

@@ -213,11 +213,13 @@ def test_ffn_forward_gradients_reach_every_expert_tensor():
     assert F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens()[:, 1:].reshape(-1)) > 0
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_fresh_ffn_experts_equal_the_base_mlp_bit_for_bit_with_odd_thread_chunks(top_k):
+def test_fresh_ffn_experts_equal_the_base_mlp_bit_for_bit_with_odd_thread_chunks(top_k, compiled):
     """A fresh MixLoRA block is the base MLP exactly, also where torch's vectorised and scalar activation loops
     split a wide [S, F] tensor at other offsets than the [T, F] one (3 threads, F = 1375): the pairs' base
-    product must be computed in the pair layout, not gathered from the token rows."""
+    product must be computed in the pair layout, not gathered from the token rows. The [S, F] rows (276K and 553K
+    elements) are past the pair chain's compile threshold: ``compiled`` runs it through torch.compile."""
     model = tiny("tiny-llama", num_layers=1, intermediate=1375)
     x = tokens(batch=3, length=67)
     threads = torch.get_num_threads()
@@ -225,10 +227,16 @@ def test_fresh_ffn_experts_equal_the_base_mlp_bit_for_bit_with_odd_thread_chunks
         torch.set_num_threads(3)  # both sides: the GEMMs' own rounding depends on the thread count
         with torch.no_grad():
             expected = model(input_ids=x).logits
-            converted = convert(
-                model, MoELoRAConfig(target_modules=LLAMA_MLP, router_scope="block", ffn_experts=True, top_k=top_k)
+            config = MoELoRAConfig(
+                target_modules=LLAMA_MLP, router_scope="block", ffn_experts=True, top_k=top_k, torch_compile=compiled
             )
+            converted = convert(model, config)
             got = converted(input_ids=x).logits
     finally:
         torch.set_num_threads(threads)
+    block = converted.model.layers[0].mlp
+    assert block.pair_chain.uses_compiled(torch.zeros(3 * 67 * top_k, 1375)) == (
+        compiled and not block.pair_chain.failure
+    )
+    assert (block.compile_seconds > 0) == block.pair_chain.uses_compiled(torch.zeros(3 * 67 * top_k, 1375))
     assert torch.equal(got, expected)

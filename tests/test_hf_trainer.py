@@ -225,3 +225,38 @@ def test_trainer_updates_the_selection_bias_each_step_and_sets_the_warmup_scale(
     assert biases.abs().max() <= 3 * 1e-2 + 1e-7 and biases.abs().max() > 0
     assert torch.allclose(biases / 1e-2, (biases / 1e-2).round(), atol=1e-4)
     assert getattr(model, SCALE_ATTR) == pytest.approx(0.5)  # step index 2 of a 4-step warm-up from 0
+
+
+def test_task_ids_column_reaches_the_task_router_and_the_lbc(tmp_path):
+    """A ``task_ids`` column survives remove_unused_columns, is taken out of the forward's inputs and handed to the
+    model for that forward: the task router (which refuses a forward without ids) trains, and LoRAMoE's LBC term
+    of the loss the trainer optimises is the one computed with those types."""
+    data = [dict(row, task_ids=torch.tensor(i % 2)) for i, row in enumerate(dataset(n=8))]
+
+    task_model = moe_lora.convert(
+        load_model("tiny-llama", **SIZES),
+        moe_lora.MoELoRAConfig(target_modules=["q_proj"], router="task", num_tasks=2, num_experts=2, rank=2),
+    ).train()
+    MoELoRATrainer(model=task_model, args=args(tmp_path / "task"), train_dataset=data).train()
+    moved = [float(p.detach().abs().max()) for n, p in task_model.named_parameters() if n.endswith("lora_B")]
+    assert moved and max(moved) > 0
+
+    lbc_cfg = moe_lora.MoELoRAConfig(
+        target_modules=["down_proj"],
+        router="soft",
+        num_experts=4,
+        rank=2,
+        loss_form="loramoe",
+        lbc_alpha=0.5,
+        load_balance_coef=0.0,
+        cv_coef=1.0,
+    )
+    lbc_model = moe_lora.convert(load_model("tiny-llama", **SIZES), lbc_cfg).train()
+    trainer = MoELoRATrainer(model=lbc_model, args=args(tmp_path / "lbc"), train_dataset=data)
+    batch = trainer.data_collator(data[:4])
+    assert batch["task_ids"].tolist() == [0, 1, 0, 1]
+    loss = trainer.compute_loss(lbc_model, batch)
+    moe_lora.set_task_ids(lbc_model, batch["task_ids"])
+    with_types = reference_loss(lbc_model, batch)
+    without = reference_loss(lbc_model, batch)  # the ids were used by one forward: no LBC now
+    assert torch.allclose(loss, with_types, rtol=1e-6) and not torch.allclose(loss, without, rtol=1e-4)

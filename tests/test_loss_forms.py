@@ -75,7 +75,9 @@ def loramoe_blcls(logits_BLE, task_types, alpha, weight):
 
     t = task_types.view(-1, 1)
     w = torch.where(
-        torch.concat(((t == 1).repeat(1, E // 2), (t == 0).repeat(1, E // 2)), dim=-1), 1.0 + alpha, 1.0 - alpha
+        torch.concat(((t == 1).repeat(1, E // 2), (t == 0).repeat(1, E // 2)), dim=-1),
+        torch.tensor(1.0 + alpha, dtype=route_weight.dtype),
+        torch.tensor(1.0 - alpha, dtype=route_weight.dtype),
     )
     return cv_squared((route_weight.sum(dim=1) * w).flatten()) * weight
 
@@ -191,7 +193,7 @@ def test_loramoe_form_is_its_per_sample_cv2_with_the_lbc(B, L, E, alpha, types):
         routing = SoftRouter(3, E).double()(torch.zeros(B * L, 3, dtype=F64), None, logits_TE=z)
         mods.append(
             fake_module(
-                routing, coefs, LossForm("loramoe", alpha), num_samples=B, task_types_B=None if types is None else tt
+                routing, coefs, LossForm("loramoe", alpha), num_samples=B, task_types=None if types is None else tt
             )
         )
     ours = model_aux_loss([(m, None) for m in mods])
@@ -208,6 +210,36 @@ def test_loramoe_per_sample_cv2_is_not_the_batch_importance_cv2():
     assert per_sample.item() > 1.2 * batch.item()
     one_seq = losses.loramoe_cv2_loss(routing, 1)
     assert_close(one_seq, losses.importance_cv2_loss(routing, eps=0.0) * 8 / 7, F64, "B = 1: E/(E-1) times ours")
+
+
+def loramoe_per_token_reference(probs_TE, B, types_T, alpha):
+    """The LBC with a type per token, restated: Z[b, e] = sum over the tokens t of sample b of I[type_t, e] p_te."""
+    T, E = probs_TE.shape
+    z = torch.zeros(B, E, dtype=F64)
+    for t in range(T):
+        for e in range(E):
+            own = (types_T[t] == 1) if e < E // 2 else (types_T[t] == 0)
+            z[t // (T // B), e] += (1 + alpha if own else 1 - alpha) * probs_TE[t, e]
+    z = z.flatten()
+    return z.var() / (z.mean() ** 2 + 1e-10)
+
+
+@pytest.mark.parametrize("B,L,E", [(3, 4, 4), (2, 5, 6), (1, 1, 4)])
+def test_loramoe_lbc_with_a_type_per_token(B, L, E):
+    """Packed samples mix types: per-token types weight each token; constant per sample they give the per-sample
+    (reference) value; a wrong count is refused by name."""
+    z = leaf_logits(B * L, E, seed=B + E)
+    routing = SoftRouter(3, E).double()(torch.zeros(B * L, 3, dtype=F64), None, logits_TE=z)
+    g = torch.Generator().manual_seed(E)
+    mixed_T = torch.randint(0, 3, (B * L,), generator=g)
+    ours = losses.loramoe_cv2_loss(routing, B, mixed_T.view(B, L), 0.3)
+    ref = loramoe_per_token_reference(torch.softmax(z, -1), B, mixed_T, 0.3)
+    compare(ours, ref, [z], "per-token LBC")
+    per_sample_B = torch.arange(B) % 2
+    per_token = losses.loramoe_cv2_loss(routing, B, per_sample_B.repeat_interleave(L), 0.3)
+    assert_close(per_token, losses.loramoe_cv2_loss(routing, B, per_sample_B, 0.3), F64, "constant types per sample")
+    with pytest.raises(ValueError, match=r"task_types: \d types for \d samples"):
+        losses.loramoe_cv2_loss(routing, B, torch.tensor([0, 1]) if B != 2 else torch.tensor([0, 1, 1]), 0.3)
 
 
 # ---- normalised form, warm-up --------------------------------------------------------------------------------------

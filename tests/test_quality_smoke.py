@@ -98,3 +98,12 @@ def test_end_to_end_twice_same_numbers(quality, tmp_path):
     assert [r["test"] for r in a["runs"]] == [r["test"] for r in b["runs"]]
     assert [r["final_loss"] for r in a["runs"]] == [r["final_loss"] for r in b["runs"]]
     assert "load_by_task" in a["analysis"]["layers"][0]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- quality-table -->\nold table\n<!-- /quality-table -->\nrest\n")
+    quality.main(["--render", str(tmp_path / "a"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "(`topk`)" in text and "[RESULTS.md](a/RESULTS.md)" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="quality-table"):
+        quality.main(["--render", str(tmp_path / "a"), "--readme", str(readme)])

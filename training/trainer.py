@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from moe_lora.balancing import update_selection_biases
 from moe_lora.errors import ConfigError
 from moe_lora.loss_forms import balance_scale
-from moe_lora.model_hooks import set_balance_scale, set_task_ids, task_routers
+from moe_lora.model_hooks import set_balance_scale, set_task_ids, task_routers, task_type_modules
 from moe_lora.numerics import NonFiniteError, locate_nonfinite
 from moe_lora.paths import inside
 from moe_lora.run_lock import RunLock, RunLockedError
@@ -110,6 +110,27 @@ def check_task_data(data, config) -> None:
             [f"moe_lora.num_tasks: {config.num_tasks}, but the data has task ids up to {top}{names}"],
             "training recipe",
         )
+
+
+def check_task_type_data(data, recipe) -> None:
+    """LoRAMoE's localized balancing constraint (moe_lora.lbc_alpha > 0) needs a task type per example, given as
+    the int 0 or 1 in the data's ``data.task_field`` (1: the type whose experts are the first E // 2, world
+    knowledge in the paper; 0: the others)."""
+    field, alpha = recipe.data.task_field, recipe.moe_lora.lbc_alpha
+    head = f"moe_lora.lbc_alpha: {alpha} reads LoRAMoE's task types (0 or 1) from data.task_field {field!r}"
+    if data.task_ids is None:
+        raise ConfigError([f"{head}, but not every example has that field"], "training recipe")
+    if data.task_names is not None:
+        raise ConfigError(
+            [
+                f"{head}, but the field holds names ({', '.join(data.task_names)}); write 1 for the examples whose "
+                "experts are the first half (world knowledge in the paper) and 0 for the others"
+            ],
+            "training recipe",
+        )
+    found = sorted({t for s in data.task_ids for t in s})
+    if any(t not in (0, 1) for t in found):
+        raise ConfigError([f"{head}, but the data has the types {found}"], "training recipe")
 
 
 def sequence_ce_sum(logits_BC: torch.Tensor, labels_B: torch.Tensor) -> torch.Tensor:
@@ -281,9 +302,11 @@ class Trainer:
         self.engine = engine
         from .expert_parallel import check_expert_parallel_ranks, expert_parallel_layers
 
-        self.task_routed = bool(task_routers(engine.module))
-        if self.task_routed:
+        self.task_routed = bool(task_routers(engine.module) or task_type_modules(engine.module))
+        if task_routers(engine.module):
             check_task_data(data, r.moe_lora)
+        if task_type_modules(engine.module):
+            check_task_type_data(data, r)
         check_expert_parallel_ranks(engine.module)
         layout = {name: layer.global_expert_ids for name, layer in expert_parallel_layers(engine.module)}
         start = 0
@@ -442,7 +465,8 @@ class Trainer:
         return metrics
 
     def hand_task_ids(self, model, batch: dict) -> None:
-        """The batch's per-token task ids to the task-conditioned routers for the next forward (MOELoRA)."""
+        """The batch's per-token task ids to the task-conditioned routers (MOELoRA, MoCLE) and, as task types, to
+        LoRAMoE's localized balancing constraint, for the next forward."""
         if getattr(self, "task_routed", False):
             set_task_ids(model, batch["task_ids"].to(self.info.device))
 

@@ -402,3 +402,47 @@ def specialisation_section(res: dict) -> list[str]:
                 )
     L += [""]
     return L
+
+
+def readme_section(res: dict, link: str) -> str:
+    """The README's quality block: every method's accuracy with its paired difference to PEFT LoRA, dead experts,
+    load CV and task-expert nMI, then every claim's verdict (what ``run.py --readme`` writes); ``link``: the run's
+    RESULTS.md relative to the README."""
+    s, summ, spec = res["settings"], res["summary"], res.get("specialisation") or {}
+    runs = [r for r in res["runs"] if r.get("selected", True)]
+    from quality_report import paired
+
+    def ms(x, digits=2):
+        return "" if x is None else f"{x[0]:.{digits}f} ± {x[1]:.{digits}f}"
+
+    L = [
+        f"{len(s['seeds'])} seeds, {s['train']['steps']} steps of {s['train']['batch_size']}, learning rate per "
+        f"method from {{{', '.join(f'{x:g}' for x in s['train']['lr_grid'])}}} on seed {s['seeds'][0]}'s validation "
+        f"set; {res['wall_seconds'] / 60:.0f} min (`{res['command']}`; "
+        f"[RESULTS.md]({link})):",
+        "",
+        _row(["method", "lr", "test accuracy (%)", "- PEFT LoRA (paired, 95% CI)", "dead experts", "load CV", "nMI"]),
+        _row(["---"] * 7),
+    ]
+    order = sorted(summ, key=lambda n: -summ[n]["test_mean"][0])
+    for name in order:
+        e = spec.get(name, {})
+        diff = "" if name == "lora" or "lora" not in summ else _d(*verdict(paired(runs, name, "lora"))[1:])
+        nmi = "" if name not in spec else ("n/a (dense)" if e.get("mean") is None else ms(e["mean"], 3))
+        L.append(
+            _row(
+                [
+                    f"{res['labels'].get(name, name)} (`{name}`)",
+                    f"{res['lr_chosen'].get(name, s['train']['lr']):g}",
+                    f"**{pct(*summ[name]['test_mean'])}**",
+                    diff,
+                    ms(e.get("dead"), 1),
+                    ms(e.get("cv")),
+                    nmi,
+                ]
+            )
+        )
+    L += ["", _row(["claim", "a - b", "difference (95% CI)", "verdict"]), _row(["---"] * 4)]
+    for c in res.get("claims") or []:
+        L.append(_row([c["claim"], c["compared"], _d(c["mean_diff"], c["ci95_half"]), c["verdict"]]))
+    return "\n".join(L)

@@ -35,7 +35,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from quality_markdown import claims, render  # noqa: E402
+from quality_markdown import claims, readme_section, render  # noqa: E402
 from quality_models import METHOD_NAMES, METHODS, build_all, check_parity, method_by_name, parameter_counts  # noqa: E402
 from quality_report import (  # noqa: E402
     mean_std,
@@ -51,6 +51,10 @@ from quality_train import FeatureCache, Job, TrainSettings, run_job, setup_torch
 
 from moe_lora import zoo  # noqa: E402
 from moe_lora.analysis import write_report_dir  # noqa: E402
+
+if str(HERE.parent) not in sys.path:  # benchmarks/: the README marker writer shared with e2e.py
+    sys.path.insert(0, str(HERE.parent))
+from readme_markers import write_between_markers  # noqa: E402
 
 QUICK = MappingProxyType(
     {"steps": 30, "train_per_task": 120, "val_per_task": 20, "test_per_task": 50, "timing_rounds": 2}
@@ -119,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("all", "main", "none"),
         default="all",
         help="PNGs to draw: all, main (not the router report's; it has one panel per routed linear), none",
+    )
+    p.add_argument(
+        "--readme",
+        metavar="FILE",
+        help="also write the summary table into FILE between <!-- quality-table --> and <!-- /quality-table --> "
+        "(make quality passes README.md); with --render, from the finished run's results.json",
     )
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two results.json and exit")
     p.add_argument(
@@ -408,10 +418,18 @@ def write_outputs(res: dict, out: Path, plots: bool = True) -> None:
     (out / "RESULTS.md").write_text(render(res) + "\n")
 
 
-def render_dir(out: Path) -> None:
-    """Re-render RESULTS.md and the main plots of a finished run from its results.json."""
+def render_dir(out: Path, readme: str | None = None) -> None:
+    """Re-render RESULTS.md and the main plots of a finished run from its results.json (and the README block)."""
     res = json.loads((out / "results.json").read_text())
     write_outputs(res, out)
+    if readme:
+        write_readme(res, out, Path(readme))
+
+
+def write_readme(res: dict, out: Path, readme: Path) -> None:
+    """The quality block of ``readme`` (between its quality-table markers) from ``res``."""
+    link = os.path.relpath((out / "RESULTS.md").resolve(), readme.resolve().parent)
+    write_between_markers(readme, "quality-table", readme_section(res, link))
 
 
 def stable(obj):
@@ -447,14 +465,16 @@ def compare(a: dict, b: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
-        render_dir(Path(args.render))
+        render_dir(Path(args.render), args.readme)
         return 0
     if args.compare:
         a, b = (json.loads(Path(p).read_text()) for p in args.compare)
         diffs = compare(a, b)
         print("identical (timings ignored)" if not diffs else "DIFFERENT:\n  " + "\n  ".join(diffs[:50]))
         return 0 if not diffs else 1
-    experiment(args)
+    res = experiment(args)
+    if args.readme:
+        write_readme(res, Path(res["out"]), Path(args.readme))
     return 0
 
 

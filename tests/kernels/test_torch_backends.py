@@ -32,6 +32,7 @@ SHAPES = [
     (1, 16, 16, 4, 4, 1),
     (37, 64, 40, 8, 12, 1),
     (16, 48, 24, 6, 8, 6),
+    (61, 32, 24, 64, 16, 2),  # E=64 (the e2e topk_e64 layout, small): most experts get one or two pairs, some none
 ]
 
 
@@ -123,13 +124,15 @@ def test_all_tokens_on_one_expert_and_zero_weights():
 
 
 def test_grouped_takes_the_padded_grid_only_near_balance(monkeypatch):
-    """E*C <= PAD_LIMIT*S: batched GEMMs; a collapsed routing (C = T) would pad E/K-fold: the per-group loop."""
+    """Without grouped_mm (here: D, O not 16-byte rows): E*C <= PAD_LIMIT*S takes batched GEMMs; a collapsed
+    routing (C = T) would pad E/K-fold: the per-group loop."""
     import moe_lora.kernels.grouped as grouped
 
     taken = []
     real = grouped.lora_experts_padded
     monkeypatch.setattr(grouped, "lora_experts_padded", lambda *a: taken.append(a[-1]) or real(*a))
-    x, A, B, ids, w = make_inputs(64, 16, 8, 16, 4, 2, torch.float32, empty_expert=False)
+    x, A, B, ids, w = make_inputs(64, 17, 9, 16, 4, 2, torch.float32, empty_expert=False)
+    assert not grouped_mm_usable(torch.float32, 17, 9, 4)
     ref = lora_experts(x, A, B, ids, w, 1.0, backend="reference")
     assert_close(lora_experts(x, A, B, ids, w, 1.0, backend="grouped"), ref, torch.float32, "balanced")
     assert taken == [int(torch.bincount(ids.reshape(-1)).max())]
@@ -138,6 +141,42 @@ def test_grouped_takes_the_padded_grid_only_near_balance(monkeypatch):
     ref = lora_experts(x, A, B, ids, w, 1.0, backend="reference")
     assert_close(lora_experts(x, A, B, ids, w, 1.0, backend="grouped"), ref, torch.float32, "collapsed")
     assert len(taken) == 1
+
+
+@pytest.mark.skipif(not grouped_mm_usable(torch.float32, 16), reason="this torch has no F.grouped_mm")
+def test_grouped_takes_grouped_mm_on_the_cpu_where_usable(monkeypatch):
+    """16-byte rows on a CPU with one intra-op thread: F.grouped_mm on the S sorted rows, not the padded grid
+    (measured faster at E = 64, benchmarks/README.md); use_padded=True still forces the grid; with two threads
+    the grid (one parallel region per product instead of one per group)."""
+    import moe_lora.kernels.grouped as grouped
+
+    calls = {"padded": 0, "grouped_mm": 0}
+    real_padded, real_gmm = grouped.lora_experts_padded, grouped.F.grouped_mm
+
+    def counting_padded(*a):
+        calls["padded"] += 1
+        return real_padded(*a)
+
+    def counting_gmm(*a, **k):
+        calls["grouped_mm"] += 1
+        return real_gmm(*a, **k)
+
+    monkeypatch.setattr(grouped, "lora_experts_padded", counting_padded)
+    monkeypatch.setattr(grouped.F, "grouped_mm", counting_gmm)
+    x, A, B, ids, w = make_inputs(64, 16, 8, 16, 4, 2, torch.float32)
+    ref = lora_experts(x, A, B, ids, w, 1.0, backend="reference")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert_close(lora_experts(x, A, B, ids, w, 1.0, backend="grouped"), ref, torch.float32, "grouped_mm")
+        assert calls == {"padded": 0, "grouped_mm": 2}
+        assert_close(lora_experts_grouped(x, A, B, ids, w, 1.0, use_padded=True), ref, torch.float32, "padded")
+        assert calls == {"padded": 1, "grouped_mm": 2}
+        torch.set_num_threads(2)
+        assert_close(lora_experts(x, A, B, ids, w, 1.0, backend="grouped"), ref, torch.float32, "2 threads")
+        assert calls == {"padded": 2, "grouped_mm": 2}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_cost_rule():

@@ -160,6 +160,7 @@ SPECS = {
     "router": one_of_names(ROUTERS),
     "router_scope": one_of_names(ROUTER_SCOPES),
     "ffn_experts": (st.booleans(), NOT_BOOL),
+    "torch_compile": (st.booleans(), NOT_BOOL),
     "router_temperature": POSITIVE,
     "router_init_std": COEF,
     "jitter_noise": UNIT,

@@ -3,10 +3,12 @@ adapter round-trips through save and load."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from methods_testutils import recipe_file_for_test, train_one_rank
-from training_testutils import TINY_SIZES
+from training_testutils import TINY_SIZES, tiny_recipe
 
 from moe_lora import load_adapter, save_adapter, set_task_ids
 from moe_lora.zoo import load_model
@@ -80,3 +82,39 @@ def test_mocle_recipe(tmp_path):
     out = train_one_rank(tmp_path, recipe=recipe)
     assert all(v == v for v in out["result"]["losses"].values())
     _round_trip(out["result"]["adapter_dir"], tmp_path, task_ids=torch.tensor([7, 0]))
+
+
+def _lbc_recipe(tmp_path, alpha, data_path=None):
+    recipe = tiny_recipe(
+        tmp_path / f"run_{alpha}",
+        ep_size=1,
+        max_steps=1,
+        moe_lora__router="soft",
+        moe_lora__target_modules=["gate_proj", "down_proj"],
+        moe_lora__loss_form="loramoe",
+        moe_lora__cv_coef=1.0,
+        moe_lora__lbc_alpha=alpha,
+    )
+    if data_path is not None:
+        recipe["data"] = {"source": "jsonl", "path": str(data_path), "seq_len": 32, "packing": True}
+    return recipe
+
+
+@pytest.mark.slow
+def test_loramoe_lbc_reads_task_types_from_the_data(tmp_path):
+    """The trainer hands the data's `task` field (0/1, per token: packed samples mix examples) to LoRAMoE's
+    localized balancing constraint: the first step's aux loss with alpha 0.5 differs from alpha 0's (same init,
+    same batch; without types the LBC would be the plain per-sample CV^2). Task names are refused by field."""
+    data = tmp_path / "typed.jsonl"
+    rows = [{"text": f"fact {i} is known" if i % 2 else f"say {i} politely", "task": i % 2} for i in range(64)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    aux = {}
+    for alpha in (0.0, 0.5):
+        (tmp_path / str(alpha)).mkdir()
+        train_one_rank(tmp_path / str(alpha), recipe=_lbc_recipe(tmp_path, alpha, data))
+        lines = (tmp_path / f"run_{alpha}" / "metrics.jsonl").read_text().splitlines()
+        aux[alpha] = next(m["aux_loss"] for m in map(json.loads, lines) if m.get("step") == 1)
+    assert aux[0.0] > 0 and abs(aux[0.5] - aux[0.0]) > 1e-3 * aux[0.0], aux
+    with pytest.raises(AssertionError, match=r"moe_lora\.lbc_alpha: 0\.5 reads LoRAMoE's task types .* holds names"):
+        (tmp_path / "names").mkdir()
+        train_one_rank(tmp_path / "names", recipe=_lbc_recipe(tmp_path, 0.5))  # the synthetic corpus: task names
