@@ -61,6 +61,12 @@ CONTENDERS = {
     "mola_inv_tri": MoELoRAConfig(**{**MOE, "num_experts": "inverted_triangle", "expert_budget": 20}),
     "topk_e64": MoELoRAConfig(**{**MOE, "num_experts": 64, "rank": 16, "alpha": 32.0}),
 }
+#: Only with --only: the compiled contenders with torch_compile off, for a same-process A/B of the compiled paths
+#: (MixLoRA's pair chain, the contrastive loss) against their eager code.
+EAGER_TWINS = {
+    "mixlora_eager": MoELoRAConfig(**MOE, router_scope="block", ffn_experts=True, torch_compile=False),
+    "contrastive_eager": MoELoRAConfig(**MOE, router="contrastive", torch_compile=False),
+}
 #: The PEFT LoRA each contender is held against: the same active rank k*r (topk_e64: 2 x 16 = 32).
 PEFT_OF = {"topk_e64": "peft_r32"}
 #: Always built: the frozen base, PEFT LoRA r=16 eager and the same model under torch.compile.
@@ -73,7 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join([*FIXED, *CONTENDERS]))
+    p.add_argument(
+        "--only", default="", help="comma-separated subset of: " + ",".join([*FIXED, *CONTENDERS, *EAGER_TWINS])
+    )
     p.add_argument("--backend", default="auto", help="expert compute backend for ours (default auto)")
     p.add_argument("--quick", action="store_true", help="2 layers, batch 2 x 64, 2 rounds: a smoke run")
     p.add_argument("--out", default="benchmarks/results/e2e.json", help="where to write the JSON table")
@@ -126,7 +134,7 @@ def build(name: str, args) -> torch.nn.Module:
         r = 32 if name == "peft_r32" else 16
         lora = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
         return torch.compile(lora) if name == "peft_compiled" else lora
-    cfg = CONTENDERS[name]
+    cfg = CONTENDERS.get(name) or EAGER_TWINS[name]
     cfg.backend = args.backend
     return convert(model, cfg)
 
@@ -187,10 +195,11 @@ def main(argv=None) -> int:
     names = [*FIXED, *CONTENDERS]
     if args.only:
         wanted = args.only.split(",")
-        unknown = [n for n in wanted if n not in names]
+        allowed = [*names, *EAGER_TWINS]
+        unknown = [n for n in wanted if n not in allowed]
         if unknown:
-            raise SystemExit(f"--only: unknown contender(s) {unknown}; allowed: {', '.join(names)}")
-        names = [n for n in names if n in wanted or n in FIXED]
+            raise SystemExit(f"--only: unknown contender(s) {unknown}; allowed: {', '.join(allowed)}")
+        names = [n for n in allowed if n in wanted or n in FIXED]
     if any(n in PEFT_OF for n in names):
         names.insert(2, "peft_r32")
     torch.manual_seed(0)
