@@ -16,8 +16,6 @@ the same for ``outputs``.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,11 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_lora.atomic_dir import write_text_atomic
 from moe_lora.contrastive_compiled import ContrastiveLoss
 from moe_lora.losses import contrastive_loss, contrastive_loss_lowrank
 
-from timing import alternate, median_ms, median_ratio
+from timing import alternate, median_ms, median_ratio, write_rows
 
 
 def parse_args(argv=None):
@@ -104,21 +101,7 @@ def main(argv=None) -> int:
                 f"(compile) {first:.1f} s",
                 flush=True,
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(
-        args.out,
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "torch": torch.__version__,
-                "machine": platform.machine(),
-                "threads": torch.get_num_threads(),
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    write_rows(args.out, args, rows)
     print(f"wrote {args.out}")
     return 0
 

@@ -13,8 +13,6 @@ benchmarks/results/pair_chain.json.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_lora.atomic_dir import write_text_atomic
 from moe_lora.kernels.pair_chain import PairChain, pair_chain
 
-from timing import alternate, median_ms, median_ratio
+from timing import alternate, median_ms, median_ratio, write_rows
 
 
 def parse_args(argv=None):
@@ -103,21 +100,7 @@ def main(argv=None) -> int:
             f"{first_fwd:.1f} s fwd, {first_fwd_bwd:.1f} s fwd+bwd",
             flush=True,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(
-        args.out,
-        json.dumps(
-            {
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "torch": torch.__version__,
-                "machine": platform.machine(),
-                "threads": torch.get_num_threads(),
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n",
-    )
+    write_rows(args.out, args, rows)
     print(f"wrote {args.out}")
     return 0
 

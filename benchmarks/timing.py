@@ -7,9 +7,12 @@ one round alike, so the per-round ratio is stable where the absolute times are n
 
 from __future__ import annotations
 
+import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def alternate(steps: dict[str, Callable[[], None]], *, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -34,3 +37,20 @@ def median_ratio(times: dict[str, list[float]], name: str, baseline: str) -> flo
 
 def median_ms(times: dict[str, list[float]], name: str) -> float:
     return 1e3 * statistics.median(times[name])
+
+
+def write_rows(path: Path, args, rows: list[dict]) -> None:
+    """A benchmark's results as JSON at ``path`` (atomically): its arguments, torch version, machine, threads, rows."""
+    import torch
+
+    from moe_lora.atomic_dir import write_text_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
